@@ -1,0 +1,7 @@
+//! Durable work queues: base queues and the batching [`WorkQueue`](self).
+
+mod base;
+
+pub use base::{
+    Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
+};

@@ -1,0 +1,51 @@
+//! One sync facade for the concurrent core.
+//!
+//! Everything the lock-free parts of the crate use to share memory comes through
+//! here, so that `RUSTFLAGS="--cfg loom"` swaps in [`loom`]'s model-checked
+//! types for the whole crate at once (the same shape as `tokio/src/loom/`).
+//! Code outside this module must not name `std::sync` atomics or mutexes
+//! directly when it takes part in a loom model.
+
+#[cfg(not(loom))]
+mod imp {
+    pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::Arc;
+
+    /// A mutex that does not poison: a panic while holding it leaves the data
+    /// as it was, and the next locker carries on (none of our critical
+    /// sections can leave the data half-updated).
+    #[derive(Debug, Default)]
+    pub(crate) struct Mutex<T>(std::sync::Mutex<T>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(std::sync::Mutex::new(value))
+        }
+
+        pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+}
+
+#[cfg(loom)]
+mod imp {
+    pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::Arc;
+
+    #[derive(Debug)]
+    pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
+
+    impl<T> Mutex<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(loom::sync::Mutex::new(value))
+        }
+
+        pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
+            self.0.lock().unwrap_or_else(|e| e.into_inner())
+        }
+    }
+}
+
+#[allow(unused_imports)]
+pub(crate) use imp::*;
