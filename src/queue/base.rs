@@ -122,6 +122,57 @@ impl QueueLen {
     }
 }
 
+/// How a base queue behaves; every backend is opened with one of these.
+///
+/// | field | default |
+/// |---|---|
+/// | `capacity` | `None` (unbounded) |
+/// | `unique` | `false` |
+/// | `visibility_timeout` | [`QueueOptions::DEFAULT_VISIBILITY_TIMEOUT`] (30 s) |
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueOptions {
+    /// Most items held at once (ready + delayed + leased); `None` = unbounded.
+    pub capacity: Option<u64>,
+    /// Reject a payload the queue already holds.
+    pub unique: bool,
+    /// How long a popped item stays leased before it is handed out again.
+    pub visibility_timeout: Duration,
+}
+
+impl QueueOptions {
+    /// The default lease length.
+    pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Sets [`capacity`](Self::capacity).
+    pub fn capacity(mut self, capacity: u64) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// Sets [`unique`](Self::unique).
+    pub fn unique(mut self, unique: bool) -> Self {
+        self.unique = unique;
+        self
+    }
+
+    /// Sets [`visibility_timeout`](Self::visibility_timeout).
+    pub fn visibility_timeout(mut self, timeout: Duration) -> Self {
+        self.visibility_timeout = timeout;
+        self
+    }
+}
+
+impl Default for QueueOptions {
+    fn default() -> Self {
+        Self {
+            capacity: None,
+            unique: false,
+            visibility_timeout: Self::DEFAULT_VISIBILITY_TIMEOUT,
+        }
+    }
+}
+
 /// Why a push failed. Every variant hands the item back.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -209,7 +260,11 @@ pub trait BaseQueue: Send + Sync + fmt::Debug + 'static {
     ///
     /// # Cancel safety
     /// Dropping the future leaves nothing leased.
-    fn pop(&self, max: usize, timeout: Duration) -> BoxFuture<'_, Result<Vec<Delivery>, QueueError>>;
+    fn pop(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, QueueError>>;
 
     /// Deletes leased items: they were handled. Unknown ids are ignored
     /// (a lease that expired and was handed out again may be acked twice).
@@ -217,7 +272,11 @@ pub trait BaseQueue: Send + Sync + fmt::Debug + 'static {
 
     /// Returns leased items to the queue: ready again after `delay`, with
     /// their attempt count raised by one.
-    fn nack<'a>(&'a self, ids: &'a [ItemId], delay: Duration) -> BoxFuture<'a, Result<(), QueueError>>;
+    fn nack<'a>(
+        &'a self,
+        ids: &'a [ItemId],
+        delay: Duration,
+    ) -> BoxFuture<'a, Result<(), QueueError>>;
 
     /// How many items the queue holds.
     fn len(&self) -> BoxFuture<'_, Result<QueueLen, QueueError>>;

@@ -4,4 +4,5 @@ mod base;
 
 pub use base::{
     Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
+    QueueOptions,
 };
