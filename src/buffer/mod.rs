@@ -137,7 +137,7 @@ impl<T, E> std::error::Error for SpliceError<T, E> {}
 ///
 /// Kept at two words for pointer-sized `T` (a one-event batch is stored
 /// inline; larger batches behind one thin pointer) so that a retained node
-/// costs 48 bytes beyond its payload.
+/// costs 40 bytes beyond its payload.
 enum Item<T, E> {
     /// The sentinel a buffer starts with; skipped by readers.
     Empty,
@@ -147,12 +147,20 @@ enum Item<T, E> {
     #[allow(clippy::box_collection)] // a thin pointer keeps `Item` two words
     Many(Box<Vec<T>>),
     /// Splice point: reading on from here means reading on from after this
-    /// node of another buffer.
-    Follow(Arc<Node<T, E>>),
+    /// node of another buffer (whose wait list comes along, boxed to keep
+    /// `Item` two words).
+    Follow(Box<Splice<T, E>>),
     /// Terminal: the writer failed the buffer.
     Failed(Box<E>),
     /// Terminal: the writer was dropped.
     Closed,
+}
+
+/// Where a splice point leads: a node of an older buffer, and that buffer's
+/// wait list.
+struct Splice<T, E> {
+    node: Arc<Node<T, E>>,
+    shared: Arc<Shared>,
 }
 
 struct Node<T, E> {
@@ -160,18 +168,15 @@ struct Node<T, E> {
     /// of it (from `Arc::into_raw`). Written once, by the single writer, with
     /// `Release`; read with `Acquire`.
     next: AtomicPtr<Node<T, E>>,
-    /// Wait list of the buffer this node belongs to.
-    shared: Arc<Shared>,
     /// Position of this node in its buffer (the sentinel is 0).
     seq: u64,
     item: Item<T, E>,
 }
 
 impl<T, E> Node<T, E> {
-    fn new(shared: Arc<Shared>, seq: u64, item: Item<T, E>) -> Self {
+    fn new(seq: u64, item: Item<T, E>) -> Self {
         Self {
             next: AtomicPtr::new(ptr::null_mut()),
-            shared,
             seq,
             item,
         }
@@ -230,8 +235,8 @@ impl<T, E> Drop for Node<T, E> {
         // chain through a `Follow`).
         let mut pending: Vec<Arc<Node<T, E>>> = Vec::new();
         let mut next = self.take_next();
-        if let Item::Follow(target) = std::mem::replace(&mut self.item, Item::Empty) {
-            pending.push(target);
+        if let Item::Follow(splice) = std::mem::replace(&mut self.item, Item::Empty) {
+            pending.push(splice.node);
         }
         loop {
             let Some(arc) = next.take().or_else(|| pending.pop()) else {
@@ -239,8 +244,8 @@ impl<T, E> Drop for Node<T, E> {
             };
             if let Some(mut node) = arc_into_inner(arc) {
                 next = node.take_next();
-                if let Item::Follow(target) = std::mem::replace(&mut node.item, Item::Empty) {
-                    pending.push(target);
+                if let Item::Follow(splice) = std::mem::replace(&mut node.item, Item::Empty) {
+                    pending.push(splice.node);
                 }
                 // `node` drops here with nothing linked: no recursion.
             }
@@ -287,8 +292,12 @@ impl Shared {
     }
 
     /// Wakes every registered reader. Called after the tail's `next` is linked.
-    fn wake_all(&self) {
-        let wakers = {
+    ///
+    /// `spare` is an empty vector owned by the writer: the wakers are swapped
+    /// into it under the lock and woken outside it, and both vectors keep
+    /// their capacity, so a park/wake cycle allocates nothing.
+    fn wake_all(&self, spare: &mut Vec<Option<Waker>>) {
+        {
             let mut waiters = self.waiters.lock();
             if waiters.slots.len() == waiters.free.len() {
                 // Nobody waits (every slot is free): nothing to wake, and
@@ -298,9 +307,9 @@ impl Shared {
             waiters.epoch += 1;
             self.epoch.store(waiters.epoch, Ordering::Release);
             waiters.free.clear();
-            std::mem::take(&mut waiters.slots)
-        };
-        for waker in wakers.into_iter().flatten() {
+            std::mem::swap(&mut waiters.slots, spare);
+        }
+        for waker in spare.drain(..).flatten() {
             waker.wake();
         }
     }
@@ -336,6 +345,8 @@ pub struct EventBuffer<T, E = Infallible> {
     /// Set once `fail` or `splice` has ended the buffer, so `Drop` does not
     /// append `Closed`.
     ended: bool,
+    /// Reused by [`Shared::wake_all`].
+    spare: Vec<Option<Waker>>,
 }
 
 impl<T, E> fmt::Debug for EventBuffer<T, E> {
@@ -365,11 +376,12 @@ impl<T, E> EventBuffer<T, E> {
     /// ```
     pub fn new() -> Self {
         let shared = Arc::new(Shared::new());
-        let tail = Arc::new(Node::new(shared.clone(), 0, Item::Empty));
+        let tail = Arc::new(Node::new(0, Item::Empty));
         Self {
             tail,
             shared,
             ended: false,
+            spare: Vec::new(),
         }
     }
 
@@ -432,7 +444,7 @@ impl<T, E> EventBuffer<T, E> {
     /// assert_eq!(reader.try_next(), Some(Ok(&[2][..])));
     /// ```
     pub fn head(&self) -> Cursor<T, E> {
-        Cursor::at(self.tail.clone())
+        Cursor::at(self.tail.clone(), self.shared.clone())
     }
 
     /// How many batches were appended so far.
@@ -494,17 +506,20 @@ impl<T, E> EventBuffer<T, E> {
     /// assert_eq!(reader.try_next(), Some(Ok(&["change-3"][..])));
     /// ```
     pub fn splice(mut self, at: &Cursor<T, E>) -> Result<(), SpliceError<T, E>> {
-        if at.node.shared.id >= self.shared.id {
+        if at.shared.id >= self.shared.id {
             return Err(SpliceError(self));
         }
-        self.link(Item::Follow(at.node.clone()));
+        self.link(Item::Follow(Box::new(Splice {
+            node: at.node.clone(),
+            shared: at.shared.clone(),
+        })));
         self.ended = true;
         Ok(())
     }
 
     fn link(&mut self, item: Item<T, E>) {
         let seq = self.tail.seq + 1;
-        let node = Arc::new(Node::new(self.shared.clone(), seq, item));
+        let node = Arc::new(Node::new(seq, item));
         let new_tail = node.clone();
         // Publish the node: Release makes its contents visible to any reader
         // that loads `next` with Acquire. The single writer is the only one to
@@ -517,7 +532,7 @@ impl<T, E> EventBuffer<T, E> {
         // `next` is linked before the wake: a reader that registered before
         // this sees the wake; one that registers after it sees `next` (it
         // re-checks under the same lock `wake_all` takes).
-        self.shared.wake_all();
+        self.shared.wake_all(&mut self.spare);
     }
 }
 
@@ -540,13 +555,17 @@ impl<T, E> Drop for EventBuffer<T, E> {
 pub struct Cursor<T, E = Infallible> {
     /// The last node consumed (or the node the cursor started on).
     node: Arc<Node<T, E>>,
-    /// Where this cursor is parked in `node.shared`, if it is.
+    /// Wait list of the buffer `node` belongs to. Kept here rather than in
+    /// every node: the writer and the readers then share no reference count
+    /// per event, and a node is one word smaller.
+    shared: Arc<Shared>,
+    /// Where this cursor is parked in `shared`, if it is.
     registration: Option<Registration>,
 }
 
 impl<T, E> Clone for Cursor<T, E> {
     fn clone(&self) -> Self {
-        Cursor::at(self.node.clone())
+        Cursor::at(self.node.clone(), self.shared.clone())
     }
 }
 
@@ -562,7 +581,7 @@ impl<T, E> fmt::Debug for Cursor<T, E> {
 impl<T, E> Drop for Cursor<T, E> {
     fn drop(&mut self) {
         if let Some(registration) = self.registration.take() {
-            self.node.shared.deregister(registration);
+            self.shared.deregister(registration);
         }
     }
 }
@@ -576,9 +595,10 @@ enum Step {
 }
 
 impl<T, E> Cursor<T, E> {
-    fn at(node: Arc<Node<T, E>>) -> Self {
+    fn at(node: Arc<Node<T, E>>, shared: Arc<Shared>) -> Self {
         Self {
             node,
+            shared,
             registration: None,
         }
     }
@@ -683,8 +703,7 @@ impl<T, E> Cursor<T, E> {
     /// assert_eq!(reader.lag(), 2);
     /// ```
     pub fn lag(&self) -> u64 {
-        self.node
-            .shared
+        self.shared
             .appended
             .load(Ordering::Acquire)
             .saturating_sub(self.node.seq)
@@ -715,26 +734,27 @@ impl<T, E> Cursor<T, E> {
                 }
                 continue; // linked while we took the lock
             };
-            let follow = match &next.item {
+            match &next.item {
                 Item::Failed(_) => return Step::Failed,
                 Item::Closed => return Step::Closed,
-                Item::Follow(at) => Some(at.clone()),
-                Item::Empty | Item::One(_) | Item::Many(_) => None,
-            };
-            // A splice point moves the cursor onto a node of the older buffer
-            // *as already consumed*: reading goes on after it.
-            let is_batch = follow.is_none() && matches!(next.item, Item::One(_) | Item::Many(_));
-            self.move_to(follow.unwrap_or(next));
-            if is_batch {
-                return Step::Batch;
+                Item::Follow(splice) => {
+                    // A splice point moves the cursor onto a node of the older
+                    // buffer *as already consumed*: reading goes on after it.
+                    let (node, shared) = (splice.node.clone(), splice.shared.clone());
+                    self.move_to(node, Some(shared));
+                }
+                Item::Empty => self.move_to(next, None),
+                Item::One(_) | Item::Many(_) => {
+                    self.move_to(next, None);
+                    return Step::Batch;
+                }
             }
         }
     }
 
     /// Registers the waker unless `next` got linked; returns whether it did.
     fn park(&mut self, cx: &mut Context<'_>) -> bool {
-        let shared = &self.node.shared;
-        let mut waiters = shared.waiters.lock();
+        let mut waiters = self.shared.waiters.lock();
         // Re-check under the lock the writer takes to wake: no lost wake-up.
         if !self.node.next.load(Ordering::Acquire).is_null() {
             return false;
@@ -765,11 +785,15 @@ impl<T, E> Cursor<T, E> {
         true
     }
 
-    fn move_to(&mut self, node: Arc<Node<T, E>>) {
+    /// Moves onto `node`; `shared` is given when it lies in another buffer.
+    fn move_to(&mut self, node: Arc<Node<T, E>>, shared: Option<Arc<Shared>>) {
         if let Some(registration) = self.registration.take() {
-            self.node.shared.deregister(registration);
+            self.shared.deregister(registration);
         }
         self.node = node;
+        if let Some(shared) = shared {
+            self.shared = shared;
+        }
     }
 }
 
