@@ -12,3 +12,4 @@ pub(crate) mod sync;
 
 pub mod buffer;
 pub mod queue;
+pub mod workpool;
