@@ -40,4 +40,6 @@
 pub(crate) mod sync;
 
 pub mod buffer;
+pub mod lease;
 pub mod queue;
+pub mod workpool;
