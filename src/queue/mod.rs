@@ -2,9 +2,14 @@
 
 mod base;
 mod memory;
+mod work;
 
 pub use base::{
     Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
     QueueOptions,
 };
 pub use memory::MemoryQueue;
+pub use work::{
+    DeadLetter, DeadReason, InvalidOption, Item, WorkError, WorkPushError, WorkQueue,
+    WorkQueueOptions,
+};
