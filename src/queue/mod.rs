@@ -1,8 +1,10 @@
 //! Durable work queues: base queues and the batching [`WorkQueue`](self).
 
 mod base;
-mod memory;
+pub mod memory;
 mod work;
+#[cfg(feature = "disk")]
+pub mod disk;
 
 pub use base::{
     Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
