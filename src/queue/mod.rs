@@ -5,6 +5,8 @@ pub mod memory;
 mod work;
 #[cfg(feature = "disk")]
 pub mod disk;
+#[cfg(feature = "redis")]
+pub mod redis;
 
 pub use base::{
     Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
