@@ -11,4 +11,7 @@
 pub(crate) mod sync;
 
 pub mod buffer;
+pub mod event;
+pub mod publisher;
 pub mod queue;
+pub mod subscription;
