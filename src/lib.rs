@@ -40,6 +40,9 @@
 pub(crate) mod sync;
 
 pub mod buffer;
+pub mod event;
 pub mod lease;
+pub mod publisher;
 pub mod queue;
+pub mod subscription;
 pub mod workpool;
