@@ -1,0 +1,1581 @@
+//! The engine of the `replicate` demo: a toy key-value store replicated to
+//! hundreds of subscribers through snapstream, with per-key side effects in a
+//! keyed ordered pool, a lease pool limiting work per node, and webhooks
+//! delivered through a durable work queue to a flaky endpoint.
+//!
+//! `main.rs` parses the command line, runs [`run`] and prints the summary;
+//! `tests/demo_replicate.rs` includes this file with `#[path]` and runs it
+//! with tiny sizes.
+//!
+//! # What runs
+//!
+//! ```text
+//!  producer ──publish──► Publisher ──► per-key subscribers (views)
+//!  (store)     (index)      │     └──► wildcard subscribers (views)
+//!     ▲                     │
+//!     └── snapshot handler ─┤
+//!                           └──► wildcard feed ──► KeyedPool (per-key side effects,
+//!                                                   each under a LeasePool lease)
+//!                                                        │ webhooks
+//!                                                        ▼
+//!                                    WorkQueue over disk | memory | Redis ──► flaky endpoint
+//! ```
+//!
+//! At the end the producer stops, every view reads up to the store's final
+//! index and is compared with the store; the pool's own replica too; every
+//! webhook pushed must have been delivered or dead-lettered.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use snapstream::event::{Event, Message, Subject};
+use snapstream::lease::{LeasePool, TryAcquireError};
+use snapstream::publisher::{
+    BoxError, LagPolicy, Publisher, SnapshotHandler, SnapshotRequest, SnapshotSink,
+    SubscribeRequest, Subscription, SubscriptionError,
+};
+use snapstream::queue::{BaseQueue, Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+use snapstream::workpool::{KeyedPool, StopMode};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// The one topic of the store.
+const TOPIC: &str = "kv";
+/// How long, after the producer stops, every view has to reach the final index.
+const CONVERGE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the work queue has to deliver (or dead-letter) every webhook.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(60);
+/// One webhook per this many published changes.
+const WEBHOOK_EVERY: u64 = 8;
+/// Webhooks whose sequence number is 7 modulo this always fail ("poison").
+const POISON_EVERY: u64 = 50;
+/// Attempts before a webhook is dead-lettered.
+const MAX_ATTEMPTS: u32 = 4;
+/// One side effect in this many holds its lease for a millisecond.
+const SLOW_SIDE_EFFECT_EVERY: u64 = 16;
+
+/// Where the work queue keeps its items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendKind {
+    /// An embedded redb file in the data directory (crash-safe).
+    Disk,
+    /// Process memory.
+    Memory,
+    /// A Redis server (`--redis URL`; needs `--features redis`).
+    Redis,
+}
+
+/// A state-replication service, end to end, on snapstream.
+///
+/// A key-value store applies a steady stream of changes and publishes each
+/// with an increasing index. Hundreds of subscribers (per-key and wildcard)
+/// materialize views from snapshot + live events; some read slowly (the lag
+/// policy detaches them), some disconnect and resume from their last index.
+/// A keyed ordered worker pool applies per-key side effects under a lease
+/// pool, and a durable work queue delivers webhooks to a flaky endpoint.
+/// At the end every view is checked against the store.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "replicate", version)]
+pub struct Config {
+    /// Seconds the store keeps changing.
+    #[arg(long, default_value_t = 12.0)]
+    pub duration: f64,
+    /// Subscribers: 1 in 25 wildcard, 2 in 50 slow wildcard, 1 in 10 slow
+    /// per-key, 2 in 10 reconnecting per-key, the rest per-key.
+    #[arg(long, default_value_t = 500)]
+    pub subscribers: usize,
+    /// Keys in the store.
+    #[arg(long, default_value_t = 200)]
+    pub keys: usize,
+    /// Changes per second.
+    #[arg(long, default_value_t = 10_000)]
+    pub rate: u64,
+    /// Work queue backend.
+    #[arg(long, value_enum, default_value_t = BackendKind::Disk)]
+    pub backend: BackendKind,
+    /// Redis URL for the work queue (implies `--backend redis`).
+    #[arg(long, value_name = "URL")]
+    pub redis: Option<String>,
+    /// Directory for the disk queue's file [default: a new temporary directory,
+    /// removed at exit].
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The publisher's lag limit, in batches behind a key's newest event.
+    #[arg(long, default_value_t = 1_000)]
+    pub lag_limit: u64,
+    /// Nodes (lease-pool keys) the side effects are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub nodes: usize,
+    /// Concurrent side effects allowed per node (the lease target).
+    #[arg(long, default_value_t = 2)]
+    pub leases_per_node: u64,
+    /// Workers of the keyed pool.
+    #[arg(long, default_value_t = 16)]
+    pub workers: usize,
+    /// Random seed (the run is random but repeatable in what it does).
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Tiny sizes, for the tests: 1.5 s, 40 subscribers, 16 keys, 1,000
+    /// changes/s (overrides those four flags).
+    #[arg(long)]
+    pub quick: bool,
+    /// Do not draw the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+    /// Corrupt one view before the check (proves the check can fail).
+    #[arg(long, hide = true)]
+    pub break_a_view: bool,
+}
+
+impl Config {
+    /// The configuration with `--quick` and `--redis` applied.
+    fn effective(mut self) -> Self {
+        if self.quick {
+            self.duration = 1.5;
+            self.subscribers = 40;
+            self.keys = 16;
+            self.rate = 1_000;
+            self.no_progress = true;
+        }
+        if self.redis.is_some() {
+            self.backend = BackendKind::Redis;
+        }
+        self.keys = self.keys.max(1);
+        self.nodes = self.nodes.max(1);
+        self.leases_per_node = self.leases_per_node.max(1);
+        self.workers = self.workers.max(1);
+        self.rate = self.rate.max(1);
+        self
+    }
+}
+
+/// Why the demo could not run at all (as opposed to running and finding a
+/// problem, which the [`Report`] says).
+pub type DemoError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+// ---------------------------------------------------------------------------
+// The store
+
+/// What an event carries: the new value (`None`: deleted) and when it was
+/// published, for the latency figures.
+#[derive(Debug)]
+pub struct Change {
+    value: Option<u64>,
+    at: Instant,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    value: u64,
+    index: u64,
+}
+
+#[derive(Debug, Default)]
+struct StoreState {
+    entries: BTreeMap<Arc<str>, Entry>,
+    /// The index of the newest change.
+    index: u64,
+    /// The index of the newest change of each key (put or delete).
+    changed_at: HashMap<Arc<str>, u64>,
+}
+
+type Store = Arc<Mutex<StoreState>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The snapshot handler: the current state of one key, or of every key, as
+/// of the store's current index. It reads the store under the same lock the
+/// producer publishes under, so the index it returns matches exactly the
+/// changes it contains.
+fn snapshot_handler(store: Store) -> impl SnapshotHandler<Change> {
+    move |req: SnapshotRequest, mut sink: SnapshotSink<Change>| {
+        let store = store.clone();
+        async move {
+            let at = Instant::now();
+            let event = |k: &Arc<str>, e: &Entry| {
+                let change = Change {
+                    value: Some(e.value),
+                    at,
+                };
+                Event::new(TOPIC, Subject::Key(k.clone()), e.index, change)
+            };
+            let (events, index): (Vec<Event<Change>>, u64) = {
+                let st = lock(&store);
+                let events = match req.subject().as_key() {
+                    Some(key) => st
+                        .entries
+                        .get_key_value(key)
+                        .map(|(k, e)| event(k, e))
+                        .into_iter()
+                        .collect(),
+                    None => st.entries.iter().map(|(k, e)| event(k, e)).collect(),
+                };
+                (events, st.index)
+            };
+            // Stream it in chunks, as a store reading from disk would.
+            let mut events = events.into_iter().peekable();
+            while events.peek().is_some() {
+                sink.append(events.by_ref().take(64).collect())?;
+            }
+            Ok::<u64, BoxError>(index)
+        }
+    }
+}
+
+/// Builds the store with every key present, indexes 1..=keys.
+fn initial_store(keys: &[Arc<str>], rng: &mut StdRng) -> Store {
+    let mut st = StoreState::default();
+    for k in keys {
+        st.index += 1;
+        let e = Entry {
+            value: rng.gen_range(0..1_000_000),
+            index: st.index,
+        };
+        st.entries.insert(k.clone(), e);
+        st.changed_at.insert(k.clone(), st.index);
+    }
+    Arc::new(Mutex::new(st))
+}
+
+/// Applies changes at `rate` per second until `stop_at`, publishing each
+/// under the store's lock. Returns how many it applied.
+async fn produce(
+    store: Store,
+    publisher: Publisher<Change>,
+    keys: Arc<Vec<Arc<str>>>,
+    rate: u64,
+    stop_at: Instant,
+    mut rng: StdRng,
+    published: Arc<AtomicU64>,
+) -> Result<u64, DemoError> {
+    let start = Instant::now();
+    let mut ticks = tokio::time::interval(Duration::from_millis(5));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut done = 0u64;
+    loop {
+        ticks.tick().await;
+        let now = Instant::now().min(stop_at);
+        let due = (rate as f64 * (now - start).as_secs_f64()) as u64;
+        if due > done {
+            let n = (due - done) as usize;
+            let mut st = lock(&store);
+            let mut events = Vec::with_capacity(n);
+            let at = Instant::now();
+            for _ in 0..n {
+                st.index += 1;
+                let index = st.index;
+                let key = keys[rng.gen_range(0..keys.len())].clone();
+                let value = if st.entries.contains_key(&key) && rng.gen_ratio(1, 10) {
+                    st.entries.remove(&key);
+                    None
+                } else {
+                    let value = rng.gen_range(0..1_000_000);
+                    st.entries.insert(key.clone(), Entry { value, index });
+                    Some(value)
+                };
+                st.changed_at.insert(key.clone(), index);
+                events.push(Event::new(
+                    TOPIC,
+                    Subject::Key(key),
+                    index,
+                    Change { value, at },
+                ));
+            }
+            publisher
+                .publish(events)
+                .map_err(|e| format!("publish failed: {e}"))?;
+            drop(st);
+            done = due;
+            published.store(done, Ordering::Relaxed);
+        }
+        if now >= stop_at {
+            return Ok(done);
+        }
+    }
+}
+
+/// The store at the end: what every view must match.
+#[derive(Debug)]
+struct Final {
+    index: u64,
+    entries: HashMap<Arc<str>, u64>,
+    changed_at: HashMap<Arc<str>, u64>,
+}
+
+impl Final {
+    fn of(store: &Store) -> Self {
+        let st = lock(store);
+        Final {
+            index: st.index,
+            entries: st
+                .entries
+                .iter()
+                .map(|(k, e)| (k.clone(), e.value))
+                .collect(),
+            changed_at: st.changed_at.clone(),
+        }
+    }
+
+    /// The index a view of `subject` must have seen to be up to date.
+    fn target(&self, subject: &Subject) -> u64 {
+        match subject.as_key() {
+            Some(k) => self.changed_at.get(k).copied().unwrap_or(0),
+            None => self.index,
+        }
+    }
+
+    /// Whether `view` holds exactly the store's state for `subject`.
+    fn matches(&self, subject: &Subject, view: &HashMap<Arc<str>, u64>) -> bool {
+        match subject.as_key() {
+            Some(k) => match self.entries.get(k) {
+                Some(v) => view.len() == 1 && view.get(k) == Some(v),
+                None => view.is_empty(),
+            },
+            None => *view == self.entries,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Latency histogram (log-linear, 8 buckets per power of two, microseconds)
+
+#[derive(Debug, Clone)]
+struct Hist {
+    counts: Vec<u64>,
+    total: u64,
+}
+
+impl Hist {
+    const BUCKETS: usize = 8 * 62;
+
+    fn new() -> Self {
+        Hist {
+            counts: vec![0; Self::BUCKETS],
+            total: 0,
+        }
+    }
+
+    fn bucket(us: u64) -> usize {
+        if us < 8 {
+            return us as usize;
+        }
+        let e = 63 - us.leading_zeros() as usize; // >= 3
+        let sub = ((us >> (e - 3)) & 7) as usize;
+        ((e - 2) * 8 + sub).min(Self::BUCKETS - 1)
+    }
+
+    /// The smallest value of bucket `i`.
+    fn low(i: usize) -> u64 {
+        if i < 8 {
+            return i as u64;
+        }
+        let e = i / 8 + 2;
+        (8 + (i % 8) as u64) << (e - 3)
+    }
+
+    fn record(&mut self, d: Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.counts[Self::bucket(us)] += 1;
+        self.total += 1;
+    }
+
+    fn merge(&mut self, other: &Hist) {
+        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
+            *a += b;
+        }
+        self.total += other.total;
+    }
+
+    /// The `q` quantile (0..=1), as the midpoint of its bucket.
+    fn quantile(&self, q: f64) -> Option<Duration> {
+        if self.total == 0 {
+            return None;
+        }
+        let rank = ((self.total as f64 * q).ceil() as u64).clamp(1, self.total);
+        let mut seen = 0;
+        for (i, c) in self.counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                let (lo, hi) = (Self::low(i), Self::low(i + 1));
+                return Some(Duration::from_micros((lo + hi) / 2));
+            }
+        }
+        None
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Subscribers
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Normal,
+    Slow,
+    Reconnecting,
+}
+
+#[derive(Debug, Clone)]
+struct Spec {
+    id: usize,
+    subject: Subject,
+    role: Role,
+    policy: LagPolicy,
+}
+
+impl Spec {
+    fn of(id: usize, keys: &[Arc<str>]) -> Spec {
+        let key = || Subject::Key(keys[(id * 7919) % keys.len()].clone());
+        let (subject, role, policy) = match (id % 50, id % 10) {
+            (0 | 25, _) => (Subject::Wildcard, Role::Normal, LagPolicy::Resnapshot),
+            (1, _) => (Subject::Wildcard, Role::Slow, LagPolicy::Resnapshot),
+            (2, _) => (Subject::Wildcard, Role::Slow, LagPolicy::Error),
+            (_, 3) if id % 20 == 3 => (key(), Role::Slow, LagPolicy::Resnapshot),
+            (_, 3) => (key(), Role::Slow, LagPolicy::Error),
+            (_, 4 | 5) => (key(), Role::Reconnecting, LagPolicy::Error),
+            _ => (key(), Role::Normal, LagPolicy::Error),
+        };
+        Spec {
+            id,
+            subject,
+            role,
+            policy,
+        }
+    }
+}
+
+/// Counters shared by every subscriber (read by the progress bar too).
+#[derive(Debug, Default)]
+struct Counters {
+    deliveries: AtomicU64,
+    lag_resnapshots: AtomicU64,
+    lagged_errors: AtomicU64,
+    reconnects: AtomicU64,
+    resumed_live: AtomicU64,
+    resumed_snapshot: AtomicU64,
+}
+
+/// A materialized view of one subscription.
+#[derive(Debug, Default)]
+struct View {
+    entries: HashMap<Arc<str>, u64>,
+    /// The newest index the view reflects (0 until its first snapshot ends).
+    seen: u64,
+    /// Whether a snapshot has completed (so `seen` can be resumed from).
+    complete: bool,
+    /// Between the start of a snapshot and its `EndOfSnapshot`.
+    in_snapshot: bool,
+}
+
+impl View {
+    fn reset(&mut self) {
+        self.entries.clear();
+        self.seen = 0;
+        self.complete = false;
+        self.in_snapshot = true;
+    }
+}
+
+#[derive(Debug)]
+struct SubResult {
+    spec: Spec,
+    converged: bool,
+    reason: Option<String>,
+    hist: Hist,
+}
+
+fn subscribe(
+    publisher: &Publisher<Change>,
+    spec: &Spec,
+    index: u64,
+) -> Result<Subscription<Change>, String> {
+    let req = SubscribeRequest::new(TOPIC, spec.subject.clone())
+        .index(index)
+        .on_lag(spec.policy);
+    publisher
+        .subscribe(req)
+        .map_err(|e| format!("subscribe failed: {e}"))
+}
+
+/// One subscriber: reads its subscription into a view until the end signal,
+/// then until it reached the store's final index; then compares.
+async fn subscriber(
+    spec: Spec,
+    publisher: Publisher<Change>,
+    mut end: watch::Receiver<Option<Arc<Final>>>,
+    counters: Arc<Counters>,
+    seed: u64,
+    break_view: bool,
+) -> SubResult {
+    let mut rng = StdRng::seed_from_u64(seed ^ (spec.id as u64).wrapping_mul(0x9E37_79B9));
+    let mut hist = Hist::new();
+    let mut view = View {
+        in_snapshot: true,
+        ..View::default()
+    };
+    let fail = |spec: Spec, hist: Hist, reason: String| SubResult {
+        spec,
+        converged: false,
+        reason: Some(reason),
+        hist,
+    };
+    let mut sub = match subscribe(&publisher, &spec, 0) {
+        Ok(s) => s,
+        Err(e) => return fail(spec, hist, e),
+    };
+    let mut reconnect_every = || Duration::from_millis(rng.gen_range(300..1_500));
+    let mut next_disconnect =
+        (spec.role == Role::Reconnecting).then(|| Instant::now() + reconnect_every());
+    // Set by a resume: `Some(true)` after a reconnect (classified by its
+    // first message), `Some(false)` after a lag error (not counted).
+    let mut just_resumed: Option<bool> = None;
+    let mut deadline: Option<Instant> = None;
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+
+    loop {
+        if let Some(fin) = end.borrow().as_ref() {
+            if view.complete && view.seen >= fin.target(&spec.subject) {
+                break;
+            }
+        }
+        tokio::select! {
+            msg = sub.next() => {
+                if let Some(count) = just_resumed.take() {
+                    if !count {
+                        // After a lag error: neither a reconnect nor a lag re-snapshot.
+                    } else if matches!(msg, Ok(Message::NewSnapshotToFollow)) {
+                        counters.resumed_snapshot.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        counters.resumed_live.fetch_add(1, Ordering::Relaxed);
+                    }
+                } else if matches!(msg, Ok(Message::NewSnapshotToFollow)) {
+                    counters.lag_resnapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                match msg {
+                    Ok(Message::NewSnapshotToFollow) => view.reset(),
+                    Ok(Message::EndOfSnapshot { index }) => {
+                        view.seen = index;
+                        view.complete = true;
+                        view.in_snapshot = false;
+                    }
+                    Ok(Message::Events(batch)) => {
+                        for e in batch.iter() {
+                            let Some(key) = e.subject().as_key() else { continue };
+                            let change = e.payload();
+                            match change.value {
+                                Some(v) => { view.entries.insert(Arc::from(key), v); }
+                                None => { view.entries.remove(key); }
+                            }
+                            if !view.in_snapshot {
+                                hist.record(change.at.elapsed());
+                                view.seen = view.seen.max(e.index());
+                            }
+                        }
+                        counters.deliveries.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                        if spec.role == Role::Slow {
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                    Err(SubscriptionError::Lagged { .. }) => {
+                        counters.lagged_errors.fetch_add(1, Ordering::Relaxed);
+                        let from = if view.complete { view.seen } else { 0 };
+                        if from == 0 {
+                            view.reset();
+                        }
+                        sub = match subscribe(&publisher, &spec, from) {
+                            Ok(s) => s,
+                            Err(e) => return fail(spec, hist, e),
+                        };
+                        just_resumed = (from > 0).then_some(false);
+                    }
+                    Err(e) => return fail(spec, hist, format!("subscription ended: {e}")),
+                }
+            }
+            _ = tokio::time::sleep_until(next_disconnect.unwrap_or(far)), if next_disconnect.is_some() => {
+                // Disconnect, then resume from the last index seen (or start
+                // over when the snapshot had not finished).
+                drop(sub);
+                counters.reconnects.fetch_add(1, Ordering::Relaxed);
+                let from = if view.complete { view.seen } else { 0 };
+                if from == 0 {
+                    view.reset();
+                }
+                sub = match subscribe(&publisher, &spec, from) {
+                    Ok(s) => s,
+                    Err(e) => return fail(spec, hist, e),
+                };
+                just_resumed = (from > 0).then_some(true);
+                next_disconnect = Some(Instant::now() + reconnect_every());
+            }
+            changed = end.changed(), if deadline.is_none() => {
+                // The producer stopped: no more disconnects, a deadline to converge.
+                let _ = changed;
+                next_disconnect = None;
+                deadline = Some(Instant::now() + CONVERGE_TIMEOUT);
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                let target = end.borrow().as_ref().map_or(0, |f| f.target(&spec.subject));
+                let reason = format!("reached index {} of {target} before the deadline", view.seen);
+                return fail(spec, hist, reason);
+            }
+        }
+    }
+    drop(sub);
+    if break_view {
+        view.entries.insert(Arc::from("not-a-key"), 0);
+    }
+    let fin = end.borrow().clone().expect("the end was signalled");
+    let converged = fin.matches(&spec.subject, &view.entries);
+    SubResult {
+        reason: (!converged).then(|| {
+            format!(
+                "view differs from the store ({} entries)",
+                view.entries.len()
+            )
+        }),
+        spec,
+        converged,
+        hist,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Side effects: keyed pool + lease pool, and the webhook queue
+
+/// One item of the keyed pool.
+#[derive(Debug)]
+enum SideEffect {
+    /// A key's value changed (or was deleted) at `index`.
+    Apply {
+        index: u64,
+        value: Option<u64>,
+        live: bool,
+    },
+    /// A re-snapshot at `index` did not contain the key: it is gone.
+    Absent { index: u64 },
+}
+
+/// A webhook: "key changed to value at index".
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Webhook {
+    run: u64,
+    seq: u64,
+    key: String,
+    index: u64,
+    value: u64,
+}
+
+/// What the side-effect pipeline saw.
+#[derive(Debug, Default)]
+struct Effects {
+    /// The pool's own replica of the store: key -> (value, index applied).
+    replica: Mutex<HashMap<Arc<str>, (Option<u64>, u64)>>,
+    applied: AtomicU64,
+    order_violations: AtomicU64,
+    lease_waits: AtomicU64,
+    active: Vec<AtomicU64>,
+    max_active: Vec<AtomicU64>,
+    webhooks_made: AtomicU64,
+    feed_resnapshots: AtomicU64,
+}
+
+/// Reads a wildcard subscription into the keyed pool until the store's final
+/// index. Returns an error text if the subscription failed.
+async fn feed(
+    publisher: Publisher<Change>,
+    pool: KeyedPool<Arc<str>, SideEffect>,
+    keys: Arc<Vec<Arc<str>>>,
+    mut end: watch::Receiver<Option<Arc<Final>>>,
+    effects: Arc<Effects>,
+) -> Result<(), String> {
+    let spec = Spec {
+        id: usize::MAX,
+        subject: Subject::Wildcard,
+        role: Role::Normal,
+        policy: LagPolicy::Resnapshot,
+    };
+    let mut sub = subscribe(&publisher, &spec, 0)?;
+    let mut in_snapshot = true;
+    let mut in_this_snapshot: HashSet<Arc<str>> = HashSet::new();
+    let mut seen = 0;
+    let mut deadline: Option<Instant> = None;
+    let far = Instant::now() + Duration::from_secs(86_400 * 365);
+    let stopped = |_| "the keyed pool stopped".to_string();
+    loop {
+        if let Some(fin) = end.borrow().as_ref() {
+            if !in_snapshot && seen >= fin.index {
+                return Ok(());
+            }
+        }
+        tokio::select! {
+            msg = sub.next() => match msg {
+                Ok(Message::NewSnapshotToFollow) => {
+                    effects.feed_resnapshots.fetch_add(1, Ordering::Relaxed);
+                    in_snapshot = true;
+                    in_this_snapshot.clear();
+                }
+                Ok(Message::Events(batch)) => {
+                    for e in batch.iter() {
+                        let Some(key) = e.subject().as_key() else { continue };
+                        let key: Arc<str> = Arc::from(key);
+                        if in_snapshot {
+                            in_this_snapshot.insert(key.clone());
+                        } else {
+                            seen = seen.max(e.index());
+                        }
+                        let fx = SideEffect::Apply {
+                            index: e.index(),
+                            value: e.payload().value,
+                            live: !in_snapshot,
+                        };
+                        pool.add(key, fx).await.map_err(stopped)?;
+                    }
+                }
+                Ok(Message::EndOfSnapshot { index }) => {
+                    // What a snapshot does not contain no longer exists.
+                    for k in keys.iter().filter(|k| !in_this_snapshot.contains(*k)) {
+                        pool.add(k.clone(), SideEffect::Absent { index }).await.map_err(stopped)?;
+                    }
+                    in_snapshot = false;
+                    seen = index;
+                }
+                Err(e) => return Err(format!("side-effect feed ended: {e}")),
+            },
+            changed = end.changed(), if deadline.is_none() => {
+                let _ = changed;
+                deadline = Some(Instant::now() + CONVERGE_TIMEOUT);
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or(far)), if deadline.is_some() => {
+                return Err(format!("side-effect feed reached index {seen} before the deadline"));
+            }
+        }
+    }
+}
+
+/// The keyed pool's handler: one side effect, in order per key, under a
+/// lease of the key's node.
+async fn side_effect(
+    key: Arc<str>,
+    fx: SideEffect,
+    node: usize,
+    leases: LeasePool<usize>,
+    effects: Arc<Effects>,
+    webhooks: futures::channel::mpsc::UnboundedSender<(String, u64, u64)>,
+) {
+    let _lease = match leases.try_acquire(node) {
+        Ok(lease) => lease,
+        Err(TryAcquireError::NoHeadroom) => {
+            effects.lease_waits.fetch_add(1, Ordering::Relaxed);
+            match leases.acquire(node).await {
+                Ok(lease) => lease,
+                Err(_) => return,
+            }
+        }
+        Err(_) => return,
+    };
+    let active = effects.active[node].fetch_add(1, Ordering::AcqRel) + 1;
+    effects.max_active[node].fetch_max(active, Ordering::AcqRel);
+    let index = match fx {
+        SideEffect::Apply { index, .. } | SideEffect::Absent { index } => index,
+    };
+    {
+        let mut replica = lock(&effects.replica);
+        let slot = replica.entry(key.clone()).or_insert((None, 0));
+        match fx {
+            SideEffect::Apply { value, live, .. } => {
+                if index > slot.1 {
+                    *slot = (value, index);
+                    if live {
+                        if let Some(v) = value {
+                            if index % WEBHOOK_EVERY == 0 {
+                                effects.webhooks_made.fetch_add(1, Ordering::Relaxed);
+                                let _ = webhooks.unbounded_send((key.to_string(), index, v));
+                            }
+                        }
+                    }
+                } else if live {
+                    // A live change at or below what was applied: out of order.
+                    effects.order_violations.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            SideEffect::Absent { .. } => {
+                if index > slot.1 {
+                    *slot = (None, index);
+                }
+            }
+        }
+    }
+    effects.applied.fetch_add(1, Ordering::Relaxed);
+    if index % SLOW_SIDE_EFFECT_EVERY == 0 {
+        // A slow side effect (say, a call to another service), lease held.
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    } else {
+        tokio::task::yield_now().await;
+    }
+    effects.active[node].fetch_sub(1, Ordering::AcqRel);
+}
+
+/// The webhook endpoint's answers: poison webhooks always fail, the others
+/// fail one time in five (decided by a hash, so a run is repeatable).
+fn endpoint_fails(seq: u64, attempts: u32) -> bool {
+    if seq % POISON_EVERY == 7 {
+        return true;
+    }
+    let mut h = seq
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(attempts as u64);
+    h ^= h >> 29;
+    h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    h ^= h >> 32;
+    h % 5 == 0
+}
+
+#[derive(Debug, Default)]
+struct Deliveries {
+    delivered: Mutex<HashSet<u64>>,
+    redelivered: AtomicU64,
+    attempts: AtomicU64,
+    from_earlier_runs: AtomicU64,
+}
+
+/// Opens the work queue's base and dead-letter queues.
+async fn open_queues(
+    cfg: &Config,
+    run_id: u64,
+) -> Result<(Arc<dyn BaseQueue>, Arc<dyn BaseQueue>, QueueHome), DemoError> {
+    let opts = QueueOptions::default();
+    match cfg.backend {
+        BackendKind::Memory => Ok((
+            Arc::new(MemoryQueue::new("webhooks", opts.clone())),
+            Arc::new(MemoryQueue::new("webhooks.dead", opts)),
+            QueueHome::Memory,
+        )),
+        BackendKind::Disk => {
+            let (dir, temp) = match &cfg.data_dir {
+                Some(d) => {
+                    std::fs::create_dir_all(d)?;
+                    (d.clone(), None)
+                }
+                None => {
+                    let t = tempfile::Builder::new()
+                        .prefix("snapstream-demo-")
+                        .tempdir()?;
+                    (t.path().to_path_buf(), Some(t))
+                }
+            };
+            let path = dir.join("webhooks.redb");
+            let (store, base, dead) = tokio::task::spawn_blocking(move || {
+                let store = snapstream::queue::disk::DiskStore::open(&path)?;
+                let base = store.queue("webhooks", QueueOptions::default())?;
+                let dead = store.queue("webhooks.dead", QueueOptions::default())?;
+                Ok::<_, DemoError>((store, base, dead))
+            })
+            .await??;
+            Ok((
+                Arc::new(base),
+                Arc::new(dead),
+                QueueHome::Disk {
+                    dir,
+                    temp,
+                    _store: store,
+                },
+            ))
+        }
+        BackendKind::Redis => open_redis(cfg, run_id).await,
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn open_redis(
+    cfg: &Config,
+    run_id: u64,
+) -> Result<(Arc<dyn BaseQueue>, Arc<dyn BaseQueue>, QueueHome), DemoError> {
+    use snapstream::queue::redis::RedisQueue;
+    let url = cfg
+        .redis
+        .clone()
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
+    let name = format!("snapstream-demo-{run_id:x}");
+    let base = Arc::new(RedisQueue::connect(&url, name.clone(), QueueOptions::default()).await?);
+    let dead =
+        Arc::new(RedisQueue::connect(&url, format!("{name}.dead"), QueueOptions::default()).await?);
+    Ok((
+        base.clone(),
+        dead.clone(),
+        QueueHome::Redis {
+            url,
+            name,
+            queues: [base, dead],
+        },
+    ))
+}
+
+#[cfg(not(feature = "redis"))]
+async fn open_redis(
+    _cfg: &Config,
+    _run_id: u64,
+) -> Result<(Arc<dyn BaseQueue>, Arc<dyn BaseQueue>, QueueHome), DemoError> {
+    Err("this build has no Redis backend: run it with `--features redis`".into())
+}
+
+/// Where the queue lives (kept alive for the run, cleaned up after it).
+enum QueueHome {
+    Memory,
+    Disk {
+        dir: PathBuf,
+        temp: Option<tempfile::TempDir>,
+        _store: snapstream::queue::disk::DiskStore,
+    },
+    #[cfg(feature = "redis")]
+    Redis {
+        url: String,
+        name: String,
+        queues: [Arc<snapstream::queue::redis::RedisQueue>; 2],
+    },
+}
+
+impl QueueHome {
+    fn describe(&self) -> String {
+        match self {
+            QueueHome::Memory => "memory".to_string(),
+            QueueHome::Disk { dir, temp, .. } => format!(
+                "disk, in {}{}",
+                dir.display(),
+                if temp.is_some() { " (temporary)" } else { "" }
+            ),
+            #[cfg(feature = "redis")]
+            QueueHome::Redis { url, name, .. } => format!("redis, {url} queue {name}"),
+        }
+    }
+
+    /// Deletes a Redis run's queues (disk and memory clean up on drop).
+    async fn cleanup(&self) {
+        #[cfg(feature = "redis")]
+        if let QueueHome::Redis { queues, .. } = self {
+            for q in queues {
+                let _ = q.delete().await;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The report
+
+/// What the run found. [`Report::ok`] is the demo's verdict.
+#[derive(Debug)]
+pub struct Report {
+    /// Changes the store applied (and published).
+    pub published: u64,
+    /// Seconds the producer ran.
+    pub produce_secs: f64,
+    /// Seconds from the first subscriber to the last view checked.
+    pub total_secs: f64,
+    /// Subscribers by kind: (total, wildcard, slow, reconnecting).
+    pub subscribers: (usize, usize, usize, usize),
+    /// Events delivered to the subscribers' views.
+    pub deliveries: u64,
+    /// Delivery latency p50 and p99 (publish to view), live events only.
+    pub latency: (Option<Duration>, Option<Duration>),
+    /// Snapshot builds (handler calls) and cache hits.
+    pub snapshots: (u64, u64),
+    /// Lag: automatic re-snapshots and `Lagged` errors (then resumed).
+    pub lag: (u64, u64),
+    /// Reconnects, resumed without a snapshot, resumed with a new snapshot.
+    pub resumes: (u64, u64, u64),
+    /// Views that converged, and the reasons of those that did not.
+    pub views: (usize, Vec<String>),
+    /// Side effects applied, out-of-order live changes, and whether the pool's
+    /// replica matched the store.
+    pub side_effects: (u64, u64, bool),
+    /// Lease pool: highest concurrency seen on any node, the target, waits.
+    pub leases: (u64, u64, u64),
+    /// Work queue backend description.
+    pub queue_backend: String,
+    /// Webhooks: pushed, delivered, handler attempts, retried, dead-lettered,
+    /// lost, failed pushes, from earlier runs.
+    pub webhooks: WebhookFigures,
+    /// Peak resident memory (VmHWM), in KiB, where the OS reports it.
+    pub peak_memory_kib: Option<u64>,
+    /// Errors that stopped a part of the run.
+    pub errors: Vec<String>,
+}
+
+/// The work queue's figures.
+#[derive(Debug, Default)]
+pub struct WebhookFigures {
+    /// Accepted by the work queue.
+    pub pushed: u64,
+    /// Distinct webhooks the endpoint accepted.
+    pub delivered: u64,
+    /// Deliveries of a webhook already delivered (at-least-once).
+    pub redelivered: u64,
+    /// Times an item was handed back for a retry.
+    pub retried: u64,
+    /// Items moved to the dead-letter queue by this run.
+    pub dead_lettered: u64,
+    /// Of those, poison webhooks (they always fail).
+    pub dead_poison: u64,
+    /// Pushed and neither delivered nor dead-lettered.
+    pub lost: u64,
+    /// Pushes refused even after retries.
+    pub push_failed: u64,
+    /// Items left in the queue by an earlier run and handled by this one.
+    pub from_earlier_runs: u64,
+}
+
+impl Report {
+    /// Whether every view converged and no webhook was lost.
+    pub fn ok(&self) -> bool {
+        self.views.1.is_empty()
+            && self.side_effects.1 == 0
+            && self.side_effects.2
+            && self.leases.0 <= self.leases.1
+            && self.webhooks.lost == 0
+            && self.webhooks.push_failed == 0
+            && self.errors.is_empty()
+    }
+
+    /// The summary table.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let n = |v: u64| thousands(v);
+        let ms = |d: Option<Duration>| {
+            d.map_or("-".to_string(), |d| {
+                format!("{:.2} ms", d.as_secs_f64() * 1e3)
+            })
+        };
+        let yes = |b: bool| if b { "yes" } else { "NO" };
+        let (subs, wild, slow, reconn) = self.subscribers;
+        let views_total = self.views.0 + self.views.1.len();
+        let w = &self.webhooks;
+        let rows: Vec<(&str, String)> = vec![
+            (
+                "events published",
+                format!(
+                    "{} in {:.1} s ({}/s)",
+                    n(self.published),
+                    self.produce_secs,
+                    n((self.published as f64 / self.produce_secs.max(1e-9)) as u64)
+                ),
+            ),
+            (
+                "subscribers",
+                format!("{subs} ({wild} wildcard, {slow} slow, {reconn} reconnecting)"),
+            ),
+            (
+                "deliveries",
+                format!(
+                    "{} ({}/s)",
+                    n(self.deliveries),
+                    n((self.deliveries as f64 / self.total_secs.max(1e-9)) as u64)
+                ),
+            ),
+            (
+                "delivery latency p50 / p99",
+                format!("{} / {}", ms(self.latency.0), ms(self.latency.1)),
+            ),
+            (
+                "snapshot cache hit rate",
+                format!(
+                    "{:.1}% ({} hits, {} builds)",
+                    100.0 * self.snapshots.1 as f64
+                        / (self.snapshots.0 + self.snapshots.1).max(1) as f64,
+                    n(self.snapshots.1),
+                    n(self.snapshots.0)
+                ),
+            ),
+            (
+                "lag policy",
+                format!(
+                    "{} re-snapshots, {} lagged + resumed",
+                    n(self.lag.0),
+                    n(self.lag.1)
+                ),
+            ),
+            (
+                "reconnects",
+                format!(
+                    "{} ({} resumed live, {} with a new snapshot)",
+                    n(self.resumes.0),
+                    n(self.resumes.1),
+                    n(self.resumes.2)
+                ),
+            ),
+            (
+                "keyed pool side effects",
+                format!(
+                    "{} applied, in order per key: {}, replica matches: {}",
+                    n(self.side_effects.0),
+                    yes(self.side_effects.1 == 0),
+                    yes(self.side_effects.2)
+                ),
+            ),
+            (
+                "lease pool",
+                format!(
+                    "max {} concurrent per node (target {}), {} waits",
+                    self.leases.0,
+                    self.leases.1,
+                    n(self.leases.2)
+                ),
+            ),
+            ("work queue", self.queue_backend.clone()),
+            (
+                "queue items",
+                format!(
+                    "{} pushed, {} handled, {} retried, {} dead-lettered ({} poison)",
+                    n(w.pushed),
+                    n(w.delivered),
+                    n(w.retried),
+                    n(w.dead_lettered),
+                    n(w.dead_poison)
+                ),
+            ),
+            (
+                "queue items lost",
+                format!(
+                    "{} ({} redelivered, {} failed pushes, {} from earlier runs)",
+                    n(w.lost),
+                    n(w.redelivered),
+                    n(w.push_failed),
+                    n(w.from_earlier_runs)
+                ),
+            ),
+            (
+                "peak memory (VmHWM)",
+                self.peak_memory_kib
+                    .map_or("-".to_string(), |k| format!("{:.1} MiB", k as f64 / 1024.0)),
+            ),
+            (
+                "all views converged",
+                format!(
+                    "{} ({}/{views_total})",
+                    yes(self.views.1.is_empty()),
+                    self.views.0
+                ),
+            ),
+        ];
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        let _ = writeln!(s, "{:-<1$}", "", width + 50);
+        for (k, v) in rows {
+            let _ = writeln!(s, "{k:<width$}  {v}");
+        }
+        let _ = writeln!(s, "{:-<1$}", "", width + 50);
+        for reason in self.views.1.iter().take(10) {
+            let _ = writeln!(s, "not converged: {reason}");
+        }
+        for e in &self.errors {
+            let _ = writeln!(s, "error: {e}");
+        }
+        let _ = writeln!(
+            s,
+            "verdict: {}",
+            if self.ok() {
+                "OK - every view converged, nothing lost"
+            } else {
+                "FAILED"
+            }
+        );
+        s
+    }
+}
+
+fn thousands(v: u64) -> String {
+    let digits = v.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Peak resident set size from `/proc/self/status` (Linux), in KiB.
+fn peak_memory_kib() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+// ---------------------------------------------------------------------------
+// The run
+
+/// Runs the demo. Prints a short header and a progress bar (unless
+/// `no_progress`) on stderr; returns the figures.
+///
+/// # Errors
+///
+/// When a part cannot start: the disk queue's file cannot be opened, Redis
+/// cannot be reached. Problems found while running are in the [`Report`].
+pub async fn run(cfg: Config) -> Result<Report, DemoError> {
+    let cfg = cfg.effective();
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let run_id: u64 = rand::random();
+    let keys: Arc<Vec<Arc<str>>> = Arc::new(
+        (0..cfg.keys)
+            .map(|i| Arc::from(format!("svc-{i:04}")))
+            .collect(),
+    );
+
+    // The store and its publisher.
+    let store = initial_store(&keys, &mut rng);
+    let mut builder = Publisher::<Change>::builder();
+    builder
+        .register_with_wildcard(TOPIC, snapshot_handler(store.clone()))?
+        .lag_limit(Some(cfg.lag_limit));
+    let publisher = builder.build();
+
+    // The work queue and its flaky endpoint.
+    let (base, dead, home) = open_queues(&cfg, run_id).await?;
+    let queue_backend = home.describe();
+    eprintln!(
+        "replicate: {} subscribers, {} keys, {} changes/s for {:.1} s; work queue: {queue_backend}",
+        cfg.subscribers,
+        cfg.keys,
+        thousands(cfg.rate),
+        cfg.duration
+    );
+    let deliveries = Arc::new(Deliveries::default());
+    let queue = {
+        let deliveries = deliveries.clone();
+        let opts = WorkQueueOptions::default()
+            .batch_len(32)
+            .batch_delay(Duration::from_millis(5))
+            .max_workers(4)
+            .max_attempts(MAX_ATTEMPTS)
+            .backoff(Duration::from_millis(20), Duration::from_millis(200));
+        WorkQueue::new(base, dead, opts, move |batch: Vec<Item<Webhook>>| {
+            let deliveries = deliveries.clone();
+            async move {
+                let mut failed = Vec::new();
+                for item in batch {
+                    deliveries.attempts.fetch_add(1, Ordering::Relaxed);
+                    if item.run != run_id {
+                        deliveries.from_earlier_runs.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    if endpoint_fails(item.seq, item.attempts()) {
+                        failed.push(item);
+                    } else if !lock(&deliveries.delivered).insert(item.seq) {
+                        deliveries.redelivered.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                failed
+            }
+        })?
+    };
+
+    // The pusher: webhooks made by the side effects go into the work queue.
+    let (hook_tx, hook_rx) = futures::channel::mpsc::unbounded::<(String, u64, u64)>();
+    let hook_closer = hook_tx.clone();
+    let pushed: Arc<Mutex<HashSet<u64>>> = Arc::default();
+    let push_failed = Arc::new(AtomicU64::new(0));
+    let pusher = {
+        let (queue, pushed, push_failed) = (queue.clone(), pushed.clone(), push_failed.clone());
+        let seq = Arc::new(AtomicU64::new(0));
+        tokio::spawn(
+            hook_rx.for_each_concurrent(256, move |(key, index, value)| {
+                let (queue, pushed, push_failed) =
+                    (queue.clone(), pushed.clone(), push_failed.clone());
+                let seq = seq.fetch_add(1, Ordering::Relaxed);
+                async move {
+                    let mut hook = Webhook {
+                        run: run_id,
+                        seq,
+                        key,
+                        index,
+                        value,
+                    };
+                    for _ in 0..5 {
+                        match queue.push(hook).await {
+                            Ok(_) => {
+                                lock(&pushed).insert(seq);
+                                return;
+                            }
+                            Err(e) => hook = e.into_item(),
+                        }
+                    }
+                    push_failed.fetch_add(1, Ordering::Relaxed);
+                }
+            }),
+        )
+    };
+
+    // Side effects: keyed ordered pool, each under a lease of its node.
+    let leases = LeasePool::new();
+    for node in 0..cfg.nodes {
+        leases.set(node, cfg.leases_per_node);
+    }
+    let effects = Arc::new(Effects {
+        active: (0..cfg.nodes).map(|_| AtomicU64::new(0)).collect(),
+        max_active: (0..cfg.nodes).map(|_| AtomicU64::new(0)).collect(),
+        ..Effects::default()
+    });
+    let node_of: Arc<HashMap<Arc<str>, usize>> = Arc::new(
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| (k.clone(), i % cfg.nodes))
+            .collect(),
+    );
+    let pool = {
+        let (leases, effects, node_of) = (leases.clone(), effects.clone(), node_of.clone());
+        KeyedPool::builder()
+            .workers(cfg.workers)
+            .capacity(4096)
+            .build(move |key: Arc<str>, fx: SideEffect| {
+                let node = node_of.get(&key).copied().unwrap_or(0);
+                side_effect(
+                    key,
+                    fx,
+                    node,
+                    leases.clone(),
+                    effects.clone(),
+                    hook_tx.clone(),
+                )
+            })?
+    };
+
+    // The end signal: the store's final state.
+    let (end_tx, end_rx) = watch::channel::<Option<Arc<Final>>>(None);
+    let counters = Arc::new(Counters::default());
+    let started = Instant::now();
+    let feed_task = tokio::spawn(feed(
+        publisher.clone(),
+        pool.clone(),
+        keys.clone(),
+        end_rx.clone(),
+        effects.clone(),
+    ));
+    let specs: Vec<Spec> = (0..cfg.subscribers).map(|i| Spec::of(i, &keys)).collect();
+    let mut tasks = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let break_view = cfg.break_a_view && spec.id == 0;
+        tasks.push(tokio::spawn(subscriber(
+            spec,
+            publisher.clone(),
+            end_rx.clone(),
+            counters.clone(),
+            cfg.seed,
+            break_view,
+        )));
+    }
+
+    // Progress.
+    let published = Arc::new(AtomicU64::new(0));
+    let bar = if cfg.no_progress {
+        ProgressBar::hidden()
+    } else {
+        let bar = ProgressBar::new((cfg.duration * 10.0) as u64);
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {msg}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar
+    };
+    let ticker = {
+        let (bar, published, counters, queue) = (
+            bar.clone(),
+            published.clone(),
+            counters.clone(),
+            queue.clone(),
+        );
+        let deliveries = deliveries.clone();
+        let pushed = pushed.clone();
+        let duration = cfg.duration;
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_millis(100));
+            loop {
+                every.tick().await;
+                let t = started.elapsed().as_secs_f64();
+                bar.set_position(((t * 10.0) as u64).min(bar.length().unwrap_or(0)));
+                if t > duration {
+                    continue;
+                }
+                bar.set_message(format!(
+                    "{} published, {} delivered, webhooks {} pushed / {} ok / {} retried / {} dead",
+                    thousands(published.load(Ordering::Relaxed)),
+                    thousands(counters.deliveries.load(Ordering::Relaxed)),
+                    thousands(lock(&pushed).len() as u64),
+                    thousands(lock(&deliveries.delivered).len() as u64),
+                    thousands(queue.retries()),
+                    thousands(queue.dead_lettered()),
+                ));
+            }
+        })
+    };
+
+    // Run the store.
+    let stop_at = started + Duration::from_secs_f64(cfg.duration.max(0.0));
+    let mut errors = Vec::new();
+    let produced = produce(
+        store.clone(),
+        publisher.clone(),
+        keys.clone(),
+        cfg.rate,
+        stop_at,
+        StdRng::seed_from_u64(cfg.seed.wrapping_add(1)),
+        published.clone(),
+    )
+    .await;
+    let produce_secs = started.elapsed().as_secs_f64();
+    let published_count = match produced {
+        Ok(n) => n,
+        Err(e) => {
+            errors.push(e.to_string());
+            published.load(Ordering::Relaxed)
+        }
+    };
+    let fin = Arc::new(Final::of(&store));
+    let _ = end_tx.send(Some(fin.clone()));
+    bar.set_message("converging: every view reads up to the final index");
+
+    // Every view reads up to the final index, then is compared.
+    let mut hist = Hist::new();
+    let mut converged = 0;
+    let mut not_converged = Vec::new();
+    let (mut wild, mut slow, mut reconn) = (0, 0, 0);
+    for t in tasks {
+        match t.await {
+            Ok(r) => {
+                wild += usize::from(r.spec.subject.is_wildcard());
+                slow += usize::from(r.spec.role == Role::Slow);
+                reconn += usize::from(r.spec.role == Role::Reconnecting);
+                hist.merge(&r.hist);
+                if r.converged {
+                    converged += 1;
+                } else {
+                    not_converged.push(format!(
+                        "subscriber {} ({:?}, {}): {}",
+                        r.spec.id,
+                        r.spec.role,
+                        r.spec.subject,
+                        r.reason.unwrap_or_default()
+                    ));
+                }
+            }
+            Err(e) => not_converged.push(format!("a subscriber task failed: {e}")),
+        }
+    }
+    let total_secs = started.elapsed().as_secs_f64();
+
+    // The side effects: the feed reaches the final index, the pool drains.
+    match feed_task.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => errors.push(e),
+        Err(e) => errors.push(format!("the side-effect feed failed: {e}")),
+    }
+    pool.stop(StopMode::Drain).await;
+    let pool_stats = pool.stats();
+    if pool_stats.panicked > 0 {
+        errors.push(format!("{} side effects panicked", pool_stats.panicked));
+    }
+    drop(pool);
+    hook_closer.close_channel(); // the pusher ends once it pushed what is buffered
+    let replica_matches = {
+        let replica = lock(&effects.replica);
+        let present: HashMap<Arc<str>, u64> = replica
+            .iter()
+            .filter_map(|(k, (v, _))| v.map(|v| (k.clone(), v)))
+            .collect();
+        present == fin.entries
+    };
+    leases.stop();
+
+    // The webhooks: every push in, then everything delivered or dead.
+    bar.set_message("delivering the last webhooks");
+    if let Err(e) = pusher.await {
+        errors.push(format!("the webhook pusher failed: {e}"));
+    }
+    if let Err(e) = queue.flush(FLUSH_TIMEOUT).await {
+        errors.push(format!("work queue flush: {e}"));
+    }
+    let mut dead_seqs = HashSet::new();
+    match queue.dead_letters().await {
+        Ok(letters) => {
+            for l in letters {
+                if let Ok(h) = serde_json::from_slice::<Webhook>(&l.payload) {
+                    if h.run == run_id {
+                        dead_seqs.insert(h.seq);
+                    }
+                }
+            }
+        }
+        Err(e) => errors.push(format!("listing dead letters: {e}")),
+    }
+    let retried = queue.retries();
+    let dead_lettered = queue.dead_lettered();
+    queue.shutdown(Duration::from_secs(5)).await;
+    home.cleanup().await;
+    ticker.abort();
+    bar.finish_and_clear();
+
+    let pushed = std::mem::take(&mut *lock(&pushed));
+    let delivered = lock(&deliveries.delivered).clone();
+    let lost = pushed
+        .iter()
+        .filter(|s| !delivered.contains(s) && !dead_seqs.contains(s))
+        .count() as u64;
+    let webhooks = WebhookFigures {
+        pushed: pushed.len() as u64,
+        delivered: delivered.len() as u64,
+        redelivered: deliveries.redelivered.load(Ordering::Relaxed),
+        retried,
+        dead_lettered,
+        dead_poison: dead_seqs.iter().filter(|s| *s % POISON_EVERY == 7).count() as u64,
+        lost,
+        push_failed: push_failed.load(Ordering::Relaxed),
+        from_earlier_runs: deliveries.from_earlier_runs.load(Ordering::Relaxed),
+    };
+    let stats = publisher.stats();
+    let max_active = effects
+        .max_active
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed))
+        .max()
+        .unwrap_or(0);
+    let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    Ok(Report {
+        published: published_count,
+        produce_secs,
+        total_secs,
+        subscribers: (cfg.subscribers, wild, slow, reconn),
+        deliveries: c(&counters.deliveries),
+        latency: (hist.quantile(0.5), hist.quantile(0.99)),
+        snapshots: (stats.cache_misses, stats.cache_hits),
+        lag: (
+            c(&counters.lag_resnapshots) + c(&effects.feed_resnapshots),
+            c(&counters.lagged_errors),
+        ),
+        resumes: (
+            c(&counters.reconnects),
+            c(&counters.resumed_live),
+            c(&counters.resumed_snapshot),
+        ),
+        views: (converged, not_converged),
+        side_effects: (
+            c(&effects.applied),
+            c(&effects.order_violations),
+            replica_matches,
+        ),
+        leases: (max_active, cfg.leases_per_node, c(&effects.lease_waits)),
+        queue_backend,
+        webhooks,
+        peak_memory_kib: peak_memory_kib(),
+        errors,
+    })
+}
