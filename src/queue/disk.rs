@@ -1,0 +1,1615 @@
+//! The embedded, crash-safe base queue: many named queues in one [redb] file.
+//!
+//! # Overview
+//!
+//! A [`DiskStore`] owns one database file and one *committer* thread. Every
+//! [`DiskQueue`] taken from it (any number, by name) implements
+//! [`BaseQueue`] and sends its writes to that thread, which applies whatever
+//! has accumulated in **one** durable redb transaction (`Durability::Immediate`:
+//! the commit returns after `fsync`). redb is blocking, so it never runs on the
+//! async runtime: the committer is a dedicated OS thread and the futures only
+//! wait on a oneshot reply.
+//!
+//! # Durability
+//!
+//! * A [`push`](BaseQueue::push) resolves `Ok` only after the commit holding
+//!   the item is durable. If the process is killed after that, the item is in
+//!   the file.
+//! * An [`ack`](BaseQueue::ack), [`nack`](BaseQueue::nack) and
+//!   [`remove_all`](BaseQueue::remove_all) resolve after their commit too.
+//! * A [`pop`](BaseQueue::pop) returns at once; the lease (state, deadline and
+//!   the raised attempt count) is written by the next group commit without the
+//!   caller waiting. Losing that write in a crash is harmless: on open every
+//!   leased item is made ready again anyway (with its attempt count raised if
+//!   the lease reached the disk).
+//!
+//! So a crash (or `kill -9`) loses no acknowledged push: an item is deleted only
+//! by an ack, and anything popped but not acked is ready again when the file is
+//! opened next. Items may be handed out more than once (at-least-once).
+//!
+//! # Group commit
+//!
+//! Pushes from many tasks (and the lease, ack and nack writes of every queue in
+//! the store) queue up on a channel while the committer is busy with the
+//! previous `fsync`; the committer then takes everything waiting (up to
+//! 16 384 operations) into the next transaction. Under load one `fsync`
+//! therefore covers hundreds of pushes; a lone push costs one commit.
+//!
+//! # Memory
+//!
+//! The queue keeps an index of its items **including their payloads** in
+//! memory, so pops never read the disk; the file is for durability, not for
+//! spilling. Memory use is proportional to what the queue holds. The unique
+//! variant's dedup set is part of that index and is rebuilt from the stored
+//! items on open (the items are the one source of truth on disk).
+//!
+//! # Ordering
+//!
+//! Ready items are handed out by a sequence number: a push's sequence is its id,
+//! an item that becomes ready again (after a nack's delay or an expired lease)
+//! takes the next sequence and goes to the back. Keyed items: only the oldest
+//! stored item of a key is ever ready; the next one becomes ready when it is
+//! acked.
+//!
+//! # Locking
+//!
+//! redb locks the file: a second process (or a second [`DiskStore`] in this
+//! process) opening it fails at once with [`DiskError::AlreadyOpen`].
+//!
+//! # Examples
+//!
+//! ```
+//! use std::time::Duration;
+//! use snapstream::queue::disk::DiskStore;
+//! use snapstream::queue::{BaseQueue, NewItem, QueueOptions};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let dir = tempfile::tempdir()?;
+//! let store = DiskStore::open(dir.path().join("queues.redb"))?;
+//! let queue = store.queue("mail", QueueOptions::default())?;
+//!
+//! queue.push(NewItem::new("hello"), Duration::from_secs(1)).await?;
+//! let batch = queue.pop(16, Duration::from_secs(1)).await?;
+//! assert_eq!(batch[0].payload, b"hello");
+//! queue.ack(&[batch[0].id]).await?;
+//! assert_eq!(queue.len().await?.total(), 0);
+//! # Ok(())
+//! # }
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::mpsc as std_mpsc;
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use redb::{Database, ReadableTable, TableDefinition};
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use super::base::{
+    Backend, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen, QueueOptions,
+};
+
+/// Most operations the committer folds into one transaction.
+const MAX_BATCH: usize = 16 * 1024;
+
+/// `queue name -> next id`, shared by every queue of a store.
+const META: TableDefinition<'static, &str, u64> = TableDefinition::new("snapstream.queue.meta");
+
+fn items_table_name(queue: &str) -> String {
+    format!("snapstream.queue.items/{queue}")
+}
+
+/// Why the disk store or one of its queues failed.
+///
+/// Cloneable because one failed group commit is reported to every operation
+/// it carried.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiskError {
+    /// Another process (or another store in this one) has the file open.
+    #[error("database file is already open elsewhere: {}", path.display())]
+    AlreadyOpen {
+        /// The file that was being opened.
+        path: PathBuf,
+    },
+    /// The database file could not be opened.
+    #[error("cannot open database file: {}", path.display())]
+    Open {
+        /// The file that was being opened.
+        path: PathBuf,
+        /// What redb reported.
+        #[source]
+        source: Arc<redb::DatabaseError>,
+    },
+    /// A read, write or commit failed.
+    #[error("database operation failed")]
+    Storage(#[source] Arc<redb::Error>),
+    /// A stored record could not be decoded.
+    #[error("stored item {id} of queue {queue:?} is corrupt")]
+    Corrupt {
+        /// The queue holding the record.
+        queue: String,
+        /// The record's item id.
+        id: u64,
+    },
+    /// The queue is already open in this store with different options.
+    #[error("queue {name:?} is already open with other options")]
+    OptionsMismatch {
+        /// The queue's name.
+        name: String,
+    },
+    /// A queue name must not be empty.
+    #[error("queue name is empty")]
+    EmptyName,
+    /// The committer thread is gone (it panicked); nothing more can be written.
+    #[error("disk store has stopped")]
+    Stopped,
+}
+
+impl From<redb::Error> for DiskError {
+    fn from(e: redb::Error) -> Self {
+        DiskError::Storage(Arc::new(e))
+    }
+}
+
+fn storage(e: impl Into<redb::Error>) -> DiskError {
+    DiskError::from(e.into())
+}
+
+// ---------------------------------------------------------------------------
+// Record encoding
+// ---------------------------------------------------------------------------
+
+const STATE_READY: u8 = 0;
+const STATE_DELAYED: u8 = 1;
+const STATE_LEASED: u8 = 2;
+const NO_KEY: u32 = u32::MAX;
+const HEADER_LEN: usize = 1 + 4 + 8 + 8;
+
+/// The fixed-size, rewritable front of a stored record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Header {
+    state: u8,
+    /// Deliveries so far (what the next delivery reports).
+    attempts: u32,
+    /// Ready order.
+    seq: u64,
+    /// Unix milliseconds: when a delayed item is due, or a lease ends.
+    due_ms: u64,
+}
+
+/// `header | key_len u32 (NO_KEY = none) | key | payload`, little endian.
+fn encode(header: Header, key: Option<&str>, payload: &[u8]) -> Vec<u8> {
+    let key_len = key.map_or(0, str::len);
+    let mut out = Vec::with_capacity(HEADER_LEN + 4 + key_len + payload.len());
+    out.resize(HEADER_LEN, 0);
+    write_header(&mut out, header);
+    match key {
+        Some(k) => {
+            out.extend_from_slice(&(k.len() as u32).to_le_bytes());
+            out.extend_from_slice(k.as_bytes());
+        }
+        None => out.extend_from_slice(&NO_KEY.to_le_bytes()),
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+fn write_header(out: &mut [u8], h: Header) {
+    out[0] = h.state;
+    out[1..5].copy_from_slice(&h.attempts.to_le_bytes());
+    out[5..13].copy_from_slice(&h.seq.to_le_bytes());
+    out[13..21].copy_from_slice(&h.due_ms.to_le_bytes());
+}
+
+/// A decoded record, borrowing the payload.
+struct Decoded<'a> {
+    header: Header,
+    key: Option<String>,
+    payload: &'a [u8],
+}
+
+fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
+    if bytes.len() < HEADER_LEN + 4 {
+        return None;
+    }
+    let header = Header {
+        state: bytes[0],
+        attempts: u32::from_le_bytes(bytes[1..5].try_into().ok()?),
+        seq: u64::from_le_bytes(bytes[5..13].try_into().ok()?),
+        due_ms: u64::from_le_bytes(bytes[13..21].try_into().ok()?),
+    };
+    if header.state > STATE_LEASED {
+        return None;
+    }
+    let key_len = u32::from_le_bytes(bytes[21..25].try_into().ok()?);
+    let rest = &bytes[25..];
+    let (key, payload) = if key_len == NO_KEY {
+        (None, rest)
+    } else {
+        let n = key_len as usize;
+        if rest.len() < n {
+            return None;
+        }
+        let key = std::str::from_utf8(&rest[..n]).ok()?.to_owned();
+        (Some(key), &rest[n..])
+    };
+    Some(Decoded {
+        header,
+        key,
+        payload,
+    })
+}
+
+fn unix_ms_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn unix_ms_after(delay: Duration) -> u64 {
+    unix_ms_now().saturating_add(delay.as_millis().min(u64::MAX as u128) as u64)
+}
+
+// ---------------------------------------------------------------------------
+// Committer thread
+// ---------------------------------------------------------------------------
+
+type Reply = oneshot::Sender<Result<(), DiskError>>;
+
+enum Op {
+    /// Store a new item; on success the committer makes it ready in memory.
+    Push {
+        q: Arc<Shared>,
+        id: u64,
+        record: Vec<u8>,
+        reply: Reply,
+    },
+    /// Rewrite the headers of stored items (lease, nack, becoming ready).
+    Patch {
+        q: Arc<Shared>,
+        patches: Vec<(u64, Header)>,
+        reply: Option<Reply>,
+    },
+    /// Delete items (ack).
+    Delete {
+        q: Arc<Shared>,
+        ids: Vec<u64>,
+        reply: Reply,
+    },
+    /// Delete every item with an id below `below` (remove_all).
+    Clear {
+        q: Arc<Shared>,
+        below: u64,
+        reply: Reply,
+    },
+    /// Read a queue's items, making leased ones ready again.
+    Load {
+        name: String,
+        reply: std_mpsc::Sender<Result<Loaded, DiskError>>,
+    },
+    Shutdown,
+}
+
+impl Op {
+    fn queue_name(&self) -> Option<&str> {
+        match self {
+            Op::Push { q, .. }
+            | Op::Patch { q, .. }
+            | Op::Delete { q, .. }
+            | Op::Clear { q, .. } => Some(&q.name),
+            Op::Load { .. } | Op::Shutdown => None,
+        }
+    }
+}
+
+struct Loaded {
+    next_id: u64,
+    records: Vec<(u64, Vec<u8>)>,
+}
+
+fn committer(db: Database, rx: std_mpsc::Receiver<Op>) {
+    let mut batch: Vec<Op> = Vec::new();
+    loop {
+        let Ok(first) = rx.recv() else { return };
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut group = Vec::new();
+        for op in batch.drain(..) {
+            match op {
+                Op::Shutdown => {
+                    commit_group(&db, std::mem::take(&mut group));
+                    return;
+                }
+                Op::Load { name, reply } => {
+                    commit_group(&db, std::mem::take(&mut group));
+                    let _ = reply.send(load(&db, &name));
+                }
+                op => group.push(op),
+            }
+        }
+        commit_group(&db, group);
+    }
+}
+
+/// Applies `ops` in one durable transaction, then completes them.
+fn commit_group(db: &Database, ops: Vec<Op>) {
+    if ops.is_empty() {
+        return;
+    }
+    let result = apply(db, &ops);
+    if let Err(e) = &result {
+        tracing::warn!(error = %e, ops = ops.len(), "snapstream disk queue: group commit failed");
+    }
+    for op in ops {
+        let outcome = result.clone();
+        match op {
+            Op::Push {
+                q,
+                id,
+                record,
+                reply,
+            } => {
+                q.push_committed(id, &record, outcome.is_ok());
+                let _ = reply.send(outcome);
+            }
+            Op::Patch { reply, .. } => {
+                if let Some(reply) = reply {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Op::Delete { reply, .. } | Op::Clear { reply, .. } => {
+                let _ = reply.send(outcome);
+            }
+            Op::Load { .. } | Op::Shutdown => {}
+        }
+    }
+}
+
+fn apply(db: &Database, ops: &[Op]) -> Result<(), DiskError> {
+    // Group by queue, keeping each queue's order, so each table opens once.
+    let mut by_queue: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
+    for op in ops {
+        if let Some(name) = op.queue_name() {
+            by_queue.entry(name).or_default().push(op);
+        }
+    }
+    let txn = db.begin_write().map_err(storage)?;
+    {
+        let mut meta = txn.open_table(META).map_err(storage)?;
+        for (name, ops) in by_queue {
+            let table_name = items_table_name(name);
+            let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+            let mut items = txn.open_table(def).map_err(storage)?;
+            let mut max_id = None;
+            for op in ops {
+                match op {
+                    Op::Push { id, record, .. } => {
+                        items.insert(*id, record.as_slice()).map_err(storage)?;
+                        max_id = Some(*id);
+                    }
+                    Op::Patch { patches, .. } => {
+                        for (id, header) in patches {
+                            let current =
+                                items.get(*id).map_err(storage)?.map(|v| v.value().to_vec());
+                            if let Some(mut record) = current {
+                                if record.len() >= HEADER_LEN {
+                                    write_header(&mut record, *header);
+                                    items.insert(*id, record.as_slice()).map_err(storage)?;
+                                }
+                            }
+                        }
+                    }
+                    Op::Delete { ids, .. } => {
+                        for id in ids {
+                            items.remove(*id).map_err(storage)?;
+                        }
+                    }
+                    Op::Clear { below, .. } => {
+                        items.retain_in(..*below, |_, _| false).map_err(storage)?;
+                    }
+                    Op::Load { .. } | Op::Shutdown => {}
+                }
+            }
+            if let Some(max_id) = max_id {
+                let stored = meta.get(name).map_err(storage)?.map_or(0, |v| v.value());
+                if max_id + 1 > stored {
+                    meta.insert(name, max_id + 1).map_err(storage)?;
+                }
+            }
+        }
+    }
+    txn.commit().map_err(storage)?;
+    Ok(())
+}
+
+fn load(db: &Database, name: &str) -> Result<Loaded, DiskError> {
+    let txn = db.begin_write().map_err(storage)?;
+    let mut records = Vec::new();
+    let next_id;
+    {
+        let meta = txn.open_table(META).map_err(storage)?;
+        next_id = meta.get(name).map_err(storage)?.map_or(1, |v| v.value());
+        let table_name = items_table_name(name);
+        let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+        let mut items = txn.open_table(def).map_err(storage)?;
+        let mut released = Vec::new();
+        for entry in items.iter().map_err(storage)? {
+            let (id, value) = entry.map_err(storage)?;
+            let id = id.value();
+            let mut record = value.value().to_vec();
+            let Some(decoded) = decode(&record) else {
+                return Err(DiskError::Corrupt {
+                    queue: name.to_owned(),
+                    id,
+                });
+            };
+            if decoded.header.state == STATE_LEASED {
+                // Leased by a process that is gone: ready again, at its old place.
+                let header = Header {
+                    state: STATE_READY,
+                    due_ms: 0,
+                    ..decoded.header
+                };
+                write_header(&mut record, header);
+                released.push((id, record.clone()));
+            }
+            records.push((id, record));
+        }
+        for (id, record) in released {
+            items.insert(id, record.as_slice()).map_err(storage)?;
+        }
+    }
+    txn.commit().map_err(storage)?;
+    Ok(Loaded { next_id, records })
+}
+
+// ---------------------------------------------------------------------------
+// Store
+// ---------------------------------------------------------------------------
+
+struct StoreInner {
+    path: PathBuf,
+    tx: std_mpsc::Sender<Op>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+    queues: Mutex<HashMap<String, Weak<Shared>>>,
+}
+
+impl StoreInner {
+    fn send(&self, op: Op) -> Result<(), DiskError> {
+        self.tx.send(op).map_err(|_| DiskError::Stopped)
+    }
+}
+
+impl Drop for StoreInner {
+    fn drop(&mut self) {
+        // Everything sent before is committed first; the file lock goes with
+        // the database when the thread ends.
+        let _ = self.tx.send(Op::Shutdown);
+        if let Some(thread) = lock(&self.thread).take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One open database file holding any number of named [`DiskQueue`]s.
+///
+/// Cheap to clone; the file is closed (after every pending write is committed)
+/// when the last clone and the last queue taken from it are dropped. That last
+/// drop waits for the committer thread to finish its current commit.
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::queue::disk::DiskStore;
+/// use snapstream::queue::{BaseQueue, QueueOptions};
+///
+/// let dir = tempfile::tempdir()?;
+/// let store = DiskStore::open(dir.path().join("q.redb"))?;
+/// let mail = store.queue("mail", QueueOptions::default())?;
+/// let index = store.queue("index", QueueOptions::default().unique(true))?;
+/// assert!(index.is_unique() && !mail.is_unique());
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+#[derive(Clone)]
+pub struct DiskStore {
+    inner: Arc<StoreInner>,
+}
+
+impl fmt::Debug for DiskStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskStore")
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskStore {
+    /// Opens (or creates) the database file at `path` and starts its
+    /// committer thread.
+    ///
+    /// This is a blocking call (it opens and, after a crash, may repair the
+    /// file); call it from `spawn_blocking` when that matters.
+    ///
+    /// # Errors
+    /// [`DiskError::AlreadyOpen`] when another process or store holds the
+    /// file (returned at once, without waiting); [`DiskError::Open`] for any
+    /// other failure.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::disk::{DiskError, DiskStore};
+    ///
+    /// let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("q.redb");
+    /// let store = DiskStore::open(&path)?;
+    /// assert!(matches!(DiskStore::open(&path), Err(DiskError::AlreadyOpen { .. })));
+    /// drop(store);
+    /// DiskStore::open(&path)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn open(path: impl AsRef<Path>) -> Result<DiskStore, DiskError> {
+        let path = path.as_ref().to_path_buf();
+        let db = Database::create(&path).map_err(|e| map_open_error(&path, e))?;
+        Ok(Self::start(db, path))
+    }
+
+    /// Opens a store on any redb storage backend (tests inject I/O faults).
+    #[cfg(test)]
+    pub(crate) fn open_with_backend(
+        backend: impl redb::StorageBackend,
+        path: PathBuf,
+    ) -> Result<DiskStore, DiskError> {
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| map_open_error(&path, e))?;
+        Ok(Self::start(db, path))
+    }
+
+    fn start(db: Database, path: PathBuf) -> DiskStore {
+        let (tx, rx) = std_mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("snapstream-disk-commit".into())
+            .spawn(move || committer(db, rx))
+            .expect("failed to spawn the disk queue committer thread");
+        DiskStore {
+            inner: Arc::new(StoreInner {
+                path,
+                tx,
+                thread: Mutex::new(Some(thread)),
+                queues: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The database file.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("q.redb");
+    /// let store = snapstream::queue::disk::DiskStore::open(&path)?;
+    /// assert_eq!(store.path(), path);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// The queue called `name` in this file, created if it does not exist.
+    ///
+    /// Opening a queue for the first time in this process reads all its items
+    /// into memory and makes every leased item ready again (a previous process
+    /// died holding them): a blocking call. Asking again for a queue that is
+    /// still open returns a handle to the same queue.
+    ///
+    /// # Errors
+    /// [`QueueError::Backend`] with a [`DiskError`] source: the name is empty,
+    /// the queue is open with other options, a record is corrupt, the store
+    /// has stopped, or redb failed.
+    ///
+    /// # Panics
+    /// Must not be called on the store's own committer thread (it is not
+    /// reachable from user code).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::disk::DiskStore;
+    /// use snapstream::queue::{BaseQueue, QueueOptions};
+    ///
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = DiskStore::open(dir.path().join("q.redb"))?;
+    /// let queue = store.queue("jobs", QueueOptions::default().capacity(1000))?;
+    /// assert_eq!(queue.name(), "jobs");
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn queue(&self, name: &str, opts: QueueOptions) -> Result<DiskQueue, QueueError> {
+        let backend = |e: DiskError| QueueError::Backend(Box::new(e));
+        if name.is_empty() {
+            return Err(backend(DiskError::EmptyName));
+        }
+        let mut queues = lock(&self.inner.queues);
+        if let Some(shared) = queues.get(name).and_then(Weak::upgrade) {
+            if shared.opts != opts {
+                return Err(backend(DiskError::OptionsMismatch {
+                    name: name.to_owned(),
+                }));
+            }
+            return Ok(DiskQueue {
+                store: Arc::clone(&self.inner),
+                shared,
+            });
+        }
+        let (tx, rx) = std_mpsc::channel();
+        self.inner
+            .send(Op::Load {
+                name: name.to_owned(),
+                reply: tx,
+            })
+            .map_err(backend)?;
+        let loaded = rx
+            .recv()
+            .map_err(|_| backend(DiskError::Stopped))?
+            .map_err(backend)?;
+        let state = State::from_loaded(name, &opts, loaded).map_err(backend)?;
+        let shared = Arc::new(Shared {
+            name: name.to_owned(),
+            opts,
+            state: Mutex::new(state),
+            ready: Notify::new(),
+            room: Notify::new(),
+        });
+        queues.retain(|_, q| q.strong_count() > 0);
+        queues.insert(name.to_owned(), Arc::downgrade(&shared));
+        Ok(DiskQueue {
+            store: Arc::clone(&self.inner),
+            shared,
+        })
+    }
+}
+
+fn map_open_error(path: &Path, e: redb::DatabaseError) -> DiskError {
+    match e {
+        redb::DatabaseError::DatabaseAlreadyOpen => DiskError::AlreadyOpen {
+            path: path.to_path_buf(),
+        },
+        e => DiskError::Open {
+            path: path.to_path_buf(),
+            source: Arc::new(e),
+        },
+    }
+}
+
+// ---------------------------------------------------------------------------
+// In-memory index of one queue
+// ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ItemState {
+    Ready,
+    /// Keyed, behind an older item of the same key.
+    Waiting,
+    Delayed(Instant),
+    Leased(Instant),
+}
+
+#[derive(Debug)]
+struct Item {
+    payload: Vec<u8>,
+    key: Option<String>,
+    attempts: u32,
+    seq: u64,
+    state: ItemState,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    closed: bool,
+    next_id: u64,
+    items: HashMap<u64, Item>,
+    /// seq -> id of every ready item.
+    ready: BTreeMap<u64, u64>,
+    waiting: u64,
+    delayed: BTreeSet<(Instant, u64)>,
+    leased: BTreeSet<(Instant, u64)>,
+    /// key -> ids of every stored item with that key.
+    keys: HashMap<String, BTreeSet<u64>>,
+    /// Pushes sent to the committer and not yet completed.
+    pending: BTreeSet<u64>,
+    /// payload -> id, unique queues only (includes pending pushes).
+    dedup: HashMap<Vec<u8>, u64>,
+}
+
+impl State {
+    fn from_loaded(name: &str, opts: &QueueOptions, loaded: Loaded) -> Result<State, DiskError> {
+        let mut st = State {
+            next_id: loaded.next_id.max(1),
+            ..State::default()
+        };
+        let now = Instant::now();
+        let now_ms = unix_ms_now();
+        for (id, record) in loaded.records {
+            let Some(d) = decode(&record) else {
+                return Err(DiskError::Corrupt {
+                    queue: name.to_owned(),
+                    id,
+                });
+            };
+            st.next_id = st.next_id.max(id + 1).max(d.header.seq + 1);
+            if opts.unique {
+                st.dedup.entry(d.payload.to_vec()).or_insert(id);
+            }
+            let state = match d.header.state {
+                STATE_DELAYED => {
+                    let due = now + Duration::from_millis(d.header.due_ms.saturating_sub(now_ms));
+                    ItemState::Delayed(due)
+                }
+                _ => ItemState::Ready,
+            };
+            if let Some(key) = &d.key {
+                st.keys.entry(key.clone()).or_default().insert(id);
+            }
+            st.items.insert(
+                id,
+                Item {
+                    payload: d.payload.to_vec(),
+                    key: d.key,
+                    attempts: d.header.attempts,
+                    seq: d.header.seq,
+                    state,
+                },
+            );
+        }
+        // Only the oldest item of a key may be ready or delayed.
+        let heads: HashMap<u64, ()> = st
+            .keys
+            .values()
+            .filter_map(|ids| ids.first().map(|&id| (id, ())))
+            .collect();
+        for (&id, item) in st.items.iter_mut() {
+            if item.key.is_some() && !heads.contains_key(&id) {
+                item.state = ItemState::Waiting;
+            }
+            match item.state {
+                ItemState::Ready => {
+                    st.ready.insert(item.seq, id);
+                }
+                ItemState::Waiting => st.waiting += 1,
+                ItemState::Delayed(due) => {
+                    st.delayed.insert((due, id));
+                }
+                ItemState::Leased(_) => {}
+            }
+        }
+        Ok(st)
+    }
+
+    fn total(&self) -> u64 {
+        (self.items.len() + self.pending.len()) as u64
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.next_id;
+        self.next_id += 1;
+        seq
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        let a = self.delayed.first().map(|&(t, _)| t);
+        let b = self.leased.first().map(|&(t, _)| t);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Makes `id` ready at the back; returns the header to store.
+    fn make_ready(&mut self, id: u64) -> Option<Header> {
+        let seq = self.next_seq();
+        let item = self.items.get_mut(&id)?;
+        item.state = ItemState::Ready;
+        item.seq = seq;
+        self.ready.insert(seq, id);
+        Some(Header {
+            state: STATE_READY,
+            attempts: item.attempts,
+            seq,
+            due_ms: 0,
+        })
+    }
+
+    /// Moves due delayed items and expired leases to ready. Returns the
+    /// headers to store.
+    fn promote_due(&mut self, now: Instant) -> Vec<(u64, Header)> {
+        let mut patches = Vec::new();
+        while let Some(&(due, id)) = self.delayed.first() {
+            if due > now {
+                break;
+            }
+            self.delayed.pop_first();
+            if let Some(h) = self.make_ready(id) {
+                patches.push((id, h));
+            }
+        }
+        while let Some(&(due, id)) = self.leased.first() {
+            if due > now {
+                break;
+            }
+            self.leased.pop_first();
+            if let Some(h) = self.make_ready(id) {
+                patches.push((id, h));
+            }
+        }
+        patches
+    }
+
+    /// Deletes a stored item from the index; makes the next of its key ready.
+    /// Returns whether the item was there.
+    fn forget(&mut self, id: u64) -> bool {
+        let Some(item) = self.items.remove(&id) else {
+            return false;
+        };
+        match item.state {
+            ItemState::Ready => {
+                self.ready.remove(&item.seq);
+            }
+            ItemState::Waiting => self.waiting -= 1,
+            ItemState::Delayed(t) => {
+                self.delayed.remove(&(t, id));
+            }
+            ItemState::Leased(t) => {
+                self.leased.remove(&(t, id));
+            }
+        }
+        if self.dedup.get(&item.payload) == Some(&id) {
+            self.dedup.remove(&item.payload);
+        }
+        if let Some(key) = &item.key {
+            if let Some(ids) = self.keys.get_mut(key) {
+                ids.remove(&id);
+                match ids.first().copied() {
+                    None => {
+                        self.keys.remove(key);
+                    }
+                    Some(next) => {
+                        if let Some(n) = self.items.get_mut(&next) {
+                            if n.state == ItemState::Waiting {
+                                // Back to its push position: it is older than
+                                // anything pushed since.
+                                n.state = ItemState::Ready;
+                                self.waiting -= 1;
+                                self.ready.insert(n.seq, next);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        true
+    }
+}
+
+struct Shared {
+    name: String,
+    opts: QueueOptions,
+    state: Mutex<State>,
+    /// Items became ready (or the queue closed, or a timer moved earlier).
+    ready: Notify,
+    /// Room appeared (or the queue closed).
+    room: Notify,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        lock(&self.state)
+    }
+
+    /// Called by the committer once a push's commit finished.
+    fn push_committed(&self, id: u64, record: &[u8], ok: bool) {
+        let mut st = self.state();
+        st.pending.remove(&id);
+        let decoded = decode(record);
+        match (ok, decoded) {
+            (true, Some(d)) => {
+                let mut state = ItemState::Ready;
+                if let Some(key) = &d.key {
+                    let ids = st.keys.entry(key.clone()).or_default();
+                    ids.insert(id);
+                    if ids.len() > 1 {
+                        state = ItemState::Waiting;
+                    }
+                }
+                match state {
+                    ItemState::Ready => {
+                        st.ready.insert(d.header.seq, id);
+                    }
+                    _ => st.waiting += 1,
+                }
+                st.items.insert(
+                    id,
+                    Item {
+                        payload: d.payload.to_vec(),
+                        key: d.key,
+                        attempts: 0,
+                        seq: d.header.seq,
+                        state,
+                    },
+                );
+                drop(st);
+                self.ready.notify_waiters();
+            }
+            (_, d) => {
+                if let Some(d) = d {
+                    if st.dedup.get(d.payload) == Some(&id) {
+                        st.dedup.remove(d.payload);
+                    }
+                }
+                drop(st);
+                self.room.notify_waiters();
+            }
+        }
+    }
+}
+
+/// A named queue in a [`DiskStore`]; implements [`BaseQueue`].
+///
+/// Cheap to clone (two `Arc`s); clones share the queue. See the
+/// [module docs](self) for durability, group commit and ordering.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use snapstream::queue::disk::DiskStore;
+/// use snapstream::queue::{BaseQueue, NewItem, PushError, QueueOptions};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let store = DiskStore::open(dir.path().join("q.redb"))?;
+/// let queue: Arc<dyn BaseQueue> =
+///     Arc::new(store.queue("unique", QueueOptions::default().unique(true))?);
+/// queue.push(NewItem::new("a"), Duration::ZERO).await?;
+/// let again = queue.push(NewItem::new("a"), Duration::ZERO).await;
+/// assert!(matches!(again, Err(PushError::AlreadyQueued(_))));
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DiskQueue {
+    store: Arc<StoreInner>,
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for DiskQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DiskQueue")
+            .field("name", &self.shared.name)
+            .field("path", &self.store.path)
+            .field("options", &self.shared.opts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl DiskQueue {
+    /// The options the queue was opened with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::queue::{disk::DiskStore, QueueOptions};
+    /// # let dir = tempfile::tempdir()?;
+    /// # let store = DiskStore::open(dir.path().join("q.redb"))?;
+    /// let queue = store.queue("q", QueueOptions::default().capacity(8))?;
+    /// assert_eq!(queue.options().capacity, Some(8));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn options(&self) -> &QueueOptions {
+        &self.shared.opts
+    }
+
+    /// Sends header rewrites without waiting for their commit.
+    fn persist(&self, patches: Vec<(u64, Header)>) {
+        if !patches.is_empty() {
+            // A stopped store is reported by the next awaited operation.
+            let _ = self.store.send(Op::Patch {
+                q: Arc::clone(&self.shared),
+                patches,
+                reply: None,
+            });
+        }
+    }
+
+    async fn push_inner(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+        let deadline = Instant::now().checked_add(timeout);
+        let (id, rx) = loop {
+            let mut room = pin!(self.shared.room.notified());
+            {
+                let mut st = self.shared.state();
+                if st.closed {
+                    return Err(PushError::Closed(item));
+                }
+                if self.shared.opts.unique && st.dedup.contains_key(&item.payload) {
+                    return Err(PushError::AlreadyQueued(item));
+                }
+                if self.shared.opts.capacity.is_none_or(|cap| st.total() < cap) {
+                    let id = st.next_seq();
+                    let header = Header {
+                        state: STATE_READY,
+                        attempts: 0,
+                        seq: id,
+                        due_ms: 0,
+                    };
+                    let record = encode(header, item.key.as_deref(), &item.payload);
+                    let (tx, rx) = oneshot::channel();
+                    let op = Op::Push {
+                        q: Arc::clone(&self.shared),
+                        id,
+                        record,
+                        reply: tx,
+                    };
+                    // Sent under the lock: the committer completes pushes in
+                    // id order, which keeps FIFO and `Clear`'s id bound exact.
+                    if let Err(source) = self.store.send(op) {
+                        return Err(PushError::Backend {
+                            item,
+                            source: Box::new(source),
+                        });
+                    }
+                    st.pending.insert(id);
+                    if self.shared.opts.unique {
+                        st.dedup.insert(item.payload.clone(), id);
+                    }
+                    break (id, rx);
+                }
+                room.as_mut().enable();
+            }
+            let woke = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, room).await.is_ok(),
+                None => {
+                    room.await;
+                    true
+                }
+            };
+            if !woke {
+                return Err(PushError::Full(item));
+            }
+        };
+        match rx.await {
+            Ok(Ok(())) => Ok(ItemId(id)),
+            Ok(Err(source)) => Err(PushError::Backend {
+                item,
+                source: Box::new(source),
+            }),
+            Err(_) => Err(PushError::Backend {
+                item,
+                source: Box::new(DiskError::Stopped),
+            }),
+        }
+    }
+
+    async fn pop_inner(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>, QueueError> {
+        let deadline = Instant::now().checked_add(timeout);
+        loop {
+            let mut notified = pin!(self.shared.ready.notified());
+            let wake_at;
+            {
+                let mut st = self.shared.state();
+                let now = Instant::now();
+                let mut patches = st.promote_due(now);
+                if !st.ready.is_empty() && max > 0 {
+                    let lease_until = now + self.shared.opts.visibility_timeout;
+                    let lease_ms = unix_ms_after(self.shared.opts.visibility_timeout);
+                    let mut out = Vec::with_capacity(max.min(st.ready.len()));
+                    while out.len() < max {
+                        let Some((_, id)) = st.ready.pop_first() else {
+                            break;
+                        };
+                        let Some(item) = st.items.get_mut(&id) else {
+                            continue;
+                        };
+                        item.state = ItemState::Leased(lease_until);
+                        out.push(Delivery {
+                            id: ItemId(id),
+                            payload: item.payload.clone(),
+                            key: item.key.clone(),
+                            attempts: item.attempts,
+                        });
+                        item.attempts = item.attempts.saturating_add(1);
+                        patches.push((
+                            id,
+                            Header {
+                                state: STATE_LEASED,
+                                attempts: item.attempts,
+                                seq: item.seq,
+                                due_ms: lease_ms,
+                            },
+                        ));
+                        st.leased.insert((lease_until, id));
+                    }
+                    self.persist(patches);
+                    return Ok(out);
+                }
+                self.persist(patches);
+                if st.closed {
+                    return Err(QueueError::Closed);
+                }
+                if deadline.is_some_and(|d| now >= d) || max == 0 {
+                    return Ok(Vec::new());
+                }
+                notified.as_mut().enable();
+                wake_at = match (deadline, st.next_due()) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+            }
+            match wake_at {
+                Some(at) => {
+                    tokio::select! {
+                        _ = notified => {}
+                        _ = tokio::time::sleep_until(at) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+
+    async fn ack_inner(&self, ids: &[ItemId]) -> Result<(), QueueError> {
+        let rx = {
+            let mut st = self.shared.state();
+            let mut gone = Vec::new();
+            for &ItemId(id) in ids {
+                let leased = st
+                    .items
+                    .get(&id)
+                    .is_some_and(|i| matches!(i.state, ItemState::Leased(_)));
+                if leased && st.forget(id) {
+                    gone.push(id);
+                }
+            }
+            if gone.is_empty() {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            self.store
+                .send(Op::Delete {
+                    q: Arc::clone(&self.shared),
+                    ids: gone,
+                    reply: tx,
+                })
+                .map_err(|e| QueueError::Backend(Box::new(e)))?;
+            rx
+        };
+        self.shared.ready.notify_waiters();
+        self.shared.room.notify_waiters();
+        await_reply(rx).await
+    }
+
+    async fn nack_inner(&self, ids: &[ItemId], delay: Duration) -> Result<(), QueueError> {
+        let rx = {
+            let mut st = self.shared.state();
+            let now = Instant::now();
+            let due = now.checked_add(delay);
+            let due_ms = unix_ms_after(delay);
+            let mut patches = Vec::new();
+            for &ItemId(id) in ids {
+                let Some(item) = st.items.get(&id) else {
+                    continue;
+                };
+                let ItemState::Leased(until) = item.state else {
+                    continue;
+                };
+                st.leased.remove(&(until, id));
+                if delay.is_zero() {
+                    if let Some(h) = st.make_ready(id) {
+                        patches.push((id, h));
+                    }
+                } else {
+                    // A delay past the end of time: due far away, but stored.
+                    let due = due.unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
+                    let item = st.items.get_mut(&id).expect("checked above");
+                    item.state = ItemState::Delayed(due);
+                    let header = Header {
+                        state: STATE_DELAYED,
+                        attempts: item.attempts,
+                        seq: item.seq,
+                        due_ms,
+                    };
+                    st.delayed.insert((due, id));
+                    patches.push((id, header));
+                }
+            }
+            if patches.is_empty() {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            self.store
+                .send(Op::Patch {
+                    q: Arc::clone(&self.shared),
+                    patches,
+                    reply: Some(tx),
+                })
+                .map_err(|e| QueueError::Backend(Box::new(e)))?;
+            rx
+        };
+        // Ready items, or an earlier timer for the waiting pops.
+        self.shared.ready.notify_waiters();
+        await_reply(rx).await
+    }
+
+    async fn remove_all_inner(&self) -> Result<u64, QueueError> {
+        let (n, rx) = {
+            let mut st = self.shared.state();
+            let n = st.items.len() as u64;
+            // Everything completed has a smaller id than every pending push.
+            let below = st.pending.first().copied().unwrap_or(st.next_id);
+            st.items.clear();
+            st.ready.clear();
+            st.waiting = 0;
+            st.delayed.clear();
+            st.leased.clear();
+            st.keys.clear();
+            let State { dedup, pending, .. } = &mut *st;
+            dedup.retain(|_, id| pending.contains(id));
+            let (tx, rx) = oneshot::channel();
+            self.store
+                .send(Op::Clear {
+                    q: Arc::clone(&self.shared),
+                    below,
+                    reply: tx,
+                })
+                .map_err(|e| QueueError::Backend(Box::new(e)))?;
+            (n, rx)
+        };
+        self.shared.room.notify_waiters();
+        await_reply(rx).await?;
+        Ok(n)
+    }
+}
+
+async fn await_reply(rx: oneshot::Receiver<Result<(), DiskError>>) -> Result<(), QueueError> {
+    match rx.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(QueueError::Backend(Box::new(e))),
+        Err(_) => Err(QueueError::Backend(Box::new(DiskError::Stopped))),
+    }
+}
+
+impl BaseQueue for DiskQueue {
+    fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    fn backend(&self) -> Backend {
+        Backend::Disk
+    }
+
+    fn is_unique(&self) -> bool {
+        self.shared.opts.unique
+    }
+
+    /// Stores `item`; resolves after the group commit holding it is durable.
+    ///
+    /// # Cancel safety
+    /// Once the item was handed to the committer, dropping the future does not
+    /// stop the write: the item is stored (and becomes ready) or the commit
+    /// failed. It is never stored twice.
+    fn push(&self, item: NewItem, timeout: Duration) -> BoxFuture<'_, Result<ItemId, PushError>> {
+        Box::pin(self.push_inner(item, timeout))
+    }
+
+    fn pop(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, QueueError>> {
+        Box::pin(self.pop_inner(max, timeout))
+    }
+
+    fn ack<'a>(&'a self, ids: &'a [ItemId]) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.ack_inner(ids))
+    }
+
+    fn nack<'a>(
+        &'a self,
+        ids: &'a [ItemId],
+        delay: Duration,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(self.nack_inner(ids, delay))
+    }
+
+    fn len(&self) -> BoxFuture<'_, Result<QueueLen, QueueError>> {
+        Box::pin(async move {
+            let mut st = self.shared.state();
+            let patches = st.promote_due(Instant::now());
+            self.persist(patches);
+            Ok(QueueLen {
+                ready: st.ready.len() as u64 + st.waiting,
+                delayed: st.delayed.len() as u64,
+                leased: st.leased.len() as u64,
+            })
+        })
+    }
+
+    fn has<'a>(&'a self, payload: &'a [u8]) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(async move {
+            let st = self.shared.state();
+            Ok(if self.shared.opts.unique {
+                st.dedup.contains_key(payload)
+            } else {
+                st.items.values().any(|i| i.payload == payload)
+            })
+        })
+    }
+
+    fn remove_all(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
+        Box::pin(self.remove_all_inner())
+    }
+
+    fn close(&self) {
+        self.shared.state().closed = true;
+        self.shared.ready.notify_waiters();
+        self.shared.room.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redb::BackendError as BErr;
+    use std::io;
+    use std::ops::Bound;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn store(dir: &tempfile::TempDir) -> DiskStore {
+        DiskStore::open(dir.path().join("q.redb")).unwrap()
+    }
+
+    #[test]
+    fn record_round_trips() {
+        let h = Header {
+            state: STATE_DELAYED,
+            attempts: 7,
+            seq: 42,
+            due_ms: 99,
+        };
+        for (key, payload) in [(None, &b""[..]), (Some("k"), b"payload"), (Some(""), b"\0")] {
+            let bytes = encode(h, key, payload);
+            let d = decode(&bytes).unwrap();
+            assert_eq!((d.header, d.key.as_deref(), d.payload), (h, key, payload));
+        }
+        assert!(decode(&[0; 3]).is_none());
+        let mut bad = encode(h, Some("key"), b"");
+        bad.truncate(HEADER_LEN + 5);
+        assert!(decode(&bad).is_none(), "key longer than the record");
+    }
+
+    #[test]
+    fn handles_are_send_sync_and_futures_send() {
+        fn send_sync<T: Send + Sync>(_: &T) {}
+        fn send<T: Send>(_: &T) {}
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        send_sync(&s);
+        send_sync(&q);
+        send(&q.push(NewItem::new("x"), T));
+        send(&q.pop(1, T));
+        send(&q.ack(&[]));
+        send(&q.remove_all());
+    }
+
+    #[tokio::test]
+    async fn items_survive_reopen_and_leases_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(&dir);
+            let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
+            for p in ["a", "b", "c", "d"] {
+                q.push(NewItem::new(p), T).await.unwrap();
+            }
+            q.push(NewItem::with_key("k1", "k"), T).await.unwrap();
+            q.push(NewItem::with_key("k2", "k"), T).await.unwrap();
+            let got = q.pop(2, T).await.unwrap();
+            assert_eq!(got[0].payload, b"a");
+            q.ack(&[got[0].id]).await.unwrap();
+            // "b" stays leased when the store goes away (as in a crash).
+            let delayed = q.pop(1, T).await.unwrap();
+            assert_eq!(delayed[0].payload, b"c");
+            q.nack(&[delayed[0].id], Duration::from_secs(3600))
+                .await
+                .unwrap();
+        }
+        let s = store(&dir);
+        let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
+        assert_eq!(
+            q.len().await.unwrap(),
+            QueueLen {
+                ready: 4,
+                delayed: 1,
+                leased: 0
+            }
+        );
+        // The dedup set is rebuilt from the stored items.
+        assert!(q.has(b"c").await.unwrap());
+        assert!(matches!(
+            q.push(NewItem::new("b"), T).await,
+            Err(PushError::AlreadyQueued(_))
+        ));
+        let got = q.pop(10, T).await.unwrap();
+        let payloads: Vec<_> = got.iter().map(|d| d.payload.as_slice()).collect();
+        assert_eq!(payloads, [&b"b"[..], b"d", b"k1"], "k2 waits behind k1");
+        assert_eq!(got[0].attempts, 1, "the lost lease raised the count");
+        assert_eq!(got[1].attempts, 0);
+        // Ids keep growing across opens.
+        let id = q.push(NewItem::new("e"), T).await.unwrap();
+        assert!(got.iter().all(|d| d.id < id));
+    }
+
+    #[tokio::test]
+    async fn remove_all_does_not_lose_a_concurrent_push() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        q.push(NewItem::new("old"), T).await.unwrap();
+        let (a, b) = tokio::join!(q.push(NewItem::new("new"), T), q.remove_all());
+        a.unwrap();
+        b.unwrap();
+        let q_len = q.len().await.unwrap().total();
+        drop(q);
+        drop(s);
+        let s = store(&dir);
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        assert_eq!(
+            q.len().await.unwrap().total(),
+            q_len,
+            "memory and disk agree"
+        );
+        assert!(!q.has(b"old").await.unwrap());
+    }
+
+    #[test]
+    fn options_mismatch_and_empty_name_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(&dir);
+        let _q = s.queue("q", QueueOptions::default()).unwrap();
+        let err = s
+            .queue("q", QueueOptions::default().unique(true))
+            .unwrap_err();
+        let QueueError::Backend(source) = err else {
+            panic!("expected a backend error")
+        };
+        assert!(matches!(
+            source.downcast_ref::<DiskError>(),
+            Some(DiskError::OptionsMismatch { .. })
+        ));
+        assert!(s.queue("", QueueOptions::default()).is_err());
+        // Same options: the same queue.
+        assert!(s.queue("q", QueueOptions::default()).is_ok());
+    }
+
+    /// A file backend whose writes and syncs fail while `fail` is set.
+    #[derive(Debug)]
+    struct FaultyBackend {
+        inner: redb::backends::FileBackend,
+        fail: Arc<AtomicBool>,
+    }
+
+    impl FaultyBackend {
+        fn check(&self) -> io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                Err(io::Error::other("injected I/O fault"))
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    impl redb::StorageBackend for FaultyBackend {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.check()?;
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.check()?;
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.check()?;
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BErr> {
+            self.inner.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BErr> {
+            self.inner.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BErr> {
+            self.inner.lock_range(start, end)
+        }
+        fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BErr> {
+            self.inner.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BErr> {
+            self.inner.unlock_range(start, end)
+        }
+        fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BErr> {
+            self.inner.query_lock_range(start, end)
+        }
+    }
+
+    #[tokio::test]
+    async fn io_fault_fails_the_push_hands_it_back_and_loses_nothing_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let fail = Arc::new(AtomicBool::new(false));
+        {
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .unwrap();
+            let backend = FaultyBackend {
+                inner: redb::backends::FileBackend::new(file).unwrap(),
+                fail: Arc::clone(&fail),
+            };
+            let s = DiskStore::open_with_backend(backend, path.clone()).unwrap();
+            let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
+            for i in 0..10u8 {
+                q.push(NewItem::new([i]), T).await.unwrap();
+            }
+            fail.store(true, Ordering::SeqCst);
+            match q.push(NewItem::new("lost?"), T).await {
+                Err(PushError::Backend { item, source }) => {
+                    assert_eq!(item.payload, b"lost?", "the item is handed back");
+                    assert!(source.downcast_ref::<DiskError>().is_some());
+                }
+                other => panic!("expected a backend error, got {other:?}"),
+            }
+            // The failed push left no dedup entry behind.
+            assert!(!q.has(b"lost?").await.unwrap());
+            assert_eq!(q.len().await.unwrap().total(), 10);
+            fail.store(false, Ordering::SeqCst);
+        }
+        // Reopened on a healthy file: every acknowledged push is there.
+        let s = DiskStore::open(&path).unwrap();
+        let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
+        let got = q.pop(100, T).await.unwrap();
+        let payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
+        assert_eq!(payloads, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,788 @@
+//! The in-memory [`BaseQueue`]: [`MemoryQueue`].
+//!
+//! # Storage
+//!
+//! Everything lives in one mutex-protected structure inside the process; it is
+//! lost when the process exits. Use it for tests, for work that may be lost on
+//! a restart, and as the reference implementation of the
+//! [obligations](super::BaseQueue#obligations).
+//!
+//! # Leases and timers
+//!
+//! [`pop`](BaseQueue::pop) leases items for the queue's visibility timeout.
+//! Expired leases and elapsed [`nack`](BaseQueue::nack) delays are applied
+//! lazily, whenever the queue is touched; a waiting `pop` sleeps exactly until
+//! the earliest of its deadline and the next timer, so nothing polls. Time is
+//! read from [`tokio::time::Instant`], so tests can use the paused clock.
+//!
+//! # Per-key order
+//!
+//! An item with a key is handed out only when it is the oldest item of that
+//! key the queue holds, in any state (ready, delayed or leased). This is
+//! stricter than obligation 6: a later item of a key also waits while an
+//! earlier one sits out a `nack` delay, so keyed items are handled in push
+//! order even across retries.
+//!
+//! # Wake-ups
+//!
+//! Pops wait on a [`Notify`] that is signalled once per item that becomes
+//! ready; a pop that leaves ready items behind passes the signal on. Pushes
+//! waiting for room wait on a second `Notify` signalled when items leave.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::base::{
+    Backend, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen, QueueOptions,
+};
+use crate::sync::Mutex;
+
+/// A [`BaseQueue`] held in process memory.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use snapstream::queue::{BaseQueue, MemoryQueue, NewItem, QueueOptions};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// let q = MemoryQueue::new("jobs", QueueOptions::default());
+/// q.push(NewItem::new(b"hello".to_vec()), Duration::from_secs(1)).await.unwrap();
+/// let got = q.pop(10, Duration::from_secs(1)).await.unwrap();
+/// assert_eq!(got[0].payload, b"hello");
+/// q.ack(&[got[0].id]).await.unwrap();
+/// assert_eq!(q.len().await.unwrap().total(), 0);
+/// # });
+/// ```
+#[derive(Debug)]
+pub struct MemoryQueue {
+    name: String,
+    opts: QueueOptions,
+    state: Mutex<State>,
+    /// Signalled once per item that becomes poppable, and on close.
+    ready_signal: Notify,
+    /// Signalled when items leave the queue, and on close.
+    room_signal: Notify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Ready since `seq` (its place in the FIFO of ready items).
+    Ready { seq: u64 },
+    /// Waiting out a nack delay.
+    Delayed { until: Instant },
+    /// Handed out; comes back at `until`.
+    Leased { until: Instant },
+}
+
+#[derive(Debug)]
+struct Entry {
+    payload: Vec<u8>,
+    key: Option<String>,
+    attempts: u32,
+    phase: Phase,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: u64,
+    next_seq: u64,
+    closed: bool,
+    entries: HashMap<u64, Entry>,
+    /// Ready items that may be handed out now, by ready sequence.
+    ready: BTreeMap<u64, u64>,
+    /// Ready items held back by an earlier item of their key.
+    blocked: u64,
+    /// Timers: delayed items by due time.
+    delayed: BTreeSet<(Instant, u64)>,
+    /// Timers: leased items by lease expiry.
+    leased: BTreeSet<(Instant, u64)>,
+    /// Every held item of a key, in push (id) order.
+    keys: HashMap<String, VecDeque<u64>>,
+    /// Payloads held by a unique queue.
+    dedup: HashMap<Vec<u8>, u64>,
+}
+
+impl State {
+    /// Whether `id` (with `key`) is the oldest held item of its key.
+    fn is_key_head(&self, id: u64, key: Option<&String>) -> bool {
+        match key {
+            None => true,
+            Some(k) => self.keys.get(k).and_then(|q| q.front()) == Some(&id),
+        }
+    }
+
+    /// Moves `id` to ready with a fresh sequence number (behind everything
+    /// ready by now). Returns whether it can be handed out at once.
+    fn make_ready(&mut self, id: u64) -> bool {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let Some(entry) = self.entries.get_mut(&id) else {
+            return false;
+        };
+        entry.phase = Phase::Ready { seq };
+        let key = entry.key.clone();
+        if self.is_key_head(id, key.as_ref()) {
+            self.ready.insert(seq, id);
+            true
+        } else {
+            self.blocked += 1;
+            false
+        }
+    }
+
+    /// Applies due timers. Returns how many items became poppable.
+    fn promote(&mut self, now: Instant) -> usize {
+        let mut woke = 0;
+        while let Some(&(at, id)) = self.delayed.first() {
+            if at > now {
+                break;
+            }
+            self.delayed.pop_first();
+            woke += usize::from(self.make_ready(id));
+        }
+        while let Some(&(at, id)) = self.leased.first() {
+            if at > now {
+                break;
+            }
+            self.leased.pop_first();
+            if let Some(e) = self.entries.get_mut(&id) {
+                e.attempts = e.attempts.saturating_add(1);
+            }
+            woke += usize::from(self.make_ready(id));
+        }
+        woke
+    }
+
+    /// The earliest pending timer.
+    fn next_timer(&self) -> Option<Instant> {
+        let d = self.delayed.first().map(|t| t.0);
+        let l = self.leased.first().map(|t| t.0);
+        match (d, l) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Deletes `id` in whatever phase it is. Returns whether an item of the
+    /// same key became poppable.
+    fn remove(&mut self, id: u64) -> Option<bool> {
+        let entry = self.entries.remove(&id)?;
+        match entry.phase {
+            Phase::Ready { seq } => {
+                if self.ready.remove(&seq).is_none() {
+                    self.blocked -= 1;
+                }
+            }
+            Phase::Delayed { until } => {
+                self.delayed.remove(&(until, id));
+            }
+            Phase::Leased { until } => {
+                self.leased.remove(&(until, id));
+            }
+        }
+        if let Some(d) = self.dedup.get(&entry.payload) {
+            if *d == id {
+                self.dedup.remove(&entry.payload);
+            }
+        }
+        let mut unblocked = false;
+        if let Some(k) = entry.key {
+            if let Some(q) = self.keys.get_mut(&k) {
+                let was_head = q.front() == Some(&id);
+                if let Some(pos) = q.iter().position(|x| *x == id) {
+                    q.remove(pos);
+                }
+                let next = q.front().copied();
+                if q.is_empty() {
+                    self.keys.remove(&k);
+                }
+                if was_head {
+                    if let Some(next) = next {
+                        if let Some(Phase::Ready { seq }) = self.entries.get(&next).map(|e| e.phase)
+                        {
+                            self.blocked -= 1;
+                            self.ready.insert(seq, next);
+                            unblocked = true;
+                        }
+                    }
+                }
+            }
+        }
+        Some(unblocked)
+    }
+}
+
+impl MemoryQueue {
+    /// Creates an empty queue.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::{BaseQueue, MemoryQueue, QueueOptions};
+    ///
+    /// let q = MemoryQueue::new("mail", QueueOptions::default().capacity(100).unique(true));
+    /// assert_eq!(q.name(), "mail");
+    /// assert!(q.is_unique());
+    /// ```
+    pub fn new(name: impl Into<String>, opts: QueueOptions) -> MemoryQueue {
+        MemoryQueue {
+            name: name.into(),
+            opts,
+            state: Mutex::new(State::default()),
+            ready_signal: Notify::new(),
+            room_signal: Notify::new(),
+        }
+    }
+
+    /// The options the queue was created with.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::{MemoryQueue, QueueOptions};
+    ///
+    /// let q = MemoryQueue::new("q", QueueOptions::default().capacity(3));
+    /// assert_eq!(q.options().capacity, Some(3));
+    /// ```
+    pub fn options(&self) -> &QueueOptions {
+        &self.opts
+    }
+
+    fn signal_ready(&self, n: usize) {
+        for _ in 0..n {
+            self.ready_signal.notify_one();
+        }
+    }
+
+    async fn push_inner(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let room = self.room_signal.notified();
+            tokio::pin!(room);
+            room.as_mut().enable();
+            {
+                let mut st = self.state.lock();
+                if st.closed {
+                    return Err(PushError::Closed(item));
+                }
+                if self.opts.unique && st.dedup.contains_key(&item.payload) {
+                    return Err(PushError::AlreadyQueued(item));
+                }
+                let full = self
+                    .opts
+                    .capacity
+                    .is_some_and(|cap| st.entries.len() as u64 >= cap);
+                if !full {
+                    let id = st.next_id;
+                    st.next_id += 1;
+                    if self.opts.unique {
+                        st.dedup.insert(item.payload.clone(), id);
+                    }
+                    if let Some(k) = &item.key {
+                        st.keys.entry(k.clone()).or_default().push_back(id);
+                    }
+                    st.entries.insert(
+                        id,
+                        Entry {
+                            payload: item.payload,
+                            key: item.key,
+                            attempts: 0,
+                            // Replaced by make_ready.
+                            phase: Phase::Delayed { until: deadline },
+                        },
+                    );
+                    let poppable = st.make_ready(id);
+                    drop(st);
+                    if poppable {
+                        self.ready_signal.notify_one();
+                    }
+                    return Ok(ItemId(id));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(PushError::Full(item));
+            }
+            // On timeout the loop looks once more, then fails with `Full`.
+            let _ = tokio::time::timeout_at(deadline, room).await;
+        }
+    }
+
+    async fn pop_inner(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let signal = self.ready_signal.notified();
+            tokio::pin!(signal);
+            signal.as_mut().enable();
+            let wake_at = {
+                let mut st = self.state.lock();
+                let now = Instant::now();
+                let woke = st.promote(now);
+                if !st.ready.is_empty() {
+                    let until = now + self.opts.visibility_timeout;
+                    let mut out = Vec::with_capacity(max.min(st.ready.len()));
+                    while out.len() < max {
+                        let Some((_, id)) = st.ready.pop_first() else {
+                            break;
+                        };
+                        st.leased.insert((until, id));
+                        let e = st.entries.get_mut(&id).expect("ready item is stored");
+                        e.phase = Phase::Leased { until };
+                        out.push(Delivery {
+                            id: ItemId(id),
+                            payload: e.payload.clone(),
+                            key: e.key.clone(),
+                            attempts: e.attempts,
+                        });
+                    }
+                    let left = !st.ready.is_empty();
+                    drop(st);
+                    // Pass on what we did not take to other waiters.
+                    if left {
+                        self.ready_signal.notify_one();
+                    }
+                    if woke > 1 {
+                        self.signal_ready(woke - 1);
+                    }
+                    return Ok(out);
+                }
+                if woke > 0 {
+                    drop(st);
+                    self.signal_ready(woke);
+                    continue;
+                }
+                if st.closed {
+                    return Err(QueueError::Closed);
+                }
+                if now >= deadline {
+                    return Ok(Vec::new());
+                }
+                st.next_timer().map_or(deadline, |t| t.min(deadline))
+            };
+            let _ = tokio::time::timeout_at(wake_at, signal).await;
+        }
+    }
+}
+
+impl BaseQueue for MemoryQueue {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn backend(&self) -> Backend {
+        Backend::Memory
+    }
+
+    fn is_unique(&self) -> bool {
+        self.opts.unique
+    }
+
+    fn push(&self, item: NewItem, timeout: Duration) -> BoxFuture<'_, Result<ItemId, PushError>> {
+        Box::pin(self.push_inner(item, timeout))
+    }
+
+    fn pop(
+        &self,
+        max: usize,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, QueueError>> {
+        Box::pin(self.pop_inner(max, timeout))
+    }
+
+    fn ack<'a>(&'a self, ids: &'a [ItemId]) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let mut unblocked = 0;
+            let mut removed = 0;
+            {
+                let mut st = self.state.lock();
+                for id in ids {
+                    // Only leased items can be acked; a stale ack of an item
+                    // that was handed out again still deletes it (it was
+                    // handled), an unknown id is ignored.
+                    if let Some(u) = st.remove(id.0) {
+                        removed += 1;
+                        unblocked += usize::from(u);
+                    }
+                }
+            }
+            self.signal_ready(unblocked);
+            if removed > 0 {
+                self.room_signal.notify_waiters();
+            }
+            Ok(())
+        })
+    }
+
+    fn nack<'a>(
+        &'a self,
+        ids: &'a [ItemId],
+        delay: Duration,
+    ) -> BoxFuture<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let mut woke = 0;
+            {
+                let mut st = self.state.lock();
+                let now = Instant::now();
+                for id in ids {
+                    let id = id.0;
+                    let Some(e) = st.entries.get_mut(&id) else {
+                        continue;
+                    };
+                    let Phase::Leased { until } = e.phase else {
+                        continue;
+                    };
+                    e.attempts = e.attempts.saturating_add(1);
+                    st.leased.remove(&(until, id));
+                    if delay.is_zero() {
+                        woke += usize::from(st.make_ready(id));
+                    } else {
+                        let due = now + delay;
+                        if let Some(e) = st.entries.get_mut(&id) {
+                            e.phase = Phase::Delayed { until: due };
+                        }
+                        st.delayed.insert((due, id));
+                    }
+                }
+            }
+            // Wake one waiter even for a delayed nack so that a waiting pop
+            // shortens its sleep to the new timer.
+            self.signal_ready(woke.max(1));
+            Ok(())
+        })
+    }
+
+    fn len(&self) -> BoxFuture<'_, Result<QueueLen, QueueError>> {
+        Box::pin(async move {
+            let (len, woke) = {
+                let mut st = self.state.lock();
+                let woke = st.promote(Instant::now());
+                let len = QueueLen {
+                    ready: st.ready.len() as u64 + st.blocked,
+                    delayed: st.delayed.len() as u64,
+                    leased: st.leased.len() as u64,
+                };
+                (len, woke)
+            };
+            self.signal_ready(woke);
+            Ok(len)
+        })
+    }
+
+    fn has<'a>(&'a self, payload: &'a [u8]) -> BoxFuture<'a, Result<bool, QueueError>> {
+        Box::pin(async move {
+            let st = self.state.lock();
+            if self.opts.unique {
+                Ok(st.dedup.contains_key(payload))
+            } else {
+                Ok(st.entries.values().any(|e| e.payload == payload))
+            }
+        })
+    }
+
+    fn remove_all(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
+        Box::pin(async move {
+            let n = {
+                let mut st = self.state.lock();
+                let n = st.entries.len() as u64;
+                st.entries.clear();
+                st.ready.clear();
+                st.blocked = 0;
+                st.delayed.clear();
+                st.leased.clear();
+                st.keys.clear();
+                st.dedup.clear();
+                n
+            };
+            self.room_signal.notify_waiters();
+            Ok(n)
+        })
+    }
+
+    fn close(&self) {
+        self.state.lock().closed = true;
+        self.ready_signal.notify_waiters();
+        self.room_signal.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    const T: Duration = Duration::from_secs(1);
+
+    fn item(s: &str) -> NewItem {
+        NewItem::new(s.as_bytes().to_vec())
+    }
+
+    async fn pop_strs(q: &MemoryQueue, max: usize) -> Vec<String> {
+        q.pop(max, Duration::ZERO)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|d| String::from_utf8(d.payload).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn fifo_and_ack() {
+        let q = MemoryQueue::new("q", QueueOptions::default());
+        for s in ["a", "b", "c"] {
+            q.push(item(s), T).await.unwrap();
+        }
+        assert_eq!(pop_strs(&q, 2).await, ["a", "b"]);
+        assert_eq!(pop_strs(&q, 2).await, ["c"]);
+        let len = q.len().await.unwrap();
+        assert_eq!((len.ready, len.leased), (0, 3));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lease_expires_and_attempts_rise() {
+        let q = MemoryQueue::new(
+            "q",
+            QueueOptions::default().visibility_timeout(Duration::from_secs(10)),
+        );
+        q.push(item("x"), T).await.unwrap();
+        let d = q.pop(1, T).await.unwrap();
+        assert_eq!(d[0].attempts, 0);
+        // The waiting pop sleeps until the lease expires, then gets it again.
+        let d2 = q.pop(1, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(d2[0].id, d[0].id);
+        assert_eq!(d2[0].attempts, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn nack_delay_then_ready_behind_others() {
+        let q = MemoryQueue::new("q", QueueOptions::default());
+        q.push(item("a"), T).await.unwrap();
+        let a = q.pop(1, T).await.unwrap();
+        q.nack(&[a[0].id], Duration::from_secs(5)).await.unwrap();
+        q.push(item("b"), T).await.unwrap();
+        assert_eq!(q.len().await.unwrap().delayed, 1);
+        assert_eq!(pop_strs(&q, 10).await, ["b"]);
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let again = q.pop(10, Duration::ZERO).await.unwrap();
+        assert_eq!(again[0].payload, b"a");
+        assert_eq!(again[0].attempts, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn full_after_timeout_and_waiting_push_gets_room() {
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().capacity(1)));
+        q.push(item("a"), T).await.unwrap();
+        match q.push(item("b"), T).await {
+            Err(PushError::Full(it)) => assert_eq!(it, item("b")),
+            other => panic!("{other:?}"),
+        }
+        let q2 = q.clone();
+        let waiting =
+            tokio::spawn(async move { q2.push(item("c"), Duration::from_secs(60)).await });
+        let d = q.pop(1, T).await.unwrap();
+        q.ack(&[d[0].id]).await.unwrap();
+        waiting.await.unwrap().unwrap();
+        assert_eq!(pop_strs(&q, 10).await, ["c"]);
+    }
+
+    #[tokio::test]
+    async fn unique_rejects_until_acked() {
+        let q = MemoryQueue::new("q", QueueOptions::default().unique(true));
+        q.push(item("a"), T).await.unwrap();
+        assert!(matches!(
+            q.push(item("a"), T).await,
+            Err(PushError::AlreadyQueued(_))
+        ));
+        assert!(q.has(b"a").await.unwrap());
+        let d = q.pop(1, T).await.unwrap();
+        assert!(matches!(
+            q.push(item("a"), T).await,
+            Err(PushError::AlreadyQueued(_))
+        ));
+        q.ack(&[d[0].id]).await.unwrap();
+        assert!(!q.has(b"a").await.unwrap());
+        q.push(item("a"), T).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unique_race_one_wins() {
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)));
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let q = q.clone();
+                tokio::spawn(async move { q.push(item("same"), T).await.is_ok() })
+            })
+            .collect();
+        let mut ok = 0;
+        for t in tasks {
+            ok += usize::from(t.await.unwrap());
+        }
+        assert_eq!(ok, 1);
+    }
+
+    #[tokio::test]
+    async fn per_key_order() {
+        let q = MemoryQueue::new("q", QueueOptions::default());
+        q.push(NewItem::with_key(b"k1".to_vec(), "k"), T)
+            .await
+            .unwrap();
+        q.push(NewItem::with_key(b"k2".to_vec(), "k"), T)
+            .await
+            .unwrap();
+        q.push(item("free"), T).await.unwrap();
+        let first = q.pop(10, Duration::ZERO).await.unwrap();
+        let got: Vec<_> = first.iter().map(|d| d.payload.clone()).collect();
+        assert_eq!(got, [b"k1".to_vec(), b"free".to_vec()]);
+        assert_eq!(q.len().await.unwrap().ready, 1);
+        assert!(q.pop(10, Duration::ZERO).await.unwrap().is_empty());
+        // Nack k1 with a delay: k2 still waits behind it.
+        q.nack(&[first[0].id], Duration::ZERO).await.unwrap();
+        let again = q.pop(10, Duration::ZERO).await.unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].payload, b"k1");
+        q.ack(&[again[0].id]).await.unwrap();
+        assert_eq!(pop_strs(&q, 10).await, ["k2"]);
+    }
+
+    #[tokio::test]
+    async fn pop_waits_and_wakes_on_push() {
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
+        let q2 = q.clone();
+        let popper = tokio::spawn(async move { q2.pop(1, Duration::from_secs(3600)).await });
+        tokio::task::yield_now().await;
+        q.push(item("x"), T).await.unwrap();
+        let got = popper.await.unwrap().unwrap();
+        assert_eq!(got[0].payload, b"x");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pop_times_out_empty() {
+        let q = MemoryQueue::new("q", QueueOptions::default());
+        assert!(q.pop(1, Duration::from_secs(3)).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn cancelled_pop_leases_nothing() {
+        let q = MemoryQueue::new("q", QueueOptions::default());
+        {
+            let fut = q.pop(1, Duration::from_secs(3600));
+            let _ = futures::poll!(fut);
+        }
+        q.push(item("x"), T).await.unwrap();
+        assert_eq!(q.len().await.unwrap().ready, 1);
+        assert_eq!(pop_strs(&q, 1).await, ["x"]);
+    }
+
+    #[tokio::test]
+    async fn close_wakes_and_rejects() {
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
+        q.push(item("a"), T).await.unwrap();
+        let q2 = q.clone();
+        let popped = q.pop(1, T).await.unwrap();
+        let waiter = tokio::spawn(async move { q2.pop(1, Duration::from_secs(3600)).await });
+        tokio::task::yield_now().await;
+        q.close();
+        assert!(matches!(waiter.await.unwrap(), Err(QueueError::Closed)));
+        assert!(matches!(
+            q.push(item("b"), T).await,
+            Err(PushError::Closed(_))
+        ));
+        // Items stay stored.
+        assert_eq!(q.len().await.unwrap().leased, 1);
+        q.nack(&[popped[0].id], Duration::ZERO).await.unwrap();
+        // Still ready items are handed out after close.
+        assert_eq!(pop_strs(&q, 1).await, ["a"]);
+    }
+
+    #[tokio::test]
+    async fn remove_all_clears_dedup() {
+        let q = MemoryQueue::new("q", QueueOptions::default().unique(true));
+        q.push(item("a"), T).await.unwrap();
+        q.push(NewItem::with_key(b"b".to_vec(), "k"), T)
+            .await
+            .unwrap();
+        let _ = q.pop(1, T).await.unwrap();
+        assert_eq!(q.remove_all().await.unwrap(), 2);
+        assert_eq!(q.len().await.unwrap(), QueueLen::default());
+        q.push(item("a"), T).await.unwrap();
+        q.push(NewItem::with_key(b"c".to_vec(), "k"), T)
+            .await
+            .unwrap();
+        assert_eq!(pop_strs(&q, 5).await, ["a", "c"]);
+    }
+
+    #[tokio::test]
+    async fn empty_payload_round_trips() {
+        let q = MemoryQueue::new("q", QueueOptions::default());
+        q.push(NewItem::new(Vec::new()), T).await.unwrap();
+        let d = q.pop(1, T).await.unwrap();
+        assert!(d[0].payload.is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_producers_consumers_same_multiset() {
+        const P: u32 = 8;
+        const N: u32 = 2_000;
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().capacity(256)));
+        let mut producers = Vec::new();
+        for p in 0..P {
+            let q = q.clone();
+            producers.push(tokio::spawn(async move {
+                for i in 0..N {
+                    let v = (p * N + i).to_le_bytes().to_vec();
+                    q.push(NewItem::new(v), Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        let done = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let mut consumers = Vec::new();
+        for _ in 0..8 {
+            let q = q.clone();
+            let done = done.clone();
+            consumers.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                loop {
+                    match q.pop(16, Duration::from_secs(60)).await {
+                        Ok(batch) => {
+                            let ids: Vec<_> = batch.iter().map(|d| d.id).collect();
+                            for d in batch {
+                                seen.push(u32::from_le_bytes(d.payload.try_into().unwrap()));
+                            }
+                            q.ack(&ids).await.unwrap();
+                            let n = ids.len() as u32;
+                            // The consumer that takes the last item closes the queue.
+                            if done.fetch_add(n, std::sync::atomic::Ordering::SeqCst) + n == P * N {
+                                q.close();
+                            }
+                        }
+                        Err(QueueError::Closed) => return seen,
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }));
+        }
+        for p in producers {
+            p.await.unwrap();
+        }
+        let mut all = Vec::new();
+        for c in consumers {
+            all.extend(c.await.unwrap());
+        }
+        all.sort_unstable();
+        assert_eq!(all, (0..P * N).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn handle_is_send_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<MemoryQueue>();
+    }
+}

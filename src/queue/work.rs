@@ -1,0 +1,1348 @@
+//! [`WorkQueue<T>`](crate::queue::WorkQueue): typed items, batching workers,
+//! retries and dead letters over any [`BaseQueue`]. The semantics are documented
+//! on the type.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{oneshot, watch, Notify};
+use tokio::time::Instant;
+
+use super::base::{
+    Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
+};
+
+/// How a [`WorkQueue`] batches, scales and retries.
+///
+/// | field | default |
+/// |---|---|
+/// | `batch_len` | [`DEFAULT_BATCH_LEN`](Self::DEFAULT_BATCH_LEN) (20) |
+/// | `batch_delay` | [`DEFAULT_BATCH_DELAY`](Self::DEFAULT_BATCH_DELAY) (10 ms) |
+/// | `max_workers` | [`DEFAULT_MAX_WORKERS`](Self::DEFAULT_MAX_WORKERS) (4) |
+/// | `idle_timeout` | [`DEFAULT_IDLE_TIMEOUT`](Self::DEFAULT_IDLE_TIMEOUT) (1 s) |
+/// | `push_timeout` | [`DEFAULT_PUSH_TIMEOUT`](Self::DEFAULT_PUSH_TIMEOUT) (5 s) |
+/// | `max_attempts` | [`DEFAULT_MAX_ATTEMPTS`](Self::DEFAULT_MAX_ATTEMPTS) (5) |
+/// | `backoff_base` | [`DEFAULT_BACKOFF_BASE`](Self::DEFAULT_BACKOFF_BASE) (1 s) |
+/// | `backoff_max` | [`DEFAULT_BACKOFF_MAX`](Self::DEFAULT_BACKOFF_MAX) (5 min) |
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use snapstream::queue::WorkQueueOptions;
+///
+/// let opts = WorkQueueOptions::default().batch_len(64).max_workers(8).max_attempts(3);
+/// assert_eq!(opts.batch_len, 64);
+/// assert_eq!(opts.backoff_base, Duration::from_secs(1));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkQueueOptions {
+    /// Most items handed to the handler at once (at least 1).
+    pub batch_len: usize,
+    /// How long to wait for a partial batch to fill.
+    pub batch_delay: Duration,
+    /// Most workers running at once (`0` pauses processing).
+    pub max_workers: usize,
+    /// How long a worker waits for a batch before it retires.
+    pub idle_timeout: Duration,
+    /// How long [`WorkQueue::push`] waits for room in a full base queue.
+    pub push_timeout: Duration,
+    /// How many failed attempts move an item to the dead-letter queue (at least 1).
+    pub max_attempts: u32,
+    /// The back-off after the first failure; doubled per further failure.
+    pub backoff_base: Duration,
+    /// The longest back-off.
+    pub backoff_max: Duration,
+}
+
+impl WorkQueueOptions {
+    /// Default [`batch_len`](Self::batch_len).
+    pub const DEFAULT_BATCH_LEN: usize = 20;
+    /// Default [`batch_delay`](Self::batch_delay).
+    pub const DEFAULT_BATCH_DELAY: Duration = Duration::from_millis(10);
+    /// Default [`max_workers`](Self::max_workers).
+    pub const DEFAULT_MAX_WORKERS: usize = 4;
+    /// Default [`idle_timeout`](Self::idle_timeout).
+    pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+    /// Default [`push_timeout`](Self::push_timeout).
+    pub const DEFAULT_PUSH_TIMEOUT: Duration = Duration::from_secs(5);
+    /// Default [`max_attempts`](Self::max_attempts).
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+    /// Default [`backoff_base`](Self::backoff_base).
+    pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_secs(1);
+    /// Default [`backoff_max`](Self::backoff_max).
+    pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+    /// Sets [`batch_len`](Self::batch_len).
+    pub fn batch_len(mut self, n: usize) -> Self {
+        self.batch_len = n;
+        self
+    }
+    /// Sets [`batch_delay`](Self::batch_delay).
+    pub fn batch_delay(mut self, d: Duration) -> Self {
+        self.batch_delay = d;
+        self
+    }
+    /// Sets [`max_workers`](Self::max_workers).
+    pub fn max_workers(mut self, n: usize) -> Self {
+        self.max_workers = n;
+        self
+    }
+    /// Sets [`idle_timeout`](Self::idle_timeout).
+    pub fn idle_timeout(mut self, d: Duration) -> Self {
+        self.idle_timeout = d;
+        self
+    }
+    /// Sets [`push_timeout`](Self::push_timeout).
+    pub fn push_timeout(mut self, d: Duration) -> Self {
+        self.push_timeout = d;
+        self
+    }
+    /// Sets [`max_attempts`](Self::max_attempts).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+    /// Sets [`backoff_base`](Self::backoff_base) and
+    /// [`backoff_max`](Self::backoff_max).
+    pub fn backoff(mut self, base: Duration, max: Duration) -> Self {
+        self.backoff_base = base;
+        self.backoff_max = max;
+        self
+    }
+
+    /// Checks the values.
+    ///
+    /// # Errors
+    /// [`InvalidOption`] naming the first bad field: `batch_len` or
+    /// `max_attempts` of 0, or `backoff_max` below `backoff_base`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::WorkQueueOptions;
+    ///
+    /// let err = WorkQueueOptions::default().batch_len(0).validate().unwrap_err();
+    /// assert_eq!(err.field, "batch_len");
+    /// ```
+    pub fn validate(&self) -> Result<(), InvalidOption> {
+        let bad = |field: &'static str, reason: &'static str| Err(InvalidOption { field, reason });
+        if self.batch_len == 0 {
+            return bad("batch_len", "must be at least 1");
+        }
+        if self.max_attempts == 0 {
+            return bad("max_attempts", "must be at least 1");
+        }
+        if self.backoff_max < self.backoff_base {
+            return bad("backoff_max", "must not be below backoff_base");
+        }
+        Ok(())
+    }
+
+    /// The back-off after a failure of an item handed out `attempts` times before.
+    fn backoff_for(&self, attempts: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempts.min(31)).unwrap_or(u32::MAX);
+        self.backoff_base
+            .checked_mul(factor)
+            .unwrap_or(self.backoff_max)
+            .min(self.backoff_max)
+    }
+}
+
+impl Default for WorkQueueOptions {
+    fn default() -> Self {
+        Self {
+            batch_len: Self::DEFAULT_BATCH_LEN,
+            batch_delay: Self::DEFAULT_BATCH_DELAY,
+            max_workers: Self::DEFAULT_MAX_WORKERS,
+            idle_timeout: Self::DEFAULT_IDLE_TIMEOUT,
+            push_timeout: Self::DEFAULT_PUSH_TIMEOUT,
+            max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+            backoff_base: Self::DEFAULT_BACKOFF_BASE,
+            backoff_max: Self::DEFAULT_BACKOFF_MAX,
+        }
+    }
+}
+
+/// An option value a [`WorkQueue`] cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidOption {
+    /// The field's name.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
+}
+
+/// Why [`WorkQueue::push`] failed. Every variant hands the item back.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkPushError<T> {
+    /// The base queue stayed full for the whole push timeout.
+    #[error("queue is full")]
+    Full(T),
+    /// A unique base queue already holds this item.
+    #[error("item is already queued")]
+    AlreadyQueued(T),
+    /// The work queue was shut down or its base queue closed.
+    #[error("queue is closed")]
+    Closed(T),
+    /// The item could not be encoded as JSON.
+    #[error("item could not be encoded")]
+    Encode {
+        /// The item.
+        item: T,
+        /// What serde reported.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The base queue's backend failed; the item may or may not be stored.
+    #[error("queue backend failed")]
+    Backend {
+        /// The item.
+        item: T,
+        /// What the backend reported.
+        #[source]
+        source: BackendError,
+    },
+}
+
+impl<T> WorkPushError<T> {
+    /// The item that could not be pushed.
+    pub fn into_item(self) -> T {
+        match self {
+            WorkPushError::Full(item)
+            | WorkPushError::AlreadyQueued(item)
+            | WorkPushError::Closed(item)
+            | WorkPushError::Encode { item, .. }
+            | WorkPushError::Backend { item, .. } => item,
+        }
+    }
+
+    fn from_push(err: PushError, item: T) -> Self {
+        match err {
+            PushError::Full(_) => WorkPushError::Full(item),
+            PushError::AlreadyQueued(_) => WorkPushError::AlreadyQueued(item),
+            PushError::Closed(_) => WorkPushError::Closed(item),
+            PushError::Backend { source, .. } => WorkPushError::Backend { item, source },
+            // A future variant: report it through the backend variant.
+            #[allow(unreachable_patterns)]
+            other => WorkPushError::Backend {
+                item,
+                source: Box::new(other),
+            },
+        }
+    }
+}
+
+/// Why a [`WorkQueue`] operation other than push failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WorkError {
+    /// The deadline passed first.
+    #[error("timed out with {pending} items pending")]
+    Timeout {
+        /// Items still not handled.
+        pending: usize,
+    },
+    /// The work queue was shut down.
+    #[error("work queue is shut down")]
+    Shutdown,
+    /// A base queue failed.
+    #[error("base queue failed")]
+    Queue(#[source] QueueError),
+    /// A dead letter could not be put back.
+    #[error("could not requeue a dead letter")]
+    Requeue(#[source] PushError),
+}
+
+/// One item handed to the handler: the decoded value and its delivery facts.
+///
+/// Return it from the handler to say it was not handled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Item<T> {
+    value: T,
+    id: ItemId,
+    attempts: u32,
+    key: Option<String>,
+}
+
+impl<T> Item<T> {
+    /// The decoded value.
+    pub fn value(&self) -> &T {
+        &self.value
+    }
+    /// The decoded value, taken out (the item can then not be returned).
+    pub fn into_value(self) -> T {
+        self.value
+    }
+    /// How many times the item was handed out before (0 on first delivery).
+    pub fn attempts(&self) -> u32 {
+        self.attempts
+    }
+    /// The ordering key it was pushed with.
+    pub fn key(&self) -> Option<&str> {
+        self.key.as_deref()
+    }
+    /// Its id in the base queue.
+    pub fn id(&self) -> ItemId {
+        self.id
+    }
+}
+
+impl<T> std::ops::Deref for Item<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+/// Why an item is in the dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum DeadReason {
+    /// The handler returned it (or panicked) `max_attempts` times.
+    Failed,
+    /// Its payload did not decode.
+    Undecodable,
+}
+
+/// An item in the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// Its id in the dead-letter queue.
+    pub id: ItemId,
+    /// The original payload (JSON of the item, or whatever was pushed).
+    pub payload: Vec<u8>,
+    /// The original ordering key.
+    pub key: Option<String>,
+    /// How many times it had been handed out.
+    pub attempts: u32,
+    /// Why it is here.
+    pub reason: DeadReason,
+    /// The last error (decode error, or a note on the failures).
+    pub error: String,
+}
+
+/// What the dead-letter queue stores: JSON of this record.
+#[derive(Serialize, Deserialize)]
+struct DeadRecord {
+    payload: Vec<u8>,
+    key: Option<String>,
+    attempts: u32,
+    reason: DeadReason,
+    error: String,
+}
+
+type HandlerFn<T> = Arc<dyn Fn(Vec<Item<T>>) -> BoxFuture<'static, Vec<Item<T>>> + Send + Sync>;
+
+/// Stop levels sent on the `stop` watch.
+const RUNNING: u8 = 0;
+const STOPPING: u8 = 1;
+const HARD_STOP: u8 = 2;
+
+/// How long the dispatcher backs off after a backend error.
+const BACKEND_RETRY: Duration = Duration::from_millis(200);
+/// The timeout of one dispatcher pop (it loops).
+const POP_WAIT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Default)]
+struct Pool {
+    workers: usize,
+    active: usize,
+    max: usize,
+    next_worker: u64,
+    idle: Vec<(u64, oneshot::Sender<Vec<Delivery>>)>,
+}
+
+#[derive(Default)]
+struct Pending {
+    /// Items pushed through this work queue and not yet handled.
+    ids: HashSet<ItemId>,
+    /// Pushes whose base push has not returned yet.
+    pushing: usize,
+    /// Resolved while a push was in flight and before it registered its id.
+    early: HashSet<ItemId>,
+    next_waiter: u64,
+    waiters: Vec<(u64, HashSet<ItemId>, oneshot::Sender<()>)>,
+}
+
+struct Inner<T> {
+    name: String,
+    base: Arc<dyn BaseQueue>,
+    dead: Arc<dyn BaseQueue>,
+    opts: WorkQueueOptions,
+    handler: HandlerFn<T>,
+    pool: Mutex<Pool>,
+    /// Signalled when a worker goes idle or retires, or the max changes.
+    changed: Notify,
+    closed: AtomicBool,
+    stop: watch::Sender<u8>,
+    retries: AtomicU64,
+    dead_lettered: AtomicU64,
+    pending: Mutex<Pending>,
+    dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Waits until the stop level reaches `level` (or the sender is gone).
+async fn stopped(stop: &mut watch::Receiver<u8>, level: u8) {
+    let _ = stop.wait_for(|s| *s >= level).await;
+}
+
+fn lock<X>(m: &Mutex<X>) -> MutexGuard<'_, X> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Stops the dispatcher when the last user handle goes.
+struct DropGuard(watch::Sender<u8>);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.send_if_modified(|s| {
+            if *s == RUNNING {
+                *s = STOPPING;
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// A typed, batching work queue over a [`BaseQueue`]. Cheap to clone.
+///
+///
+/// # Encoding
+///
+/// Items are stored in the base queue as **JSON** (`serde_json::to_vec` of the
+/// item). Any process that pushes the same JSON to the base queue feeds the
+/// work queue; a payload that does not decode as `T` is
+/// [quarantined](#quarantine), never dropped.
+///
+/// # Workers and batches
+///
+/// One dispatcher task pops batches of up to
+/// [`batch_len`](WorkQueueOptions::batch_len) items. When fewer are ready it
+/// waits up to [`batch_delay`](WorkQueueOptions::batch_delay) for the batch to
+/// fill. It pops only when a worker can take the batch: an idle worker, or
+/// room to start a new one below [`max_workers`](Self::max_workers).
+/// A worker that gets no batch for
+/// [`idle_timeout`](WorkQueueOptions::idle_timeout) retires; the maximum can be
+/// changed at run time with [`set_max_workers`](Self::set_max_workers)
+/// (`0` pauses processing).
+///
+/// # Handling, retries and dead letters
+///
+/// The handler gets a batch of [`Item`]s and returns the items it could not
+/// handle. The others are acknowledged (deleted from the base queue). Each
+/// unhandled item is [`nack`](BaseQueue::nack)ed with an exponential back-off
+/// (`backoff_base * 2^attempts`, capped at `backoff_max`); the delay is kept
+/// by the base queue, so no worker sleeps. When an item has failed
+/// [`max_attempts`](WorkQueueOptions::max_attempts) times it is moved to the
+/// dead-letter queue, where [`dead_letters`](Self::dead_letters) lists it
+/// and [`requeue_dead_letters`](Self::requeue_dead_letters) puts it back.
+///
+/// A handler that **panics** has handled none of its batch: every item counts
+/// as unhandled.
+///
+/// # Quarantine
+///
+/// An item whose payload does not decode is moved to the dead-letter queue at
+/// once, with the decode error recorded ([`DeadReason::Undecodable`]).
+///
+/// # Delivery guarantee
+///
+/// At least once: an item leaves the base queue only when the handler has
+/// handled it (or it was moved to the dead-letter queue). If the process dies,
+/// leased items come back after the base queue's visibility timeout (at once
+/// on a durable backend that is reopened).
+///
+/// # Shutdown
+///
+/// [`shutdown`](Self::shutdown) stops intake, lets running handlers
+/// finish until the deadline, then cancels the rest and returns their items to
+/// the base queue at once. Everything not acknowledged stays in the base
+/// queue, so a new `WorkQueue` over the same base queue gets it. Dropping the
+/// last handle stops the dispatcher the same way, without the deadline.
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// let base = Arc::new(MemoryQueue::new("mail", QueueOptions::default()));
+/// let dead = Arc::new(MemoryQueue::new("mail.dead", QueueOptions::default()));
+/// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |batch: Vec<Item<String>>| async move {
+///     for item in &batch {
+///         let _address: &String = item.value();
+///     }
+///     Vec::new() // everything handled
+/// })
+/// .unwrap();
+/// q.push("ann@example.com".to_string()).await.unwrap();
+/// q.flush(Duration::from_secs(5)).await.unwrap();
+/// q.shutdown(Duration::from_secs(5)).await;
+/// # });
+/// ```
+pub struct WorkQueue<T> {
+    inner: Arc<Inner<T>>,
+    _guard: Arc<DropGuard>,
+}
+
+impl<T> Clone for WorkQueue<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            _guard: self._guard.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for WorkQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkQueue")
+            .field("name", &self.inner.name)
+            .field("backend", &self.inner.base.backend())
+            .field("workers", &self.workers())
+            .field("active", &self.active_workers())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> WorkQueue<T>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Starts a work queue over `base`, moving dead letters to `dead`.
+    ///
+    /// The queue's name is `base`'s name. `handler` gets each batch and
+    /// returns the items it could not handle.
+    ///
+    /// # Errors
+    /// [`InvalidOption`] when `opts` does not [validate](WorkQueueOptions::validate).
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (it spawns the dispatcher task).
+    ///
+    /// # Examples
+    /// See [`WorkQueue`].
+    pub fn new<F, Fut>(
+        base: Arc<dyn BaseQueue>,
+        dead: Arc<dyn BaseQueue>,
+        opts: WorkQueueOptions,
+        handler: F,
+    ) -> Result<Self, InvalidOption>
+    where
+        F: Fn(Vec<Item<T>>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Item<T>>> + Send + 'static,
+    {
+        opts.validate()?;
+        let handler: HandlerFn<T> = Arc::new(move |batch| Box::pin(handler(batch)));
+        let (stop, _) = watch::channel(RUNNING);
+        let inner = Arc::new(Inner {
+            name: base.name().to_owned(),
+            base,
+            dead,
+            pool: Mutex::new(Pool {
+                max: opts.max_workers,
+                ..Pool::default()
+            }),
+            opts,
+            handler,
+            changed: Notify::new(),
+            closed: AtomicBool::new(false),
+            stop: stop.clone(),
+            retries: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            pending: Mutex::new(Pending::default()),
+            dispatcher: Mutex::new(None),
+        });
+        let task = tokio::spawn(inner.clone().dispatch());
+        *lock(&inner.dispatcher) = Some(task);
+        Ok(WorkQueue {
+            inner,
+            _guard: Arc::new(DropGuard(stop)),
+        })
+    }
+
+    /// Pushes `value` with no key, waiting up to the
+    /// [`push_timeout`](WorkQueueOptions::push_timeout) for room.
+    ///
+    /// # Errors
+    /// See [`WorkPushError`]; every variant hands the value back.
+    ///
+    /// # Cancel safety
+    /// Dropping the future either stored the item or did not; it is never
+    /// stored twice. A [`flush`](Self::flush) may then not wait for it.
+    ///
+    /// # Examples
+    /// See [`WorkQueue`].
+    pub async fn push(&self, value: T) -> Result<ItemId, WorkPushError<T>> {
+        self.push_with(value, None, self.inner.opts.push_timeout)
+            .await
+    }
+
+    /// Pushes `value` with an optional ordering `key`, waiting up to
+    /// `timeout` for room. Items with one key are handled one at a time, in
+    /// push order.
+    ///
+    /// # Errors
+    /// See [`WorkPushError`]; every variant hands the value back.
+    ///
+    /// # Cancel safety
+    /// As [`push`](Self::push).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use snapstream::queue::{MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<_>| async { Vec::new() })
+    ///     .unwrap();
+    /// q.push_with(1u32, Some("user-7".into()), Duration::from_secs(1)).await.unwrap();
+    /// # q.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub async fn push_with(
+        &self,
+        value: T,
+        key: Option<String>,
+        timeout: Duration,
+    ) -> Result<ItemId, WorkPushError<T>> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(WorkPushError::Closed(value));
+        }
+        let payload = match serde_json::to_vec(&value) {
+            Ok(p) => p,
+            Err(source) => {
+                return Err(WorkPushError::Encode {
+                    item: value,
+                    source,
+                })
+            }
+        };
+        match self.inner.push_raw(NewItem { payload, key }, timeout).await {
+            Ok(id) => Ok(id),
+            Err(e) => Err(WorkPushError::from_push(e, value)),
+        }
+    }
+}
+
+impl<T> WorkQueue<T> {
+    /// The queue's name (its base queue's name).
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// The base queue's storage.
+    pub fn backend(&self) -> Backend {
+        self.inner.base.backend()
+    }
+
+    /// The base queue.
+    pub fn base(&self) -> &Arc<dyn BaseQueue> {
+        &self.inner.base
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_letter_queue(&self) -> &Arc<dyn BaseQueue> {
+        &self.inner.dead
+    }
+
+    /// Workers running now (busy or idle).
+    pub fn workers(&self) -> usize {
+        lock(&self.inner.pool).workers
+    }
+
+    /// Workers running a handler now.
+    pub fn active_workers(&self) -> usize {
+        lock(&self.inner.pool).active
+    }
+
+    /// The most workers allowed.
+    pub fn max_workers(&self) -> usize {
+        lock(&self.inner.pool).max
+    }
+
+    /// Changes the most workers allowed. Idle workers above the new maximum
+    /// retire at once, busy ones when their batch is done. `0` pauses
+    /// processing.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use snapstream::queue::{MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<_>| async { Vec::<_>::new() })
+    ///     .unwrap();
+    /// # let _: &WorkQueue<u8> = &q;
+    /// q.set_max_workers(16);
+    /// assert_eq!(q.max_workers(), 16);
+    /// # });
+    /// ```
+    pub fn set_max_workers(&self, max: usize) {
+        {
+            let mut pool = lock(&self.inner.pool);
+            pool.max = max;
+            while pool.workers > pool.max {
+                // Dropping the sender retires that worker.
+                if pool.idle.pop().is_none() {
+                    break;
+                }
+                pool.workers -= 1;
+            }
+        }
+        self.inner.changed.notify_waiters();
+    }
+
+    /// How many times items were returned for a retry by this work queue.
+    pub fn retries(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    /// How many items this work queue moved to the dead-letter queue.
+    pub fn dead_lettered(&self) -> u64 {
+        self.inner.dead_lettered.load(Ordering::Relaxed)
+    }
+
+    /// How many items the base queue holds.
+    ///
+    /// # Errors
+    /// [`QueueError`] from the base queue.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn len(&self) -> Result<QueueLen, QueueError> {
+        self.inner.base.len().await
+    }
+
+    /// Whether the base queue holds nothing.
+    ///
+    /// # Errors
+    /// [`QueueError`] from the base queue.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn is_empty(&self) -> Result<bool, QueueError> {
+        Ok(self.len().await?.total() == 0)
+    }
+
+    /// How many items the dead-letter queue holds.
+    ///
+    /// # Errors
+    /// [`QueueError`] from the dead-letter queue.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
+        Ok(self.inner.dead.len().await?.total())
+    }
+
+    /// Waits until every item pushed through this work queue before the call
+    /// was handled (or moved to the dead-letter queue), for at most `timeout`.
+    ///
+    /// Items other processes pushed to the base queue are not waited for.
+    ///
+    /// # Errors
+    /// [`WorkError::Timeout`] with the count still pending;
+    /// [`WorkError::Shutdown`] after [`shutdown`](Self::shutdown).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the waiting.
+    ///
+    /// # Examples
+    /// See [`WorkQueue`].
+    pub async fn flush(&self, timeout: Duration) -> Result<(), WorkError> {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(WorkError::Shutdown);
+        }
+        let (me, rx) = {
+            let mut p = lock(&self.inner.pending);
+            if p.ids.is_empty() {
+                return Ok(());
+            }
+            let (tx, rx) = oneshot::channel();
+            let snapshot = p.ids.clone();
+            let me = p.next_waiter;
+            p.next_waiter += 1;
+            p.waiters.push((me, snapshot, tx));
+            (me, rx)
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(WorkError::Shutdown),
+            Err(_) => {
+                let mut p = lock(&self.inner.pending);
+                let pending = match p.waiters.iter().position(|w| w.0 == me) {
+                    Some(pos) => p.waiters.swap_remove(pos).1.len(),
+                    // Completed at the deadline.
+                    None => return Ok(()),
+                };
+                Err(WorkError::Timeout { pending })
+            }
+        }
+    }
+
+    /// Deletes every item of the base queue (ready, delayed and leased);
+    /// returns how many. Batches being handled are not stopped; their acks
+    /// are then ignored.
+    ///
+    /// # Errors
+    /// [`QueueError`] from the base queue.
+    ///
+    /// # Cancel safety
+    /// Dropping it either removed the items or did not.
+    pub async fn remove_all(&self) -> Result<u64, QueueError> {
+        let n = self.inner.base.remove_all().await?;
+        let mut p = lock(&self.inner.pending);
+        p.ids.clear();
+        for (_, _, tx) in p.waiters.drain(..) {
+            let _ = tx.send(());
+        }
+        Ok(n)
+    }
+
+    /// Lists the dead-letter queue, oldest first.
+    ///
+    /// Listing leases every dead letter for a moment and returns it.
+    ///
+    /// # Errors
+    /// [`WorkError::Queue`] from the dead-letter queue.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped midway, the dead letters come back after the
+    /// dead-letter queue's visibility timeout.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, WorkError> {
+        let got = self.take_dead().await?;
+        let ids: Vec<ItemId> = got.iter().map(|d| d.id).collect();
+        self.inner
+            .dead
+            .nack(&ids, Duration::ZERO)
+            .await
+            .map_err(WorkError::Queue)?;
+        Ok(got.into_iter().map(to_dead_letter).collect())
+    }
+
+    /// Moves the dead letters for which `select` returns true back to the
+    /// base queue, with a fresh attempt count; returns how many.
+    ///
+    /// # Errors
+    /// [`WorkError::Queue`] from either queue; [`WorkError::Requeue`] when a
+    /// push to the base queue failed (that dead letter and the rest stay).
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped midway, the remaining dead letters come back
+    /// after the dead-letter queue's visibility timeout.
+    pub async fn requeue_dead_letters(
+        &self,
+        mut select: impl FnMut(&DeadLetter) -> bool,
+    ) -> Result<u64, WorkError> {
+        let got = self.take_dead().await?;
+        let mut keep = Vec::new();
+        let mut moved = 0;
+        let mut failure = None;
+        for d in got {
+            let dl = to_dead_letter(d.clone());
+            if failure.is_some() || !select(&dl) {
+                keep.push(d.id);
+                continue;
+            }
+            let item = NewItem {
+                payload: dl.payload,
+                key: dl.key,
+            };
+            match self
+                .inner
+                .push_raw(item, self.inner.opts.push_timeout)
+                .await
+            {
+                Ok(_) | Err(PushError::AlreadyQueued(_)) => {
+                    self.inner
+                        .dead
+                        .ack(&[d.id])
+                        .await
+                        .map_err(WorkError::Queue)?;
+                    moved += 1;
+                }
+                Err(e) => {
+                    keep.push(d.id);
+                    failure = Some(e);
+                }
+            }
+        }
+        self.inner
+            .dead
+            .nack(&keep, Duration::ZERO)
+            .await
+            .map_err(WorkError::Queue)?;
+        match failure {
+            Some(e) => Err(WorkError::Requeue(e)),
+            None => Ok(moved),
+        }
+    }
+
+    async fn take_dead(&self) -> Result<Vec<Delivery>, WorkError> {
+        let mut all = Vec::new();
+        loop {
+            let got = self
+                .inner
+                .dead
+                .pop(1024, Duration::ZERO)
+                .await
+                .map_err(WorkError::Queue)?;
+            if got.is_empty() {
+                return Ok(all);
+            }
+            all.extend(got);
+        }
+    }
+
+    /// Stops intake, lets running handlers finish until `timeout`, then
+    /// cancels the rest and returns their items to the base queue at once.
+    ///
+    /// Everything not acknowledged stays in the base queue (which is not
+    /// closed), so a new `WorkQueue` over it gets every unhandled item.
+    /// Later pushes fail with [`WorkPushError::Closed`].
+    ///
+    /// # Cancel safety
+    /// Dropping it leaves the queue stopping: intake stays off and running
+    /// handlers finish in their own time.
+    ///
+    /// # Examples
+    /// See [`WorkQueue`].
+    pub async fn shutdown(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let inner = &self.inner;
+        inner.closed.store(true, Ordering::Release);
+        inner.stop.send_if_modified(|s| {
+            let was = *s;
+            *s = (*s).max(STOPPING);
+            was != *s
+        });
+        let dispatcher = lock(&inner.dispatcher).take();
+        if let Some(task) = dispatcher {
+            let _ = task.await;
+        }
+        if !inner.wait_workers_gone(Some(deadline)).await {
+            inner.stop.send_replace(HARD_STOP);
+            inner.wait_workers_gone(None).await;
+        }
+        let mut p = lock(&inner.pending);
+        // Pending flushes end with `Shutdown`.
+        p.waiters.clear();
+    }
+}
+
+fn to_dead_letter(d: Delivery) -> DeadLetter {
+    match serde_json::from_slice::<DeadRecord>(&d.payload) {
+        Ok(r) => DeadLetter {
+            id: d.id,
+            payload: r.payload,
+            key: r.key,
+            attempts: r.attempts,
+            reason: r.reason,
+            error: r.error,
+        },
+        Err(e) => DeadLetter {
+            id: d.id,
+            payload: d.payload,
+            key: d.key,
+            attempts: d.attempts,
+            reason: DeadReason::Undecodable,
+            error: format!("unreadable dead-letter record: {e}"),
+        },
+    }
+}
+
+impl<T> Inner<T> {
+    async fn push_raw(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+        struct Pushing<'a>(&'a Mutex<Pending>, Option<ItemId>);
+        impl Drop for Pushing<'_> {
+            fn drop(&mut self) {
+                let mut p = lock(self.0);
+                p.pushing -= 1;
+                if let Some(id) = self.1 {
+                    if !p.early.remove(&id) {
+                        p.ids.insert(id);
+                    }
+                }
+                if p.pushing == 0 {
+                    p.early.clear();
+                }
+            }
+        }
+        lock(&self.pending).pushing += 1;
+        let mut guard = Pushing(&self.pending, None);
+        let id = self.base.push(item, timeout).await?;
+        guard.1 = Some(id);
+        Ok(id)
+    }
+
+    /// Marks items handled (or dead-lettered) for [`WorkQueue::flush`].
+    fn resolve(&self, ids: &[ItemId]) {
+        let mut p = lock(&self.pending);
+        if p.ids.is_empty() && p.pushing == 0 {
+            return;
+        }
+        for id in ids {
+            if !p.ids.remove(id) && p.pushing > 0 {
+                p.early.insert(*id);
+            }
+        }
+        if !p.waiters.is_empty() {
+            let mut i = 0;
+            while i < p.waiters.len() {
+                let set = &mut p.waiters[i].1;
+                for id in ids {
+                    set.remove(id);
+                }
+                if set.is_empty() {
+                    let (_, _, tx) = p.waiters.swap_remove(i);
+                    let _ = tx.send(());
+                } else {
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits until no worker runs; with a deadline, returns false when it passed.
+    async fn wait_workers_gone(&self, deadline: Option<Instant>) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if lock(&self.pool).workers == 0 {
+                return true;
+            }
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d, changed).await.is_err() {
+                        return lock(&self.pool).workers == 0;
+                    }
+                }
+                None => changed.await,
+            }
+        }
+    }
+}
+
+impl<T> Inner<T>
+where
+    T: DeserializeOwned + Send + 'static,
+{
+    async fn dispatch(self: Arc<Self>) {
+        let mut stop = self.stop.subscribe();
+        'outer: loop {
+            if !self.wait_for_slot(&mut stop).await {
+                break;
+            }
+            let first = tokio::select! {
+                r = self.base.pop(self.opts.batch_len, POP_WAIT) => r,
+                _ = stopped(&mut stop, STOPPING) => break,
+            };
+            let mut batch = match first {
+                Ok(b) if b.is_empty() => continue,
+                Ok(b) => b,
+                Err(QueueError::Backend(e)) => {
+                    tracing::warn!(queue = %self.name, error = %e, "base queue pop failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(BACKEND_RETRY) => continue,
+                        _ = stopped(&mut stop, STOPPING) => break,
+                    }
+                }
+                Err(_) => break,
+            };
+            if batch.len() < self.opts.batch_len && !self.opts.batch_delay.is_zero() {
+                let deadline = Instant::now() + self.opts.batch_delay;
+                while batch.len() < self.opts.batch_len {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    let more = tokio::select! {
+                        r = self.base.pop(self.opts.batch_len - batch.len(), left) => r,
+                        _ = stopped(&mut stop, STOPPING) => {
+                            self.give_back(&batch).await;
+                            break 'outer;
+                        }
+                    };
+                    match more {
+                        Ok(m) if !m.is_empty() => batch.extend(m),
+                        _ => break,
+                    }
+                }
+            }
+            // Hand the batch over; the slot may have gone (max lowered).
+            loop {
+                if !self.wait_for_slot(&mut stop).await {
+                    self.give_back(&batch).await;
+                    break 'outer;
+                }
+                match self.hand_over(batch) {
+                    None => break,
+                    Some(b) => batch = b,
+                }
+            }
+        }
+        // Retire the idle workers.
+        {
+            let mut pool = lock(&self.pool);
+            let n = pool.idle.len();
+            pool.idle.clear();
+            pool.workers -= n;
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Returns a popped batch to the base queue at once.
+    async fn give_back(&self, batch: &[Delivery]) {
+        let ids: Vec<ItemId> = batch.iter().map(|d| d.id).collect();
+        if let Err(e) = self.base.nack(&ids, Duration::ZERO).await {
+            tracing::warn!(queue = %self.name, error = %e, "could not return a batch; it comes back after the visibility timeout");
+        }
+    }
+
+    /// Waits until a worker could take a batch. False when stopping.
+    async fn wait_for_slot(&self, stop: &mut watch::Receiver<u8>) -> bool {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let level = *stop.borrow();
+            if level != RUNNING {
+                return false;
+            }
+            {
+                let pool = lock(&self.pool);
+                if !pool.idle.is_empty() || pool.workers < pool.max {
+                    return true;
+                }
+            }
+            tokio::select! {
+                _ = changed => {}
+                _ = stopped(stop, STOPPING) => return false,
+            }
+        }
+    }
+
+    /// Gives `batch` to an idle worker or a new one; hands it back when
+    /// neither is possible.
+    fn hand_over(self: &Arc<Self>, mut batch: Vec<Delivery>) -> Option<Vec<Delivery>> {
+        loop {
+            let mut pool = lock(&self.pool);
+            if let Some((_, tx)) = pool.idle.pop() {
+                pool.active += 1;
+                drop(pool);
+                match tx.send(batch) {
+                    Ok(()) => return None,
+                    Err(b) => {
+                        // The worker is gone (runtime shutting down).
+                        let mut pool = lock(&self.pool);
+                        pool.active -= 1;
+                        pool.workers -= 1;
+                        batch = b;
+                        continue;
+                    }
+                }
+            }
+            if pool.workers < pool.max {
+                pool.workers += 1;
+                pool.active += 1;
+                let id = pool.next_worker;
+                pool.next_worker += 1;
+                drop(pool);
+                tokio::spawn(self.clone().worker(id, batch));
+                return None;
+            }
+            return Some(batch);
+        }
+    }
+
+    async fn worker(self: Arc<Self>, id: u64, mut batch: Vec<Delivery>) {
+        let mut stop = self.stop.subscribe();
+        loop {
+            self.process(batch, &mut stop).await;
+            let mut rx = {
+                let mut pool = lock(&self.pool);
+                pool.active -= 1;
+                if pool.workers > pool.max || *stop.borrow() != RUNNING {
+                    pool.workers -= 1;
+                    drop(pool);
+                    self.changed.notify_waiters();
+                    return;
+                }
+                let (tx, rx) = oneshot::channel();
+                pool.idle.push((id, tx));
+                rx
+            };
+            self.changed.notify_waiters();
+            batch = match tokio::time::timeout(self.opts.idle_timeout, &mut rx).await {
+                Ok(Ok(b)) => b,
+                // Retired by set_max_workers or the dispatcher's exit, which
+                // already counted it out.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let retired = {
+                        let mut pool = lock(&self.pool);
+                        match pool.idle.iter().position(|(w, _)| *w == id) {
+                            Some(pos) => {
+                                pool.idle.remove(pos);
+                                pool.workers -= 1;
+                                true
+                            }
+                            None => false,
+                        }
+                    };
+                    if retired {
+                        self.changed.notify_waiters();
+                        return;
+                    }
+                    // The dispatcher picked us just now: the batch is coming.
+                    match rx.await {
+                        Ok(b) => b,
+                        Err(_) => return,
+                    }
+                }
+            };
+        }
+    }
+
+    async fn process(&self, batch: Vec<Delivery>, stop: &mut watch::Receiver<u8>) {
+        let mut items = Vec::with_capacity(batch.len());
+        let mut by_id: HashMap<ItemId, Delivery> = HashMap::with_capacity(batch.len());
+        for d in batch {
+            match serde_json::from_slice::<T>(&d.payload) {
+                Ok(value) => {
+                    items.push(Item {
+                        value,
+                        id: d.id,
+                        attempts: d.attempts,
+                        key: d.key.clone(),
+                    });
+                    by_id.insert(d.id, d);
+                }
+                Err(e) => {
+                    self.dead_letter(&d, DeadReason::Undecodable, e.to_string())
+                        .await
+                }
+            }
+        }
+        if items.is_empty() {
+            return;
+        }
+        let handler = self.handler.clone();
+        let run = AssertUnwindSafe(async move { handler(items).await }).catch_unwind();
+        let outcome = tokio::select! {
+            r = run => Some(r),
+            _ = stopped(stop, HARD_STOP) => None,
+        };
+        let unhandled: HashSet<ItemId> = match outcome {
+            None => {
+                let ids: Vec<ItemId> = by_id.keys().copied().collect();
+                if let Err(e) = self.base.nack(&ids, Duration::ZERO).await {
+                    tracing::warn!(queue = %self.name, error = %e, "could not return a cancelled batch");
+                }
+                return;
+            }
+            Some(Err(_panic)) => {
+                tracing::error!(queue = %self.name, items = by_id.len(), "handler panicked; its batch counts as unhandled");
+                by_id.keys().copied().collect()
+            }
+            Some(Ok(returned)) => returned
+                .iter()
+                .map(|i| i.id)
+                .filter(|id| by_id.contains_key(id))
+                .collect(),
+        };
+        let handled: Vec<ItemId> = by_id
+            .keys()
+            .filter(|id| !unhandled.contains(id))
+            .copied()
+            .collect();
+        if !handled.is_empty() {
+            match self.base.ack(&handled).await {
+                Ok(()) => self.resolve(&handled),
+                Err(e) => {
+                    tracing::warn!(queue = %self.name, error = %e, "ack failed; items will be handled again")
+                }
+            }
+        }
+        let mut retry: BTreeMap<Duration, Vec<ItemId>> = BTreeMap::new();
+        for id in unhandled {
+            let d = &by_id[&id];
+            let failures = d.attempts.saturating_add(1);
+            if failures >= self.opts.max_attempts {
+                let note = format!("not handled after {failures} attempts");
+                self.dead_letter(d, DeadReason::Failed, note).await;
+            } else {
+                retry
+                    .entry(self.opts.backoff_for(d.attempts))
+                    .or_default()
+                    .push(id);
+            }
+        }
+        for (delay, ids) in retry {
+            self.retries.fetch_add(ids.len() as u64, Ordering::Relaxed);
+            if let Err(e) = self.base.nack(&ids, delay).await {
+                tracing::warn!(queue = %self.name, error = %e, "nack failed; items come back after the visibility timeout");
+            }
+        }
+    }
+
+    /// Moves `d` to the dead-letter queue, then acks it. On failure it is
+    /// nacked with a back-off instead: never dropped.
+    async fn dead_letter(&self, d: &Delivery, reason: DeadReason, error: String) {
+        let record = DeadRecord {
+            payload: d.payload.clone(),
+            key: d.key.clone(),
+            attempts: d.attempts.saturating_add(1),
+            reason,
+            error,
+        };
+        let payload = serde_json::to_vec(&record).expect("a dead record always encodes");
+        match self
+            .dead
+            .push(NewItem::new(payload), self.opts.push_timeout)
+            .await
+        {
+            Ok(_) | Err(PushError::AlreadyQueued(_)) => {
+                self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                if let Err(e) = self.base.ack(&[d.id]).await {
+                    tracing::warn!(queue = %self.name, error = %e, "ack of a dead letter failed");
+                } else {
+                    self.resolve(&[d.id]);
+                }
+            }
+            Err(e) => {
+                tracing::error!(queue = %self.name, error = %e, "dead-letter push failed; item retried");
+                self.retries.fetch_add(1, Ordering::Relaxed);
+                let _ = self
+                    .base
+                    .nack(&[d.id], self.opts.backoff_for(d.attempts))
+                    .await;
+            }
+        }
+    }
+}
