@@ -40,8 +40,16 @@ async fn hit_within_ttl_does_not_call_the_handler() {
     let mut second = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
     let mut view = read_snapshot(&mut second).await;
     view.drain(&mut second).unwrap();
-    assert_eq!(store.calls.load(Ordering::SeqCst), 1, "served from the cache");
-    assert_eq!(view.data, store.view(Some("a")), "cached snapshot + everything since");
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        1,
+        "served from the cache"
+    );
+    assert_eq!(
+        view.data,
+        store.view(Some("a")),
+        "cached snapshot + everything since"
+    );
     let stats = p.stats();
     assert_eq!((stats.cache_hits, stats.cache_misses), (1, 1));
 }
@@ -56,7 +64,10 @@ async fn expires_after_ttl() {
     read_snapshot(&mut first).await;
     tokio::time::advance(TTL + Duration::from_millis(1)).await;
     settle().await;
-    assert!(!p.stats().key(TOPIC, &"a".into()).unwrap().cached, "timer evicted it");
+    assert!(
+        !p.stats().key(TOPIC, &"a".into()).unwrap().cached,
+        "timer evicted it"
+    );
     let mut second = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
     read_snapshot(&mut second).await;
     assert_eq!(store.calls.load(Ordering::SeqCst), 2);
@@ -80,7 +91,11 @@ async fn an_old_timer_never_evicts_a_newer_snapshot() {
     settle().await;
     let mut s3 = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
     read_snapshot(&mut s3).await;
-    assert_eq!(store.calls.load(Ordering::SeqCst), 2, "B survived A's timer");
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        2,
+        "B survived A's timer"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -115,12 +130,17 @@ async fn framing_is_never_cached() {
     let p = store.publisher(&mut b);
     store.write("a", 1);
     store.write("a", 2);
-    let mut stale = p.subscribe(SubscribeRequest::new(TOPIC, "a").index(1)).unwrap();
+    let mut stale = p
+        .subscribe(SubscribeRequest::new(TOPIC, "a").index(1))
+        .unwrap();
     assert_eq!(stale.next().await.unwrap(), Message::NewSnapshotToFollow);
     read_snapshot(&mut stale).await;
     let mut fresh = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
     let first = fresh.next().await.unwrap();
-    assert!(first.events().is_some(), "a cache hit starts with the snapshot: {first:?}");
+    assert!(
+        first.events().is_some(),
+        "a cache hit starts with the snapshot: {first:?}"
+    );
     assert_eq!(store.calls.load(Ordering::SeqCst), 1);
 }
 
@@ -176,9 +196,17 @@ async fn last_subscriber_leaving_cancels_a_running_build() {
     let p = b.build();
     let sub = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
     settle().await;
-    assert_eq!(Arc::strong_count(&alive), 3, "the handler future is running");
+    assert_eq!(
+        Arc::strong_count(&alive),
+        3,
+        "the handler future is running"
+    );
     drop(sub);
     settle().await;
-    assert_eq!(Arc::strong_count(&alive), 2, "the handler future was dropped");
+    assert_eq!(
+        Arc::strong_count(&alive),
+        2,
+        "the handler future was dropped"
+    );
     assert!(p.stats().key("t", &"k".into()).is_none());
 }

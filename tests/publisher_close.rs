@@ -28,9 +28,15 @@ async fn force_close_by_token_closes_only_that_token() {
     let p = store.publisher(&mut builder());
     // (An empty store's snapshot reports index 1: start past it.)
     store.write("x", 0);
-    let mut a = p.subscribe(SubscribeRequest::new(TOPIC, "k").token("t1")).unwrap();
-    let mut a2 = p.subscribe(SubscribeRequest::new(TOPIC, "j").token("t1")).unwrap();
-    let mut b = p.subscribe(SubscribeRequest::new(TOPIC, "k").token("t2")).unwrap();
+    let mut a = p
+        .subscribe(SubscribeRequest::new(TOPIC, "k").token("t1"))
+        .unwrap();
+    let mut a2 = p
+        .subscribe(SubscribeRequest::new(TOPIC, "j").token("t1"))
+        .unwrap();
+    let mut b = p
+        .subscribe(SubscribeRequest::new(TOPIC, "k").token("t2"))
+        .unwrap();
     past_snapshot(&mut b).await;
     assert_eq!(p.force_close_token("t1"), 2);
     assert_eq!(a.next().await, Err(SubscriptionError::ForceClosed));
@@ -38,7 +44,11 @@ async fn force_close_by_token_closes_only_that_token() {
     store.write("k", 1);
     assert!(b.next().await.unwrap().events().is_some());
     assert_eq!(p.force_close_token("t1"), 0, "already gone");
-    assert_eq!(p.stats().subscribers(), 1, "closed subscriptions released their keys");
+    assert_eq!(
+        p.stats().subscribers(),
+        1,
+        "closed subscriptions released their keys"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -46,8 +56,11 @@ async fn refresh_topic_evicts_the_cache_and_force_closes_the_topic() {
     let store = Store::new(None);
     let mut b = builder();
     b.snapshot_cache_ttl(std::time::Duration::from_secs(60));
-    b.register("other", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) })
-        .unwrap();
+    b.register(
+        "other",
+        |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) },
+    )
+    .unwrap();
     let p = store.publisher(&mut b);
     let mut s1 = p.subscribe(SubscribeRequest::new(TOPIC, "k")).unwrap();
     past_snapshot(&mut s1).await;
@@ -59,7 +72,10 @@ async fn refresh_topic_evicts_the_cache_and_force_closes_the_topic() {
     past_snapshot(&mut s2).await;
     assert_eq!(store.calls.load(Ordering::SeqCst), 2, "cache evicted");
     p.publish(vec![Event::new("other", "k", 2, 2)]).unwrap();
-    assert!(other.next().await.unwrap().events().is_some(), "other topic untouched");
+    assert!(
+        other.next().await.unwrap().events().is_some(),
+        "other topic untouched"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -68,7 +84,9 @@ async fn shutdown_ends_every_subscription_even_a_waiting_one() {
     let p = store.publisher(&mut builder());
     let mut s1 = p.subscribe(SubscribeRequest::new(TOPIC, "k")).unwrap();
     past_snapshot(&mut s1).await;
-    let s2 = p.subscribe(SubscribeRequest::new(TOPIC, Subject::Wildcard)).unwrap();
+    let s2 = p
+        .subscribe(SubscribeRequest::new(TOPIC, Subject::Wildcard))
+        .unwrap();
     let waiter = tokio::spawn(async move {
         let r = s1.next().await;
         (r, s1)
@@ -102,7 +120,9 @@ async fn dropping_the_last_publisher_handle_shuts_down() {
 async fn first_reason_wins_and_sticks() {
     let store = Store::new(None);
     let p = store.publisher(&mut builder());
-    let mut s = p.subscribe(SubscribeRequest::new(TOPIC, "k").token("t")).unwrap();
+    let mut s = p
+        .subscribe(SubscribeRequest::new(TOPIC, "k").token("t"))
+        .unwrap();
     p.force_close_token("t");
     s.unsubscribe();
     p.shutdown();
@@ -113,7 +133,9 @@ async fn first_reason_wins_and_sticks() {
 
     let store = Store::new(None);
     let p = store.publisher(&mut builder());
-    let mut s = p.subscribe(SubscribeRequest::new(TOPIC, "k").token("t")).unwrap();
+    let mut s = p
+        .subscribe(SubscribeRequest::new(TOPIC, "k").token("t"))
+        .unwrap();
     s.unsubscribe();
     assert_eq!(p.force_close_token("t"), 0);
     p.shutdown();
@@ -124,7 +146,9 @@ async fn first_reason_wins_and_sticks() {
 async fn close_beats_a_simultaneous_event() {
     let store = Store::new(None);
     let p = store.publisher(&mut builder());
-    let mut s = p.subscribe(SubscribeRequest::new(TOPIC, "k").token("t")).unwrap();
+    let mut s = p
+        .subscribe(SubscribeRequest::new(TOPIC, "k").token("t"))
+        .unwrap();
     past_snapshot(&mut s).await;
     store.write("k", 1);
     p.force_close_token("t");
@@ -156,11 +180,15 @@ fn racing_closes_first_wins() {
         .unwrap();
     for round in 0..200 {
         let mut b = Publisher::<u64>::builder();
-        b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) })
-            .unwrap();
+        b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async {
+            Ok(1)
+        })
+        .unwrap();
         let p = b.build();
         let _guard = rt.enter();
-        let mut s = p.subscribe(SubscribeRequest::new("t", "k").token("tok")).unwrap();
+        let mut s = p
+            .subscribe(SubscribeRequest::new("t", "k").token("tok"))
+            .unwrap();
         let barrier = Arc::new(Barrier::new(2));
         let (p2, b2) = (p.clone(), barrier.clone());
         let closer = std::thread::spawn(move || {

@@ -33,12 +33,21 @@ async fn fresh_subscriber_gets_snapshot_end_of_snapshot_then_live() {
     let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
     let m = sub.next().await.unwrap();
     assert_eq!(events(&m), vec![("a".into(), 3, 11)]);
-    assert_eq!(sub.next().await.unwrap(), Message::EndOfSnapshot { index: 3 });
+    assert_eq!(
+        sub.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 3 }
+    );
     assert!(nothing_ready(&mut sub));
     store.write("b", 21);
     store.write("a", 12);
-    assert_eq!(events(&sub.next().await.unwrap()), vec![("a".into(), 5, 12)]);
-    assert!(nothing_ready(&mut sub), "key b must never reach a subscriber of a");
+    assert_eq!(
+        events(&sub.next().await.unwrap()),
+        vec![("a".into(), 5, 12)]
+    );
+    assert!(
+        nothing_ready(&mut sub),
+        "key b must never reach a subscriber of a"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -46,7 +55,10 @@ async fn handler_index_zero_is_reported_as_one() {
     let store = Store::new(None);
     let p = store.publisher(&mut builder());
     let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    assert_eq!(sub.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        sub.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -59,11 +71,20 @@ async fn resume_at_newest_index_has_no_framing() {
     view.apply(keeper.next().await.unwrap());
     let i = store.write("a", 1);
     let calls = store.calls.load(Ordering::SeqCst);
-    let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a").index(i)).unwrap();
+    let mut sub = p
+        .subscribe(SubscribeRequest::new(TOPIC, "a").index(i))
+        .unwrap();
     assert!(nothing_ready(&mut sub), "resume must not replay or frame");
     store.write("a", 2);
-    assert_eq!(events(&ready(&mut sub).unwrap()), vec![("a".into(), i + 1, 2)]);
-    assert_eq!(store.calls.load(Ordering::SeqCst), calls, "no snapshot for a resume");
+    assert_eq!(
+        events(&ready(&mut sub).unwrap()),
+        vec![("a".into(), i + 1, 2)]
+    );
+    assert_eq!(
+        store.calls.load(Ordering::SeqCst),
+        calls,
+        "no snapshot for a resume"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -72,12 +93,19 @@ async fn stale_index_gets_new_snapshot_to_follow() {
     let p = store.publisher(&mut builder());
     store.write("a", 1);
     store.write("a", 2);
-    let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a").index(1)).unwrap();
+    let mut sub = p
+        .subscribe(SubscribeRequest::new(TOPIC, "a").index(1))
+        .unwrap();
     assert_eq!(sub.next().await.unwrap(), Message::NewSnapshotToFollow);
     assert_eq!(events(&sub.next().await.unwrap()), vec![("a".into(), 2, 2)]);
-    assert_eq!(sub.next().await.unwrap(), Message::EndOfSnapshot { index: 2 });
+    assert_eq!(
+        sub.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 2 }
+    );
     // An index from the future is stale too.
-    let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a").index(99)).unwrap();
+    let mut sub = p
+        .subscribe(SubscribeRequest::new(TOPIC, "a").index(99))
+        .unwrap();
     assert_eq!(sub.next().await.unwrap(), Message::NewSnapshotToFollow);
 }
 
@@ -98,12 +126,16 @@ async fn resume_from_any_index_in_the_cached_chain() {
     store.write("a", 4);
     let calls = store.calls.load(Ordering::SeqCst);
     // i2 is not the newest index, but it is held in the cached chain.
-    let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a").index(i2)).unwrap();
+    let mut sub = p
+        .subscribe(SubscribeRequest::new(TOPIC, "a").index(i2))
+        .unwrap();
     assert_eq!(events(&ready(&mut sub).unwrap()), vec![("a".into(), i3, 3)]);
     assert_eq!(ready(&mut sub).unwrap().events().unwrap().index(), i3 + 1);
     assert!(nothing_ready(&mut sub));
     // The snapshot's own index is in the chain too.
-    let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a").index(1)).unwrap();
+    let mut sub = p
+        .subscribe(SubscribeRequest::new(TOPIC, "a").index(1))
+        .unwrap();
     assert_eq!(ready(&mut sub).unwrap().events().unwrap().index(), i2);
     assert_eq!(store.calls.load(Ordering::SeqCst), calls);
 }
@@ -113,11 +145,16 @@ async fn wildcard_gets_every_key_and_one_batch_per_index() {
     let store = Store::new(None);
     let p = store.publisher(&mut builder());
     store.write("a", 1);
-    let mut all = p.subscribe(SubscribeRequest::new(TOPIC, Subject::Wildcard)).unwrap();
+    let mut all = p
+        .subscribe(SubscribeRequest::new(TOPIC, Subject::Wildcard))
+        .unwrap();
     let mut a = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
     let mut view = View::default();
     view.apply(all.next().await.unwrap());
-    assert_eq!(all.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        all.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
     a.next().await.unwrap();
     a.next().await.unwrap();
     let i = store.write_many(&[("a", 5), ("b", 6), ("c", 7)]);
@@ -162,7 +199,10 @@ async fn events_at_or_below_end_of_snapshot_are_dropped() {
     gate.add_permits(1);
     let mut view = View::default();
     view.apply(sub.next().await.unwrap());
-    assert_eq!(sub.next().await.unwrap(), Message::EndOfSnapshot { index: 2 });
+    assert_eq!(
+        sub.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 2 }
+    );
     assert!(nothing_ready(&mut sub), "index 2 must not come twice");
     store.write("a", 3);
     assert_eq!(ready(&mut sub).unwrap().events().unwrap().index(), 3);
@@ -174,29 +214,37 @@ async fn failing_handler_delivers_what_it_streamed_then_the_error() {
     b.snapshot_cache_ttl(std::time::Duration::from_secs(60));
     let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let c = calls.clone();
-    b.register("t", move |_r: SnapshotRequest, mut sink: SnapshotSink<u64>| {
-        let n = c.fetch_add(1, Ordering::SeqCst);
-        async move {
-            sink.append_one(Event::new("t", "k", 1, 7))?;
-            if n == 0 {
-                Err("store unavailable".into())
-            } else {
-                Ok(1)
+    b.register(
+        "t",
+        move |_r: SnapshotRequest, mut sink: SnapshotSink<u64>| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            async move {
+                sink.append_one(Event::new("t", "k", 1, 7))?;
+                if n == 0 {
+                    Err("store unavailable".into())
+                } else {
+                    Ok(1)
+                }
             }
-        }
-    })
+        },
+    )
     .unwrap();
     let p = b.build();
     let mut sub = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
     assert_eq!(*sub.next().await.unwrap().events().unwrap()[0].payload(), 7);
     let err = sub.next().await.unwrap_err();
-    let SubscriptionError::Snapshot(e) = &err else { panic!("{err:?}") };
+    let SubscriptionError::Snapshot(e) = &err else {
+        panic!("{err:?}")
+    };
     assert_eq!(e.inner().to_string(), "store unavailable");
     assert_eq!(sub.next().await.unwrap_err(), err, "the error sticks");
     // Not cached: the next subscriber calls the handler again and succeeds.
     let mut sub2 = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
     sub2.next().await.unwrap();
-    assert_eq!(sub2.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        sub2.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
     assert_eq!(calls.load(Ordering::SeqCst), 2);
 }
 
@@ -213,7 +261,9 @@ async fn panicking_handler_is_a_snapshot_error() {
     let p = b.build();
     let mut sub = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
     let err = sub.next().await.unwrap_err();
-    let SubscriptionError::Snapshot(e) = err else { panic!() };
+    let SubscriptionError::Snapshot(e) = err else {
+        panic!()
+    };
     assert!(e.inner().is::<snapstream::publisher::HandlerPanicked>());
 }
 
@@ -229,7 +279,10 @@ async fn sink_kept_past_the_handler_hands_events_back() {
     .unwrap();
     let p = b.build();
     let mut sub = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
-    assert_eq!(sub.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        sub.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
     let mut sink = kept.lock().unwrap().take().unwrap();
     let err = sink.append_one(Event::new("t", "k", 2, 5)).unwrap_err();
     assert_eq!(*err.into_events()[0].payload(), 5);
@@ -241,7 +294,9 @@ async fn registration_and_subscription_errors() {
     let mut b = Publisher::<u64>::builder();
     assert_eq!(b.register("", h).err(), Some(RegisterError::EmptyTopic));
     b.register("plain", h).unwrap();
-    assert!(matches!(b.register("plain", h), Err(RegisterError::DuplicateTopic(t)) if t.as_str() == "plain"));
+    assert!(
+        matches!(b.register("plain", h), Err(RegisterError::DuplicateTopic(t)) if t.as_str() == "plain")
+    );
     let p = b.build();
     assert!(matches!(
         p.subscribe(SubscribeRequest::new("nope", "k")),
@@ -256,8 +311,10 @@ async fn registration_and_subscription_errors() {
 #[test]
 fn subscribe_outside_a_runtime_is_an_error() {
     let mut b = Publisher::<u64>::builder();
-    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) })
-        .unwrap();
+    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async {
+        Ok(1)
+    })
+    .unwrap();
     let p = b.build();
     assert!(matches!(
         p.subscribe(SubscribeRequest::new("t", "k")),
@@ -271,12 +328,18 @@ async fn bad_publishes_route_nothing_and_hand_the_batch_back() {
     let p = store.publisher(&mut builder());
     let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
     sub.next().await.unwrap();
-    let batch = vec![Event::new(TOPIC, "a", 1, 1), Event::new(TOPIC, Subject::Wildcard, 1, 2)];
+    let batch = vec![
+        Event::new(TOPIC, "a", 1, 1),
+        Event::new(TOPIC, Subject::Wildcard, 1, 2),
+    ];
     let err = p.publish(batch).unwrap_err();
     assert_eq!(err.kind(), &PublishErrorKind::WildcardSubject);
     assert_eq!(err.into_events().len(), 2);
     let err = p
-        .publish(vec![Event::new(TOPIC, "a", 1, 1), Event::new("nope", "a", 1, 2)])
+        .publish(vec![
+            Event::new(TOPIC, "a", 1, 1),
+            Event::new("nope", "a", 1, 2),
+        ])
         .unwrap_err();
     assert!(matches!(err.kind(), PublishErrorKind::UnknownTopic(t) if t.as_str() == "nope"));
     assert!(nothing_ready(&mut sub), "a refused batch routes nothing");

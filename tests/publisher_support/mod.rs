@@ -46,10 +46,13 @@ impl Store {
     /// Registers the store's handler for `TOPIC` (with wildcard support).
     pub fn register(self: &Arc<Self>, b: &mut PublisherBuilder<u64>) {
         let store = self.clone();
-        b.register_with_wildcard(TOPIC, move |req: SnapshotRequest, sink: SnapshotSink<u64>| {
-            let store = store.clone();
-            async move { store.snapshot(req, sink).await }
-        })
+        b.register_with_wildcard(
+            TOPIC,
+            move |req: SnapshotRequest, sink: SnapshotSink<u64>| {
+                let store = store.clone();
+                async move { store.snapshot(req, sink).await }
+            },
+        )
         .unwrap();
     }
 
@@ -95,7 +98,8 @@ impl Store {
         let index = st.index;
         st.data.insert(key.to_string(), (index, value));
         if let Some(p) = &*self.publisher.lock().unwrap() {
-            p.publish(vec![Event::new(TOPIC, key, index, value)]).unwrap();
+            p.publish(vec![Event::new(TOPIC, key, index, value)])
+                .unwrap();
         }
         index
     }
@@ -158,19 +162,27 @@ impl View {
                 self.new_snapshots += 1;
             }
             Message::EndOfSnapshot { index } => {
-                assert!(!self.snapshot_done, "two EndOfSnapshot without a new snapshot");
+                assert!(
+                    !self.snapshot_done,
+                    "two EndOfSnapshot without a new snapshot"
+                );
                 self.snapshot_done = true;
                 self.last_live = index;
             }
             Message::Events(b) => {
                 let idx = b.index();
                 if self.snapshot_done {
-                    assert!(idx > self.last_live, "live index {idx} after {}", self.last_live);
+                    assert!(
+                        idx > self.last_live,
+                        "live index {idx} after {}",
+                        self.last_live
+                    );
                     self.last_live = idx;
                     self.live_indexes.push(idx);
                 }
                 for e in b.iter() {
-                    self.data.insert(e.subject().as_key().unwrap().to_string(), *e.payload());
+                    self.data
+                        .insert(e.subject().as_key().unwrap().to_string(), *e.payload());
                 }
             }
         }
