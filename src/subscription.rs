@@ -42,6 +42,7 @@ use std::task::{Context, Poll, Waker};
 use futures::stream::{FusedStream, Stream};
 use tokio::runtime::Handle;
 
+use crate::buffer::ReadError;
 use crate::event::{Message, Subject, Topic};
 use crate::publisher::{Cur, Inner, Item, SnapshotError};
 use crate::sync::Mutex;
@@ -468,7 +469,14 @@ impl<P: Send + Sync + 'static> Subscription<P> {
                 }
                 Step::Ready(Poll::Pending)
             }
-            Poll::Ready(Err(e)) => {
+            Poll::Ready(Err(ReadError::Closed)) => {
+                // The chain's writer went away without ending it (a build
+                // cancelled under this reader): start over from a snapshot.
+                st.cursor = None;
+                st.resnapshot = true;
+                Step::Again
+            }
+            Poll::Ready(Err(ReadError::Failed(e))) => {
                 let err = SubscriptionError::Snapshot(e.clone());
                 st.closed = Some(err.clone());
                 st.cursor = None;

@@ -98,8 +98,6 @@
 //! ```
 
 mod error;
-#[allow(unreachable_pub)]
-mod shim_buffer;
 mod snapshot;
 mod stats;
 
@@ -121,10 +119,10 @@ pub use stats::{KeyStats, PublisherStats, TopicStats};
 
 pub use crate::subscription::{LagPolicy, SubscribeRequest, Subscription, SubscriptionError};
 
+use crate::buffer::{Cursor, EventBuffer, ReadError};
 use crate::event::{Event, EventBatch, Subject, Topic};
 use crate::subscription::{SubShared, SubStart};
 use crate::sync::Mutex;
-use shim_buffer::{Cursor, EventBuffer};
 
 /// Default snapshot cache TTL: 10 seconds (as Consul's).
 pub const DEFAULT_SNAPSHOT_CACHE_TTL: Duration = Duration::from_secs(10);
@@ -846,7 +844,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
         let mut after_eos = false;
         loop {
             let (found, in_live) = match cursor.try_next() {
-                None | Some(Err(_)) => return None,
+                None | Some(Err(ReadError::Failed(_) | ReadError::Closed)) => return None,
                 Some(Ok(items)) => match items.first() {
                     Some(Item::EndOfSnapshot(i)) => {
                         after_eos = true;
@@ -969,12 +967,20 @@ impl<P: Send + Sync + 'static> Inner<P> {
     /// Re-attaches a lag-detached subscriber to a (cached or new) snapshot.
     pub(crate) fn resnapshot(self: &Arc<Self>, sub: &SubShared<P>) {
         let mut state = self.topics[sub.topic].state.lock();
-        let Some(ks) = state.keys.get_mut(&sub.subject) else {
+        let Some(ks) = state
+            .keys
+            .get_mut(&sub.subject)
+            .filter(|ks| ks.subs.contains_key(&sub.id))
+        else {
+            // Released: it was closed; make sure of it so the reader stops.
+            drop(state);
+            sub.close(if self.shutdown.load(Ordering::Acquire) {
+                SubscriptionError::ShuttingDown
+            } else {
+                SubscriptionError::ForceClosed
+            });
             return;
         };
-        if !ks.subs.contains_key(&sub.id) {
-            return;
-        }
         let (cursor, base_seq) = self.snapshot_cursor(
             &sub.runtime,
             sub.topic,

@@ -235,7 +235,15 @@ pub(crate) async fn build<P: Send + Sync + 'static>(
         match outcome {
             Ok(index) => {
                 snap.append_one(Item::EndOfSnapshot(index));
-                snap.splice(&live_pos);
+                // The live buffer is always older than the snapshot buffer.
+                if let Err(e) = snap.splice(&live_pos) {
+                    tracing::error!("snapshot spliced onto a newer buffer");
+                    e.0.fail(SnapshotError::new(
+                        "snapshot spliced onto a newer buffer".into(),
+                    ));
+                    inner.forget_snapshot(topic, &subject, id);
+                    return;
+                }
                 drop(live_pos);
                 tracing::debug!(index, "snapshot built");
                 let ttl = inner.ttl;

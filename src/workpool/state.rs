@@ -276,3 +276,151 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod model_tests {
+    //! The dispatcher against a simple model: per-key FIFOs, a count of
+    //! in-flight items per key, a global bound.
+
+    use std::collections::{BTreeMap, VecDeque};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(u8, bool),
+        Take,
+        Finish(usize, bool),
+        Close(bool),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (0..4u8, proptest::bool::weighted(0.1)).prop_map(|(k, h)| Op::Push(k, h)),
+            4 => Just(Op::Take),
+            4 => (any::<usize>(), proptest::bool::weighted(0.1)).prop_map(|(i, p)| Op::Finish(i, p)),
+            1 => any::<bool>().prop_map(Op::Close),
+        ]
+    }
+
+    #[derive(Default)]
+    struct Model {
+        queues: BTreeMap<u8, VecDeque<u32>>,
+        in_flight: BTreeMap<u8, usize>,
+        closing: Option<Closing>,
+    }
+
+    impl Model {
+        fn pending(&self) -> usize {
+            self.queues.values().map(VecDeque::len).sum()
+        }
+        fn keys(&self) -> usize {
+            let mut keys: Vec<u8> = self.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
+            keys.extend(self.in_flight.iter().filter(|(_, n)| **n > 0).map(|(k, _)| *k));
+            keys.sort_unstable();
+            keys.dedup();
+            keys.len()
+        }
+        fn can_start(&self, per_key: usize) -> bool {
+            self.queues.iter().any(|(k, q)| !q.is_empty() && self.in_flight.get(k).copied().unwrap_or(0) < per_key)
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn dispatcher_matches_model(
+            capacity in 1..6usize,
+            per_key in 1..3usize,
+            ops in proptest::collection::vec(op(), 1..120),
+        ) {
+            let mut st: State<u8, u32> = State::new(capacity, per_key, 1);
+            st.workers_live = 1;
+            let mut model = Model::default();
+            let mut jobs: Vec<(u8, u32)> = Vec::new();
+            let mut next = 0u32;
+            let mut handled = 0u64;
+            for op in ops {
+                let mut wakes = Wakeups::default();
+                match op {
+                    Op::Push(k, from_handler) => {
+                        let stopped = match model.closing {
+                            None => false,
+                            Some(Closing::Drain) => !from_handler,
+                            Some(Closing::Abort) => true,
+                        };
+                        let full = !from_handler && model.pending() >= capacity;
+                        match st.push(k, next, from_handler, &mut wakes) {
+                            Ok(()) => {
+                                prop_assert!(!stopped && !full);
+                                model.queues.entry(k).or_default().push_back(next);
+                            }
+                            Err((Refused::Stopped, k2, i)) => {
+                                prop_assert!(stopped);
+                                prop_assert_eq!((k2, i), (k, next));
+                            }
+                            Err((Refused::Full, k2, i)) => {
+                                prop_assert!(full && !stopped);
+                                prop_assert_eq!((k2, i), (k, next));
+                            }
+                        }
+                        next += 1;
+                    }
+                    Op::Take => match st.take(&mut wakes) {
+                        Take::Job(k, i) => {
+                            let front = model.queues.get_mut(&k).and_then(VecDeque::pop_front);
+                            prop_assert_eq!(front, Some(i), "not the head of key {}", k);
+                            let n = model.in_flight.entry(k).or_default();
+                            *n += 1;
+                            prop_assert!(*n <= per_key);
+                            jobs.push((k, i));
+                        }
+                        Take::Wait => {
+                            prop_assert!(!model.can_start(per_key));
+                            prop_assert!(model.closing.is_none() || !jobs.is_empty() || model.pending() > 0);
+                        }
+                        Take::Exit => {
+                            prop_assert!(model.closing.is_some() && jobs.is_empty() && model.pending() == 0);
+                            st.workers_live = 1; // keep the single worker for the rest of the run
+                        }
+                    },
+                    Op::Finish(i, panicked) if !jobs.is_empty() => {
+                        let (k, _) = jobs.swap_remove(i % jobs.len());
+                        st.finish(k, panicked, &mut wakes);
+                        *model.in_flight.get_mut(&k).unwrap() -= 1;
+                        if !panicked {
+                            handled += 1;
+                        }
+                    }
+                    Op::Finish(..) => {}
+                    Op::Close(abort) => {
+                        let how = if abort { Closing::Abort } else { Closing::Drain };
+                        let out = st.close(how, &mut wakes);
+                        if abort || model.closing == Some(Closing::Abort) {
+                            let was_abort = model.closing == Some(Closing::Abort);
+                            model.closing = Some(Closing::Abort);
+                            let mut expected: Vec<(u8, u32)> = Vec::new();
+                            for (k, q) in model.queues.iter_mut() {
+                                expected.extend(q.drain(..).map(|i| (*k, i)));
+                            }
+                            expected.sort_unstable_by_key(|(_, i)| *i);
+                            if was_abort {
+                                prop_assert!(out.is_empty());
+                            } else {
+                                prop_assert_eq!(out, expected, "abort hands back in add order");
+                            }
+                        } else {
+                            model.closing = Some(Closing::Drain);
+                            prop_assert!(out.is_empty());
+                        }
+                    }
+                }
+                prop_assert_eq!(st.pending(), model.pending());
+                prop_assert_eq!(st.in_flight(), jobs.len());
+                prop_assert_eq!(st.keys(), model.keys(), "entries only for keys with work");
+                prop_assert_eq!(st.handled, handled);
+            }
+        }
+    }
+}

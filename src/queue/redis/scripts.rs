@@ -46,6 +46,22 @@ local function wake_pushes()
     redis.call('PUBLISH', ARGV[1], 's')
   end
 end
+-- Up to 256 members of ZSET `key` due by `now`, by due time then id (a ZSET
+-- breaks score ties by comparing the members as strings: "10" < "9").
+local function due_ids(key, now)
+  local r = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 256)
+  local items = {}
+  for i = 1, #r, 2 do
+    items[#items + 1] = {tonumber(r[i + 1]), tonumber(r[i]), r[i]}
+  end
+  table.sort(items, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+  end)
+  local ids = {}
+  for i = 1, #items do ids[i] = items[i][3] end
+  return ids
+end
 -- The holder `id` of ordering key `k` is done: hand the key to the next parked
 -- item, if any, and return that item's id.
 local function release(k, id)
@@ -95,12 +111,12 @@ return id
 /// none, 0 = call again now).
 const POP: &str = r#"
 local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 256)
+local due = due_ids(KEYS[2], now)
 for i = 1, #due do
   redis.call('ZREM', KEYS[2], due[i])
   redis.call('RPUSH', KEYS[1], due[i])
 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)
+local expired = due_ids(KEYS[3], now)
 for i = 1, #expired do
   redis.call('ZREM', KEYS[3], expired[i])
   redis.call('HINCRBY', KEYS[6], expired[i], 1)
