@@ -126,7 +126,7 @@ pub struct Config {
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Tiny sizes, for the tests: 1.5 s, 40 subscribers, 16 keys, 1,000
-    /// changes/s (overrides those four flags).
+    /// changes/s, lag limit 100 (overrides those flags), no progress bar.
     #[arg(long)]
     pub quick: bool,
     /// Do not draw the progress bar.
@@ -145,6 +145,7 @@ impl Config {
             self.subscribers = 40;
             self.keys = 16;
             self.rate = 1_000;
+            self.lag_limit = self.lag_limit.min(100);
             self.no_progress = true;
         }
         if self.redis.is_some() {
@@ -676,11 +677,14 @@ pub struct Webhook {
     value: u64,
 }
 
+/// The keyed pool's replica of the store: key -> (value, index applied).
+type Replica = HashMap<Arc<str>, (Option<u64>, u64)>;
+
 /// What the side-effect pipeline saw.
 #[derive(Debug, Default)]
 struct Effects {
-    /// The pool's own replica of the store: key -> (value, index applied).
-    replica: Mutex<HashMap<Arc<str>, (Option<u64>, u64)>>,
+    /// The pool's own replica of the store.
+    replica: Mutex<Replica>,
     applied: AtomicU64,
     order_violations: AtomicU64,
     lease_waits: AtomicU64,
@@ -798,7 +802,7 @@ async fn side_effect(
                     *slot = (value, index);
                     if live {
                         if let Some(v) = value {
-                            if index % WEBHOOK_EVERY == 0 {
+                            if index.is_multiple_of(WEBHOOK_EVERY) {
                                 effects.webhooks_made.fetch_add(1, Ordering::Relaxed);
                                 let _ = webhooks.unbounded_send((key.to_string(), index, v));
                             }
@@ -817,7 +821,7 @@ async fn side_effect(
         }
     }
     effects.applied.fetch_add(1, Ordering::Relaxed);
-    if index % SLOW_SIDE_EFFECT_EVERY == 0 {
+    if index.is_multiple_of(SLOW_SIDE_EFFECT_EVERY) {
         // A slow side effect (say, a call to another service), lease held.
         tokio::time::sleep(Duration::from_millis(1)).await;
     } else {
@@ -838,7 +842,7 @@ fn endpoint_fails(seq: u64, attempts: u32) -> bool {
     h ^= h >> 29;
     h = h.wrapping_mul(0xBF58_476D_1CE4_E5B9);
     h ^= h >> 32;
-    h % 5 == 0
+    h.is_multiple_of(5)
 }
 
 #[derive(Debug, Default)]
@@ -986,8 +990,11 @@ pub struct Report {
     pub subscribers: (usize, usize, usize, usize),
     /// Events delivered to the subscribers' views.
     pub deliveries: u64,
-    /// Delivery latency p50 and p99 (publish to view), live events only.
+    /// Delivery latency p50 and p99 (publish to view, live events only) of
+    /// the subscribers that keep up.
     pub latency: (Option<Duration>, Option<Duration>),
+    /// The same for the deliberately slow subscribers.
+    pub slow_latency: (Option<Duration>, Option<Duration>),
     /// Snapshot builds (handler calls) and cache hits.
     pub snapshots: (u64, u64),
     /// Lag: automatic re-snapshots and `Lagged` errors (then resumed).
@@ -1084,7 +1091,13 @@ impl Report {
             ),
             (
                 "delivery latency p50 / p99",
-                format!("{} / {}", ms(self.latency.0), ms(self.latency.1)),
+                format!(
+                    "{} / {} (slow readers: {} / {})",
+                    ms(self.latency.0),
+                    ms(self.latency.1),
+                    ms(self.slow_latency.0),
+                    ms(self.slow_latency.1)
+                ),
             ),
             (
                 "snapshot cache hit rate",
@@ -1196,7 +1209,7 @@ fn thousands(v: u64) -> String {
     let digits = v.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -1381,7 +1394,7 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
     } else {
         let bar = ProgressBar::new((cfg.duration * 10.0) as u64);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {msg}")
+            ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {wide_msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
                 .progress_chars("=> "),
         );
@@ -1407,11 +1420,11 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
                     continue;
                 }
                 bar.set_message(format!(
-                    "{} published, {} delivered, webhooks {} pushed / {} ok / {} retried / {} dead",
+                    "{} events, {} deliveries, webhooks: {} ok of {}, {} retried, {} dead",
                     thousands(published.load(Ordering::Relaxed)),
                     thousands(counters.deliveries.load(Ordering::Relaxed)),
-                    thousands(lock(&pushed).len() as u64),
                     thousands(lock(&deliveries.delivered).len() as u64),
+                    thousands(lock(&pushed).len() as u64),
                     thousands(queue.retries()),
                     thousands(queue.dead_lettered()),
                 ));
@@ -1446,6 +1459,7 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
 
     // Every view reads up to the final index, then is compared.
     let mut hist = Hist::new();
+    let mut slow_hist = Hist::new();
     let mut converged = 0;
     let mut not_converged = Vec::new();
     let (mut wild, mut slow, mut reconn) = (0, 0, 0);
@@ -1455,7 +1469,11 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
                 wild += usize::from(r.spec.subject.is_wildcard());
                 slow += usize::from(r.spec.role == Role::Slow);
                 reconn += usize::from(r.spec.role == Role::Reconnecting);
-                hist.merge(&r.hist);
+                if r.spec.role == Role::Slow {
+                    slow_hist.merge(&r.hist);
+                } else {
+                    hist.merge(&r.hist);
+                }
                 if r.converged {
                     converged += 1;
                 } else {
@@ -1556,6 +1574,7 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
         subscribers: (cfg.subscribers, wild, slow, reconn),
         deliveries: c(&counters.deliveries),
         latency: (hist.quantile(0.5), hist.quantile(0.99)),
+        slow_latency: (slow_hist.quantile(0.5), slow_hist.quantile(0.99)),
         snapshots: (stats.cache_misses, stats.cache_hits),
         lag: (
             c(&counters.lag_resnapshots) + c(&effects.feed_resnapshots),
