@@ -44,7 +44,9 @@ use snapstream::publisher::{
     BoxError, LagPolicy, Publisher, SnapshotHandler, SnapshotRequest, SnapshotSink,
     SubscribeRequest, Subscription, SubscriptionError,
 };
-use snapstream::queue::{BaseQueue, Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+use snapstream::queue::{
+    BaseQueue, Item, Manager, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions,
+};
 use snapstream::workpool::{KeyedPool, StopMode};
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -465,6 +467,7 @@ struct Counters {
     reconnects: AtomicU64,
     resumed_live: AtomicU64,
     resumed_snapshot: AtomicU64,
+    restarted: AtomicU64,
 }
 
 /// A materialized view of one subscription.
@@ -610,6 +613,8 @@ async fn subscriber(
                 counters.reconnects.fetch_add(1, Ordering::Relaxed);
                 let from = if view.complete { view.seen } else { 0 };
                 if from == 0 {
+                    // Disconnected mid-snapshot: nothing to resume from.
+                    counters.restarted.fetch_add(1, Ordering::Relaxed);
                     view.reset();
                 }
                 sub = match subscribe(&publisher, &spec, from) {
@@ -999,8 +1004,9 @@ pub struct Report {
     pub snapshots: (u64, u64),
     /// Lag: automatic re-snapshots and `Lagged` errors (then resumed).
     pub lag: (u64, u64),
-    /// Reconnects, resumed without a snapshot, resumed with a new snapshot.
-    pub resumes: (u64, u64, u64),
+    /// Reconnects, resumed without a snapshot, resumed with a new snapshot,
+    /// started over (disconnected before the first snapshot ended).
+    pub resumes: (u64, u64, u64, u64),
     /// Views that converged, and the reasons of those that did not.
     pub views: (usize, Vec<String>),
     /// Side effects applied, out-of-order live changes, and whether the pool's
@@ -1010,6 +1016,8 @@ pub struct Report {
     pub leases: (u64, u64, u64),
     /// Work queue backend description.
     pub queue_backend: String,
+    /// The queue manager's listing after the final flush.
+    pub manager_view: String,
     /// Webhooks: pushed, delivered, handler attempts, retried, dead-lettered,
     /// lost, failed pushes, from earlier runs.
     pub webhooks: WebhookFigures,
@@ -1120,10 +1128,11 @@ impl Report {
             (
                 "reconnects",
                 format!(
-                    "{} ({} resumed live, {} with a new snapshot)",
+                    "{} ({} resumed live, {} with a new snapshot, {} mid-snapshot restarts)",
                     n(self.resumes.0),
                     n(self.resumes.1),
-                    n(self.resumes.2)
+                    n(self.resumes.2),
+                    n(self.resumes.3)
                 ),
             ),
             (
@@ -1145,6 +1154,7 @@ impl Report {
                 ),
             ),
             ("work queue", self.queue_backend.clone()),
+            ("queue manager", self.manager_view.clone()),
             (
                 "queue items",
                 format!(
@@ -1291,6 +1301,9 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
             }
         })?
     };
+
+    let manager = Manager::new();
+    manager.add(&queue)?;
 
     // The pusher: webhooks made by the side effects go into the work queue.
     let (hook_tx, hook_rx) = futures::channel::mpsc::unbounded::<(String, u64, u64)>();
@@ -1519,9 +1532,23 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
     if let Err(e) = pusher.await {
         errors.push(format!("the webhook pusher failed: {e}"));
     }
-    if let Err(e) = queue.flush(FLUSH_TIMEOUT).await {
+    if let Err(e) = manager.flush_all(FLUSH_TIMEOUT).await {
         errors.push(format!("work queue flush: {e}"));
     }
+    let manager_view = manager
+        .queues()
+        .await
+        .into_iter()
+        .map(|q| {
+            let left = q.length.map_or("?".to_string(), |l| thousands(l.total()));
+            let dead = q.dead_letters.map_or("?".to_string(), thousands);
+            format!(
+                "{} ({}): {left} left, {dead} dead letters stored, {} workers of max {}",
+                q.name, q.backend, q.workers, q.max_workers
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
     let mut dead_seqs = HashSet::new();
     match queue.dead_letters().await {
         Ok(letters) => {
@@ -1537,7 +1564,7 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
     }
     let retried = queue.retries();
     let dead_lettered = queue.dead_lettered();
-    queue.shutdown(Duration::from_secs(5)).await;
+    manager.shutdown_all(Duration::from_secs(5)).await;
     home.cleanup().await;
     ticker.abort();
     bar.finish_and_clear();
@@ -1584,6 +1611,7 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
             c(&counters.reconnects),
             c(&counters.resumed_live),
             c(&counters.resumed_snapshot),
+            c(&counters.restarted),
         ),
         views: (converged, not_converged),
         side_effects: (
@@ -1593,6 +1621,7 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
         ),
         leases: (max_active, cfg.leases_per_node, c(&effects.lease_waits)),
         queue_backend,
+        manager_view,
         webhooks,
         peak_memory_kib: peak_memory_kib(),
         errors,
