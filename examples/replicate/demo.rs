@@ -73,7 +73,7 @@ pub enum BackendKind {
     Disk,
     /// Process memory.
     Memory,
-    /// A Redis server (`--redis URL`; needs `--features redis`).
+    /// A Redis server (see `--redis`; needs a build with `--features redis`).
     Redis,
 }
 
@@ -105,7 +105,8 @@ pub struct Config {
     /// Work queue backend.
     #[arg(long, value_enum, default_value_t = BackendKind::Disk)]
     pub backend: BackendKind,
-    /// Redis URL for the work queue (implies `--backend redis`).
+    /// Redis URL for the work queue (implies `--backend redis`, which alone
+    /// uses redis://127.0.0.1:6379).
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
     /// Directory for the disk queue's file [default: a new temporary directory,
@@ -124,7 +125,7 @@ pub struct Config {
     /// Workers of the keyed pool.
     #[arg(long, default_value_t = 16)]
     pub workers: usize,
-    /// Random seed (the run is random but repeatable in what it does).
+    /// Random seed for the changes and the subscribers' behaviour.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Tiny sizes, for the tests: 1.5 s, 40 subscribers, 16 keys, 1,000
