@@ -78,28 +78,37 @@ local function release(k, id)
 end
 "#;
 
-/// `ARGV[3]` capacity (-1 = none), `ARGV[4]` unique ('1'/'0'), `ARGV[5]` how
-/// long the caller will wait for room (ms, 0 = not at all), `ARGV[6]` payload,
-/// `ARGV[7]` ordering key (optional). Returns the new id, -1 when full, -2 for
-/// a duplicate.
+/// `ARGV[3]` capacity (-1 = none), `ARGV[4]` unique ('1'/'0'), then four
+/// entries per item: how long its caller will wait for room (ms, 0 = not at
+/// all), payload, has-key ('1'/'0'), key. Items are stored in argument order.
+/// Returns one entry per item: the new id, -1 when full, -2 for a duplicate.
 const PUSH: &str = r#"
 local cap = tonumber(ARGV[3])
 local unique = ARGV[4] == '1'
-if unique and redis.call('HEXISTS', KEYS[7], ARGV[6]) == 1 then
-  return -2
+local total = redis.call('HLEN', KEYS[4])
+local out = {}
+local pushed = false
+for i = 5, #ARGV, 4 do
+  local p = ARGV[i + 1]
+  if unique and redis.call('HEXISTS', KEYS[7], p) == 1 then
+    out[#out + 1] = -2
+  elseif cap >= 0 and total >= cap then
+    local px = tonumber(ARGV[i])
+    if px > 0 then flag(KEYS[11], px) end
+    out[#out + 1] = -1
+  else
+    local id = redis.call('INCR', KEYS[9])
+    redis.call('HSET', KEYS[4], id, p)
+    if ARGV[i + 2] == '1' then redis.call('HSET', KEYS[5], id, ARGV[i + 3]) end
+    if unique then redis.call('HSET', KEYS[7], p, id) end
+    redis.call('RPUSH', KEYS[1], id)
+    total = total + 1
+    pushed = true
+    out[#out + 1] = id
+  end
 end
-if cap >= 0 and redis.call('HLEN', KEYS[4]) >= cap then
-  local px = tonumber(ARGV[5])
-  if px > 0 then flag(KEYS[11], px) end
-  return -1
-end
-local id = redis.call('INCR', KEYS[9])
-redis.call('HSET', KEYS[4], id, ARGV[6])
-if ARGV[7] then redis.call('HSET', KEYS[5], id, ARGV[7]) end
-if unique then redis.call('HSET', KEYS[7], ARGV[6], id) end
-redis.call('RPUSH', KEYS[1], id)
-wake_pops()
-return id
+if pushed then wake_pops() end
+return out
 "#;
 
 /// `ARGV[3]` max items, `ARGV[4]` lease length (ms), `ARGV[5]` how long the
