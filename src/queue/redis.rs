@@ -1,7 +1,8 @@
 //! The Redis base queue: one queue shared by any number of processes.
 //!
-//! [`RedisQueue`] implements [`BaseQueue`] on a Redis server (5.0 or newer; a
-//! single node, or a replicated primary). It is how a [`WorkQueue`](crate::queue)
+//! [`RedisQueue`] implements [`BaseQueue`] on a Redis server (6.2 or newer:
+//! the scripts use `LPOP` with a count and `ZMSCORE`; a single node, or a
+//! replicated primary). It is how a [`WorkQueue`](crate::queue)
 //! scales past one machine: every process that connects with the same URL and
 //! queue name takes part in the same queue.
 //!
@@ -133,6 +134,8 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const FLAG_MARGIN_MS: u64 = 1_000;
 /// How many parked (blocked by their key) items one pop may step over.
 const PARK_BUDGET: usize = 1_000;
+/// Most items one pop hands out, and most ids one ack script takes.
+const MAX_POP_BATCH: usize = 1_000;
 /// Most pushes sent in one script call.
 const MAX_PUSH_BATCH: usize = 256;
 /// Connect timeout of the command and subscriber connections.
@@ -453,7 +456,7 @@ impl Shared {
         flag_ms: u64,
     ) -> Result<(Option<Duration>, Vec<Delivery>), QueueError> {
         let mut inv = self.invocation(&SCRIPTS.pop);
-        inv.arg(max)
+        inv.arg(max.min(MAX_POP_BATCH))
             .arg(self.options.visibility_timeout.as_millis() as u64)
             .arg(flag_ms)
             .arg(PARK_BUDGET);
@@ -790,11 +793,14 @@ impl BaseQueue for RedisQueue {
             if ids.is_empty() {
                 return Ok(());
             }
-            let mut inv = self.shared.invocation(&SCRIPTS.ack);
-            for id in ids {
-                inv.arg(id.0);
+            for chunk in ids.chunks(MAX_POP_BATCH) {
+                let mut inv = self.shared.invocation(&SCRIPTS.ack);
+                for id in chunk {
+                    inv.arg(id.0);
+                }
+                self.shared.run_u64(&inv, "ack").await?;
             }
-            self.shared.run_u64(&inv, "ack").await.map(drop)
+            Ok(())
         })
     }
 
