@@ -18,8 +18,8 @@ use futures::future::join_all;
 use snapstream::queue::redis::RedisQueue;
 use snapstream::queue::{BaseQueue, NewItem, QueueOptions};
 
-const PRODUCERS: usize = 2;
-const CONSUMERS: usize = 2;
+const PRODUCERS: usize = 4;
+const CONSUMERS: usize = 4;
 const PAYLOAD: &[u8] = &[b'x'; 64];
 
 struct Row {
