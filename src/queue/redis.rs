@@ -162,6 +162,10 @@ pub enum RedisQueueError {
     /// The server answered something the queue's scripts never return.
     #[error("unexpected reply from redis to {0}")]
     UnexpectedReply(&'static str),
+    /// The task sending a batch of pushes stopped before sending this one
+    /// (its runtime shut down); the item was not stored.
+    #[error("push batch abandoned before it was sent")]
+    Abandoned,
 }
 
 /// A [`BaseQueue`] stored on a Redis server and shared by every process that
@@ -503,9 +507,7 @@ impl PendingPush {
 
 impl Drop for PendingPush {
     fn drop(&mut self) {
-        self.answer(|item| {
-            PushOutcome::Failed(item, Box::new(RedisQueueError::UnexpectedReply("push")))
-        });
+        self.answer(|item| PushOutcome::Failed(item, Box::new(RedisQueueError::Abandoned)));
     }
 }
 
@@ -537,7 +539,7 @@ async fn push_once(shared: &Arc<Shared>, item: NewItem, flag_ms: u64) -> PushOut
         // Unreachable: a PendingPush always answers, even when dropped.
         Err(_) => PushOutcome::Failed(
             NewItem::new(Vec::new()),
-            Box::new(RedisQueueError::UnexpectedReply("push")),
+            Box::new(RedisQueueError::Abandoned),
         ),
     }
 }
@@ -605,7 +607,16 @@ async fn flush_pushes(shared: Arc<Shared>) {
                     });
                 }
             }
-            Ok(_) => {} // dropping the batch answers each with UnexpectedReply
+            Ok(_) => {
+                for p in &mut batch {
+                    p.answer(|item| {
+                        PushOutcome::Failed(
+                            item,
+                            Box::new(RedisQueueError::UnexpectedReply("push")),
+                        )
+                    });
+                }
+            }
             Err(e) => {
                 for p in &mut batch {
                     p.answer(|item| PushOutcome::Failed(item, Box::new(e.clone())));
