@@ -28,6 +28,8 @@ struct Row {
     items: usize,
     per_sec: f64,
     push_p99: Option<Duration>,
+    /// Items per non-empty pop, on average.
+    per_pop: Option<f64>,
 }
 
 fn name(tag: &str) -> String {
@@ -44,6 +46,7 @@ async fn ours(url: &str, batch: usize, items: usize) -> Row {
     let per_producer = items / PRODUCERS;
     let total = per_producer * PRODUCERS;
     let handled = Arc::new(AtomicUsize::new(0));
+    let pops = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let producers: Vec<_> = (0..PRODUCERS)
         .map(|_| {
@@ -74,6 +77,7 @@ async fn ours(url: &str, batch: usize, items: usize) -> Row {
     let consumers: Vec<_> = (0..CONSUMERS)
         .map(|_| {
             let (queue, handled) = (Arc::clone(&queue), Arc::clone(&handled));
+            let pops = Arc::clone(&pops);
             tokio::spawn(async move {
                 while handled.load(Ordering::Relaxed) < total {
                     let got = queue
@@ -83,6 +87,7 @@ async fn ours(url: &str, batch: usize, items: usize) -> Row {
                     if got.is_empty() {
                         continue;
                     }
+                    pops.fetch_add(1, Ordering::Relaxed);
                     let ids: Vec<_> = got.iter().map(|d| d.id).collect();
                     queue.ack(&ids).await.expect("ack");
                     handled.fetch_add(ids.len(), Ordering::Relaxed);
@@ -108,6 +113,7 @@ async fn ours(url: &str, batch: usize, items: usize) -> Row {
         items: total,
         per_sec: total as f64 / elapsed.as_secs_f64(),
         push_p99: latencies.get(latencies.len() * 99 / 100).copied(),
+        per_pop: Some(total as f64 / pops.load(Ordering::Relaxed).max(1) as f64),
     }
 }
 
@@ -166,6 +172,7 @@ async fn plain_list(url: &str, batch: usize, items: usize) -> Row {
         items: total,
         per_sec: total as f64 / elapsed.as_secs_f64(),
         push_p99: None,
+        per_pop: None,
     }
 }
 
@@ -199,16 +206,17 @@ fn main() {
             let b = ours(&url, batch, items).await;
             rows.push(if a.per_sec >= b.per_sec { a } else { b });
         }
-        println!("| backend | batch | items | items/s | push p99 |\n|---|---:|---:|---:|---:|");
+        println!("| backend | batch | items | items/s | push p99 | items per pop |\n|---|---:|---:|---:|---:|---:|");
         for r in &rows {
             println!(
-                "| {} | {} | {} | {:.0} | {} |",
+                "| {} | {} | {} | {:.0} | {} | {} |",
                 r.what,
                 r.batch,
                 r.items,
                 r.per_sec,
                 r.push_p99
                     .map_or("–".into(), |d| format!("{:.2} ms", d.as_secs_f64() * 1e3)),
+                r.per_pop.map_or("–".into(), |n| format!("{n:.1}")),
             );
         }
         if quick {

@@ -136,6 +136,9 @@ const FLAG_MARGIN_MS: u64 = 1_000;
 const PARK_BUDGET: usize = 1_000;
 /// Most items one pop hands out, and most ids one ack script takes.
 const MAX_POP_BATCH: usize = 1_000;
+/// Most push script calls of one handle in flight at once (pipelined on its
+/// connection, so they still run in the order they were sent).
+const MAX_FLUSHERS: usize = 4;
 /// Most pushes sent in one script call.
 const MAX_PUSH_BATCH: usize = 256;
 /// Connect timeout of the command and subscriber connections.
@@ -514,11 +517,12 @@ impl Drop for PendingPush {
 #[derive(Default)]
 struct PushBatcher {
     pending: VecDeque<PendingPush>,
-    flushing: bool,
+    /// Flusher tasks running; at most [`MAX_FLUSHERS`].
+    flushers: usize,
 }
 
-/// Queues one push for the flusher, starting it if idle. Concurrent pushes
-/// on one handle thus share a script call (one round trip, one fsync with
+/// Queues one push for the flushers, starting one if fewer than
+/// [`MAX_FLUSHERS`] run. Concurrent pushes on one handle thus share a script call (one round trip, one fsync with
 /// `appendfsync always`) instead of taking one each.
 async fn push_once(shared: &Arc<Shared>, item: NewItem, flag_ms: u64) -> PushOutcome {
     let (tx, rx) = oneshot::channel();
@@ -529,7 +533,9 @@ async fn push_once(shared: &Arc<Shared>, item: NewItem, flag_ms: u64) -> PushOut
             flag_ms,
             reply: Some(tx),
         });
-        !std::mem::replace(&mut batcher.flushing, true)
+        let start = batcher.flushers < MAX_FLUSHERS;
+        batcher.flushers += usize::from(start);
+        start
     };
     if start {
         tokio::spawn(flush_pushes(Arc::clone(shared)));
@@ -544,16 +550,18 @@ async fn push_once(shared: &Arc<Shared>, item: NewItem, flag_ms: u64) -> PushOut
     }
 }
 
-/// Clears the `flushing` mark if the flusher task is cancelled (the runtime
-/// shuts down), answering what it leaves with the items handed back.
+/// Unregisters a flusher task that is cancelled (the runtime shuts down); the
+/// last one answers what is left with the items handed back.
 struct FlushingGuard(Option<Arc<Shared>>);
 
 impl Drop for FlushingGuard {
     fn drop(&mut self) {
         if let Some(shared) = self.0.take() {
             let mut batcher = shared.lock_pushes();
-            batcher.flushing = false;
-            batcher.pending.clear();
+            batcher.flushers -= 1;
+            if batcher.flushers == 0 {
+                batcher.pending.clear();
+            }
         }
     }
 }
@@ -569,7 +577,7 @@ async fn flush_pushes(shared: Arc<Shared>) {
                 .retain(|p| p.reply.as_ref().is_some_and(|r| !r.is_closed()));
             if batcher.pending.is_empty() {
                 // Under the lock: a push queued from now on starts a new flusher.
-                batcher.flushing = false;
+                batcher.flushers -= 1;
                 guard.0 = None;
                 return;
             }
