@@ -166,7 +166,7 @@ pub struct Stats {
     pub workers: usize,
 }
 
-type PanicHook<K> = Arc<dyn Fn(HandlerPanic<K>) + Send + Sync>;
+type PanicHook<K> = std::sync::Arc<dyn Fn(HandlerPanic<K>) + Send + Sync>;
 type Spawner<K, T> = std::sync::Arc<dyn Fn(Arc<Shared<K, T>>) + Send + Sync>;
 
 pub(crate) struct Shared<K, T> {
@@ -515,7 +515,7 @@ where
     ///     .on_panic(|p| eprintln!("handler for {} panicked: {}", p.key, p.message));
     /// ```
     pub fn on_panic(mut self, hook: impl Fn(HandlerPanic<K>) + Send + Sync + 'static) -> Self {
-        self.on_panic = Some(Arc::new(hook));
+        self.on_panic = Some(std::sync::Arc::new(hook));
         self
     }
 
