@@ -33,9 +33,21 @@ struct Sizes {
 
 fn sizes() -> Sizes {
     if std::env::var_os("SNAPSTREAM_BENCH_QUICK").is_some() {
-        Sizes { items: 2_000, hot_backlog: 1_000, cold_probes: 50, lease_ops: 2_000, rounds: 1 }
+        Sizes {
+            items: 2_000,
+            hot_backlog: 1_000,
+            cold_probes: 50,
+            lease_ops: 2_000,
+            rounds: 1,
+        }
     } else {
-        Sizes { items: 200_000, hot_backlog: 100_000, cold_probes: 1_000, lease_ops: 300_000, rounds: 3 }
+        Sizes {
+            items: 200_000,
+            hot_backlog: 100_000,
+            cold_probes: 1_000,
+            lease_ops: 300_000,
+            rounds: 3,
+        }
     }
 }
 
@@ -79,7 +91,11 @@ struct Journal {
 impl Journal {
     fn start(capacity: usize) -> Arc<Self> {
         let j = Arc::new(Journal {
-            st: Mutex::new(JState { journal: Vec::new(), busy: HashSet::new(), stop: false }),
+            st: Mutex::new(JState {
+                journal: Vec::new(),
+                busy: HashSet::new(),
+                stop: false,
+            }),
             incoming: Notify::new(),
             room: Semaphore::new(capacity),
             done: AtomicU64::new(0),
@@ -265,7 +281,8 @@ async fn cold_p99(imp: Imp, keys: u64, backlog: u64, probes: usize) -> Duration 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut lat = Vec::with_capacity(probes);
     for i in 0..probes {
-        run.add(i as u64 % keys, Some((Instant::now(), tx.clone())), false).await;
+        run.add(i as u64 % keys, Some((Instant::now(), tx.clone())), false)
+            .await;
         lat.push(rx.recv().await.unwrap());
     }
     run.abort().await;

@@ -15,10 +15,19 @@ async fn target_200_grants_200_and_the_201st_waits() {
     for _ in 0..200 {
         held.push(pool.acquire("k").await.unwrap());
     }
-    assert_eq!(pool.get(&"k"), Counts { target: 200, active: 200 });
+    assert_eq!(
+        pool.get(&"k"),
+        Counts {
+            target: 200,
+            active: 200
+        }
+    );
     let mut extra = Box::pin(pool.acquire("k"));
     assert!(futures::poll!(extra.as_mut()).is_pending());
-    assert_eq!(pool.try_acquire("k").unwrap_err(), TryAcquireError::NoHeadroom);
+    assert_eq!(
+        pool.try_acquire("k").unwrap_err(),
+        TryAcquireError::NoHeadroom
+    );
     held.pop();
     let lease = extra.await.unwrap();
     assert_eq!(pool.get(&"k").active, 200);
@@ -63,7 +72,13 @@ async fn two_hundred_waiters_are_served_as_holders_release() {
     ids.dedup();
     assert_eq!(ids.len(), 200, "ids are unique");
     assert!(ids.iter().all(|id| *id > 200), "ids increase");
-    assert_eq!(pool.get(&1), Counts { target: 200, active: 200 });
+    assert_eq!(
+        pool.get(&1),
+        Counts {
+            target: 200,
+            active: 200
+        }
+    );
 }
 
 #[tokio::test]
@@ -81,7 +96,13 @@ async fn raising_the_target_grants_exactly_one_more() {
         panic!("the first waiter was not served by set");
     };
     assert!(futures::poll!(b.as_mut()).is_pending());
-    assert_eq!(pool.get(&"k"), Counts { target: 201, active: 201 });
+    assert_eq!(
+        pool.get(&"k"),
+        Counts {
+            target: 201,
+            active: 201
+        }
+    );
     drop(granted);
 }
 
@@ -91,14 +112,32 @@ async fn lowering_revokes_nothing_then_raising_grants_again() {
     pool.set("k", 3);
     let mut held: Vec<_> = (0..3).map(|_| pool.try_acquire("k").unwrap()).collect();
     pool.set("k", 1);
-    assert_eq!(pool.get(&"k"), Counts { target: 1, active: 3 });
+    assert_eq!(
+        pool.get(&"k"),
+        Counts {
+            target: 1,
+            active: 3
+        }
+    );
     held.pop();
-    assert!(pool.try_acquire("k").is_err(), "active 2 is not below target 1");
+    assert!(
+        pool.try_acquire("k").is_err(),
+        "active 2 is not below target 1"
+    );
     held.pop();
-    assert!(pool.try_acquire("k").is_err(), "active 1 is not below target 1");
+    assert!(
+        pool.try_acquire("k").is_err(),
+        "active 1 is not below target 1"
+    );
     pool.set("k", 2);
     let again = pool.try_acquire("k").unwrap();
-    assert_eq!(pool.get(&"k"), Counts { target: 2, active: 2 });
+    assert_eq!(
+        pool.get(&"k"),
+        Counts {
+            target: 2,
+            active: 2
+        }
+    );
     drop((again, held));
 }
 
@@ -109,9 +148,18 @@ async fn zero_removes_the_key_once_its_leases_are_gone() {
     let a = pool.try_acquire("k").unwrap();
     pool.set("k", 0);
     assert_eq!(pool.keys(), 1);
-    assert_eq!(pool.get(&"k"), Counts { target: 0, active: 1 });
+    assert_eq!(
+        pool.get(&"k"),
+        Counts {
+            target: 0,
+            active: 1
+        }
+    );
     pool.set("k", 1);
-    assert!(pool.try_acquire("k").is_err(), "the outstanding lease still counts");
+    assert!(
+        pool.try_acquire("k").is_err(),
+        "the outstanding lease still counts"
+    );
     pool.set("k", 0);
     drop(a);
     assert_eq!(pool.keys(), 0);
@@ -170,7 +218,13 @@ async fn stop_ends_waiters_and_release_after_is_harmless() {
     assert_eq!(pool.acquire("k").await.unwrap_err(), AcquireError::Stopped);
     assert_eq!(pool.try_acquire("k").unwrap_err(), TryAcquireError::Stopped);
     drop(held);
-    assert_eq!(pool.get(&"k"), Counts { target: 1, active: 0 });
+    assert_eq!(
+        pool.get(&"k"),
+        Counts {
+            target: 1,
+            active: 0
+        }
+    );
 }
 
 #[tokio::test]
@@ -182,7 +236,10 @@ async fn keyed_acquirers_wait_for_a_key_set_later() {
     });
     tokio::task::yield_now().await;
     pool.set("late", 1);
-    let lease = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap();
+    let lease = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(*lease.key(), "late");
 }
 

@@ -8,10 +8,12 @@ use futures::FutureExt;
 use snapstream::workpool::{BuildError, KeyedPool, StopMode, TryAddError};
 use tokio::sync::{mpsc, Semaphore};
 
+type Started = mpsc::UnboundedReceiver<(u32, u32)>;
+
 /// A handler that reports each start and then waits for a permit.
 fn gated() -> (
     Arc<Semaphore>,
-    mpsc::UnboundedReceiver<(u32, u32)>,
+    Started,
     impl Fn(u32, u32) -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static,
 ) {
     let gate = Arc::new(Semaphore::new(0));
@@ -31,7 +33,11 @@ fn gated() -> (
 #[tokio::test]
 async fn per_key_entries_are_freed() {
     let (gate, mut started, handler) = gated();
-    let pool = KeyedPool::builder().workers(1).capacity(10_000).build(handler).unwrap();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(10_000)
+        .build(handler)
+        .unwrap();
     for k in 0..1000 {
         pool.add(k, 0).await.unwrap();
         pool.add(k, 1).await.unwrap();
@@ -48,7 +54,11 @@ async fn per_key_entries_are_freed() {
 #[tokio::test]
 async fn intake_is_bounded() {
     let (gate, mut started, handler) = gated();
-    let pool = KeyedPool::builder().workers(1).capacity(4).build(handler).unwrap();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(4)
+        .build(handler)
+        .unwrap();
     pool.add(0, 0).await.unwrap();
     started.recv().await.unwrap(); // in flight, not pending
     for i in 1..=4 {
@@ -73,7 +83,11 @@ async fn intake_is_bounded() {
 #[tokio::test]
 async fn cancelled_add_passes_its_wakeup_on() {
     let (gate, mut started, handler) = gated();
-    let pool = KeyedPool::builder().workers(1).capacity(1).build(handler).unwrap();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(1)
+        .build(handler)
+        .unwrap();
     pool.add(0, 0).await.unwrap();
     started.recv().await.unwrap();
     pool.add(1, 1).await.unwrap();
@@ -84,7 +98,10 @@ async fn cancelled_add_passes_its_wakeup_on() {
     gate.add_permits(1); // room appears; `first` is woken
     started.recv().await.unwrap();
     drop(first); // ...but cancelled: `second` must get the room
-    tokio::time::timeout(Duration::from_secs(5), second).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .unwrap()
+        .unwrap();
     gate.add_permits(10);
     pool.stop(StopMode::Drain).await;
     assert_eq!(pool.stats().handled, 3);
@@ -210,12 +227,18 @@ async fn abort_stop_returns_pending_in_order() {
     assert_eq!(left, expected);
     let stats = pool.stats();
     assert_eq!((stats.handled, stats.keys, stats.workers), (1, 0, 0));
-    assert!(matches!(pool.try_add(1, 1), Err(TryAddError::Stopped(1, 1))));
+    assert!(matches!(
+        pool.try_add(1, 1),
+        Err(TryAddError::Stopped(1, 1))
+    ));
 }
 
 #[tokio::test]
 async fn resize_at_run_time() {
-    let pool = KeyedPool::builder().workers(1).build(|_k: u8, _i: u8| async {}).unwrap();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .build(|_k: u8, _i: u8| async {})
+        .unwrap();
     pool.set_workers(5).unwrap();
     assert_eq!(pool.stats().workers, 5);
     pool.set_workers(2).unwrap();
@@ -270,7 +293,10 @@ async fn runs_a_channel_stream() {
             tx.send((i % 17, i)).await.unwrap();
         }
     });
-    let added = pool.run(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+    let added = pool
+        .run(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
     feeder.await.unwrap();
     assert_eq!(added, 1000);
     pool.stop(StopMode::Drain).await;
@@ -279,9 +305,14 @@ async fn runs_a_channel_stream() {
 
 #[tokio::test]
 async fn run_hands_back_the_item_after_stop() {
-    let pool = KeyedPool::builder().build(|_k: u32, _i: u32| async {}).unwrap();
+    let pool = KeyedPool::builder()
+        .build(|_k: u32, _i: u32| async {})
+        .unwrap();
     pool.stop(StopMode::Drain).await;
-    let err = pool.run(futures::stream::iter([(1, 2), (3, 4)])).await.unwrap_err();
+    let err = pool
+        .run(futures::stream::iter([(1, 2), (3, 4)]))
+        .await
+        .unwrap_err();
     assert_eq!(err.into_inner(), (1, 2));
 }
 
@@ -314,17 +345,27 @@ async fn dropping_the_last_handle_drains() {
 #[tokio::test]
 async fn build_errors() {
     let b = || KeyedPool::<u8, u8>::builder();
-    assert_eq!(b().workers(0).build(|_, _| async {}).unwrap_err(), BuildError::ZeroWorkers);
-    assert_eq!(b().capacity(0).build(|_, _| async {}).unwrap_err(), BuildError::ZeroCapacity);
     assert_eq!(
-        b().per_key_concurrency(0).build(|_, _| async {}).unwrap_err(),
+        b().workers(0).build(|_, _| async {}).unwrap_err(),
+        BuildError::ZeroWorkers
+    );
+    assert_eq!(
+        b().capacity(0).build(|_, _| async {}).unwrap_err(),
+        BuildError::ZeroCapacity
+    );
+    assert_eq!(
+        b().per_key_concurrency(0)
+            .build(|_, _| async {})
+            .unwrap_err(),
         BuildError::ZeroConcurrency
     );
 }
 
 #[test]
 fn build_outside_a_runtime_fails() {
-    let err = KeyedPool::<u8, u8>::builder().build(|_, _| async {}).unwrap_err();
+    let err = KeyedPool::<u8, u8>::builder()
+        .build(|_, _| async {})
+        .unwrap_err();
     assert_eq!(err, BuildError::NoRuntime);
 }
 
@@ -332,9 +373,13 @@ fn build_outside_a_runtime_fails() {
 fn handles_and_futures_are_send_and_sync() {
     fn send_sync<T: Send + Sync>(_: &T) {}
     fn send<T: Send>(_: &T) {}
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
     let _g = rt.enter();
-    let pool = KeyedPool::<String, Vec<u8>>::builder().build(|_, _| async {}).unwrap();
+    let pool = KeyedPool::<String, Vec<u8>>::builder()
+        .build(|_, _| async {})
+        .unwrap();
     send_sync(&pool);
     send_sync(&pool.adder());
     send(&pool.add(String::new(), vec![]));

@@ -8,6 +8,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use snapstream::workpool::{KeyedPool, StopMode};
 
+/// Per (key, producer): the sequence numbers handled, in handling order.
+type Seen = HashMap<(u64, u64), Vec<u64>>;
 type Log = Arc<Mutex<Vec<(&'static str, u32)>>>;
 
 #[tokio::test]
@@ -30,7 +32,12 @@ async fn qa_qb_example_keeps_order_per_key() {
         assert!(pool.stop(StopMode::Drain).await.is_empty());
         let log = log.lock().unwrap();
         assert_eq!(log.len(), 5);
-        let of = |key| log.iter().filter(|(k, _)| *k == key).map(|(_, e)| *e).collect::<Vec<_>>();
+        let of = |key| {
+            log.iter()
+                .filter(|(k, _)| *k == key)
+                .map(|(_, e)| *e)
+                .collect::<Vec<_>>()
+        };
         assert_eq!(of("qa"), [1, 2, 3]);
         assert_eq!(of("qb"), [1, 2]);
     }
@@ -44,8 +51,9 @@ async fn exactly_once_in_order_under_four_producers() {
     const PER_PRODUCER: u64 = 500;
     const KEYS: u64 = 8;
     for round in 0..5u64 {
-        let seen: Arc<Mutex<HashMap<(u64, u64), Vec<u64>>>> = Arc::default();
-        let busy: Arc<Vec<AtomicUsize>> = Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let busy: Arc<Vec<AtomicUsize>> =
+            Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
         let overlaps = Arc::new(AtomicUsize::new(0));
         let (s, b, o) = (seen.clone(), busy.clone(), overlaps.clone());
         let pool = KeyedPool::builder()
@@ -60,7 +68,11 @@ async fn exactly_once_in_order_under_four_producers() {
                     for _ in 0..(seq % 3) {
                         tokio::task::yield_now().await;
                     }
-                    s.lock().unwrap().entry((key, producer)).or_default().push(seq);
+                    s.lock()
+                        .unwrap()
+                        .entry((key, producer))
+                        .or_default()
+                        .push(seq);
                     b[key as usize].fetch_sub(1, Ordering::SeqCst);
                 }
             })
@@ -84,12 +96,19 @@ async fn exactly_once_in_order_under_four_producers() {
             p.await.unwrap();
         }
         pool.stop(StopMode::Drain).await;
-        assert_eq!(overlaps.load(Ordering::SeqCst), 0, "two in flight for one key");
+        assert_eq!(
+            overlaps.load(Ordering::SeqCst),
+            0,
+            "two in flight for one key"
+        );
         let seen = seen.lock().unwrap();
         let mut total = 0;
         for seqs in seen.values() {
             total += seqs.len() as u64;
-            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order: {seqs:?}");
+            assert!(
+                seqs.windows(2).all(|w| w[0] < w[1]),
+                "out of order: {seqs:?}"
+            );
         }
         assert_eq!(total, PRODUCERS * PER_PRODUCER);
         let stats = pool.stats();

@@ -176,7 +176,10 @@ impl<K: Hash + Eq + Clone> State<K> {
             return Poll::Stopped;
         }
         if let Some(wid) = *slot {
-            let w = self.waiters.get_mut(&wid).expect("registered waiter exists");
+            let w = self
+                .waiters
+                .get_mut(&wid)
+                .expect("registered waiter exists");
             if let Some((k, id)) = w.grant.take() {
                 self.waiters.remove(&wid);
                 *slot = None;
@@ -190,10 +193,7 @@ impl<K: Hash + Eq + Clone> State<K> {
         // First poll: take headroom at once if nobody is ahead.
         let now = match key {
             Some(k) => {
-                let g = self
-                    .groups
-                    .entry(k.clone())
-                    .or_insert_with(Self::new_group);
+                let g = self.groups.entry(k.clone()).or_insert_with(Self::new_group);
                 (g.headroom() > 0 && g.waiters.is_empty()).then(|| k.clone())
             }
             None if self.any.is_empty() => self.pick(),

@@ -296,9 +296,8 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         tracing::warn!(%message, "keyed pool handler panicked");
         if let Some(hook) = &self.on_panic {
             // A panicking callback must not take the worker down either.
-            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                hook(HandlerPanic { key, message })
-            }));
+            let _ =
+                std::panic::catch_unwind(AssertUnwindSafe(|| hook(HandlerPanic { key, message })));
         }
     }
 }
@@ -470,7 +469,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder().workers(16);
+    /// let _builder = KeyedPool::<u32, u32>::builder().workers(16);
     /// ```
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
@@ -483,7 +482,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder().capacity(100);
+    /// let _builder = KeyedPool::<u32, u32>::builder().capacity(100);
     /// ```
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
@@ -496,7 +495,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder().per_key_concurrency(4);
+    /// let _builder = KeyedPool::<u32, u32>::builder().per_key_concurrency(4);
     /// ```
     pub fn per_key_concurrency(mut self, per_key: usize) -> Self {
         self.per_key = per_key;
@@ -511,7 +510,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder()
+    /// let _builder = KeyedPool::<u32, u32>::builder()
     ///     .on_panic(|p| eprintln!("handler for {} panicked: {}", p.key, p.message));
     /// ```
     pub fn on_panic(mut self, hook: impl Fn(HandlerPanic<K>) + Send + Sync + 'static) -> Self {
@@ -676,7 +675,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<String, Vec<u8>>::builder();
+    /// let _builder = KeyedPool::<String, Vec<u8>>::builder();
     /// ```
     pub fn builder() -> Builder<K, T> {
         Builder {

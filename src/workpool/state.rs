@@ -317,14 +317,26 @@ mod model_tests {
             self.queues.values().map(VecDeque::len).sum()
         }
         fn keys(&self) -> usize {
-            let mut keys: Vec<u8> = self.queues.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| *k).collect();
-            keys.extend(self.in_flight.iter().filter(|(_, n)| **n > 0).map(|(k, _)| *k));
+            let mut keys: Vec<u8> = self
+                .queues
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(k, _)| *k)
+                .collect();
+            keys.extend(
+                self.in_flight
+                    .iter()
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(k, _)| *k),
+            );
             keys.sort_unstable();
             keys.dedup();
             keys.len()
         }
         fn can_start(&self, per_key: usize) -> bool {
-            self.queues.iter().any(|(k, q)| !q.is_empty() && self.in_flight.get(k).copied().unwrap_or(0) < per_key)
+            self.queues.iter().any(|(k, q)| {
+                !q.is_empty() && self.in_flight.get(k).copied().unwrap_or(0) < per_key
+            })
         }
     }
 
