@@ -27,6 +27,7 @@ struct Sizes {
     items: u64,
     hot_backlog: u64,
     cold_probes: usize,
+    backlog_items: u64,
     lease_ops: u64,
     rounds: usize,
 }
@@ -54,12 +55,15 @@ fn sizes() -> Sizes {
 /// What a probe item reports: when it was added.
 type Probe = Option<(Instant, mpsc::UnboundedSender<Duration>)>;
 
-async fn handle(probe: Probe, hot: bool) {
+/// A hot item holds its key busy until its run's gate opens (at the end).
+type Hot = Option<Arc<Semaphore>>;
+
+async fn handle(probe: Probe, hot: Hot) {
     if let Some((t0, tx)) = probe {
         let _ = tx.send(t0.elapsed());
     }
-    if hot {
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    if let Some(gate) = hot {
+        let _ = gate.acquire().await;
     }
 }
 
@@ -76,7 +80,7 @@ const IMPS: [Imp; 3] = [Imp::Keyed, Imp::Journal, Imp::KeyMutex];
 // ---------------------------------------------------------------- journal scan
 
 struct JState {
-    journal: Vec<(u64, Probe, bool)>,
+    journal: Vec<(u64, Probe, Hot)>,
     busy: HashSet<u64>,
     stop: bool,
 }
@@ -107,7 +111,7 @@ impl Journal {
         j
     }
 
-    async fn add(&self, key: u64, probe: Probe, hot: bool) {
+    async fn add(&self, key: u64, probe: Probe, hot: Hot) {
         self.room.acquire().await.unwrap().forget();
         self.st.lock().unwrap().journal.push((key, probe, hot));
         self.incoming.notify_one();
@@ -159,6 +163,7 @@ struct KeyMutex {
     workers: Arc<Semaphore>,
     room: Arc<Semaphore>,
     done: Arc<AtomicU64>,
+    added: AtomicU64,
     abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -169,12 +174,14 @@ impl KeyMutex {
             workers: Arc::new(Semaphore::new(WORKERS)),
             room: Arc::new(Semaphore::new(capacity)),
             done: Arc::default(),
+            added: AtomicU64::new(0),
             abort: Arc::default(),
         }
     }
 
-    async fn add(&self, key: u64, probe: Probe, hot: bool) {
+    async fn add(&self, key: u64, probe: Probe, hot: Hot) {
         let room = self.room.clone().acquire_owned().await.unwrap();
+        self.added.fetch_add(1, Ordering::Relaxed);
         let lock = self.locks.lock().unwrap().entry(key).or_default().clone();
         let (workers, done, abort) = (self.workers.clone(), self.done.clone(), self.abort.clone());
         tokio::spawn(async move {
@@ -192,7 +199,7 @@ impl KeyMutex {
 // ------------------------------------------------------------------- drivers
 
 enum Running {
-    Keyed(KeyedPool<u64, (Probe, bool)>),
+    Keyed(KeyedPool<u64, (Probe, Hot)>),
     Journal(Arc<Journal>),
     KeyMutex(KeyMutex),
 }
@@ -212,7 +219,7 @@ impl Running {
         }
     }
 
-    async fn add(&self, key: u64, probe: Probe, hot: bool) {
+    async fn add(&self, key: u64, probe: Probe, hot: Hot) {
         match self {
             Running::Keyed(p) => p.add(key, (probe, hot)).await.unwrap(),
             Running::Journal(j) => j.add(key, probe, hot).await,
@@ -251,7 +258,13 @@ impl Running {
                 p.stop(StopMode::Abort).await;
             }
             Running::Journal(j) => j.stop(),
-            Running::KeyMutex(m) => m.abort.store(true, Ordering::Relaxed),
+            Running::KeyMutex(m) => {
+                // Let the spawned tasks finish so they do not run into the next measurement.
+                m.abort.store(true, Ordering::Relaxed);
+                while m.done.load(Ordering::Relaxed) < m.added.load(Ordering::Relaxed) {
+                    tokio::task::yield_now().await;
+                }
+            }
         }
     }
 }
@@ -265,27 +278,57 @@ async fn uniform(imp: Imp, keys: u64, items: u64) -> f64 {
         x ^= x << 13;
         x ^= x >> 7;
         x ^= x << 17;
-        run.add(x % keys, None, false).await;
+        run.add(x % keys, None, None).await;
     }
     run.drain(items).await;
     items as f64 / t0.elapsed().as_secs_f64()
 }
 
-/// p99 of add-to-start latency of cold-key items, added one at a time, with
-/// or without a backlog on one hot key whose items take 1 ms each.
-async fn cold_p99(imp: Imp, keys: u64, backlog: u64, probes: usize) -> Duration {
+/// Starts `imp` with `backlog` items on one hot key that stays busy.
+async fn with_backlog(imp: Imp, backlog: u64) -> (Running, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
     let run = Running::start(imp, backlog as usize + CAPACITY);
     for _ in 0..backlog {
-        run.add(u64::MAX, None, true).await;
+        run.add(u64::MAX, None, Some(gate.clone())).await;
     }
+    (run, gate)
+}
+
+/// Ends a run started by [`with_backlog`].
+async fn end(run: Running, gate: Arc<Semaphore>) {
+    gate.close(); // every hot handler returns at once
+    run.abort().await;
+}
+
+/// Cold items per second (keys uniform, no-op handler) beside the hot backlog.
+async fn cold_rate(imp: Imp, keys: u64, backlog: u64, items: u64) -> f64 {
+    let (run, gate) = with_backlog(imp, backlog).await;
+    let before = run.done();
+    let t0 = Instant::now();
+    for i in 0..items {
+        run.add(i.wrapping_mul(0x9E37_79B9) % keys, None, None)
+            .await;
+    }
+    while run.done() < before + items {
+        tokio::task::yield_now().await;
+    }
+    let rate = items as f64 / t0.elapsed().as_secs_f64();
+    end(run, gate).await;
+    rate
+}
+
+/// p99 of add-to-start latency of cold-key items, added one at a time, with
+/// or without a backlog on one busy hot key.
+async fn cold_p99(imp: Imp, keys: u64, backlog: u64, probes: usize) -> Duration {
+    let (run, gate) = with_backlog(imp, backlog).await;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut lat = Vec::with_capacity(probes);
     for i in 0..probes {
-        run.add(i as u64 % keys, Some((Instant::now(), tx.clone())), false)
+        run.add(i as u64 % keys, Some((Instant::now(), tx.clone())), None)
             .await;
         lat.push(rx.recv().await.unwrap());
     }
-    run.abort().await;
+    end(run, gate).await;
     lat.sort_unstable();
     lat[(lat.len() * 99 / 100).min(lat.len() - 1)]
 }
@@ -295,7 +338,7 @@ async fn mpsc_noop(items: u64) -> f64 {
     let consumer = tokio::spawn(async move {
         let mut n = 0u64;
         while let Some((_k, p)) = rx.recv().await {
-            handle(p, false).await;
+            handle(p, None).await;
             n += 1;
         }
         n
@@ -380,6 +423,19 @@ fn main() {
             println!(
                 "| uniform, items/s | {keys} | {:.0} | {:.0} | {:.0} | {:.1}x |",
                 m[&Imp::Keyed], m[&Imp::Journal], m[&Imp::KeyMutex], m[&Imp::Keyed] / m[&Imp::Journal]
+            );
+        }
+        for keys in [16u64, 10_000] {
+            let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
+            for _ in 0..s.rounds {
+                for imp in IMPS {
+                    r.entry(imp).or_default().push(cold_rate(imp, keys, s.hot_backlog, s.backlog_items).await);
+                }
+            }
+            let m: HashMap<Imp, f64> = r.into_iter().map(|(k, v)| (k, median(v))).collect();
+            println!(
+                "| cold items/s, hot backlog {} | {keys} | {:.0} | {:.0} | {:.0} | {:.1}x |",
+                s.hot_backlog, m[&Imp::Keyed], m[&Imp::Journal], m[&Imp::KeyMutex], m[&Imp::Keyed] / m[&Imp::Journal]
             );
         }
         for keys in [16u64, 10_000] {

@@ -10,6 +10,11 @@ use std::hash::Hash;
 
 use super::wait::{WaitList, Wakeups};
 
+/// How many empty per-key queues are kept for reuse.
+const SPARE_QUEUES: usize = 64;
+/// The largest per-key queue (in items) kept for reuse.
+const SPARE_QUEUE_CAPACITY: usize = 16;
+
 /// How the pool is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Closing {
@@ -45,6 +50,8 @@ struct KeyQueue<T> {
 pub(crate) struct State<K, T> {
     keys: HashMap<K, KeyQueue<T>>,
     ready: VecDeque<K>,
+    /// Empty per-key queues kept for reuse.
+    spare: Vec<VecDeque<(u64, T)>>,
     pending: usize,
     in_flight: usize,
     capacity: usize,
@@ -68,6 +75,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         Self {
             keys: HashMap::new(),
             ready: VecDeque::new(),
+            spare: Vec::new(),
             pending: 0,
             in_flight: 0,
             capacity,
@@ -122,14 +130,18 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         self.seq += 1;
         self.pending += 1;
         let per_key = self.per_key;
-        let entry = match self.keys.get_mut(&key) {
-            Some(e) => e,
-            None => self.keys.entry(key.clone()).or_insert(KeyQueue {
-                items: VecDeque::new(),
-                in_flight: 0,
-                in_ready: false,
-            }),
-        };
+        if !self.keys.contains_key(&key) {
+            let items = self.spare.pop().unwrap_or_default();
+            self.keys.insert(
+                key.clone(),
+                KeyQueue {
+                    items,
+                    in_flight: 0,
+                    in_ready: false,
+                },
+            );
+        }
+        let entry = self.keys.get_mut(&key).expect("inserted above");
         entry.items.push_back((seq, item));
         if !entry.in_ready && entry.in_flight < per_key {
             entry.in_ready = true;
@@ -200,7 +212,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         entry.in_flight -= 1;
         if entry.items.is_empty() {
             if entry.in_flight == 0 {
-                self.keys.remove(&key);
+                if let Some(gone) = self.keys.remove(&key) {
+                    self.recycle(gone.items);
+                }
                 self.maybe_shrink();
             }
         } else if !entry.in_ready && entry.in_flight < per_key {
@@ -211,6 +225,13 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
             // Drained: every idle worker may exit now.
             wakes.extend(self.idle.take_all());
+        }
+    }
+
+    /// Keeps a few small empty queues so a new key costs no allocation.
+    fn recycle(&mut self, items: VecDeque<(u64, T)>) {
+        if self.spare.len() < SPARE_QUEUES && items.capacity() <= SPARE_QUEUE_CAPACITY {
+            self.spare.push(items);
         }
     }
 
