@@ -38,6 +38,7 @@ fn sizes() -> Sizes {
             items: 2_000,
             hot_backlog: 1_000,
             cold_probes: 50,
+            backlog_items: 200,
             lease_ops: 2_000,
             rounds: 1,
         }
@@ -46,6 +47,7 @@ fn sizes() -> Sizes {
             items: 200_000,
             hot_backlog: 100_000,
             cold_probes: 1_000,
+            backlog_items: 2_000,
             lease_ops: 300_000,
             rounds: 3,
         }
@@ -407,12 +409,15 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // SNAPSTREAM_BENCH_SECTION=uniform|backlog|p99|mpsc|lease runs one section.
+    let only = std::env::var("SNAPSTREAM_BENCH_SECTION").ok();
+    let run = |name: &str| only.as_deref().map_or(true, |o| o == name);
     rt.block_on(async {
         println!("# keyed pool: {WORKERS} workers, capacity {CAPACITY}, 2 runtime threads, median of {} rounds", s.rounds);
         println!();
         println!("| scenario | keys | keyed pool | journal scan | per-key Mutex | keyed / journal |");
         println!("|---|---|---|---|---|---|");
-        for keys in [16u64, 10_000] {
+        for keys in [16u64, 10_000].into_iter().filter(|_| run("uniform")) {
             let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
             for _ in 0..s.rounds {
                 for imp in IMPS {
@@ -425,7 +430,7 @@ fn main() {
                 m[&Imp::Keyed], m[&Imp::Journal], m[&Imp::KeyMutex], m[&Imp::Keyed] / m[&Imp::Journal]
             );
         }
-        for keys in [16u64, 10_000] {
+        for keys in [16u64, 10_000].into_iter().filter(|_| run("backlog")) {
             let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
             for _ in 0..s.rounds {
                 for imp in IMPS {
@@ -438,7 +443,7 @@ fn main() {
                 s.hot_backlog, m[&Imp::Keyed], m[&Imp::Journal], m[&Imp::KeyMutex], m[&Imp::Keyed] / m[&Imp::Journal]
             );
         }
-        for keys in [16u64, 10_000] {
+        for keys in [16u64, 10_000].into_iter().filter(|_| run("p99")) {
             for backlog in [0, s.hot_backlog] {
                 let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
                 for _ in 0..s.rounds {
@@ -454,6 +459,7 @@ fn main() {
                 );
             }
         }
+        if run("mpsc") {
         println!();
         println!("| no-op handler, 16 keys | items/s |");
         println!("|---|---|");
@@ -466,6 +472,8 @@ fn main() {
         println!("| keyed pool | {kp:.0} |");
         println!("| one mpsc channel to one task | {mp:.0} |");
         println!("| mpsc / keyed pool | {:.2}x |", mp / kp);
+        }
+        if run("lease") {
         println!();
         println!("| acquire + release | lease pool ns/op | Semaphore ns/op | lease / Semaphore |");
         println!("|---|---|---|---|");
@@ -477,6 +485,7 @@ fn main() {
             }
             let (l, m) = (median(l), median(m));
             println!("| {tasks} task(s), target {target} | {l:.1} | {m:.1} | {:.2}x |", l / m);
+        }
         }
     });
 }

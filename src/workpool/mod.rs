@@ -349,6 +349,7 @@ where
         let job = poll_fn(|cx| {
             let mut wakes = Wakeups::default();
             let mut st = shared.state.lock();
+            st.worker_polled(&mut waiter);
             if let Some((key, panicked)) = finished.take() {
                 st.finish(key, panicked, &mut wakes);
             }
@@ -356,15 +357,10 @@ where
                 Take::Job(key, item) => Poll::Ready(Some((key, item))),
                 Take::Exit => Poll::Ready(None),
                 Take::Wait => {
-                    st.idle.register(&mut waiter, cx.waker());
+                    st.worker_park(&mut waiter, cx.waker());
                     Poll::Pending
                 }
             };
-            if res.is_ready() {
-                if let Some(id) = waiter.take() {
-                    st.idle.remove(id);
-                }
-            }
             drop(st);
             wakes.wake();
             res

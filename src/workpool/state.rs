@@ -15,6 +15,9 @@ const SPARE_QUEUES: usize = 64;
 /// The largest per-key queue (in items) kept for reuse.
 const SPARE_QUEUE_CAPACITY: usize = 16;
 
+/// Tables at most this large are never shrunk.
+const SHRINK_ABOVE: usize = 1024;
+
 /// How the pool is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Closing {
@@ -55,6 +58,8 @@ pub(crate) struct State<K, T> {
     pending: usize,
     in_flight: usize,
     capacity: usize,
+    /// Free slots at which waiting producers are woken (see `wake_producers`).
+    low_water: usize,
     per_key: usize,
     seq: u64,
     pub(crate) handled: u64,
@@ -63,7 +68,9 @@ pub(crate) struct State<K, T> {
     pub(crate) workers_live: usize,
     pub(crate) closing: Option<Closing>,
     /// Idle workers.
-    pub(crate) idle: WaitList,
+    idle: WaitList,
+    /// Idle workers woken (popped from `idle`) that have not polled yet.
+    woken: usize,
     /// Producers waiting for room.
     pub(crate) room: WaitList,
     /// `stop` callers waiting for the workers to exit.
@@ -79,6 +86,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             pending: 0,
             in_flight: 0,
             capacity,
+            low_water: (capacity / 16).max(1),
             per_key,
             seq: 0,
             handled: 0,
@@ -87,6 +95,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             workers_live: 0,
             closing: None,
             idle: WaitList::default(),
+            woken: 0,
             room: WaitList::default(),
             done: WaitList::default(),
         }
@@ -146,7 +155,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         if !entry.in_ready && entry.in_flight < per_key {
             entry.in_ready = true;
             self.ready.push_back(key);
-            wakes.push(self.idle.pop());
+            self.wake_worker(wakes);
         }
         Ok(())
     }
@@ -168,12 +177,12 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 // Round robin: the key goes to the back behind the other keys.
                 self.ready.push_back(key.clone());
                 if !self.ready.is_empty() {
-                    wakes.push(self.idle.pop());
+                    self.wake_worker(wakes);
                 }
             } else {
                 entry.in_ready = false;
             }
-            wakes.push(self.room.pop());
+            self.wake_producers(wakes);
             return Take::Job(key, item);
         }
         if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
@@ -182,11 +191,62 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         Take::Wait
     }
 
+    /// Wakes an idle worker for a ready key, unless enough workers were
+    /// woken already and have not run yet (each takes a ready key when it
+    /// runs), so a fast producer does not wake a worker per item.
+    fn wake_worker(&mut self, wakes: &mut Wakeups) {
+        if self.ready.len() > self.woken {
+            if let Some(w) = self.idle.pop() {
+                self.woken += 1;
+                wakes.push(Some(w));
+            }
+        }
+    }
+
+    fn wake_all_workers(&mut self, wakes: &mut Wakeups) {
+        for w in self.idle.take_all() {
+            self.woken += 1;
+            wakes.push(Some(w));
+        }
+    }
+
+    /// A worker starts a poll: forget its old registration, and if it had
+    /// been woken, it no longer counts as on its way.
+    pub(crate) fn worker_polled(&mut self, waiter: &mut Option<u64>) {
+        if let Some(id) = waiter.take() {
+            if !self.idle.remove(id) {
+                self.woken = self.woken.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Parks a worker that found nothing to do.
+    pub(crate) fn worker_park(&mut self, waiter: &mut Option<u64>, waker: &std::task::Waker) {
+        self.idle.register(waiter, waker);
+    }
+
+    /// Wakes producers waiting for room, in batches: once a sixteenth of the
+    /// capacity is free, or when no key is ready (the workers are about to
+    /// run dry). Waking one producer per taken item would make producer and
+    /// workers ping-pong on every item.
+    fn wake_producers(&mut self, wakes: &mut Wakeups) {
+        let free = self.capacity.saturating_sub(self.pending);
+        if free == 0 || (free < self.low_water && !self.ready.is_empty()) {
+            return;
+        }
+        for _ in 0..free {
+            match self.room.pop() {
+                Some(w) => wakes.push(Some(w)),
+                None => break,
+            }
+        }
+    }
+
     fn exit(&mut self, wakes: &mut Wakeups) -> Take<K, T> {
         self.workers_live -= 1;
         if !self.ready.is_empty() {
             // This worker's wake-up may have been meant for a ready key.
-            wakes.push(self.idle.pop());
+            self.wake_worker(wakes);
         }
         if self.workers_live == 0 {
             if self.closing.is_some() {
@@ -194,7 +254,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             }
             // Shrunk to nothing is refused by the API; closing is the only way here.
         } else if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
-            wakes.extend(self.idle.take_all());
+            self.wake_all_workers(wakes);
         }
         Take::Exit
     }
@@ -220,11 +280,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         } else if !entry.in_ready && entry.in_flight < per_key {
             entry.in_ready = true;
             self.ready.push_back(key);
-            wakes.push(self.idle.pop());
+            self.wake_worker(wakes);
         }
         if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
             // Drained: every idle worker may exit now.
-            wakes.extend(self.idle.take_all());
+            self.wake_all_workers(wakes);
         }
     }
 
@@ -235,14 +295,17 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
+    /// Gives memory back once the tables are mostly empty. The wide
+    /// hysteresis (shrink below 1/16, to 1/4 of the capacity) keeps a steady
+    /// churn of keys from reallocating over and over.
     fn maybe_shrink(&mut self) {
         let cap = self.keys.capacity();
-        if cap > 64 && self.keys.len() * 4 < cap {
-            self.keys.shrink_to(self.keys.len() * 2);
+        if cap > SHRINK_ABOVE && self.keys.len() * 16 < cap {
+            self.keys.shrink_to(cap / 4);
         }
         let cap = self.ready.capacity();
-        if cap > 64 && self.ready.len() * 4 < cap {
-            self.ready.shrink_to(self.ready.len() * 2);
+        if cap > SHRINK_ABOVE && self.ready.len() * 16 < cap {
+            self.ready.shrink_to(cap / 4);
         }
     }
 
@@ -272,7 +335,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
         wakes.extend(self.room.take_all());
         if self.pending == 0 && self.in_flight == 0 {
-            wakes.extend(self.idle.take_all());
+            self.wake_all_workers(wakes);
         }
         if self.workers_live == 0 {
             wakes.extend(self.done.take_all());
@@ -292,7 +355,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             spawn
         } else {
             // Idle workers above the target wake up and exit.
-            wakes.extend(self.idle.take_all());
+            self.wake_all_workers(wakes);
             0
         }
     }
