@@ -15,7 +15,9 @@
 //! * **No head-of-line blocking.** A busy key never holds up another key: a
 //!   key occupies at most `c` workers, and workers pick keys round-robin.
 //! * **Nothing kept for idle keys.** A key's entry exists only while it has
-//!   pending or in-flight items ([`Stats::keys`] counts them).
+//!   pending or in-flight items ([`Stats::keys`] counts them); the tables
+//!   shrink again once mostly empty (a few small empty queues, not tied to
+//!   any key, are kept for reuse).
 //!
 //! # Dispatch
 //!
@@ -31,9 +33,10 @@
 //! At most [`capacity`](Builder::capacity) items are *pending* (accepted, not
 //! yet started). [`add`](KeyedPool::add) waits for room;
 //! [`try_add`](KeyedPool::try_add) returns the item in [`TryAddError::Full`].
-//! Producers blocked in `add` are woken as workers take items (a newly
-//! arriving `add` may take a slot first; there is no FIFO among blocked
-//! producers).
+//! Producers blocked in `add` are woken in batches, once a sixteenth of the
+//! capacity is free or as soon as no key is ready to run (so a producer is
+//! never kept out while the workers run dry); a newly arriving `add` may take
+//! a slot first, there is no FIFO among blocked producers.
 //!
 //! # Re-entrant adds
 //!
