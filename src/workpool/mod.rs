@@ -33,10 +33,9 @@
 //! At most [`capacity`](Builder::capacity) items are *pending* (accepted, not
 //! yet started). [`add`](KeyedPool::add) waits for room;
 //! [`try_add`](KeyedPool::try_add) returns the item in [`TryAddError::Full`].
-//! Producers blocked in `add` are woken in batches, once a sixteenth of the
-//! capacity is free or as soon as no key is ready to run (so a producer is
-//! never kept out while the workers run dry); a newly arriving `add` may take
-//! a slot first, there is no FIFO among blocked producers.
+//! A producer blocked in `add` is woken for every slot that frees up (a newly
+//! arriving `add` may take the slot first: there is no FIFO among blocked
+//! producers).
 //!
 //! # Re-entrant adds
 //!

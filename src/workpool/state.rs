@@ -58,8 +58,6 @@ pub(crate) struct State<K, T> {
     pending: usize,
     in_flight: usize,
     capacity: usize,
-    /// Free slots at which waiting producers are woken (see `wake_producers`).
-    low_water: usize,
     per_key: usize,
     seq: u64,
     pub(crate) handled: u64,
@@ -86,7 +84,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             pending: 0,
             in_flight: 0,
             capacity,
-            low_water: (capacity / 16).max(1),
             per_key,
             seq: 0,
             handled: 0,
@@ -225,20 +222,13 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         self.idle.register(waiter, waker);
     }
 
-    /// Wakes producers waiting for room, in batches: once a sixteenth of the
-    /// capacity is free, or when no key is ready (the workers are about to
-    /// run dry). Waking one producer per taken item would make producer and
-    /// workers ping-pong on every item.
+    /// Wakes a producer waiting for room: one per slot freed. (Waking them
+    /// in batches was tried: it saves wake-ups, but a producer could then
+    /// wait while there is room, and deadlock against handlers that wait for
+    /// that producer.)
     fn wake_producers(&mut self, wakes: &mut Wakeups) {
-        let free = self.capacity.saturating_sub(self.pending);
-        if free == 0 || (free < self.low_water && !self.ready.is_empty()) {
-            return;
-        }
-        for _ in 0..free {
-            match self.room.pop() {
-                Some(w) => wakes.push(Some(w)),
-                None => break,
-            }
+        if self.pending < self.capacity {
+            wakes.push(self.room.pop());
         }
     }
 
