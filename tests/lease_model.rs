@@ -53,7 +53,9 @@ impl Model {
             return served;
         }
         while self.headroom(k) > 0 {
-            let Some(w) = self.waiters.entry(k).or_default().pop_front() else { break };
+            let Some(w) = self.waiters.entry(k).or_default().pop_front() else {
+                break;
+            };
             self.counts.entry(k).or_default().active += 1;
             served.push(w);
         }

@@ -34,7 +34,13 @@ fn loom_grant_release_races_two_acquirers() {
         drop(held);
         keyed.join().unwrap();
         any.join().unwrap();
-        assert_eq!(pool.get(&1), Counts { target: 1, active: 0 });
+        assert_eq!(
+            pool.get(&1),
+            Counts {
+                target: 1,
+                active: 0
+            }
+        );
     });
 }
 
@@ -49,7 +55,13 @@ fn loom_grant_set_races_acquire() {
         };
         pool.set(7, 1);
         assert_eq!(waiter.join().unwrap(), Ok(1));
-        assert_eq!(pool.get(&7), Counts { target: 1, active: 0 });
+        assert_eq!(
+            pool.get(&7),
+            Counts {
+                target: 1,
+                active: 0
+            }
+        );
     });
 }
 
