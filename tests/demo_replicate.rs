@@ -69,3 +69,57 @@ async fn demo_replicate_converges_on_redis() {
     assert!(summary.contains("redis"));
     assert_eq!(report.webhooks.lost, 0);
 }
+
+/// The newest modification time of the files under `dir`.
+fn newest_source(dir: &std::path::Path) -> std::time::SystemTime {
+    let mut newest = std::time::SystemTime::UNIX_EPOCH;
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        let t = if path.is_dir() {
+            newest_source(&path)
+        } else {
+            entry.metadata().and_then(|m| m.modified()).unwrap()
+        };
+        newest = newest.max(t);
+    }
+    newest
+}
+
+/// The example binary `cargo test` built next to this test, if it is there
+/// and newer than every source file (a `cargo test --test demo_replicate`
+/// alone does not build examples).
+fn fresh_example_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let profile_dir = exe.parent()?.parent()?;
+    let bin = profile_dir
+        .join("examples")
+        .join(format!("replicate{}", std::env::consts::EXE_SUFFIX));
+    let built = std::fs::metadata(&bin).ok()?.modified().ok()?;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let sources = newest_source(&root.join("src")).max(newest_source(&root.join("examples")));
+    (built >= sources).then_some(bin)
+}
+
+/// The binary's exit status says the verdict: 0 converged, 1 not.
+#[test]
+fn demo_replicate_binary_exit_status() {
+    let Some(bin) = fresh_example_binary() else {
+        eprintln!("the replicate example is not built (or stale): skipping its exit-status check");
+        return;
+    };
+    let run = |extra: &[&str]| {
+        std::process::Command::new(&bin)
+            .args(["--quick", "--backend", "memory"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let ok = run(&[]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert_eq!(ok.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("verdict: OK"), "{stdout}");
+    let broken = run(&["--break-a-view"]);
+    let stdout = String::from_utf8_lossy(&broken.stdout);
+    assert_eq!(broken.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("verdict: FAILED"), "{stdout}");
+}
