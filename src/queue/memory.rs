@@ -69,6 +69,29 @@ pub struct MemoryQueue {
     room_signal: Notify,
 }
 
+/// A fast hasher for item ids (sequential integers from our own counter, so
+/// no flooding concern): one multiply, as FxHash does.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// Build hasher for maps keyed by item ids.
+pub(super) type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Ready since `seq` (its place in the FIFO of ready items).
@@ -92,7 +115,7 @@ struct State {
     next_id: u64,
     next_seq: u64,
     closed: bool,
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry, IdHash>,
     /// Ready items that may be handed out now, by ready sequence.
     ready: BTreeMap<u64, u64>,
     /// Ready items held back by an earlier item of their key.
@@ -260,7 +283,8 @@ impl MemoryQueue {
     }
 
     async fn push_inner(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
-        let deadline = Instant::now() + timeout;
+        // Read the clock only when the queue is full.
+        let mut deadline: Option<Instant> = None;
         loop {
             let room = self.room_signal.notified();
             tokio::pin!(room);
@@ -293,7 +317,7 @@ impl MemoryQueue {
                             key: item.key,
                             attempts: 0,
                             // Replaced by make_ready.
-                            phase: Phase::Delayed { until: deadline },
+                            phase: Phase::Ready { seq: 0 },
                         },
                     );
                     let poppable = st.make_ready(id);
@@ -304,7 +328,9 @@ impl MemoryQueue {
                     return Ok(ItemId(id));
                 }
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + timeout);
+            if now >= deadline {
                 return Err(PushError::Full(item));
             }
             // On timeout the loop looks once more, then fails with `Full`.

@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::base::{
     Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
 };
+use super::memory::IdHash;
 
 /// How a [`WorkQueue`] batches, scales and retries.
 ///
@@ -369,13 +370,13 @@ struct Pool {
 #[derive(Default)]
 struct Pending {
     /// Items pushed through this work queue and not yet handled.
-    ids: HashSet<ItemId>,
+    ids: HashSet<ItemId, IdHash>,
     /// Pushes whose base push has not returned yet.
     pushing: usize,
     /// Resolved while a push was in flight and before it registered its id.
-    early: HashSet<ItemId>,
+    early: HashSet<ItemId, IdHash>,
     next_waiter: u64,
-    waiters: Vec<(u64, HashSet<ItemId>, oneshot::Sender<()>)>,
+    waiters: Vec<(u64, HashSet<ItemId, IdHash>, oneshot::Sender<()>)>,
 }
 
 struct Inner<T> {
@@ -1231,7 +1232,8 @@ where
 
     async fn process(&self, batch: Vec<Delivery>, stop: &mut watch::Receiver<u8>) {
         let mut items = Vec::with_capacity(batch.len());
-        let mut by_id: HashMap<ItemId, Delivery> = HashMap::with_capacity(batch.len());
+        let mut by_id: HashMap<ItemId, Delivery, IdHash> =
+            HashMap::with_capacity_and_hasher(batch.len(), IdHash::default());
         for d in batch {
             match serde_json::from_slice::<T>(&d.payload) {
                 Ok(value) => {
@@ -1258,7 +1260,7 @@ where
             r = run => Some(r),
             _ = stopped(stop, HARD_STOP) => None,
         };
-        let unhandled: HashSet<ItemId> = match outcome {
+        let unhandled: HashSet<ItemId, IdHash> = match outcome {
             None => {
                 let ids: Vec<ItemId> = by_id.keys().copied().collect();
                 if let Err(e) = self.base.nack(&ids, Duration::ZERO).await {
