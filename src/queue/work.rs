@@ -363,8 +363,6 @@ struct Pool {
     workers: usize,
     active: usize,
     max: usize,
-    next_worker: u64,
-    idle: Vec<(u64, oneshot::Sender<Vec<Delivery>>)>,
 }
 
 #[derive(Default)]
@@ -433,14 +431,17 @@ impl Drop for DropGuard {
 ///
 /// # Workers and batches
 ///
-/// One dispatcher task pops batches of up to
-/// [`batch_len`](WorkQueueOptions::batch_len) items. When fewer are ready it
-/// waits up to [`batch_delay`](WorkQueueOptions::batch_delay) for the batch to
-/// fill. It pops only when a worker can take the batch: an idle worker, or
-/// room to start a new one below [`max_workers`](Self::max_workers).
-/// A worker that gets no batch for
-/// [`idle_timeout`](WorkQueueOptions::idle_timeout) retires; the maximum can be
-/// changed at run time with [`set_max_workers`](Self::set_max_workers)
+/// Batches hold up to [`batch_len`](WorkQueueOptions::batch_len) items; when
+/// fewer are ready, the popper waits up to
+/// [`batch_delay`](WorkQueueOptions::batch_delay) for the batch to fill.
+///
+/// Workers pull: each worker pops its next batch straight from the base
+/// queue when it is done with the last one, so a busy queue costs no
+/// hand-off per batch. While fewer than [`max_workers`](Self::max_workers)
+/// run, a starter task pops a batch and starts a new worker with it, so the
+/// pool grows with the backlog. A worker that gets no batch for
+/// [`idle_timeout`](WorkQueueOptions::idle_timeout) retires. The maximum can
+/// be changed at run time with [`set_max_workers`](Self::set_max_workers)
 /// (`0` pauses processing).
 ///
 /// # Handling, retries and dead letters
@@ -683,9 +684,11 @@ impl<T> WorkQueue<T> {
         lock(&self.inner.pool).max
     }
 
-    /// Changes the most workers allowed. Idle workers above the new maximum
-    /// retire at once, busy ones when their batch is done. `0` pauses
-    /// processing.
+    /// Changes the most workers allowed. Raising it starts workers as soon
+    /// as there is work. Lowering it never lets more than the new maximum
+    /// start a batch: workers above it retire when their current batch is
+    /// done, or when their wait for the next one ends (a batch they popped is
+    /// handed back at once). `0` pauses processing.
     ///
     /// # Examples
     ///
@@ -703,17 +706,7 @@ impl<T> WorkQueue<T> {
     /// # });
     /// ```
     pub fn set_max_workers(&self, max: usize) {
-        {
-            let mut pool = lock(&self.inner.pool);
-            pool.max = max;
-            while pool.workers > pool.max {
-                // Dropping the sender retires that worker.
-                if pool.idle.pop().is_none() {
-                    break;
-                }
-                pool.workers -= 1;
-            }
-        }
+        lock(&self.inner.pool).max = max;
         self.inner.changed.notify_waiters();
     }
 
@@ -1053,68 +1046,86 @@ impl<T> Inner<T>
 where
     T: DeserializeOwned + Send + 'static,
 {
+    /// Starts workers: while fewer than the maximum run, it pops a batch and
+    /// starts a worker with it. Workers then pop their own batches.
     async fn dispatch(self: Arc<Self>) {
         let mut stop = self.stop.subscribe();
-        'outer: loop {
-            if !self.wait_for_slot(&mut stop).await {
+        loop {
+            if !self.wait_for_room(&mut stop).await {
                 break;
             }
-            let first = tokio::select! {
-                r = self.base.pop(self.opts.batch_len, POP_WAIT) => r,
-                _ = stopped(&mut stop, STOPPING) => break,
+            let Some(batch) = self.next_batch(&mut stop, POP_WAIT).await else {
+                break;
             };
-            let mut batch = match first {
-                Ok(b) if b.is_empty() => continue,
-                Ok(b) => b,
-                Err(QueueError::Backend(e)) => {
-                    tracing::warn!(queue = %self.name, error = %e, "base queue pop failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(BACKEND_RETRY) => continue,
-                        _ = stopped(&mut stop, STOPPING) => break,
-                    }
-                }
-                Err(_) => break,
-            };
-            if batch.len() < self.opts.batch_len && !self.opts.batch_delay.is_zero() {
-                let deadline = Instant::now() + self.opts.batch_delay;
-                while batch.len() < self.opts.batch_len {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    let more = tokio::select! {
-                        r = self.base.pop(self.opts.batch_len - batch.len(), left) => r,
-                        _ = stopped(&mut stop, STOPPING) => {
-                            self.give_back(&batch).await;
-                            break 'outer;
-                        }
-                    };
-                    match more {
-                        Ok(m) if !m.is_empty() => batch.extend(m),
-                        _ => break,
-                    }
-                }
+            if batch.is_empty() {
+                continue;
             }
-            // Hand the batch over; the slot may have gone (max lowered).
-            loop {
-                if !self.wait_for_slot(&mut stop).await {
-                    self.give_back(&batch).await;
-                    break 'outer;
+            // Room may have gone while we waited (max lowered): hand the
+            // batch back rather than exceed the maximum.
+            let started = {
+                let mut pool = lock(&self.pool);
+                if pool.workers < pool.max {
+                    pool.workers += 1;
+                    pool.active += 1;
+                    true
+                } else {
+                    false
                 }
-                match self.hand_over(batch) {
-                    None => break,
-                    Some(b) => batch = b,
-                }
+            };
+            if started {
+                tokio::spawn(self.clone().worker(batch));
+            } else {
+                self.give_back(&batch).await;
             }
         }
-        // Retire the idle workers.
+    }
+
+    /// Pops the next batch: waits up to `wait` for a first item, then up to
+    /// `batch_delay` for the batch to fill. `None` when stopping or the base
+    /// queue closed (anything popped is given back first).
+    async fn next_batch(
+        &self,
+        stop: &mut watch::Receiver<u8>,
+        wait: Duration,
+    ) -> Option<Vec<Delivery>> {
+        let first = tokio::select! {
+            r = self.base.pop(self.opts.batch_len, wait) => r,
+            _ = stopped(stop, STOPPING) => return None,
+        };
+        let mut batch = match first {
+            Ok(b) => b,
+            Err(QueueError::Backend(e)) => {
+                tracing::warn!(queue = %self.name, error = %e, "base queue pop failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(BACKEND_RETRY) => return Some(Vec::new()),
+                    _ = stopped(stop, STOPPING) => return None,
+                }
+            }
+            Err(_) => return None,
+        };
+        if batch.is_empty() || batch.len() >= self.opts.batch_len || self.opts.batch_delay.is_zero()
         {
-            let mut pool = lock(&self.pool);
-            let n = pool.idle.len();
-            pool.idle.clear();
-            pool.workers -= n;
+            return Some(batch);
         }
-        self.changed.notify_waiters();
+        let deadline = Instant::now() + self.opts.batch_delay;
+        while batch.len() < self.opts.batch_len {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            let more = tokio::select! {
+                r = self.base.pop(self.opts.batch_len - batch.len(), left) => r,
+                _ = stopped(stop, STOPPING) => {
+                    self.give_back(&batch).await;
+                    return None;
+                }
+            };
+            match more {
+                Ok(m) if !m.is_empty() => batch.extend(m),
+                _ => break,
+            }
+        }
+        Some(batch)
     }
 
     /// Returns a popped batch to the base queue at once.
@@ -1125,8 +1136,8 @@ where
         }
     }
 
-    /// Waits until a worker could take a batch. False when stopping.
-    async fn wait_for_slot(&self, stop: &mut watch::Receiver<u8>) -> bool {
+    /// Waits until another worker may start. False when stopping.
+    async fn wait_for_room(&self, stop: &mut watch::Receiver<u8>) -> bool {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -1137,7 +1148,7 @@ where
             }
             {
                 let pool = lock(&self.pool);
-                if !pool.idle.is_empty() || pool.workers < pool.max {
+                if pool.workers < pool.max {
                     return true;
                 }
             }
@@ -1148,85 +1159,51 @@ where
         }
     }
 
-    /// Gives `batch` to an idle worker or a new one; hands it back when
-    /// neither is possible.
-    fn hand_over(self: &Arc<Self>, mut batch: Vec<Delivery>) -> Option<Vec<Delivery>> {
-        loop {
-            let mut pool = lock(&self.pool);
-            if let Some((_, tx)) = pool.idle.pop() {
-                pool.active += 1;
-                drop(pool);
-                match tx.send(batch) {
-                    Ok(()) => return None,
-                    Err(b) => {
-                        // The worker is gone (runtime shutting down).
-                        let mut pool = lock(&self.pool);
-                        pool.active -= 1;
-                        pool.workers -= 1;
-                        batch = b;
-                        continue;
-                    }
-                }
-            }
-            if pool.workers < pool.max {
-                pool.workers += 1;
-                pool.active += 1;
-                let id = pool.next_worker;
-                pool.next_worker += 1;
-                drop(pool);
-                tokio::spawn(self.clone().worker(id, batch));
-                return None;
-            }
-            return Some(batch);
-        }
-    }
-
-    async fn worker(self: Arc<Self>, id: u64, mut batch: Vec<Delivery>) {
+    /// Handles `batch`, then pops and handles more until idle for
+    /// `idle_timeout`, above the maximum, or stopping.
+    async fn worker(self: Arc<Self>, mut batch: Vec<Delivery>) {
         let mut stop = self.stop.subscribe();
         loop {
             self.process(batch, &mut stop).await;
-            let mut rx = {
+            let retire = {
                 let mut pool = lock(&self.pool);
                 pool.active -= 1;
-                if pool.workers > pool.max || *stop.borrow() != RUNNING {
+                let level = *stop.borrow();
+                if pool.workers > pool.max || level != RUNNING {
                     pool.workers -= 1;
-                    drop(pool);
+                    true
+                } else {
+                    false
+                }
+            };
+            if retire {
+                self.changed.notify_waiters();
+                return;
+            }
+            let next = self.next_batch(&mut stop, self.opts.idle_timeout).await;
+            let keep = {
+                let mut pool = lock(&self.pool);
+                let keep = matches!(&next, Some(b) if !b.is_empty()) && pool.workers <= pool.max;
+                if keep {
+                    pool.active += 1;
+                } else {
+                    pool.workers -= 1;
+                }
+                keep
+            };
+            match next {
+                Some(b) if keep => batch = b,
+                other => {
+                    if let Some(b) = other {
+                        if !b.is_empty() {
+                            // Above the maximum now: give the batch back.
+                            self.give_back(&b).await;
+                        }
+                    }
                     self.changed.notify_waiters();
                     return;
                 }
-                let (tx, rx) = oneshot::channel();
-                pool.idle.push((id, tx));
-                rx
-            };
-            self.changed.notify_waiters();
-            batch = match tokio::time::timeout(self.opts.idle_timeout, &mut rx).await {
-                Ok(Ok(b)) => b,
-                // Retired by set_max_workers or the dispatcher's exit, which
-                // already counted it out.
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let retired = {
-                        let mut pool = lock(&self.pool);
-                        match pool.idle.iter().position(|(w, _)| *w == id) {
-                            Some(pos) => {
-                                pool.idle.remove(pos);
-                                pool.workers -= 1;
-                                true
-                            }
-                            None => false,
-                        }
-                    };
-                    if retired {
-                        self.changed.notify_waiters();
-                        return;
-                    }
-                    // The dispatcher picked us just now: the batch is coming.
-                    match rx.await {
-                        Ok(b) => b,
-                        Err(_) => return,
-                    }
-                }
-            };
+            }
         }
     }
 
