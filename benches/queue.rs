@@ -161,9 +161,9 @@ fn main() {
     let rounds = if quick { 1 } else { 3 };
     let n_mem: u64 = if quick { 2_000 } else { 200_000 };
     #[cfg(feature = "disk")]
-    let n_disk: u64 = if quick { 500 } else { 20_000 };
+    let n_disk: u64 = if quick { 400 } else { 4_000 };
     #[cfg(feature = "redis")]
-    let n_redis: u64 = if quick { 200 } else { 20_000 };
+    let n_redis: u64 = if quick { 200 } else { 40_000 };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

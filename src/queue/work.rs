@@ -1107,23 +1107,21 @@ where
         {
             return Some(batch);
         }
-        let deadline = Instant::now() + self.opts.batch_delay;
-        while batch.len() < self.opts.batch_len {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
+        // A partial batch: wait out the delay once, then take what arrived
+        // (one wake-up per batch rather than one per item).
+        tokio::select! {
+            _ = tokio::time::sleep(self.opts.batch_delay) => {}
+            _ = stopped(stop, STOPPING) => {
+                self.give_back(&batch).await;
+                return None;
             }
-            let more = tokio::select! {
-                r = self.base.pop(self.opts.batch_len - batch.len(), left) => r,
-                _ = stopped(stop, STOPPING) => {
-                    self.give_back(&batch).await;
-                    return None;
-                }
-            };
-            match more {
-                Ok(m) if !m.is_empty() => batch.extend(m),
-                _ => break,
-            }
+        }
+        if let Ok(more) = self
+            .base
+            .pop(self.opts.batch_len - batch.len(), Duration::ZERO)
+            .await
+        {
+            batch.extend(more);
         }
         Some(batch)
     }
