@@ -812,3 +812,118 @@ mod tests {
         check::<MemoryQueue>();
     }
 }
+
+/// Model-based property test: the memory queue against a plain list.
+#[cfg(test)]
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push { key: Option<u8> },
+        Pop { max: usize },
+        Ack { pick: usize },
+        Nack { pick: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => proptest::option::of(0u8..3).prop_map(|key| Op::Push { key }),
+            2 => (1usize..4).prop_map(|max| Op::Pop { max }),
+            1 => any::<usize>().prop_map(|pick| Op::Ack { pick }),
+            1 => any::<usize>().prop_map(|pick| Op::Nack { pick }),
+        ]
+    }
+
+    struct ModelItem {
+        id: ItemId,
+        payload: Vec<u8>,
+        key: Option<u8>,
+        attempts: u32,
+        /// `Some(seq)` when ready, `None` when leased.
+        ready: Option<u64>,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let q = MemoryQueue::new("model", QueueOptions::default());
+                // Held items in push order.
+                let mut model: Vec<ModelItem> = Vec::new();
+                let mut seq = 0u64;
+                let mut n = 0u32;
+                for op in ops {
+                    match op {
+                        Op::Push { key } => {
+                            n += 1;
+                            let payload = n.to_le_bytes().to_vec();
+                            let item = NewItem {
+                                payload: payload.clone(),
+                                key: key.map(|k| k.to_string()),
+                            };
+                            let id = q.push(item, Duration::ZERO).await.unwrap();
+                            seq += 1;
+                            model.push(ModelItem { id, payload, key, attempts: 0, ready: Some(seq) });
+                        }
+                        Op::Pop { max } => {
+                            let got = q.pop(max, Duration::ZERO).await.unwrap();
+                            // Eligible: ready and the oldest held item of its key.
+                            let mut eligible: Vec<(u64, usize)> = model
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, m)| {
+                                    m.ready.is_some()
+                                        && !matches!(m.key, Some(k)
+                                            if model[..*i].iter().any(|e| e.key == Some(k)))
+                                })
+                                .map(|(i, m)| (m.ready.unwrap(), i))
+                                .collect();
+                            eligible.sort_unstable();
+                            eligible.truncate(max);
+                            let want: Vec<(Vec<u8>, u32)> = eligible
+                                .iter()
+                                .map(|&(_, i)| (model[i].payload.clone(), model[i].attempts))
+                                .collect();
+                            let have: Vec<(Vec<u8>, u32)> =
+                                got.iter().map(|d| (d.payload.clone(), d.attempts)).collect();
+                            assert_eq!(have, want);
+                            for (_, i) in eligible {
+                                model[i].ready = None;
+                            }
+                        }
+                        Op::Ack { pick } | Op::Nack { pick } => {
+                            let leased: Vec<usize> = model
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, m)| m.ready.is_none())
+                                .map(|(i, _)| i)
+                                .collect();
+                            if leased.is_empty() {
+                                continue;
+                            }
+                            let i = leased[pick % leased.len()];
+                            let id = model[i].id;
+                            if matches!(op, Op::Ack { .. }) {
+                                q.ack(&[id]).await.unwrap();
+                                model.remove(i);
+                            } else {
+                                q.nack(&[id], Duration::ZERO).await.unwrap();
+                                seq += 1;
+                                model[i].ready = Some(seq);
+                                model[i].attempts += 1;
+                            }
+                        }
+                    }
+                    let len = q.len().await.unwrap();
+                    let leased = model.iter().filter(|m| m.ready.is_none()).count() as u64;
+                    assert_eq!(len.leased, leased);
+                    assert_eq!(len.total(), model.len() as u64);
+                }
+            });
+        }
+    }
+}
