@@ -558,3 +558,60 @@ fn handles_and_futures_are_send_sync() {
         q.shutdown(LONG).await;
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stress_many_producers_every_item_handled() {
+    const P: u32 = 8;
+    const N: u32 = 2_000;
+    let (base, dead) = queues("stress");
+    let counts: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+    let c = counts.clone();
+    let q = WorkQueue::new(
+        base,
+        dead,
+        opts(8, 4).backoff(Duration::from_millis(1), Duration::from_millis(5)),
+        move |b: Vec<Item<u32>>| {
+            let mut back = Vec::new();
+            {
+                let mut c = c.lock().unwrap();
+                for it in b {
+                    *c.entry(*it.value()).or_default() += 1;
+                    if it.value() % 7 == 0 && it.attempts() == 0 {
+                        back.push(it);
+                    }
+                }
+            }
+            async move { back }
+        },
+    )
+    .unwrap();
+    let producers: Vec<_> = (0..P)
+        .map(|p| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                for i in 0..N {
+                    q.push(p * N + i).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    q.flush(LONG).await.unwrap();
+    let counts = counts.lock().unwrap().clone();
+    assert_eq!(counts.len(), (P * N) as usize);
+    for (v, n) in counts {
+        assert_eq!(n, if v % 7 == 0 { 2 } else { 1 }, "item {v}");
+    }
+    assert!(q.workers() <= 4);
+    assert_eq!(q.len().await.unwrap().total(), 0);
+    q.shutdown(LONG).await;
+}
+
+#[test]
+fn manager_is_send_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<snapstream::queue::Manager>();
+    send_sync::<snapstream::queue::MemoryQueue>();
+}
