@@ -2,7 +2,7 @@
 //! retries and dead letters over any [`BaseQueue`]. The semantics are documented
 //! on the type.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -369,10 +369,15 @@ struct Pool {
 struct Pending {
     /// Items pushed through this work queue and not yet handled.
     ids: HashSet<ItemId, IdHash>,
-    /// Pushes whose base push has not returned yet.
-    pushing: usize,
-    /// Resolved while a push was in flight and before it registered its id.
-    early: HashSet<ItemId, IdHash>,
+    /// Generation numbers of pushes whose base push has not returned yet.
+    inflight: BTreeSet<u64>,
+    next_gen: u64,
+    /// Ids resolved while pushes were in flight (they may be those pushes'
+    /// items, handled before the push registered them), each tagged with
+    /// the generation counter at that moment: only pushes of an older
+    /// generation can need it.
+    early: HashMap<ItemId, u64, IdHash>,
+    early_order: VecDeque<(u64, ItemId)>,
     next_waiter: u64,
     waiters: Vec<(u64, HashSet<ItemId, IdHash>, oneshot::Sender<()>)>,
 }
@@ -971,37 +976,54 @@ fn to_dead_letter(d: Delivery) -> DeadLetter {
 
 impl<T> Inner<T> {
     async fn push_raw(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
-        struct Pushing<'a>(&'a Mutex<Pending>, Option<ItemId>);
+        /// Registers the pushed id when the push ends (also when cancelled).
+        struct Pushing<'a>(&'a Mutex<Pending>, u64, Option<ItemId>);
         impl Drop for Pushing<'_> {
             fn drop(&mut self) {
                 let mut p = lock(self.0);
-                p.pushing -= 1;
-                if let Some(id) = self.1 {
-                    if !p.early.remove(&id) {
+                p.inflight.remove(&self.1);
+                if let Some(id) = self.2 {
+                    if p.early.remove(&id).is_none() {
                         p.ids.insert(id);
                     }
                 }
-                if p.pushing == 0 {
-                    p.early.clear();
+                // Forget early ids no push still in flight can need.
+                let oldest = p.inflight.first().copied().unwrap_or(p.next_gen);
+                while let Some(&(tag, id)) = p.early_order.front() {
+                    if tag > oldest {
+                        break;
+                    }
+                    p.early_order.pop_front();
+                    if p.early.get(&id) == Some(&tag) {
+                        p.early.remove(&id);
+                    }
                 }
             }
         }
-        lock(&self.pending).pushing += 1;
-        let mut guard = Pushing(&self.pending, None);
+        let gen = {
+            let mut p = lock(&self.pending);
+            let gen = p.next_gen;
+            p.next_gen += 1;
+            p.inflight.insert(gen);
+            gen
+        };
+        let mut guard = Pushing(&self.pending, gen, None);
         let id = self.base.push(item, timeout).await?;
-        guard.1 = Some(id);
+        guard.2 = Some(id);
         Ok(id)
     }
 
     /// Marks items handled (or dead-lettered) for [`WorkQueue::flush`].
     fn resolve(&self, ids: &[ItemId]) {
         let mut p = lock(&self.pending);
-        if p.ids.is_empty() && p.pushing == 0 {
+        if p.ids.is_empty() && p.inflight.is_empty() {
             return;
         }
+        let tag = p.next_gen;
         for id in ids {
-            if !p.ids.remove(id) && p.pushing > 0 {
-                p.early.insert(*id);
+            if !p.ids.remove(id) && !p.inflight.is_empty() {
+                p.early.insert(*id, tag);
+                p.early_order.push_back((tag, *id));
             }
         }
         if !p.waiters.is_empty() {
