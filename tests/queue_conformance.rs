@@ -537,8 +537,6 @@ macro_rules! suite {
 }
 
 // --- memory ---------------------------------------------------------------
-// Enabled once `src/queue/memory.rs` (workqueue branch) is merged.
-#[cfg(any())]
 async fn memory_env(_case: &str) -> Option<Env> {
     use snapstream::queue::memory::MemoryQueue;
     Some(Env {
@@ -552,7 +550,6 @@ async fn memory_env(_case: &str) -> Option<Env> {
         _guard: None,
     })
 }
-#[cfg(any())]
 suite!(memory, memory_env);
 
 // --- disk -----------------------------------------------------------------
