@@ -651,6 +651,46 @@ where
             Err(e) => Err(WorkPushError::from_push(e, value)),
         }
     }
+
+    /// Whether the base queue holds `value` (in any state), comparing the
+    /// JSON encoding. On a simple (non-unique) base queue this may scan.
+    ///
+    /// # Errors
+    /// [`WorkError::Queue`] from the base queue; an item that cannot be
+    /// encoded is reported as not held.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)));
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default().max_workers(0), |_b: Vec<Item<u32>>| async {
+    ///     Vec::new()
+    /// })
+    /// .unwrap();
+    /// q.push(7).await.unwrap();
+    /// assert!(q.has(&7).await.unwrap());
+    /// assert!(q.push(7).await.is_err()); // unique base queue: handed back
+    /// # q.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub async fn has(&self, value: &T) -> Result<bool, WorkError> {
+        let Ok(payload) = serde_json::to_vec(value) else {
+            return Ok(false);
+        };
+        self.inner
+            .base
+            .has(&payload)
+            .await
+            .map_err(WorkError::Queue)
+    }
 }
 
 impl<T> WorkQueue<T> {
