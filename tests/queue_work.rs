@@ -137,7 +137,7 @@ async fn max_workers_honoured_and_resizable() {
         }
     })
     .unwrap();
-    for i in 0..10u32 {
+    for i in 0..20u32 {
         q.push(i).await.unwrap();
     }
     for _ in 0..3 {
@@ -163,15 +163,22 @@ async fn max_workers_honoured_and_resizable() {
     assert_eq!(q.active_workers(), 5);
     assert_eq!(peak.load(Ordering::SeqCst), 5);
 
-    // Shrink to 1: busy workers retire as they finish.
+    // Shrink to 1 while 5 handlers block: when they finish, four workers
+    // retire and exactly one goes on to the next batch.
     q.set_max_workers(1);
-    peak.store(0, Ordering::SeqCst);
+    gate.add_permits(5);
+    started.recv().await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(5), started.recv())
+        .await
+        .is_err());
+    assert_eq!((q.workers(), q.active_workers()), (1, 1));
+    assert_eq!(running.load(Ordering::SeqCst), 1);
+    // From here on never more than one handler at a time.
+    peak.store(1, Ordering::SeqCst);
     gate.add_permits(1000);
     q.flush(LONG).await.unwrap();
-    // 5 were running when we shrank; afterwards at most 1 ran at a time
-    // except those already past the gate.
+    assert_eq!(peak.load(Ordering::SeqCst), 1);
     assert!(q.workers() <= 1);
-    assert!(peak.load(Ordering::SeqCst) <= 5);
     q.shutdown(LONG).await;
 }
 
