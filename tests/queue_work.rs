@@ -619,6 +619,14 @@ async fn stress_many_producers_every_item_handled() {
 #[test]
 fn manager_is_send_sync() {
     fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
     send_sync::<snapstream::queue::Manager>();
     send_sync::<snapstream::queue::MemoryQueue>();
+    let m = snapstream::queue::Manager::new();
+    let cfg = snapstream::queue::config::QueuesConfig::default();
+    send(&m.queues());
+    send(&m.flush_all(LONG));
+    send(&m.remove_all("x"));
+    send(&m.shutdown_all(LONG));
+    send(&m.create("x", &cfg, |_b: Vec<Item<u32>>| async { Vec::new() }));
 }
