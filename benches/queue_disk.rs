@@ -19,8 +19,7 @@ use snapstream::queue::disk::DiskStore;
 use snapstream::queue::{BaseQueue, NewItem, QueueOptions};
 
 /// Pushes in flight at once (each waits for its commit).
-const IN_FLIGHT: usize = 256;
-const CONSUMERS: usize = 4;
+const IN_FLIGHT: usize = 1024;
 const PAYLOAD: usize = 16;
 
 struct Row {
@@ -31,17 +30,17 @@ struct Row {
     p99_us: Option<f64>,
 }
 
-async fn disk_run(items: usize, batch: usize) -> Row {
+async fn disk_run(items: usize, batch: usize, consumers: usize, in_flight: usize) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(dir.path().join("bench.redb")).unwrap();
     let q = Arc::new(store.queue("bench", QueueOptions::default()).unwrap());
     let received = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    let mut consumers = Vec::new();
-    for _ in 0..CONSUMERS {
+    let mut tasks = Vec::new();
+    for _ in 0..consumers {
         let q = Arc::clone(&q);
         let received = Arc::clone(&received);
-        consumers.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             while received.load(Ordering::Relaxed) < items {
                 let got = q.pop(batch, Duration::from_millis(50)).await.unwrap();
                 if got.is_empty() {
@@ -69,13 +68,13 @@ async fn disk_run(items: usize, batch: usize) -> Row {
                         t.elapsed()
                     }
                 })
-                .buffer_unordered(IN_FLIGHT)
+                .buffer_unordered(in_flight)
                 .collect::<Vec<Duration>>()
                 .await
         })
     };
     let mut lat = producer.await.unwrap();
-    for c in consumers {
+    for c in tasks {
         c.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
@@ -83,7 +82,9 @@ async fn disk_run(items: usize, batch: usize) -> Row {
     lat.sort();
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
     Row {
-        name: format!("snapstream disk, batch {batch}"),
+        name: format!(
+            "snapstream disk, batch {batch}, {consumers} consumers, {in_flight} pushes in flight"
+        ),
         items,
         secs,
         p50_us: Some(pct(0.50)),
@@ -141,8 +142,10 @@ fn main() {
     let mut rows = Vec::new();
     for _ in 0..rounds {
         rows.push(redb_naive(naive_items));
-        rows.push(rt.block_on(disk_run(items / 4, 1)));
-        rows.push(rt.block_on(disk_run(items, 64)));
+        rows.push(rt.block_on(disk_run(items / 10, 1, 4, IN_FLIGHT)));
+        rows.push(rt.block_on(disk_run(items / 4, 1, 64, IN_FLIGHT)));
+        rows.push(rt.block_on(disk_run(items, 64, 4, 256)));
+        rows.push(rt.block_on(disk_run(items, 64, 4, IN_FLIGHT)));
     }
     println!("| scenario | items | items/s | push p50 | push p99 |\n|---|---:|---:|---:|---:|");
     for r in &rows {

@@ -148,6 +148,9 @@ pub enum DiskError {
     /// A queue name must not be empty.
     #[error("queue name is empty")]
     EmptyName,
+    /// The committer thread could not be started.
+    #[error("cannot start the committer thread")]
+    Thread(#[source] Arc<std::io::Error>),
     /// The committer thread is gone (it panicked); nothing more can be written.
     #[error("disk store has stopped")]
     Stopped,
@@ -353,16 +356,33 @@ fn commit_group(db: &Database, ops: Vec<Op>) {
     if let Err(e) = &result {
         tracing::warn!(error = %e, ops = ops.len(), "snapstream disk queue: group commit failed");
     }
+    // Make the committed pushes ready first, one lock and one wake-up per
+    // queue; then complete every operation.
+    let mut i = 0;
+    while i < ops.len() {
+        let Op::Push { q, .. } = &ops[i] else {
+            i += 1;
+            continue;
+        };
+        let mut j = i;
+        let mut run = Vec::new();
+        while let Some(Op::Push {
+            q: q2, id, record, ..
+        }) = ops.get(j)
+        {
+            if !Arc::ptr_eq(q, q2) {
+                break;
+            }
+            run.push((*id, record.as_slice()));
+            j += 1;
+        }
+        q.pushes_committed(&run, result.is_ok());
+        i = j;
+    }
     for op in ops {
         let outcome = result.clone();
         match op {
-            Op::Push {
-                q,
-                id,
-                record,
-                reply,
-            } => {
-                q.push_committed(id, &record, outcome.is_ok());
+            Op::Push { reply, .. } => {
                 let _ = reply.send(outcome);
             }
             Op::Patch { reply, .. } => {
@@ -549,7 +569,8 @@ impl DiskStore {
     ///
     /// # Errors
     /// [`DiskError::AlreadyOpen`] when another process or store holds the
-    /// file (returned at once, without waiting); [`DiskError::Open`] for any
+    /// file (returned at once, without waiting); [`DiskError::Thread`] when
+    /// the committer thread cannot be started; [`DiskError::Open`] for any
     /// other failure.
     ///
     /// # Examples
@@ -568,7 +589,7 @@ impl DiskStore {
     pub fn open(path: impl AsRef<Path>) -> Result<DiskStore, DiskError> {
         let path = path.as_ref().to_path_buf();
         let db = Database::create(&path).map_err(|e| map_open_error(&path, e))?;
-        Ok(Self::start(db, path))
+        Self::start(db, path)
     }
 
     /// Opens a store on any redb storage backend (tests inject I/O faults).
@@ -580,23 +601,23 @@ impl DiskStore {
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(|e| map_open_error(&path, e))?;
-        Ok(Self::start(db, path))
+        Self::start(db, path)
     }
 
-    fn start(db: Database, path: PathBuf) -> DiskStore {
+    fn start(db: Database, path: PathBuf) -> Result<DiskStore, DiskError> {
         let (tx, rx) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("snapstream-disk-commit".into())
             .spawn(move || committer(db, rx))
-            .expect("failed to spawn the disk queue committer thread");
-        DiskStore {
+            .map_err(|e| DiskError::Thread(Arc::new(e)))?;
+        Ok(DiskStore {
             inner: Arc::new(StoreInner {
                 path,
                 tx,
                 thread: Mutex::new(Some(thread)),
                 queues: Mutex::new(HashMap::new()),
             }),
-        }
+        })
     }
 
     /// The database file.
@@ -625,10 +646,6 @@ impl DiskStore {
     /// [`QueueError::Backend`] with a [`DiskError`] source: the name is empty,
     /// the queue is open with other options, a record is corrupt, the store
     /// has stopped, or redb failed.
-    ///
-    /// # Panics
-    /// Must not be called on the store's own committer thread (it is not
-    /// reachable from user code).
     ///
     /// # Examples
     ///
@@ -923,49 +940,53 @@ impl Shared {
         lock(&self.state)
     }
 
-    /// Called by the committer once a push's commit finished.
-    fn push_committed(&self, id: u64, record: &[u8], ok: bool) {
+    /// Called by the committer once the commit holding these pushes (all of
+    /// this queue, in id order) finished.
+    fn pushes_committed(&self, pushes: &[(u64, &[u8])], ok: bool) {
         let mut st = self.state();
-        st.pending.remove(&id);
-        let decoded = decode(record);
-        match (ok, decoded) {
-            (true, Some(d)) => {
-                let mut state = ItemState::Ready;
-                if let Some(key) = &d.key {
-                    let ids = st.keys.entry(key.clone()).or_default();
-                    ids.insert(id);
-                    if ids.len() > 1 {
-                        state = ItemState::Waiting;
+        for &(id, record) in pushes {
+            st.pending.remove(&id);
+            match (ok, decode(record)) {
+                (true, Some(d)) => {
+                    let mut state = ItemState::Ready;
+                    if let Some(key) = &d.key {
+                        let ids = st.keys.entry(key.clone()).or_default();
+                        ids.insert(id);
+                        if ids.len() > 1 {
+                            state = ItemState::Waiting;
+                        }
+                    }
+                    match state {
+                        ItemState::Ready => {
+                            st.ready.insert(d.header.seq, id);
+                        }
+                        _ => st.waiting += 1,
+                    }
+                    st.items.insert(
+                        id,
+                        Item {
+                            payload: d.payload.to_vec(),
+                            key: d.key,
+                            attempts: 0,
+                            seq: d.header.seq,
+                            state,
+                        },
+                    );
+                }
+                (_, d) => {
+                    if let Some(d) = d {
+                        if st.dedup.get(d.payload) == Some(&id) {
+                            st.dedup.remove(d.payload);
+                        }
                     }
                 }
-                match state {
-                    ItemState::Ready => {
-                        st.ready.insert(d.header.seq, id);
-                    }
-                    _ => st.waiting += 1,
-                }
-                st.items.insert(
-                    id,
-                    Item {
-                        payload: d.payload.to_vec(),
-                        key: d.key,
-                        attempts: 0,
-                        seq: d.header.seq,
-                        state,
-                    },
-                );
-                drop(st);
-                self.ready.notify_waiters();
             }
-            (_, d) => {
-                if let Some(d) = d {
-                    if st.dedup.get(d.payload) == Some(&id) {
-                        st.dedup.remove(d.payload);
-                    }
-                }
-                drop(st);
-                self.room.notify_waiters();
-            }
+        }
+        drop(st);
+        if ok {
+            self.ready.notify_waiters();
+        } else {
+            self.room.notify_waiters();
         }
     }
 }
