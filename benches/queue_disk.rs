@@ -2,7 +2,9 @@
 //!
 //! Every push waits for its durable (fsync'd) group commit; consumers pop
 //! `batch` items at a time and ack them (also durable). Reports items/s end
-//! to end and push latency percentiles, for batch 1 and 64, next to a peer:
+//! to end and push latency percentiles, for batch 1 and 64, with a given
+//! number of consumer tasks and of pushes in flight (one producer task keeps
+//! that many push futures going), next to a peer:
 //! plain redb with one durable commit per push and one per pop+ack (what the
 //! queue would cost without group commit). Runs interleaved in one process.
 //!
@@ -18,8 +20,6 @@ use redb::{Database, ReadableTable, TableDefinition};
 use snapstream::queue::disk::DiskStore;
 use snapstream::queue::{BaseQueue, NewItem, QueueOptions};
 
-/// Pushes in flight at once (each waits for its commit).
-const IN_FLIGHT: usize = 1024;
 const PAYLOAD: usize = 16;
 
 struct Row {
@@ -142,10 +142,10 @@ fn main() {
     let mut rows = Vec::new();
     for _ in 0..rounds {
         rows.push(redb_naive(naive_items));
-        rows.push(rt.block_on(disk_run(items / 10, 1, 4, IN_FLIGHT)));
-        rows.push(rt.block_on(disk_run(items / 4, 1, 64, IN_FLIGHT)));
+        rows.push(rt.block_on(disk_run(items / 10, 1, 4, 256)));
+        rows.push(rt.block_on(disk_run(items / 4, 1, 64, 1024)));
         rows.push(rt.block_on(disk_run(items, 64, 4, 256)));
-        rows.push(rt.block_on(disk_run(items, 64, 4, IN_FLIGHT)));
+        rows.push(rt.block_on(disk_run(items, 64, 16, 2048)));
     }
     println!("| scenario | items | items/s | push p50 | push p99 |\n|---|---:|---:|---:|---:|");
     for r in &rows {
