@@ -251,6 +251,12 @@ fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
     })
 }
 
+/// `now + d`, or about a century from now when that overflows.
+fn instant_after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
+}
+
 fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -777,7 +783,8 @@ impl State {
             }
             let state = match d.header.state {
                 STATE_DELAYED => {
-                    let due = now + Duration::from_millis(d.header.due_ms.saturating_sub(now_ms));
+                    let wait = Duration::from_millis(d.header.due_ms.saturating_sub(now_ms));
+                    let due = instant_after(now, wait);
                     ItemState::Delayed(due)
                 }
                 _ => ItemState::Ready,
@@ -1139,7 +1146,7 @@ impl DiskQueue {
                 let now = Instant::now();
                 let mut patches = st.promote_due(now);
                 if !st.ready.is_empty() && max > 0 {
-                    let lease_until = now + self.shared.opts.visibility_timeout;
+                    let lease_until = instant_after(now, self.shared.opts.visibility_timeout);
                     let lease_ms = unix_ms_after(self.shared.opts.visibility_timeout);
                     let mut out = Vec::with_capacity(max.min(st.ready.len()));
                     while out.len() < max {
@@ -1231,7 +1238,7 @@ impl DiskQueue {
         let rx = {
             let mut st = self.shared.state();
             let now = Instant::now();
-            let due = now.checked_add(delay);
+            let due = instant_after(now, delay);
             let due_ms = unix_ms_after(delay);
             let mut patches = Vec::new();
             for &ItemId(id) in ids {
@@ -1247,8 +1254,6 @@ impl DiskQueue {
                         patches.push((id, h));
                     }
                 } else {
-                    // A delay past the end of time: due far away, but stored.
-                    let due = due.unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
                     let item = st.items.get_mut(&id).expect("checked above");
                     item.state = ItemState::Delayed(due);
                     let header = Header {
@@ -1510,6 +1515,32 @@ mod tests {
             "memory and disk agree"
         );
         assert!(!q.has(b"old").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn huge_durations_do_not_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(&dir);
+            let opts = QueueOptions::default().visibility_timeout(Duration::MAX);
+            let q = s.queue("q", opts).unwrap();
+            q.push(NewItem::new("a"), Duration::MAX).await.unwrap();
+            q.push(NewItem::new("b"), Duration::MAX).await.unwrap();
+            let got = q.pop(2, Duration::MAX).await.unwrap();
+            q.nack(&[got[0].id], Duration::MAX).await.unwrap();
+            assert_eq!(
+                q.len().await.unwrap(),
+                QueueLen {
+                    ready: 0,
+                    delayed: 1,
+                    leased: 1
+                }
+            );
+        }
+        let s = store(&dir);
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        assert_eq!(q.len().await.unwrap().delayed, 1, "still far in the future");
+        assert_eq!(q.len().await.unwrap().ready, 1);
     }
 
     #[test]
