@@ -8,6 +8,7 @@
 
 #[cfg(not(loom))]
 mod imp {
+    #[allow(unused_imports)]
     pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::Arc;
 
@@ -26,10 +27,16 @@ mod imp {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }
     }
+
+    /// `Arc::into_inner`: the value if this was the last strong reference.
+    pub(crate) fn arc_into_inner<T>(this: Arc<T>) -> Option<T> {
+        Arc::into_inner(this)
+    }
 }
 
 #[cfg(loom)]
 mod imp {
+    #[allow(unused_imports)]
     pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::Arc;
 
@@ -44,6 +51,13 @@ mod imp {
         pub(crate) fn lock(&self) -> loom::sync::MutexGuard<'_, T> {
             self.0.lock().unwrap_or_else(|e| e.into_inner())
         }
+    }
+
+    /// loom's `Arc` has no `into_inner`; `try_unwrap` is the same when the
+    /// caller drops the `Err` arm (a race there only costs one level of
+    /// nesting in the iterative chain drop).
+    pub(crate) fn arc_into_inner<T>(this: Arc<T>) -> Option<T> {
+        Arc::try_unwrap(this).ok()
     }
 }
 

@@ -1,34 +1,4 @@
 //! The [`BaseQueue`] contract every backend implements.
-//!
-//! # Obligations
-//!
-//! An implementation must guarantee all of the following; the conformance suite
-//! in `tests/queue_conformance.rs` checks each one against every backend.
-//!
-//! 1. **FIFO among ready items**: items become ready in push order (an item
-//!    returned by [`nack`](BaseQueue::nack) becomes ready again after its delay,
-//!    behind what is ready by then).
-//! 2. **At-least-once**: [`pop`](BaseQueue::pop) *leases* an item, it does not
-//!    delete it. The item is deleted by [`ack`](BaseQueue::ack) only. An item
-//!    leased for longer than the queue's visibility timeout, or leased by a
-//!    process that died, becomes ready again with its attempt count raised.
-//!    A durable backend makes every leased item ready again when it is opened.
-//! 3. **No busy polling**: `pop` with no ready item waits for a push (or a
-//!    delayed item becoming ready), the timeout, or [`close`](BaseQueue::close).
-//! 4. **Bounded**: with a capacity, `push` waits for room for at most its
-//!    timeout and then fails with [`PushError::Full`], handing the item back.
-//!    Capacity counts ready, delayed and leased items.
-//! 5. **Unique variant**: a push whose payload is already in the queue (ready,
-//!    delayed or leased) fails with [`PushError::AlreadyQueued`]; the check and
-//!    the insert are one atomic step (32 racing pushes of one payload: exactly
-//!    one succeeds). The dedup entry goes when the item is acked or removed.
-//! 6. **Per-key order**: an item with a [`key`](NewItem::key) is never handed
-//!    out while an earlier item with the same key is leased or ready before it.
-//! 7. **Closed**: after `close`, pushes fail with [`PushError::Closed`] and
-//!    pops return [`QueueError::Closed`] once nothing is ready; waiting calls
-//!    wake up. Items already stored stay stored.
-//! 8. **Cancel safety**: dropping any returned future loses no item: a pop
-//!    cancelled before it returns leaves nothing leased.
 
 use std::fmt;
 use std::time::Duration;
@@ -222,11 +192,41 @@ pub enum QueueError {
 }
 
 /// A FIFO of opaque items with leases: the storage under a
-/// [`WorkQueue`](crate::queue). See the [module docs](self) for the
-/// obligations every implementation meets.
+/// [`WorkQueue`](crate::queue).
+///
+/// # Obligations
+///
+/// An implementation must guarantee all of the following; the conformance suite
+/// in `tests/queue_conformance.rs` checks each one against every backend.
+///
+/// 1. **FIFO among ready items**: items become ready in push order (an item
+///    returned by [`nack`](BaseQueue::nack) becomes ready again after its delay,
+///    behind what is ready by then).
+/// 2. **At-least-once**: [`pop`](BaseQueue::pop) *leases* an item, it does not
+///    delete it. The item is deleted by [`ack`](BaseQueue::ack) only. An item
+///    leased for longer than the queue's visibility timeout, or leased by a
+///    process that died, becomes ready again with its attempt count raised.
+///    A durable backend makes every leased item ready again when it is opened.
+/// 3. **No busy polling**: `pop` with no ready item waits for a push (or a
+///    delayed item becoming ready), the timeout, or [`close`](BaseQueue::close).
+/// 4. **Bounded**: with a capacity, `push` waits for room for at most its
+///    timeout and then fails with [`PushError::Full`], handing the item back.
+///    Capacity counts ready, delayed and leased items.
+/// 5. **Unique variant**: a push whose payload is already in the queue (ready,
+///    delayed or leased) fails with [`PushError::AlreadyQueued`]; the check and
+///    the insert are one atomic step (32 racing pushes of one payload: exactly
+///    one succeeds). The dedup entry goes when the item is acked or removed.
+/// 6. **Per-key order**: an item with a [`key`](NewItem::key) is never handed
+///    out while an earlier item with the same key is leased or ready before it.
+/// 7. **Closed**: after `close`, pushes fail with [`PushError::Closed`] and
+///    pops return [`QueueError::Closed`] once nothing is ready; waiting calls
+///    wake up. Items already stored stay stored.
+/// 8. **Cancel safety**: dropping any returned future loses no item: a pop
+///    cancelled before it returns leaves nothing leased.
 ///
 /// The methods return boxed futures so that queues of different backends can
 /// be held as `Arc<dyn BaseQueue>`.
+#[allow(clippy::len_without_is_empty)] // `len` is async and returns a breakdown
 pub trait BaseQueue: Send + Sync + fmt::Debug + 'static {
     /// The queue's name (unique within its backend's namespace).
     fn name(&self) -> &str;

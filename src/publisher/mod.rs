@@ -1,0 +1,1030 @@
+//! The publisher: topics, per-key live buffers, snapshots spliced onto live
+//! events, the snapshot cache, bounded lag.
+//!
+//! # Overview
+//!
+//! A state store publishes every change as [`Event`]s. Clients
+//! [`subscribe`](Publisher::subscribe) to a (topic, subject) and receive a
+//! [`Subscription`]: a consistent snapshot of that key, then every later
+//! change, nothing lost and nothing twice, resumable by index.
+//!
+//! # Topics and handlers
+//!
+//! Each topic has one [`SnapshotHandler`], registered on the
+//! [`PublisherBuilder`] before the publisher runs (registration is frozen by
+//! the type: a built [`Publisher`] has no `register`). A topic may declare
+//! wildcard support; a [`Subject::Wildcard`] subscription then receives every
+//! key of the topic.
+//!
+//! # Routing
+//!
+//! [`publish`](Publisher::publish) appends each event to the live buffer of
+//! its (topic, subject), and to the topic's wildcard buffer. Consecutive
+//! events of one key at one index become one node and reach a subscriber as
+//! one [`EventBatch`]. Buffers exist only while someone subscribes to the
+//! key: events for unwatched keys are dropped (a later subscriber catches up
+//! through a snapshot). Publishing never waits for a subscriber.
+//!
+//! # Subscribing: the three cases
+//!
+//! | requested index | what the subscription yields |
+//! |---|---|
+//! | 0 | snapshot, `EndOfSnapshot(i)`, live events with index > i |
+//! | the key's newest published index, or any index still held in the cached chain | live events after it, no framing |
+//! | anything else | `NewSnapshotToFollow`, snapshot, `EndOfSnapshot(i)`, live events |
+//!
+//! The snapshot is built in its own buffer while live events keep arriving;
+//! the live position is captured *before* the handler runs, and the finished
+//! snapshot is spliced onto it. Live events at or below the snapshot's index
+//! (already reflected in it) are dropped by the subscription.
+//!
+//! # Snapshot cache
+//!
+//! The start of a snapshot chain (snapshot, `EndOfSnapshot`, every live event
+//! since) is cached per key for the TTL ([`DEFAULT_SNAPSHOT_CACHE_TTL`]; zero
+//! disables reuse of finished snapshots). A subscriber within the TTL — or
+//! while a build for the key is running — reads that chain without calling
+//! the handler: concurrent subscribers share one build. Failed snapshots are
+//! not cached; `NewSnapshotToFollow` is never part of the chain. Expiry checks
+//! identity, so an old timer never evicts a newer snapshot. The entry goes
+//! away with the last subscriber of the key.
+//!
+//! # Bounded lag
+//!
+//! A stalled subscriber keeps every event after its position alive. With a
+//! lag limit ([`DEFAULT_LAG_LIMIT`] batches), the publisher checks a key's
+//! subscribers each time the key's buffer grew by half the limit (amortized
+//! O(subscribers / limit) per publish) and detaches every subscriber further
+//! behind than the limit: on its next poll it yields
+//! [`SubscriptionError::Lagged`] or, if it asked for
+//! [`LagPolicy::Resnapshot`], `NewSnapshotToFollow` and a fresh snapshot.
+//! Never a silent gap. A cached chain longer than the limit is evicted the
+//! same way. Memory per key is thus bounded by about 1.5 × the limit.
+//!
+//! # Locks
+//!
+//! Each topic has its own mutex, held for routing and subscribe bookkeeping
+//! only — never while a snapshot handler runs (handlers run on spawned
+//! tasks), so a slow snapshot on one topic never delays another topic, nor
+//! publishing on its own topic.
+//!
+//! # Examples
+//!
+//! ```
+//! use snapstream::event::{Event, Message, Subject};
+//! use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink, SubscribeRequest};
+//!
+//! # #[tokio::main(flavor = "current_thread")] async fn main() {
+//! let mut builder = Publisher::<&'static str>::builder();
+//! builder
+//!     .register("services", |req: SnapshotRequest, mut sink: SnapshotSink<&'static str>| async move {
+//!         sink.append(vec![Event::new("services", req.subject().clone(), 1, "v1")])?;
+//!         Ok(1)
+//!     })
+//!     .unwrap();
+//! let publisher = builder.build();
+//!
+//! let mut sub = publisher
+//!     .subscribe(SubscribeRequest::new("services", Subject::key("web")))
+//!     .unwrap();
+//! let first = sub.next().await.unwrap();
+//! assert_eq!(*first.events().unwrap()[0].payload(), "v1");
+//! assert_eq!(sub.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+//!
+//! publisher.publish(vec![Event::new("services", "web", 2, "v2")]).unwrap();
+//! let live = sub.next().await.unwrap();
+//! assert_eq!(*live.events().unwrap()[0].payload(), "v2");
+//! # }
+//! ```
+
+mod error;
+mod snapshot;
+mod stats;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+
+pub use error::{
+    BoxError, HandlerPanicked, PublishError, PublishErrorKind, RegisterError, SinkError,
+    SnapshotError, SubscribeError, UnknownTopicError,
+};
+pub use snapshot::{SnapshotHandler, SnapshotRequest, SnapshotSink};
+pub use stats::{KeyStats, PublisherStats, TopicStats};
+
+pub use crate::subscription::{LagPolicy, SubscribeRequest, Subscription, SubscriptionError};
+
+use crate::buffer::{Cursor, EventBuffer, ReadError};
+use crate::event::{Event, EventBatch, Subject, Topic};
+use crate::subscription::{SubShared, SubStart};
+use crate::sync::Mutex;
+
+/// Default snapshot cache TTL: 10 seconds (as Consul's).
+pub const DEFAULT_SNAPSHOT_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// Default lag limit: 100,000 batches behind the key's newest event.
+pub const DEFAULT_LAG_LIMIT: u64 = 100_000;
+
+/// One node's content in a key's buffer chain.
+pub(crate) enum Item<P> {
+    Batch(EventBatch<P>),
+    EndOfSnapshot(u64),
+}
+
+pub(crate) type Buf<P> = EventBuffer<Item<P>, SnapshotError>;
+pub(crate) type Cur<P> = Cursor<Item<P>, SnapshotError>;
+
+/// Builds a [`Publisher`]: register one snapshot handler per topic, set the
+/// options, then [`build`](Self::build).
+///
+/// | option | default |
+/// |---|---|
+/// | [`snapshot_cache_ttl`](Self::snapshot_cache_ttl) | [`DEFAULT_SNAPSHOT_CACHE_TTL`] (10 s; zero disables) |
+/// | [`lag_limit`](Self::lag_limit) | [`DEFAULT_LAG_LIMIT`] (100,000 batches; `None` = unbounded) |
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+///
+/// let mut b = Publisher::<u64>::builder();
+/// b.snapshot_cache_ttl(Duration::from_secs(1)).lag_limit(Some(1_000));
+/// b.register_with_wildcard("nodes", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) })
+///     .unwrap();
+/// let publisher = b.build();
+/// # drop(publisher);
+/// ```
+pub struct PublisherBuilder<P> {
+    topics: Vec<(Topic, Arc<dyn SnapshotHandler<P>>, bool)>,
+    ttl: Duration,
+    lag_limit: Option<u64>,
+}
+
+impl<P: Send + Sync + 'static> PublisherBuilder<P> {
+    /// Registers the snapshot handler of `topic` (no wildcard support).
+    ///
+    /// # Errors
+    ///
+    /// [`RegisterError::EmptyTopic`] or [`RegisterError::DuplicateTopic`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::publisher::{Publisher, RegisterError, SnapshotRequest, SnapshotSink};
+    /// let h = |_r: SnapshotRequest, _s: SnapshotSink<u8>| async { Ok(1) };
+    /// let mut b = Publisher::<u8>::builder();
+    /// b.register("t", h).unwrap();
+    /// assert!(matches!(b.register("t", h), Err(RegisterError::DuplicateTopic(_))));
+    /// ```
+    pub fn register(
+        &mut self,
+        topic: impl Into<Topic>,
+        handler: impl SnapshotHandler<P>,
+    ) -> Result<&mut Self, RegisterError> {
+        self.add(topic.into(), Arc::new(handler), false)
+    }
+
+    /// Registers the snapshot handler of `topic` with wildcard support: a
+    /// [`Subject::Wildcard`] subscription receives every key of the topic
+    /// (the handler is then called with the wildcard subject).
+    ///
+    /// # Errors
+    ///
+    /// As [`register`](Self::register).
+    ///
+    /// # Examples
+    ///
+    /// See [`PublisherBuilder`].
+    pub fn register_with_wildcard(
+        &mut self,
+        topic: impl Into<Topic>,
+        handler: impl SnapshotHandler<P>,
+    ) -> Result<&mut Self, RegisterError> {
+        self.add(topic.into(), Arc::new(handler), true)
+    }
+
+    fn add(
+        &mut self,
+        topic: Topic,
+        handler: Arc<dyn SnapshotHandler<P>>,
+        wildcard: bool,
+    ) -> Result<&mut Self, RegisterError> {
+        if topic.is_empty() {
+            return Err(RegisterError::EmptyTopic);
+        }
+        if self.topics.iter().any(|(t, _, _)| *t == topic) {
+            return Err(RegisterError::DuplicateTopic(topic));
+        }
+        self.topics.push((topic, handler, wildcard));
+        Ok(self)
+    }
+
+    /// Sets how long a finished snapshot chain stays reusable. Zero disables
+    /// reuse (concurrent subscribers still share a running build).
+    ///
+    /// # Examples
+    ///
+    /// See [`PublisherBuilder`].
+    pub fn snapshot_cache_ttl(&mut self, ttl: Duration) -> &mut Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// Sets the lag limit in batches (`None` = unbounded memory for stalled
+    /// subscribers; `Some(0)` is treated as 1).
+    ///
+    /// # Examples
+    ///
+    /// See [`PublisherBuilder`].
+    pub fn lag_limit(&mut self, limit: Option<u64>) -> &mut Self {
+        self.lag_limit = limit.map(|l| l.max(1));
+        self
+    }
+
+    /// Freezes the registration and starts the publisher.
+    ///
+    /// # Examples
+    ///
+    /// See [`PublisherBuilder`].
+    pub fn build(&mut self) -> Publisher<P> {
+        let topics: Vec<TopicEntry<P>> = std::mem::take(&mut self.topics)
+            .into_iter()
+            .map(|(topic, handler, wildcard)| TopicEntry {
+                topic,
+                handler,
+                wildcard,
+                state: Mutex::new(TopicState {
+                    keys: HashMap::new(),
+                }),
+            })
+            .collect();
+        let by_name = topics
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.topic.clone(), i))
+            .collect();
+        let inner = Arc::new(Inner {
+            topics,
+            by_name,
+            ttl: self.ttl,
+            lag_limit: self.lag_limit,
+            shutdown: AtomicBool::new(false),
+            tokens: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            cache_hits: AtomicU64::new(0),
+            cache_misses: AtomicU64::new(0),
+        });
+        Publisher {
+            guard: Arc::new(ShutdownOnDrop(inner.clone())),
+            inner,
+        }
+    }
+}
+
+impl<P> std::fmt::Debug for PublisherBuilder<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PublisherBuilder")
+            .field(
+                "topics",
+                &self.topics.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            )
+            .field("ttl", &self.ttl)
+            .field("lag_limit", &self.lag_limit)
+            .finish()
+    }
+}
+
+/// Routes published events to per-key buffers and serves subscriptions.
+/// Cheap to clone (all clones share one publisher); dropping the last clone
+/// shuts it down.
+///
+/// See the [module documentation](self) for the semantics.
+///
+/// # Examples
+///
+/// See the [module documentation](self).
+pub struct Publisher<P> {
+    inner: Arc<Inner<P>>,
+    guard: Arc<ShutdownOnDrop<P>>,
+}
+
+impl<P> Clone for Publisher<P> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            guard: self.guard.clone(),
+        }
+    }
+}
+
+impl<P> std::fmt::Debug for Publisher<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("topics", &self.inner.topics.len())
+            .field("shut_down", &self.inner.shutdown.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+struct ShutdownOnDrop<P>(Arc<Inner<P>>);
+
+impl<P> Drop for ShutdownOnDrop<P> {
+    fn drop(&mut self) {
+        self.0.shutdown();
+    }
+}
+
+impl<P: Send + Sync + 'static> Publisher<P> {
+    /// A builder with the defaults of [`PublisherBuilder`].
+    ///
+    /// # Examples
+    ///
+    /// See [`PublisherBuilder`].
+    pub fn builder() -> PublisherBuilder<P> {
+        PublisherBuilder {
+            topics: Vec::new(),
+            ttl: DEFAULT_SNAPSHOT_CACHE_TTL,
+            lag_limit: Some(DEFAULT_LAG_LIMIT),
+        }
+    }
+
+    /// Publishes a batch of events: each goes to its (topic, subject) buffer
+    /// and to the topic's wildcard buffer, if someone subscribes there.
+    /// Consecutive events of one key with the same index are delivered as one
+    /// batch. Never waits for a subscriber.
+    ///
+    /// # Errors
+    ///
+    /// The whole batch is refused, nothing routed, and the events handed back
+    /// in [`PublishError`] when an event names an unknown topic or the
+    /// wildcard subject, or the publisher was shut down.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::{Event, Subject};
+    /// use snapstream::publisher::{Publisher, PublishErrorKind, SnapshotRequest, SnapshotSink};
+    ///
+    /// let mut b = Publisher::<u8>::builder();
+    /// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u8>| async { Ok(1) }).unwrap();
+    /// let publisher = b.build();
+    /// publisher.publish(vec![Event::new("t", "k", 1, 0)]).unwrap();
+    /// let err = publisher.publish(vec![Event::new("t", Subject::Wildcard, 2, 0)]).unwrap_err();
+    /// assert_eq!(err.kind(), &PublishErrorKind::WildcardSubject);
+    /// ```
+    pub fn publish(&self, events: Vec<Event<P>>) -> Result<(), PublishError<P>> {
+        self.inner.publish(events)
+    }
+
+    /// Subscribes to (topic, subject) from the request's index; see the
+    /// [module documentation](self) for the three cases. Returns at once: a
+    /// snapshot, if needed, is built on a spawned task (or shared with a
+    /// build already running for the key, or read from the cache).
+    ///
+    /// # Errors
+    ///
+    /// [`SubscribeError::UnknownTopic`], [`SubscribeError::WildcardUnsupported`],
+    /// [`SubscribeError::ShutDown`], or [`SubscribeError::NoRuntime`] when
+    /// called outside a tokio runtime.
+    ///
+    /// # Examples
+    ///
+    /// See the [module documentation](self).
+    pub fn subscribe(&self, request: SubscribeRequest) -> Result<Subscription<P>, SubscribeError> {
+        self.inner.subscribe(request)
+    }
+
+    /// Force-closes every subscription made with `token` (e.g. its
+    /// permissions changed); they end with [`SubscriptionError::ForceClosed`].
+    /// Returns how many were closed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let publisher = snapstream::publisher::Publisher::<u8>::builder().build();
+    /// assert_eq!(publisher.force_close_token("nobody"), 0);
+    /// ```
+    pub fn force_close_token(&self, token: &str) -> usize {
+        let subs = self.inner.tokens.lock().remove(token).unwrap_or_default();
+        let mut closed = 0;
+        for sub in subs.into_values() {
+            if sub.close(SubscriptionError::ForceClosed) {
+                closed += 1;
+            }
+            self.inner.release(&sub);
+        }
+        tracing::debug!(token, closed, "force-closed token");
+        closed
+    }
+
+    /// Evicts every cached snapshot of `topic` and force-closes all its
+    /// subscriptions (they end with [`SubscriptionError::ForceClosed`] and
+    /// re-subscribe to get a fresh snapshot). Returns how many were closed.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownTopicError`] when no handler is registered for `topic`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+    /// let mut b = Publisher::<u8>::builder();
+    /// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u8>| async { Ok(1) }).unwrap();
+    /// assert_eq!(b.build().refresh_topic("t"), Ok(0));
+    /// ```
+    pub fn refresh_topic(&self, topic: impl Into<Topic>) -> Result<usize, UnknownTopicError> {
+        let topic = topic.into();
+        let Some(&t) = self.inner.by_name.get(&topic) else {
+            return Err(UnknownTopicError(topic));
+        };
+        let subs = self.inner.clear_topic(t, SubscriptionError::ForceClosed);
+        let closed = subs.len();
+        self.inner.forget_tokens(&subs);
+        tracing::debug!(%topic, closed, "refreshed topic");
+        Ok(closed)
+    }
+
+    /// Shuts the publisher down: every subscription ends with
+    /// [`SubscriptionError::ShuttingDown`], running snapshot builds are
+    /// cancelled, buffers and caches freed; later publishes and subscribes
+    /// fail. Idempotent.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::Event;
+    /// let publisher = snapstream::publisher::Publisher::<u8>::builder().build();
+    /// publisher.shutdown();
+    /// assert!(publisher.is_shut_down());
+    /// ```
+    pub fn shutdown(&self) {
+        self.inner.shutdown();
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    ///
+    /// # Examples
+    ///
+    /// See [`shutdown`](Self::shutdown).
+    pub fn is_shut_down(&self) -> bool {
+        self.inner.shutdown.load(Ordering::Acquire)
+    }
+
+    /// A snapshot of the publisher's figures: per topic and key, subscriber
+    /// count, largest lag, retained buffer length; cache hits and misses.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let publisher = snapstream::publisher::Publisher::<u8>::builder().build();
+    /// let stats = publisher.stats();
+    /// assert_eq!(stats.cache_hits, 0);
+    /// assert_eq!(stats.subscribers(), 0);
+    /// ```
+    pub fn stats(&self) -> PublisherStats {
+        self.inner.stats()
+    }
+}
+
+pub(crate) struct Inner<P> {
+    pub(crate) topics: Vec<TopicEntry<P>>,
+    by_name: HashMap<Topic, usize>,
+    ttl: Duration,
+    pub(crate) lag_limit: Option<u64>,
+    shutdown: AtomicBool,
+    tokens: Mutex<HashMap<Arc<str>, HashMap<u64, Arc<SubShared<P>>>>>,
+    next_id: AtomicU64,
+    cache_hits: AtomicU64,
+    cache_misses: AtomicU64,
+}
+
+pub(crate) struct TopicEntry<P> {
+    pub(crate) topic: Topic,
+    pub(crate) handler: Arc<dyn SnapshotHandler<P>>,
+    wildcard: bool,
+    state: Mutex<TopicState<P>>,
+}
+
+struct TopicState<P> {
+    keys: HashMap<Subject, KeyState<P>>,
+}
+
+/// The live buffer of one (topic, subject), alive while someone subscribes.
+struct KeyState<P> {
+    live: Buf<P>,
+    /// Index of the newest batch appended to `live`.
+    last_index: Option<u64>,
+    subs: HashMap<u64, Arc<SubShared<P>>>,
+    cache: Option<CacheEntry<P>>,
+    /// `live.seq()` at which the next lag check runs.
+    next_check: u64,
+}
+
+impl<P> KeyState<P> {
+    fn new() -> Self {
+        Self {
+            live: EventBuffer::new(),
+            last_index: None,
+            subs: HashMap::new(),
+            cache: None,
+            next_check: 0,
+        }
+    }
+}
+
+/// A snapshot chain (running build, or finished and within its TTL).
+struct CacheEntry<P> {
+    id: u64,
+    /// The snapshot buffer's head, captured before the handler ran.
+    start: Cur<P>,
+    /// `live.seq()` when the live position was captured.
+    base_seq: u64,
+    /// `Some` once the snapshot finished.
+    eos_index: Option<u64>,
+    expires_at: Option<Instant>,
+    task: AbortHandle,
+}
+
+impl<P> CacheEntry<P> {
+    fn usable(&self, now: Instant) -> bool {
+        self.expires_at.map_or(true, |t| now < t)
+    }
+
+    fn evict(self) {
+        self.task.abort();
+    }
+}
+
+fn evict_key<P>(ks: KeyState<P>) {
+    if let Some(c) = ks.cache {
+        c.evict();
+    }
+}
+
+impl<P> Inner<P> {
+    /// Releases `sub`'s reference to its key, once: the last one frees the
+    /// key's buffer and cache entry.
+    pub(crate) fn release(&self, sub: &Arc<SubShared<P>>) {
+        {
+            let mut state = self.topics[sub.topic].state.lock();
+            if let Some(ks) = state.keys.get_mut(&sub.subject) {
+                if ks.subs.remove(&sub.id).is_some() && ks.subs.is_empty() {
+                    let ks = state.keys.remove(&sub.subject).expect("present");
+                    evict_key(ks);
+                }
+            }
+        }
+        self.forget_tokens(std::slice::from_ref(sub));
+    }
+
+    fn forget_tokens(&self, subs: &[Arc<SubShared<P>>]) {
+        if subs.iter().all(|s| s.token.is_none()) {
+            return;
+        }
+        let mut tokens = self.tokens.lock();
+        for sub in subs {
+            if let Some(token) = &sub.token {
+                if let Some(m) = tokens.get_mut(token) {
+                    m.remove(&sub.id);
+                    if m.is_empty() {
+                        tokens.remove(token);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Closes every subscription of topic `t` with `reason` and frees its
+    /// buffers and caches. Returns the subscriptions.
+    fn clear_topic(&self, t: usize, reason: SubscriptionError) -> Vec<Arc<SubShared<P>>> {
+        let keys = std::mem::take(&mut self.topics[t].state.lock().keys);
+        let mut subs = Vec::new();
+        for (_, ks) in keys {
+            for sub in ks.subs.values() {
+                sub.close(reason.clone());
+            }
+            subs.extend(ks.subs.values().cloned());
+            evict_key(ks);
+        }
+        subs
+    }
+
+    fn shutdown(&self) {
+        if self.shutdown.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for t in 0..self.topics.len() {
+            self.clear_topic(t, SubscriptionError::ShuttingDown);
+        }
+        self.tokens.lock().clear();
+        tracing::debug!("publisher shut down");
+    }
+}
+
+impl<P: Send + Sync + 'static> Inner<P> {
+    fn publish(&self, events: Vec<Event<P>>) -> Result<(), PublishError<P>> {
+        let _span = tracing::trace_span!("publish", events = events.len()).entered();
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(PublishError::new(PublishErrorKind::ShutDown, events));
+        }
+        // Validate everything before routing anything.
+        let mut topic_of = Vec::with_capacity(events.len());
+        for e in &events {
+            if e.subject().is_wildcard() {
+                return Err(PublishError::new(PublishErrorKind::WildcardSubject, events));
+            }
+            match self.by_name.get(e.topic()) {
+                Some(&t) => topic_of.push(t),
+                None => {
+                    let kind = PublishErrorKind::UnknownTopic(e.topic().clone());
+                    return Err(PublishError::new(kind, events));
+                }
+            }
+        }
+        if let [t] = topic_of[..] {
+            // One event (the common case): no grouping.
+            let mut state = self.topics[t].state.lock();
+            self.route(t, &mut state, events);
+            return Ok(());
+        }
+        // Group by topic, keeping each topic's events in their original order.
+        let mut groups: Vec<(usize, Vec<Event<P>>)> = Vec::new();
+        for (e, t) in events.into_iter().zip(topic_of) {
+            match groups.iter_mut().find(|(g, _)| *g == t) {
+                Some((_, v)) => v.push(e),
+                None => groups.push((t, vec![e])),
+            }
+        }
+        for (t, evs) in groups {
+            let mut state = self.topics[t].state.lock();
+            self.route(t, &mut state, evs);
+        }
+        Ok(())
+    }
+
+    /// Appends `events` (all of topic `t`, in order) to the buffers of their
+    /// keys and to the wildcard buffer. Called with the topic's lock held.
+    fn route(&self, t: usize, state: &mut TopicState<P>, events: Vec<Event<P>>) {
+        if state.keys.is_empty() {
+            return;
+        }
+        if self.topics[t].wildcard {
+            if let Some(ks) = state.keys.get_mut(&Subject::Wildcard) {
+                let mut i = 0;
+                while i < events.len() {
+                    let index = events[i].index();
+                    let run = events[i..]
+                        .iter()
+                        .take_while(|e| e.index() == index)
+                        .count();
+                    self.append(ks, index, events[i..i + run].to_vec());
+                    i += run;
+                }
+            }
+        }
+        if let [_] = events[..] {
+            let e = events.into_iter().next().expect("one event");
+            if let Some(ks) = state.keys.get_mut(e.subject()) {
+                let index = e.index();
+                self.append(ks, index, vec![e]);
+            }
+            return;
+        }
+        // Per key: consecutive events of one index form one batch.
+        let mut per_key: HashMap<Subject, Vec<Event<P>>> = HashMap::new();
+        for e in events {
+            if state.keys.contains_key(e.subject()) {
+                per_key.entry(e.subject().clone()).or_default().push(e);
+            }
+        }
+        for (subject, evs) in per_key {
+            let ks = state.keys.get_mut(&subject).expect("checked above");
+            let mut evs = evs.into_iter().peekable();
+            while let Some(first) = evs.next() {
+                let index = first.index();
+                let mut run = vec![first];
+                while let Some(e) = evs.next_if(|e| e.index() == index) {
+                    run.push(e);
+                }
+                self.append(ks, index, run);
+            }
+        }
+    }
+
+    fn append(&self, ks: &mut KeyState<P>, index: u64, run: Vec<Event<P>>) {
+        ks.live.append_one(Item::Batch(EventBatch::new(run)));
+        ks.last_index = Some(index);
+        if let Some(limit) = self.lag_limit {
+            let seq = ks.live.seq();
+            if seq >= ks.next_check {
+                ks.next_check = seq + (limit / 2).max(1);
+                self.check_lag(ks, seq, limit);
+            }
+        }
+    }
+
+    /// Detaches every subscriber of `ks` more than `limit` batches behind and
+    /// evicts a cached chain longer than that.
+    fn check_lag(&self, ks: &mut KeyState<P>, seq: u64, limit: u64) {
+        let mut released = Vec::new();
+        for sub in ks.subs.values() {
+            if sub.detach_if_lagging(seq, limit) {
+                released.push(sub.clone());
+            }
+        }
+        for sub in &released {
+            ks.subs.remove(&sub.id);
+        }
+        if !released.is_empty() {
+            tracing::debug!(count = released.len(), limit, "subscribers lagged");
+            self.forget_tokens(&released);
+        }
+        if ks
+            .cache
+            .as_ref()
+            .is_some_and(|c| seq.saturating_sub(c.base_seq) > limit)
+        {
+            ks.cache.take().expect("checked").evict();
+        }
+    }
+
+    fn subscribe(
+        self: &Arc<Self>,
+        req: SubscribeRequest,
+    ) -> Result<Subscription<P>, SubscribeError> {
+        if self.shutdown.load(Ordering::Acquire) {
+            return Err(SubscribeError::ShutDown);
+        }
+        let Some(&t) = self.by_name.get(&req.topic) else {
+            return Err(SubscribeError::UnknownTopic(req.topic));
+        };
+        if req.subject.is_wildcard() && !self.topics[t].wildcard {
+            return Err(SubscribeError::WildcardUnsupported(req.topic));
+        }
+        let runtime = Handle::try_current().map_err(|_| SubscribeError::NoRuntime)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::new(SubShared::new(id, t, &req, runtime.clone()));
+        // Register the token first, so a force-close racing this subscribe
+        // cannot miss it.
+        if let Some(token) = &req.token {
+            self.tokens
+                .lock()
+                .entry(token.clone())
+                .or_default()
+                .insert(id, shared.clone());
+        }
+        {
+            let mut state = self.topics[t].state.lock();
+            if self.shutdown.load(Ordering::Acquire) {
+                drop(state);
+                self.forget_tokens(std::slice::from_ref(&shared));
+                return Err(SubscribeError::ShutDown);
+            }
+            let ks = state
+                .keys
+                .entry(req.subject.clone())
+                .or_insert_with(KeyState::new);
+            ks.subs.insert(id, shared.clone());
+            let start = self.start_position(&runtime, t, ks, &req);
+            shared.start(start);
+        }
+        tracing::debug!(topic = %req.topic, subject = %req.subject, index = req.index, id, "subscribed");
+        Ok(Subscription::new(shared, self.clone()))
+    }
+
+    /// Where a new subscriber starts (called with the topic's lock held).
+    fn start_position(
+        self: &Arc<Self>,
+        runtime: &Handle,
+        t: usize,
+        ks: &mut KeyState<P>,
+        req: &SubscribeRequest,
+    ) -> SubStart<P> {
+        if req.index > 0 {
+            if ks.last_index == Some(req.index) {
+                return SubStart {
+                    cursor: ks.live.head(),
+                    in_live: true,
+                    base_seq: ks.live.seq(),
+                    filter_at: Some(req.index),
+                    new_snapshot: false,
+                };
+            }
+            if let Some(start) = self.resume_in_cache(ks, req.index) {
+                return start;
+            }
+        }
+        let (cursor, base_seq) =
+            self.snapshot_cursor(runtime, t, ks, &req.subject, req.index, req.token.clone());
+        SubStart {
+            cursor,
+            in_live: false,
+            base_seq,
+            filter_at: None,
+            new_snapshot: req.index > 0,
+        }
+    }
+
+    /// Finds `index` in the cached chain (the `EndOfSnapshot` index or a live
+    /// batch after it) and returns a start right after it.
+    fn resume_in_cache(&self, ks: &KeyState<P>, index: u64) -> Option<SubStart<P>> {
+        let c = ks.cache.as_ref()?;
+        let eos = c.eos_index?;
+        if index < eos || !c.usable(Instant::now()) {
+            return None;
+        }
+        let mut cursor = c.start.clone();
+        let mut after_eos = false;
+        loop {
+            let (found, in_live) = match cursor.try_next() {
+                None | Some(Err(ReadError::Failed(_) | ReadError::Closed)) => return None,
+                Some(Ok(items)) => match items.first() {
+                    Some(Item::EndOfSnapshot(i)) => {
+                        after_eos = true;
+                        (*i == index, false)
+                    }
+                    Some(Item::Batch(b)) if after_eos => {
+                        if b.index() > index {
+                            return None;
+                        }
+                        (b.index() == index, true)
+                    }
+                    _ => (false, false),
+                },
+            };
+            if found {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return Some(SubStart {
+                    cursor,
+                    in_live,
+                    base_seq: c.base_seq,
+                    filter_at: Some(index),
+                    new_snapshot: false,
+                });
+            }
+        }
+    }
+
+    /// A cursor at the start of a snapshot chain for the key: the cached or
+    /// running one, or a new build. Returns it with the chain's base seq.
+    /// Called with the topic's lock held; the handler runs on its own task.
+    fn snapshot_cursor(
+        self: &Arc<Self>,
+        runtime: &Handle,
+        t: usize,
+        ks: &mut KeyState<P>,
+        subject: &Subject,
+        index: u64,
+        token: Option<Arc<str>>,
+    ) -> (Cur<P>, u64) {
+        let now = Instant::now();
+        if let Some(c) = &ks.cache {
+            if c.usable(now) {
+                self.cache_hits.fetch_add(1, Ordering::Relaxed);
+                return (c.start.clone(), c.base_seq);
+            }
+        }
+        if let Some(old) = ks.cache.take() {
+            old.evict();
+        }
+        self.cache_misses.fetch_add(1, Ordering::Relaxed);
+        let live_pos = ks.live.head();
+        let base_seq = ks.live.seq();
+        let snap: Buf<P> = EventBuffer::new();
+        let start = snap.head();
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request = SnapshotRequest {
+            topic: self.topics[t].topic.clone(),
+            subject: subject.clone(),
+            index,
+            token,
+        };
+        let task = runtime.spawn(snapshot::build(
+            self.clone(),
+            t,
+            subject.clone(),
+            id,
+            snap,
+            live_pos,
+            request,
+        ));
+        ks.cache = Some(CacheEntry {
+            id,
+            start: start.clone(),
+            base_seq,
+            eos_index: None,
+            expires_at: None,
+            task: task.abort_handle(),
+        });
+        (start, base_seq)
+    }
+
+    /// The build `id` finished with `index`: mark its cache entry ready (or
+    /// drop it when the TTL is zero). Returns whether the expiry timer should
+    /// run.
+    pub(crate) fn snapshot_built(&self, t: usize, subject: &Subject, id: u64, index: u64) -> bool {
+        let mut state = self.topics[t].state.lock();
+        let Some(ks) = state.keys.get_mut(subject) else {
+            return false;
+        };
+        match &mut ks.cache {
+            Some(c) if c.id == id => {
+                if self.ttl.is_zero() {
+                    ks.cache = None;
+                    false
+                } else {
+                    c.eos_index = Some(index);
+                    c.expires_at = Some(Instant::now() + self.ttl);
+                    true
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// The TTL of build `id` passed: evict it, if it is still the key's entry.
+    pub(crate) fn expire_snapshot(&self, t: usize, subject: &Subject, id: u64) {
+        self.forget_snapshot(t, subject, id);
+    }
+
+    /// Removes cache entry `id` of the key, if it is still there.
+    pub(crate) fn forget_snapshot(&self, t: usize, subject: &Subject, id: u64) {
+        let mut state = self.topics[t].state.lock();
+        if let Some(ks) = state.keys.get_mut(subject) {
+            if ks.cache.as_ref().is_some_and(|c| c.id == id) {
+                ks.cache = None;
+            }
+        }
+    }
+
+    /// Re-attaches a lag-detached subscriber to a (cached or new) snapshot.
+    pub(crate) fn resnapshot(self: &Arc<Self>, sub: &SubShared<P>) {
+        let mut state = self.topics[sub.topic].state.lock();
+        let Some(ks) = state
+            .keys
+            .get_mut(&sub.subject)
+            .filter(|ks| ks.subs.contains_key(&sub.id))
+        else {
+            // Released: it was closed; make sure of it so the reader stops.
+            drop(state);
+            sub.close(if self.shutdown.load(Ordering::Acquire) {
+                SubscriptionError::ShuttingDown
+            } else {
+                SubscriptionError::ForceClosed
+            });
+            return;
+        };
+        let (cursor, base_seq) = self.snapshot_cursor(
+            &sub.runtime,
+            sub.topic,
+            ks,
+            &sub.subject,
+            0,
+            sub.token.clone(),
+        );
+        sub.restart(cursor, base_seq);
+    }
+
+    fn stats(&self) -> PublisherStats {
+        let mut topics = Vec::with_capacity(self.topics.len());
+        for entry in &self.topics {
+            let state = entry.state.lock();
+            let mut keys = Vec::with_capacity(state.keys.len());
+            for (subject, ks) in &state.keys {
+                let seq = ks.live.seq();
+                let max_lag = ks.subs.values().map(|s| s.lag(seq)).max().unwrap_or(0);
+                let cache_len = ks
+                    .cache
+                    .as_ref()
+                    .map_or(0, |c| seq.saturating_sub(c.base_seq));
+                keys.push(KeyStats {
+                    subject: subject.clone(),
+                    subscribers: ks.subs.len(),
+                    max_lag,
+                    retained: max_lag.max(cache_len),
+                    published: seq,
+                    cached: ks.cache.as_ref().is_some_and(|c| c.eos_index.is_some()),
+                    building: ks.cache.as_ref().is_some_and(|c| c.eos_index.is_none()),
+                });
+            }
+            keys.sort_by(|a, b| a.subject.cmp(&b.subject));
+            topics.push(TopicStats {
+                topic: entry.topic.clone(),
+                subscribers: keys.iter().map(|k| k.subscribers).sum(),
+                keys,
+            });
+        }
+        PublisherStats {
+            topics,
+            cache_hits: self.cache_hits.load(Ordering::Relaxed),
+            cache_misses: self.cache_misses.load(Ordering::Relaxed),
+        }
+    }
+}

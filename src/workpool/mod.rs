@@ -1,0 +1,987 @@
+//! A keyed, ordered worker pool.
+//!
+//! [`KeyedPool`] runs an async handler over items that carry a key, with a
+//! fixed (resizable) number of worker tasks.
+//!
+//! # Guarantees
+//!
+//! * **Exactly once.** Every item that was accepted (an `add` that returned
+//!   `Ok`) is handed to the handler exactly once, unless [`StopMode::Abort`]
+//!   hands it back to the caller instead.
+//! * **In order per key.** Items of one key start in the order they were
+//!   added, and with the default per-key concurrency of 1 one starts only after
+//!   the previous one finished. With [`Builder::per_key_concurrency`] `c > 1`,
+//!   up to `c` items of a key run at once; they still *start* in order.
+//! * **No head-of-line blocking.** A busy key never holds up another key: a
+//!   key occupies at most `c` workers, and workers pick keys round-robin.
+//! * **Nothing kept for idle keys.** A key's entry exists only while it has
+//!   pending or in-flight items ([`Stats::keys`] counts them).
+//!
+//! # Dispatch
+//!
+//! Each key has its own FIFO; a queue of *ready keys* (keys with pending items
+//! and a free concurrency slot) feeds the workers. Adding an item, taking the
+//! next one and finishing one are each O(1) under a single short lock; no
+//! journal is scanned, so a backlog of 100,000 items on one hot key costs the
+//! other keys nothing: a cold key waits behind at most the other ready keys,
+//! never behind the hot key's backlog.
+//!
+//! # Back-pressure
+//!
+//! At most [`capacity`](Builder::capacity) items are *pending* (accepted, not
+//! yet started). [`add`](KeyedPool::add) waits for room;
+//! [`try_add`](KeyedPool::try_add) returns the item in [`TryAddError::Full`].
+//! Producers blocked in `add` are woken as workers take items (a newly
+//! arriving `add` may take a slot first; there is no FIFO among blocked
+//! producers).
+//!
+//! # Re-entrant adds
+//!
+//! A handler may add to its own pool through an [`Adder`] (see
+//! [`Builder::build_with`]). An add made *from inside one of this pool's
+//! handlers* is admitted at once, even above the capacity, so a handler can
+//! never wait on itself; the bound applies to outside producers. (The check
+//! uses a tokio task-local: tasks a handler spawns count as outside.)
+//!
+//! # Panics
+//!
+//! A handler that panics (while being called or while being polled) is
+//! contained: the item counts as done (in [`Stats::panicked`]), the key moves
+//! on to its next item, the worker keeps going, and the
+//! [`on_panic`](Builder::on_panic) callback receives a [`HandlerPanic`].
+//!
+//! # Stopping
+//!
+//! [`stop`](KeyedPool::stop) closes intake and waits until every worker has
+//! exited. [`StopMode::Drain`] lets the workers handle everything pending
+//! first; [`StopMode::Abort`] returns what is pending, in add order (hence in
+//! order per key), and only waits for the items already in flight. Dropping
+//! the last [`KeyedPool`] handle starts a drain without waiting for it.
+//!
+//! # Feeding from a stream
+//!
+//! [`run`](KeyedPool::run) adds every `(key, item)` a [`Stream`] yields, with
+//! back-pressure, so a subscription can feed the pool directly:
+//! `pool.run(subscription.map(|event| (event.key(), event)))`.
+//!
+//! # Examples
+//!
+//! ```
+//! use std::sync::{Arc, Mutex};
+//! use snapstream::workpool::{KeyedPool, StopMode};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let seen = Arc::new(Mutex::new(Vec::new()));
+//! let log = seen.clone();
+//! let pool = KeyedPool::builder()
+//!     .workers(2)
+//!     .build(move |key: &'static str, n: u32| {
+//!         let log = log.clone();
+//!         async move { log.lock().unwrap().push((key, n)) }
+//!     })
+//!     .unwrap();
+//! let events = futures::stream::iter([("qa", 1), ("qb", 1), ("qa", 2), ("qa", 3), ("qb", 2)]);
+//! pool.run(events).await.unwrap();
+//! pool.stop(StopMode::Drain).await;
+//!
+//! let seen = seen.lock().unwrap();
+//! let qa: Vec<u32> = seen.iter().filter(|(k, _)| *k == "qa").map(|(_, n)| *n).collect();
+//! assert_eq!(qa, [1, 2, 3]);
+//! # }
+//! ```
+
+mod error;
+mod state;
+mod wait;
+
+#[cfg(all(test, loom))]
+mod tests;
+
+use std::any::Any;
+use std::fmt;
+use std::future::{poll_fn, Future};
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::task::Poll;
+
+use futures::{FutureExt, Stream, StreamExt};
+
+pub use error::{BuildError, StoppedError, TryAddError};
+
+use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
+use state::{Closing, Refused, State, Take};
+use wait::Wakeups;
+
+/// Default number of workers.
+pub const DEFAULT_WORKERS: usize = 4;
+/// Default bound on pending items.
+pub const DEFAULT_CAPACITY: usize = 1024;
+/// Default number of items of one key that may run at once.
+pub const DEFAULT_PER_KEY_CONCURRENCY: usize = 1;
+
+#[cfg(not(loom))]
+tokio::task_local! {
+    /// The id of the pool whose handler the current task is running.
+    static IN_HANDLER: u64;
+}
+
+static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// How [`KeyedPool::stop`] treats pending items.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StopMode {
+    /// Handle everything pending, then stop.
+    Drain,
+    /// Hand back everything pending (in add order); finish only what is in flight.
+    Abort,
+}
+
+/// A handler panic, as given to the [`on_panic`](Builder::on_panic) callback.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct HandlerPanic<K> {
+    /// The key of the item whose handler panicked.
+    pub key: K,
+    /// The panic message (`"<non-string panic payload>"` when it was not a string).
+    pub message: String,
+}
+
+/// A snapshot of the pool's counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Items accepted and not yet started.
+    pub pending: usize,
+    /// Items whose handler is running.
+    pub in_flight: usize,
+    /// Keys with pending or in-flight items (the per-key entries held in memory).
+    pub keys: usize,
+    /// Items whose handler returned.
+    pub handled: u64,
+    /// Items whose handler panicked.
+    pub panicked: u64,
+    /// Live workers.
+    pub workers: usize,
+}
+
+type PanicHook<K> = Arc<dyn Fn(HandlerPanic<K>) + Send + Sync>;
+type Spawner<K, T> = std::sync::Arc<dyn Fn(Arc<Shared<K, T>>) + Send + Sync>;
+
+pub(crate) struct Shared<K, T> {
+    state: Mutex<State<K, T>>,
+    /// Live [`KeyedPool`] handles; the last one dropped starts a drain.
+    handles: AtomicUsize,
+    on_panic: Option<PanicHook<K>>,
+    id: u64,
+}
+
+impl<K: Hash + Eq + Clone, T> Shared<K, T> {
+    pub(crate) fn new(
+        capacity: usize,
+        per_key: usize,
+        on_panic: Option<PanicHook<K>>,
+    ) -> Arc<Self> {
+        Arc::new(Shared {
+            state: Mutex::new(State::new(capacity, per_key, 0)),
+            handles: AtomicUsize::new(1),
+            on_panic,
+            id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// Whether the current task runs one of this pool's handlers.
+    fn in_own_handler(&self) -> bool {
+        #[cfg(not(loom))]
+        {
+            IN_HANDLER.try_with(|id| *id == self.id).unwrap_or(false)
+        }
+        #[cfg(loom)]
+        {
+            false
+        }
+    }
+
+    fn try_add(&self, key: K, item: T) -> Result<(), TryAddError<K, T>> {
+        let from_handler = self.in_own_handler();
+        let mut wakes = Wakeups::default();
+        let res = self.state.lock().push(key, item, from_handler, &mut wakes);
+        wakes.wake();
+        res.map_err(|(why, k, t)| match why {
+            Refused::Full => TryAddError::Full(k, t),
+            Refused::Stopped => TryAddError::Stopped(k, t),
+        })
+    }
+
+    pub(crate) async fn add(&self, key: K, item: T) -> Result<(), StoppedError<K, T>> {
+        let from_handler = self.in_own_handler();
+        let mut slot = Some((key, item));
+        let mut guard = RoomWaiter {
+            shared: self,
+            id: None,
+        };
+        poll_fn(|cx| {
+            let (key, item) = slot.take().expect("polled after completion");
+            let mut wakes = Wakeups::default();
+            let mut st = self.state.lock();
+            let res = match st.push(key, item, from_handler, &mut wakes) {
+                Ok(()) => Poll::Ready(Ok(())),
+                Err((Refused::Stopped, key, item)) => Poll::Ready(Err(StoppedError { key, item })),
+                Err((Refused::Full, key, item)) => {
+                    st.room.register(&mut guard.id, cx.waker());
+                    slot = Some((key, item));
+                    Poll::Pending
+                }
+            };
+            if res.is_ready() {
+                if let Some(id) = guard.id.take() {
+                    st.room.remove(id);
+                }
+            }
+            drop(st);
+            wakes.wake();
+            res
+        })
+        .await
+    }
+
+    fn close(&self, how: Closing) -> Vec<(K, T)> {
+        let mut wakes = Wakeups::default();
+        let out = self.state.lock().close(how, &mut wakes);
+        wakes.wake();
+        out
+    }
+
+    async fn wait_stopped(&self) {
+        let mut guard = DoneWaiter {
+            shared: self,
+            id: None,
+        };
+        poll_fn(|cx| {
+            let mut st = self.state.lock();
+            if st.workers_live == 0 {
+                if let Some(id) = guard.id.take() {
+                    st.done.remove(id);
+                }
+                Poll::Ready(())
+            } else {
+                st.done.register(&mut guard.id, cx.waker());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn stats(&self) -> Stats {
+        let st = self.state.lock();
+        Stats {
+            pending: st.pending(),
+            in_flight: st.in_flight(),
+            keys: st.keys(),
+            handled: st.handled,
+            panicked: st.panicked,
+            workers: st.workers_live,
+        }
+    }
+
+    fn report_panic(&self, key: K, payload: Box<dyn Any + Send>) {
+        let message = if let Some(s) = payload.downcast_ref::<&'static str>() {
+            (*s).to_owned()
+        } else if let Some(s) = payload.downcast_ref::<String>() {
+            s.clone()
+        } else {
+            "<non-string panic payload>".to_owned()
+        };
+        tracing::warn!(%message, "keyed pool handler panicked");
+        if let Some(hook) = &self.on_panic {
+            // A panicking callback must not take the worker down either.
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                hook(HandlerPanic { key, message })
+            }));
+        }
+    }
+}
+
+/// Deregisters a producer waiting for room; passes on a wake-up it did not use.
+struct RoomWaiter<'a, K: Hash + Eq + Clone, T> {
+    shared: &'a Shared<K, T>,
+    id: Option<u64>,
+}
+
+impl<K: Hash + Eq + Clone, T> Drop for RoomWaiter<'_, K, T> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            let mut st = self.shared.state.lock();
+            if !st.room.remove(id) && st.has_room() {
+                if let Some(w) = st.room.pop() {
+                    drop(st);
+                    w.wake();
+                }
+            }
+        }
+    }
+}
+
+struct DoneWaiter<'a, K: Hash + Eq + Clone, T> {
+    shared: &'a Shared<K, T>,
+    id: Option<u64>,
+}
+
+impl<K: Hash + Eq + Clone, T> Drop for DoneWaiter<'_, K, T> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.shared.state.lock().done.remove(id);
+        }
+    }
+}
+
+/// One worker: take a job, run the handler, finish it (and take the next one
+/// under the same lock), until told to exit.
+pub(crate) async fn work<K, T, H, F>(shared: Arc<Shared<K, T>>, handler: std::sync::Arc<H>)
+where
+    K: Hash + Eq + Clone,
+    H: Fn(K, T) -> F,
+    F: Future<Output = ()>,
+{
+    let mut finished: Option<(K, bool)> = None;
+    let mut waiter: Option<u64> = None;
+    loop {
+        let job = poll_fn(|cx| {
+            let mut wakes = Wakeups::default();
+            let mut st = shared.state.lock();
+            if let Some((key, panicked)) = finished.take() {
+                st.finish(key, panicked, &mut wakes);
+            }
+            let res = match st.take(&mut wakes) {
+                Take::Job(key, item) => Poll::Ready(Some((key, item))),
+                Take::Exit => Poll::Ready(None),
+                Take::Wait => {
+                    st.idle.register(&mut waiter, cx.waker());
+                    Poll::Pending
+                }
+            };
+            if res.is_ready() {
+                if let Some(id) = waiter.take() {
+                    st.idle.remove(id);
+                }
+            }
+            drop(st);
+            wakes.wake();
+            res
+        })
+        .await;
+        let Some((key, item)) = job else { return };
+        let panicked = match run_handler(&*handler, key.clone(), item, shared.id).await {
+            Ok(()) => false,
+            Err(payload) => {
+                shared.report_panic(key.clone(), payload);
+                true
+            }
+        };
+        finished = Some((key, panicked));
+        #[cfg(not(loom))]
+        tokio::task::coop::consume_budget().await;
+    }
+}
+
+async fn run_handler<K, T, H, F>(
+    handler: &H,
+    key: K,
+    item: T,
+    pool: u64,
+) -> Result<(), Box<dyn Any + Send>>
+where
+    H: Fn(K, T) -> F,
+    F: Future<Output = ()>,
+{
+    #[cfg(not(loom))]
+    {
+        let fut = IN_HANDLER.sync_scope(pool, || {
+            std::panic::catch_unwind(AssertUnwindSafe(|| handler(key, item)))
+        })?;
+        AssertUnwindSafe(IN_HANDLER.scope(pool, fut))
+            .catch_unwind()
+            .await
+    }
+    #[cfg(loom)]
+    {
+        let _ = pool;
+        let fut = std::panic::catch_unwind(AssertUnwindSafe(|| handler(key, item)))?;
+        AssertUnwindSafe(fut).catch_unwind().await
+    }
+}
+
+/// Configures and builds a [`KeyedPool`].
+///
+/// | setting | default |
+/// |---|---|
+/// | [`workers`](Self::workers) | [`DEFAULT_WORKERS`] (4) |
+/// | [`capacity`](Self::capacity) | [`DEFAULT_CAPACITY`] (1024 pending items) |
+/// | [`per_key_concurrency`](Self::per_key_concurrency) | [`DEFAULT_PER_KEY_CONCURRENCY`] (1) |
+/// | [`on_panic`](Self::on_panic) | none (panics are logged with `tracing` and counted) |
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::workpool::{KeyedPool, StopMode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let pool = KeyedPool::<u64, String>::builder()
+///     .workers(8)
+///     .capacity(10_000)
+///     .per_key_concurrency(2)
+///     .on_panic(|p| eprintln!("key {} panicked: {}", p.key, p.message))
+///     .build(|_key, _item| async {})
+///     .unwrap();
+/// assert_eq!(pool.stats().workers, 8);
+/// pool.stop(StopMode::Drain).await;
+/// # }
+/// ```
+#[must_use]
+pub struct Builder<K, T> {
+    workers: usize,
+    capacity: usize,
+    per_key: usize,
+    on_panic: Option<PanicHook<K>>,
+    _items: PhantomData<fn(T)>,
+}
+
+impl<K, T> fmt::Debug for Builder<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Builder")
+            .field("workers", &self.workers)
+            .field("capacity", &self.capacity)
+            .field("per_key_concurrency", &self.per_key)
+            .field("on_panic", &self.on_panic.is_some())
+            .finish()
+    }
+}
+
+impl<K, T> Builder<K, T>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    T: Send + 'static,
+{
+    /// Sets the number of worker tasks (at least 1).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::KeyedPool;
+    /// let builder = KeyedPool::<u32, u32>::builder().workers(16);
+    /// ```
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.workers = workers;
+        self
+    }
+
+    /// Sets the bound on pending items (at least 1).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::KeyedPool;
+    /// let builder = KeyedPool::<u32, u32>::builder().capacity(100);
+    /// ```
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Sets how many items of one key may run at once (at least 1).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::KeyedPool;
+    /// let builder = KeyedPool::<u32, u32>::builder().per_key_concurrency(4);
+    /// ```
+    pub fn per_key_concurrency(mut self, per_key: usize) -> Self {
+        self.per_key = per_key;
+        self
+    }
+
+    /// Sets a callback told about every handler panic.
+    ///
+    /// It runs on the worker task; a panic inside it is swallowed.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::KeyedPool;
+    /// let builder = KeyedPool::<u32, u32>::builder()
+    ///     .on_panic(|p| eprintln!("handler for {} panicked: {}", p.key, p.message));
+    /// ```
+    pub fn on_panic(mut self, hook: impl Fn(HandlerPanic<K>) + Send + Sync + 'static) -> Self {
+        self.on_panic = Some(Arc::new(hook));
+        self
+    }
+
+    /// Builds the pool and starts its workers on the current tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::ZeroWorkers`], [`BuildError::ZeroCapacity`] or
+    /// [`BuildError::ZeroConcurrency`] for a zero setting;
+    /// [`BuildError::NoRuntime`] outside a tokio runtime.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder()
+    ///     .build(|key: u32, item: String| async move { println!("{key}: {item}") })
+    ///     .unwrap();
+    /// pool.add(1, "hello".to_owned()).await.unwrap();
+    /// pool.stop(StopMode::Drain).await;
+    /// assert_eq!(pool.stats().handled, 1);
+    /// # }
+    /// ```
+    pub fn build<H, F>(self, handler: H) -> Result<KeyedPool<K, T>, BuildError>
+    where
+        H: Fn(K, T) -> F + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.build_with(|_| handler)
+    }
+
+    /// Builds the pool with a handler that can add to its own pool through
+    /// the given [`Adder`].
+    ///
+    /// # Errors
+    ///
+    /// As [`build`](Self::build).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// // Counts down: each item adds the next smaller one to the same key.
+    /// let pool = KeyedPool::<&str, u32>::builder()
+    ///     .capacity(1)
+    ///     .build_with(|adder| {
+    ///         move |key, n| {
+    ///             let adder = adder.clone();
+    ///             async move {
+    ///                 if n > 0 {
+    ///                     adder.add(key, n - 1).await.unwrap();
+    ///                 }
+    ///             }
+    ///         }
+    ///     })
+    ///     .unwrap();
+    /// pool.add("countdown", 10).await.unwrap();
+    /// pool.stop(StopMode::Drain).await;
+    /// assert_eq!(pool.stats().handled, 11);
+    /// # }
+    /// ```
+    pub fn build_with<H, F>(
+        self,
+        make_handler: impl FnOnce(Adder<K, T>) -> H,
+    ) -> Result<KeyedPool<K, T>, BuildError>
+    where
+        H: Fn(K, T) -> F + Send + Sync + 'static,
+        F: Future<Output = ()> + Send + 'static,
+    {
+        if self.workers == 0 {
+            return Err(BuildError::ZeroWorkers);
+        }
+        if self.capacity == 0 {
+            return Err(BuildError::ZeroCapacity);
+        }
+        if self.per_key == 0 {
+            return Err(BuildError::ZeroConcurrency);
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| BuildError::NoRuntime)?;
+        let shared = Shared::new(self.capacity, self.per_key, self.on_panic);
+        let handler = std::sync::Arc::new(make_handler(Adder {
+            shared: shared.clone(),
+        }));
+        let spawner: Spawner<K, T> = std::sync::Arc::new(move |shared| {
+            runtime.spawn(work(shared, handler.clone()));
+        });
+        let pool = KeyedPool { shared, spawner };
+        pool.set_workers(self.workers)?;
+        Ok(pool)
+    }
+}
+
+/// A pool of workers running an async handler over keyed items, in order per key.
+///
+/// Cloning gives another handle to the same pool; when the last handle is
+/// dropped the pool drains and its workers exit. See the
+/// [module documentation](self) for the guarantees.
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::workpool::{KeyedPool, StopMode};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let pool = KeyedPool::builder()
+///     .build(|user: u64, event: &'static str| async move { let _ = (user, event); })
+///     .unwrap();
+/// pool.add(7, "login").await.unwrap();
+/// pool.add(7, "logout").await.unwrap();
+/// assert!(pool.stop(StopMode::Drain).await.is_empty());
+/// assert_eq!(pool.stats().handled, 2);
+/// # }
+/// ```
+pub struct KeyedPool<K: Hash + Eq + Clone, T> {
+    shared: Arc<Shared<K, T>>,
+    spawner: Spawner<K, T>,
+}
+
+impl<K: Hash + Eq + Clone, T> fmt::Debug for KeyedPool<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedPool").finish_non_exhaustive()
+    }
+}
+
+impl<K: Hash + Eq + Clone, T> Clone for KeyedPool<K, T> {
+    fn clone(&self) -> Self {
+        self.shared.handles.fetch_add(1, Ordering::Relaxed);
+        KeyedPool {
+            shared: self.shared.clone(),
+            spawner: self.spawner.clone(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone, T> Drop for KeyedPool<K, T> {
+    fn drop(&mut self) {
+        if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // The last handle: close intake, pending items still run.
+            let left = self.shared.close(Closing::Drain);
+            debug_assert!(left.is_empty());
+        }
+    }
+}
+
+impl<K, T> KeyedPool<K, T>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    T: Send + 'static,
+{
+    /// Starts configuring a pool; see [`Builder`] for the defaults.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::KeyedPool;
+    /// let builder = KeyedPool::<String, Vec<u8>>::builder();
+    /// ```
+    pub fn builder() -> Builder<K, T> {
+        Builder {
+            workers: DEFAULT_WORKERS,
+            capacity: DEFAULT_CAPACITY,
+            per_key: DEFAULT_PER_KEY_CONCURRENCY,
+            on_panic: None,
+            _items: PhantomData,
+        }
+    }
+
+    /// Adds an item, waiting while the pool is full.
+    ///
+    /// Called from inside one of this pool's handlers it never waits (see the
+    /// [module documentation](self#re-entrant-adds)).
+    ///
+    /// # Errors
+    ///
+    /// [`StoppedError`] (with the item) once the pool was stopped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the item was
+    /// not added (it is dropped with the future), and no wake-up is lost for
+    /// other waiting producers.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _i: u8| async {}).unwrap();
+    /// pool.add(1, 2).await.unwrap();
+    /// # pool.stop(StopMode::Drain).await;
+    /// # }
+    /// ```
+    pub async fn add(&self, key: K, item: T) -> Result<(), StoppedError<K, T>> {
+        self.shared.add(key, item).await
+    }
+
+    /// Adds an item if there is room, without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TryAddError::Full`] when `capacity` items are pending,
+    /// [`TryAddError::Stopped`] once stopped; both hand the item back.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _i: u8| async {}).unwrap();
+    /// pool.try_add(1, 2).unwrap();
+    /// # pool.stop(StopMode::Drain).await;
+    /// # }
+    /// ```
+    pub fn try_add(&self, key: K, item: T) -> Result<(), TryAddError<K, T>> {
+        self.shared.try_add(key, item)
+    }
+
+    /// Adds every `(key, item)` the stream yields, waiting for room as
+    /// needed, until the stream ends. Returns how many items were added.
+    ///
+    /// The pool is not stopped when the stream ends.
+    ///
+    /// # Errors
+    ///
+    /// [`StoppedError`] with the item in hand when the pool was stopped; the
+    /// rest of the stream is not polled.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: an item taken from the stream but not yet added is
+    /// dropped with the future. Items added before are in the pool.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _i: u32| async {}).unwrap();
+    /// let added = pool.run(futures::stream::iter((0..100).map(|i| (i as u8 % 3, i)))).await.unwrap();
+    /// assert_eq!(added, 100);
+    /// pool.stop(StopMode::Drain).await;
+    /// assert_eq!(pool.stats().handled, 100);
+    /// # }
+    /// ```
+    pub async fn run<S>(&self, stream: S) -> Result<u64, StoppedError<K, T>>
+    where
+        S: Stream<Item = (K, T)>,
+    {
+        let mut stream = std::pin::pin!(stream);
+        let mut added = 0;
+        while let Some((key, item)) = stream.next().await {
+            self.shared.add(key, item).await?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    /// Stops the pool: closes intake, then waits until every worker exited.
+    ///
+    /// With [`StopMode::Drain`] everything pending is handled first and the
+    /// result is empty; with [`StopMode::Abort`] the pending items are
+    /// returned in add order (in order per key) and only in-flight items are
+    /// waited for. Called again, it waits again (an `Abort` after a `Drain`
+    /// still hands back what is left). Called from one of the pool's own
+    /// handlers it closes intake but does not wait (it would wait on itself).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: intake is closed (and, with `Abort`, the items taken out)
+    /// at the first poll; dropping the future afterwards only stops the wait,
+    /// and items taken out are then dropped with it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _i: u8| async {}).unwrap();
+    /// pool.try_add(1, 1).unwrap();
+    /// let left = pool.stop(StopMode::Abort).await;
+    /// assert!(left.len() <= 1);
+    /// assert_eq!(pool.stats().workers, 0);
+    /// # }
+    /// ```
+    pub async fn stop(&self, mode: StopMode) -> Vec<(K, T)> {
+        let out = self.shared.close(match mode {
+            StopMode::Drain => Closing::Drain,
+            StopMode::Abort => Closing::Abort,
+        });
+        if !self.shared.in_own_handler() {
+            self.shared.wait_stopped().await;
+        }
+        out
+    }
+
+    /// Changes the number of workers at run time.
+    ///
+    /// Growing spawns workers at once; shrinking lets surplus workers exit
+    /// as soon as they are idle or finish their current item.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::ZeroWorkers`] for 0, [`BuildError::Stopped`] once stopped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().workers(1).build(|_k: u8, _i: u8| async {}).unwrap();
+    /// pool.set_workers(4).unwrap();
+    /// assert_eq!(pool.stats().workers, 4);
+    /// # pool.stop(StopMode::Drain).await;
+    /// # }
+    /// ```
+    pub fn set_workers(&self, workers: usize) -> Result<(), BuildError> {
+        if workers == 0 {
+            return Err(BuildError::ZeroWorkers);
+        }
+        let mut wakes = Wakeups::default();
+        let spawn = {
+            let mut st = self.shared.state.lock();
+            if st.closing.is_some() {
+                return Err(BuildError::Stopped);
+            }
+            st.resize(workers, &mut wakes)
+        };
+        wakes.wake();
+        for _ in 0..spawn {
+            (self.spawner)(self.shared.clone());
+        }
+        Ok(())
+    }
+
+    /// The pool's counters.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().workers(2).build(|_k: u8, _i: u8| async {}).unwrap();
+    /// let stats = pool.stats();
+    /// assert_eq!((stats.pending, stats.in_flight, stats.keys, stats.workers), (0, 0, 0, 2));
+    /// # pool.stop(StopMode::Drain).await;
+    /// # }
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.shared.stats()
+    }
+
+    /// A handle that can add items but does not keep the pool alive.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _i: u8| async {}).unwrap();
+    /// let adder = pool.adder();
+    /// adder.add(1, 1).await.unwrap();
+    /// # pool.stop(StopMode::Drain).await;
+    /// # }
+    /// ```
+    pub fn adder(&self) -> Adder<K, T> {
+        Adder {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+/// A handle that adds items to a [`KeyedPool`] without keeping it alive.
+///
+/// Handlers use it to add to their own pool ([`Builder::build_with`]); adds
+/// from inside a handler never wait for room.
+///
+/// # Examples
+///
+/// ```
+/// # use snapstream::workpool::{KeyedPool, StopMode};
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let pool = KeyedPool::builder().build(|_k: u8, _i: u8| async {}).unwrap();
+/// let adder = pool.adder();
+/// adder.try_add(3, 4).unwrap();
+/// # pool.stop(StopMode::Drain).await;
+/// # }
+/// ```
+pub struct Adder<K, T> {
+    shared: Arc<Shared<K, T>>,
+}
+
+impl<K, T> Clone for Adder<K, T> {
+    fn clone(&self) -> Self {
+        Adder {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<K, T> fmt::Debug for Adder<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Adder").finish_non_exhaustive()
+    }
+}
+
+impl<K, T> Adder<K, T>
+where
+    K: Hash + Eq + Clone + Send + 'static,
+    T: Send + 'static,
+{
+    /// As [`KeyedPool::add`].
+    ///
+    /// # Errors
+    ///
+    /// [`StoppedError`] (with the item) once the pool was stopped or dropped.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`KeyedPool::add`]: cancel safe.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _i: u8| async {}).unwrap();
+    /// pool.adder().add(1, 1).await.unwrap();
+    /// # pool.stop(StopMode::Drain).await;
+    /// # }
+    /// ```
+    pub async fn add(&self, key: K, item: T) -> Result<(), StoppedError<K, T>> {
+        self.shared.add(key, item).await
+    }
+
+    /// As [`KeyedPool::try_add`].
+    ///
+    /// # Errors
+    ///
+    /// [`TryAddError::Full`] or [`TryAddError::Stopped`], with the item.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _i: u8| async {}).unwrap();
+    /// pool.adder().try_add(1, 1).unwrap();
+    /// # pool.stop(StopMode::Drain).await;
+    /// # }
+    /// ```
+    pub fn try_add(&self, key: K, item: T) -> Result<(), TryAddError<K, T>> {
+        self.shared.try_add(key, item)
+    }
+}

@@ -1,0 +1,387 @@
+//! Memory, back-pressure, re-entrancy, panics, stopping, resizing, streams.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use snapstream::workpool::{BuildError, KeyedPool, StopMode, TryAddError};
+use tokio::sync::{mpsc, Semaphore};
+
+/// A handler that reports each start and then waits for a permit.
+fn gated() -> (
+    Arc<Semaphore>,
+    mpsc::UnboundedReceiver<(u32, u32)>,
+    impl Fn(u32, u32) -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static,
+) {
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, rx) = mpsc::unbounded_channel();
+    let g = gate.clone();
+    let handler = move |k: u32, i: u32| {
+        let (g, tx) = (g.clone(), tx.clone());
+        async move {
+            let _ = tx.send((k, i));
+            g.acquire().await.unwrap().forget();
+        }
+        .boxed()
+    };
+    (gate, rx, handler)
+}
+
+#[tokio::test]
+async fn per_key_entries_are_freed() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(10_000)
+        .build(handler)
+        .unwrap();
+    for k in 0..1000 {
+        pool.add(k, 0).await.unwrap();
+        pool.add(k, 1).await.unwrap();
+    }
+    started.recv().await.unwrap();
+    assert_eq!(pool.stats().keys, 1000, "one entry per key with work");
+    gate.add_permits(2000);
+    pool.stop(StopMode::Drain).await;
+    let stats = pool.stats();
+    assert_eq!(stats.handled, 2000);
+    assert_eq!(stats.keys, 0, "no entry kept for idle keys");
+}
+
+#[tokio::test]
+async fn intake_is_bounded() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(4)
+        .build(handler)
+        .unwrap();
+    pool.add(0, 0).await.unwrap();
+    started.recv().await.unwrap(); // in flight, not pending
+    for i in 1..=4 {
+        pool.try_add(i, i).unwrap();
+    }
+    assert_eq!(pool.stats().pending, 4);
+    match pool.try_add(9, 9) {
+        Err(TryAddError::Full(k, i)) => assert_eq!((k, i), (9, 9)),
+        other => panic!("expected Full, got {other:?}"),
+    }
+    let mut blocked = Box::pin(pool.add(10, 10));
+    assert!(futures::poll!(blocked.as_mut()).is_pending());
+    assert_eq!(pool.stats().pending, 4);
+    gate.add_permits(1); // item 0 done, the worker takes item 1: room for one
+    blocked.await.unwrap();
+    assert!(pool.stats().pending <= 4);
+    gate.add_permits(100);
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 6);
+}
+
+#[tokio::test]
+async fn cancelled_add_passes_its_wakeup_on() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(1)
+        .build(handler)
+        .unwrap();
+    pool.add(0, 0).await.unwrap();
+    started.recv().await.unwrap();
+    pool.add(1, 1).await.unwrap();
+    let mut first = Box::pin(pool.add(2, 2));
+    let mut second = Box::pin(pool.add(3, 3));
+    assert!(futures::poll!(first.as_mut()).is_pending());
+    assert!(futures::poll!(second.as_mut()).is_pending());
+    gate.add_permits(1); // room appears; `first` is woken
+    started.recv().await.unwrap();
+    drop(first); // ...but cancelled: `second` must get the room
+    tokio::time::timeout(Duration::from_secs(5), second)
+        .await
+        .unwrap()
+        .unwrap();
+    gate.add_permits(10);
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn handler_can_add_to_its_own_full_pool() {
+    let pool = KeyedPool::<u32, u32>::builder()
+        .workers(1)
+        .capacity(1)
+        .build_with(|adder| {
+            move |key, depth| {
+                let adder = adder.clone();
+                async move {
+                    if depth < 3 {
+                        for child in 0..3 {
+                            adder.add(key * 10 + child, depth + 1).await.unwrap();
+                        }
+                    }
+                }
+            }
+        })
+        .unwrap();
+    pool.add(1, 0).await.unwrap();
+    // With a paused clock the timeout only fires if everything is stuck.
+    tokio::time::timeout(Duration::from_secs(3600), pool.stop(StopMode::Drain))
+        .await
+        .expect("re-entrant add deadlocked");
+    assert_eq!(pool.stats().handled, 1 + 3 + 9 + 27);
+}
+
+#[tokio::test]
+async fn panics_are_contained_and_reported() {
+    let reports = Arc::new(Mutex::new(Vec::new()));
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let (r, h) = (reports.clone(), handled.clone());
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .on_panic(move |p| r.lock().unwrap().push((p.key, p.message)))
+        .build(move |k: u32, i: u32| {
+            let h = h.clone();
+            async move {
+                tokio::task::yield_now().await;
+                if i == 2 {
+                    panic!("boom {k}/{i}");
+                }
+                h.lock().unwrap().push((k, i));
+            }
+        })
+        .unwrap();
+    for i in 1..=4 {
+        pool.add(7, i).await.unwrap();
+    }
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(*handled.lock().unwrap(), [(7, 1), (7, 3), (7, 4)]);
+    assert_eq!(*reports.lock().unwrap(), [(7, "boom 7/2".to_owned())]);
+    let stats = pool.stats();
+    assert_eq!((stats.handled, stats.panicked, stats.keys), (3, 1, 0));
+}
+
+#[tokio::test]
+async fn panic_while_creating_the_future_is_contained() {
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .build(|_k: u8, i: u8| {
+            assert!(i != 0, "sync panic");
+            async {}
+        })
+        .unwrap();
+    pool.add(1, 0).await.unwrap();
+    pool.add(1, 1).await.unwrap();
+    pool.stop(StopMode::Drain).await;
+    let stats = pool.stats();
+    assert_eq!((stats.handled, stats.panicked), (1, 1));
+}
+
+#[tokio::test]
+async fn drain_stop_handles_everything() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder().workers(2).build(handler).unwrap();
+    for i in 0..20 {
+        pool.add(i % 3, i).await.unwrap();
+    }
+    started.recv().await.unwrap();
+    let stopper = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.stop(StopMode::Drain).await }
+    });
+    // Intake closes at once, while items are still pending.
+    while pool.try_add(99, 99).is_ok() {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pool.add(5, 5).await.unwrap_err().into_inner(), (5, 5));
+    gate.add_permits(100);
+    assert!(stopper.await.unwrap().is_empty());
+    let stats = pool.stats();
+    // The try_adds that got in before the close are handled too.
+    assert!(stats.handled >= 20);
+    assert_eq!((stats.pending, stats.in_flight, stats.workers), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn abort_stop_returns_pending_in_order() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder().workers(1).build(handler).unwrap();
+    pool.add(0, 0).await.unwrap();
+    started.recv().await.unwrap();
+    let mut expected = Vec::new();
+    for i in 1..=10 {
+        let key = [1, 2][i as usize % 2];
+        pool.add(key, i).await.unwrap();
+        expected.push((key, i));
+    }
+    let stopper = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.stop(StopMode::Abort).await }
+    });
+    while pool.stats().pending != 0 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1); // let the in-flight item finish
+    let left = stopper.await.unwrap();
+    assert_eq!(left, expected);
+    let stats = pool.stats();
+    assert_eq!((stats.handled, stats.keys, stats.workers), (1, 0, 0));
+    assert!(matches!(
+        pool.try_add(1, 1),
+        Err(TryAddError::Stopped(1, 1))
+    ));
+}
+
+#[tokio::test]
+async fn resize_at_run_time() {
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .build(|_k: u8, _i: u8| async {})
+        .unwrap();
+    pool.set_workers(5).unwrap();
+    assert_eq!(pool.stats().workers, 5);
+    pool.set_workers(2).unwrap();
+    while pool.stats().workers != 2 {
+        tokio::task::yield_now().await;
+    }
+    for i in 0..50 {
+        pool.add(i % 5, i).await.unwrap();
+    }
+    assert_eq!(pool.set_workers(0), Err(BuildError::ZeroWorkers));
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 50);
+    assert_eq!(pool.set_workers(3), Err(BuildError::Stopped));
+}
+
+#[tokio::test]
+async fn shrinking_limits_parallelism() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder().workers(3).build(handler).unwrap();
+    pool.set_workers(1).unwrap();
+    while pool.stats().workers != 1 {
+        tokio::task::yield_now().await;
+    }
+    pool.add(1, 1).await.unwrap();
+    pool.add(2, 2).await.unwrap();
+    started.recv().await.unwrap();
+    for _ in 0..50 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(pool.stats().in_flight, 1);
+    gate.add_permits(2);
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 2);
+}
+
+#[tokio::test]
+async fn runs_a_channel_stream() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let pool = KeyedPool::builder()
+        .capacity(8)
+        .build(move |_k: u32, _i: u32| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    let feeder = tokio::spawn(async move {
+        for i in 0..1000 {
+            tx.send((i % 17, i)).await.unwrap();
+        }
+    });
+    let added = pool
+        .run(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    feeder.await.unwrap();
+    assert_eq!(added, 1000);
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(count.load(Ordering::SeqCst), 1000);
+}
+
+#[tokio::test]
+async fn run_hands_back_the_item_after_stop() {
+    let pool = KeyedPool::builder()
+        .build(|_k: u32, _i: u32| async {})
+        .unwrap();
+    pool.stop(StopMode::Drain).await;
+    let err = pool
+        .run(futures::stream::iter([(1, 2), (3, 4)]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.into_inner(), (1, 2));
+}
+
+#[tokio::test]
+async fn dropping_the_last_handle_drains() {
+    let count = Arc::new(AtomicUsize::new(0));
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let c = count.clone();
+    let pool = KeyedPool::builder()
+        .build(move |_k: u32, _i: u32| {
+            let (c, tx) = (c.clone(), tx.clone());
+            async move {
+                if c.fetch_add(1, Ordering::SeqCst) == 99 {
+                    let _ = tx.send(());
+                }
+            }
+        })
+        .unwrap();
+    let adder = pool.adder();
+    for i in 0..100 {
+        pool.add(i % 4, i).await.unwrap();
+    }
+    drop(pool);
+    rx.recv().await.unwrap();
+    assert_eq!(count.load(Ordering::SeqCst), 100);
+    // Eventually the drain closes intake for the adder too.
+    assert!(adder.add(1, 1).await.is_err());
+}
+
+#[tokio::test]
+async fn build_errors() {
+    let b = || KeyedPool::<u8, u8>::builder();
+    assert_eq!(
+        b().workers(0).build(|_, _| async {}).unwrap_err(),
+        BuildError::ZeroWorkers
+    );
+    assert_eq!(
+        b().capacity(0).build(|_, _| async {}).unwrap_err(),
+        BuildError::ZeroCapacity
+    );
+    assert_eq!(
+        b().per_key_concurrency(0)
+            .build(|_, _| async {})
+            .unwrap_err(),
+        BuildError::ZeroConcurrency
+    );
+}
+
+#[test]
+fn build_outside_a_runtime_fails() {
+    let err = KeyedPool::<u8, u8>::builder()
+        .build(|_, _| async {})
+        .unwrap_err();
+    assert_eq!(err, BuildError::NoRuntime);
+}
+
+#[test]
+fn handles_and_futures_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>(_: &T) {}
+    fn send<T: Send>(_: &T) {}
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let _g = rt.enter();
+    let pool = KeyedPool::<String, Vec<u8>>::builder()
+        .build(|_, _| async {})
+        .unwrap();
+    send_sync(&pool);
+    send_sync(&pool.adder());
+    send(&pool.add(String::new(), vec![]));
+    send(&pool.adder().add(String::new(), vec![]));
+    send(&pool.stop(StopMode::Drain));
+    send(&pool.run(futures::stream::empty()));
+}
