@@ -30,7 +30,16 @@ struct Row {
     p99_us: Option<f64>,
 }
 
-async fn disk_run(items: usize, batch: usize, consumers: usize, in_flight: usize) -> Row {
+/// How a consumer acks.
+#[derive(Clone, Copy, PartialEq)]
+enum Ack {
+    /// Waits for the ack's commit before popping again.
+    Wait,
+    /// Pops (and handles) the next batch while the previous ack commits.
+    Pipelined,
+}
+
+async fn disk_run(items: usize, batch: usize, consumers: usize, in_flight: usize, ack: Ack) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(dir.path().join("bench.redb")).unwrap();
     let q = Arc::new(store.queue("bench", QueueOptions::default()).unwrap());
@@ -41,6 +50,7 @@ async fn disk_run(items: usize, batch: usize, consumers: usize, in_flight: usize
         let q = Arc::clone(&q);
         let received = Arc::clone(&received);
         tasks.push(tokio::spawn(async move {
+            let mut previous: Option<tokio::task::JoinHandle<()>> = None;
             while received.load(Ordering::Relaxed) < items {
                 let got = q.pop(batch, Duration::from_millis(50)).await.unwrap();
                 if got.is_empty() {
@@ -48,7 +58,18 @@ async fn disk_run(items: usize, batch: usize, consumers: usize, in_flight: usize
                 }
                 received.fetch_add(got.len(), Ordering::Relaxed);
                 let ids: Vec<_> = got.iter().map(|d| d.id).collect();
-                q.ack(&ids).await.unwrap();
+                if let Some(p) = previous.take() {
+                    p.await.unwrap();
+                }
+                let q2 = Arc::clone(&q);
+                let acking = async move { q2.ack(&ids).await.unwrap() };
+                match ack {
+                    Ack::Wait => acking.await,
+                    Ack::Pipelined => previous = Some(tokio::spawn(acking)),
+                }
+            }
+            if let Some(p) = previous {
+                p.await.unwrap();
             }
         }));
     }
@@ -83,7 +104,12 @@ async fn disk_run(items: usize, batch: usize, consumers: usize, in_flight: usize
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
     Row {
         name: format!(
-            "snapstream disk, batch {batch}, {consumers} consumers, {in_flight} pushes in flight"
+            "snapstream disk, batch {batch}, {consumers} consumers{}, {in_flight} pushes in flight",
+            if ack == Ack::Pipelined {
+                " (acks pipelined)"
+            } else {
+                ""
+            }
         ),
         items,
         secs,
@@ -142,10 +168,11 @@ fn main() {
     let mut rows = Vec::new();
     for _ in 0..rounds {
         rows.push(redb_naive(naive_items));
-        rows.push(rt.block_on(disk_run(items / 10, 1, 4, 256)));
-        rows.push(rt.block_on(disk_run(items / 4, 1, 64, 1024)));
-        rows.push(rt.block_on(disk_run(items, 64, 4, 256)));
-        rows.push(rt.block_on(disk_run(items, 64, 16, 2048)));
+        rows.push(rt.block_on(disk_run(items / 10, 1, 4, 256, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items / 4, 1, 64, 1024, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items, 64, 4, 256, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items, 64, 16, 2048, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items, 64, 16, 2048, Ack::Pipelined)));
     }
     println!("| scenario | items | items/s | push p50 | push p99 |\n|---|---:|---:|---:|---:|");
     for r in &rows {
