@@ -2,7 +2,9 @@
 //!
 //! Every push waits for its durable (fsync'd) group commit; consumers pop
 //! `batch` items at a time and ack them (also durable). Reports items/s end
-//! to end and push latency percentiles, for batch 1 and 64, next to a peer:
+//! to end and push latency percentiles, for batch 1 and 64, with a given
+//! number of consumer tasks and of pushes in flight (one producer task keeps
+//! that many push futures going), next to a peer:
 //! plain redb with one durable commit per push and one per pop+ack (what the
 //! queue would cost without group commit). Runs interleaved in one process.
 //!
@@ -18,9 +20,6 @@ use redb::{Database, ReadableTable, TableDefinition};
 use snapstream::queue::disk::DiskStore;
 use snapstream::queue::{BaseQueue, NewItem, QueueOptions};
 
-/// Pushes in flight at once (each waits for its commit).
-const IN_FLIGHT: usize = 256;
-const CONSUMERS: usize = 4;
 const PAYLOAD: usize = 16;
 
 struct Row {
@@ -31,17 +30,27 @@ struct Row {
     p99_us: Option<f64>,
 }
 
-async fn disk_run(items: usize, batch: usize) -> Row {
+/// How a consumer acks.
+#[derive(Clone, Copy, PartialEq)]
+enum Ack {
+    /// Waits for the ack's commit before popping again.
+    Wait,
+    /// Pops (and handles) the next batch while the previous ack commits.
+    Pipelined,
+}
+
+async fn disk_run(items: usize, batch: usize, consumers: usize, in_flight: usize, ack: Ack) -> Row {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(dir.path().join("bench.redb")).unwrap();
     let q = Arc::new(store.queue("bench", QueueOptions::default()).unwrap());
     let received = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
-    let mut consumers = Vec::new();
-    for _ in 0..CONSUMERS {
+    let mut tasks = Vec::new();
+    for _ in 0..consumers {
         let q = Arc::clone(&q);
         let received = Arc::clone(&received);
-        consumers.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
+            let mut previous: Option<tokio::task::JoinHandle<()>> = None;
             while received.load(Ordering::Relaxed) < items {
                 let got = q.pop(batch, Duration::from_millis(50)).await.unwrap();
                 if got.is_empty() {
@@ -49,7 +58,18 @@ async fn disk_run(items: usize, batch: usize) -> Row {
                 }
                 received.fetch_add(got.len(), Ordering::Relaxed);
                 let ids: Vec<_> = got.iter().map(|d| d.id).collect();
-                q.ack(&ids).await.unwrap();
+                if let Some(p) = previous.take() {
+                    p.await.unwrap();
+                }
+                let q2 = Arc::clone(&q);
+                let acking = async move { q2.ack(&ids).await.unwrap() };
+                match ack {
+                    Ack::Wait => acking.await,
+                    Ack::Pipelined => previous = Some(tokio::spawn(acking)),
+                }
+            }
+            if let Some(p) = previous {
+                p.await.unwrap();
             }
         }));
     }
@@ -69,13 +89,13 @@ async fn disk_run(items: usize, batch: usize) -> Row {
                         t.elapsed()
                     }
                 })
-                .buffer_unordered(IN_FLIGHT)
+                .buffer_unordered(in_flight)
                 .collect::<Vec<Duration>>()
                 .await
         })
     };
     let mut lat = producer.await.unwrap();
-    for c in consumers {
+    for c in tasks {
         c.await.unwrap();
     }
     let secs = start.elapsed().as_secs_f64();
@@ -83,7 +103,14 @@ async fn disk_run(items: usize, batch: usize) -> Row {
     lat.sort();
     let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6;
     Row {
-        name: format!("snapstream disk, batch {batch}"),
+        name: format!(
+            "snapstream disk, batch {batch}, {consumers} consumers{}, {in_flight} pushes in flight",
+            if ack == Ack::Pipelined {
+                " (acks pipelined)"
+            } else {
+                ""
+            }
+        ),
         items,
         secs,
         p50_us: Some(pct(0.50)),
@@ -141,8 +168,11 @@ fn main() {
     let mut rows = Vec::new();
     for _ in 0..rounds {
         rows.push(redb_naive(naive_items));
-        rows.push(rt.block_on(disk_run(items / 4, 1)));
-        rows.push(rt.block_on(disk_run(items, 64)));
+        rows.push(rt.block_on(disk_run(items / 10, 1, 4, 256, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items / 4, 1, 64, 1024, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items, 64, 4, 256, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items, 64, 16, 2048, Ack::Wait)));
+        rows.push(rt.block_on(disk_run(items, 64, 16, 2048, Ack::Pipelined)));
     }
     println!("| scenario | items | items/s | push p50 | push p99 |\n|---|---:|---:|---:|---:|");
     for r in &rows {

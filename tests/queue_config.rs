@@ -26,8 +26,8 @@ fn per_queue_overrides_beat_shared_defaults() {
     let cfg = parse(
         r#"
         [defaults]
-        backend = "disk"
-        path = "/tmp/q.redb"
+        backend = "redis"
+        connection = "redis://10.0.0.1:6379"
         max_workers = 8
         batch_length = 16
         visibility_timeout_ms = 5000
@@ -44,9 +44,20 @@ fn per_queue_overrides_beat_shared_defaults() {
         backoff_max_ms = 20
         "#,
     );
-    let mail = cfg.resolve("mail").unwrap();
-    assert!(
-        matches!(mail.backend, BackendConfig::Disk { ref path } if path.to_str() == Some("/tmp/q.redb"))
+    let mail = match cfg.resolve("mail") {
+        Ok(mail) => mail,
+        Err(e) => {
+            // Built without the redis feature: the shared default is rejected.
+            assert_eq!(e.field, "defaults.backend");
+            assert!(e.problem.contains("not compiled in"), "{e}");
+            return;
+        }
+    };
+    assert_eq!(
+        mail.backend,
+        BackendConfig::Redis {
+            url: "redis://10.0.0.1:6379".into()
+        }
     );
     assert_eq!((mail.work.batch_len, mail.work.max_workers), (1, 8));
     assert!(mail.base.unique);
@@ -94,13 +105,52 @@ fn bad_values_name_the_field_and_layer() {
             "x",
             "defaults.visibility_timeout_ms",
         ),
-        ("[queues.x]\nbackend = \"disk\"", "x", "queues.x.path"),
-        ("[defaults]\nbackend = \"disk\"", "y", "defaults.path"),
     ];
     for (src, queue, field) in cases {
         let err = parse(src).resolve(queue).unwrap_err();
         assert_eq!(err.field, field, "config {src:?}");
     }
+}
+
+#[cfg(feature = "disk")]
+#[test]
+fn disk_needs_a_path() {
+    let cases = [
+        ("[queues.x]\nbackend = \"disk\"", "x", "queues.x.path"),
+        ("[defaults]\nbackend = \"disk\"", "y", "defaults.path"),
+        (
+            "[defaults]\nbackend = \"disk\"\npath = \"\"",
+            "y",
+            "defaults.path",
+        ),
+    ];
+    for (src, queue, field) in cases {
+        let err = parse(src).resolve(queue).unwrap_err();
+        assert_eq!(err.field, field, "config {src:?}");
+    }
+}
+
+#[cfg(feature = "disk")]
+#[test]
+fn disk_path_resolves() {
+    let c = parse("[defaults]\nbackend = \"disk\"\npath = \"/tmp/q.redb\"")
+        .resolve("q")
+        .unwrap();
+    assert_eq!(
+        c.backend,
+        BackendConfig::Disk {
+            path: "/tmp/q.redb".into()
+        }
+    );
+}
+
+#[cfg(not(feature = "disk"))]
+#[test]
+fn disk_not_compiled_in_is_an_error() {
+    let err = parse("[queues.q]\nbackend = \"disk\"")
+        .resolve("q")
+        .unwrap_err();
+    assert_eq!(err.field, "queues.q.backend");
 }
 
 #[cfg(feature = "redis")]

@@ -137,7 +137,7 @@ async fn max_workers_honoured_and_resizable() {
         }
     })
     .unwrap();
-    for i in 0..10u32 {
+    for i in 0..20u32 {
         q.push(i).await.unwrap();
     }
     for _ in 0..3 {
@@ -163,15 +163,22 @@ async fn max_workers_honoured_and_resizable() {
     assert_eq!(q.active_workers(), 5);
     assert_eq!(peak.load(Ordering::SeqCst), 5);
 
-    // Shrink to 1: busy workers retire as they finish.
+    // Shrink to 1 while 5 handlers block: when they finish, four workers
+    // retire and exactly one goes on to the next batch.
     q.set_max_workers(1);
-    peak.store(0, Ordering::SeqCst);
+    gate.add_permits(5);
+    started.recv().await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_secs(5), started.recv())
+        .await
+        .is_err());
+    assert_eq!((q.workers(), q.active_workers()), (1, 1));
+    assert_eq!(running.load(Ordering::SeqCst), 1);
+    // From here on never more than one handler at a time.
+    peak.store(1, Ordering::SeqCst);
     gate.add_permits(1000);
     q.flush(LONG).await.unwrap();
-    // 5 were running when we shrank; afterwards at most 1 ran at a time
-    // except those already past the gate.
+    assert_eq!(peak.load(Ordering::SeqCst), 1);
     assert!(q.workers() <= 1);
-    assert!(peak.load(Ordering::SeqCst) <= 5);
     q.shutdown(LONG).await;
 }
 
@@ -557,4 +564,69 @@ fn handles_and_futures_are_send_sync() {
         send(&q.dead_letters());
         q.shutdown(LONG).await;
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stress_many_producers_every_item_handled() {
+    const P: u32 = 8;
+    const N: u32 = 2_000;
+    let (base, dead) = queues("stress");
+    let counts: Arc<Mutex<HashMap<u32, u32>>> = Arc::default();
+    let c = counts.clone();
+    let q = WorkQueue::new(
+        base,
+        dead,
+        opts(8, 4).backoff(Duration::from_millis(1), Duration::from_millis(5)),
+        move |b: Vec<Item<u32>>| {
+            let mut back = Vec::new();
+            {
+                let mut c = c.lock().unwrap();
+                for it in b {
+                    *c.entry(*it.value()).or_default() += 1;
+                    if it.value() % 7 == 0 && it.attempts() == 0 {
+                        back.push(it);
+                    }
+                }
+            }
+            async move { back }
+        },
+    )
+    .unwrap();
+    let producers: Vec<_> = (0..P)
+        .map(|p| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                for i in 0..N {
+                    q.push(p * N + i).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for p in producers {
+        p.await.unwrap();
+    }
+    q.flush(LONG).await.unwrap();
+    let counts = counts.lock().unwrap().clone();
+    assert_eq!(counts.len(), (P * N) as usize);
+    for (v, n) in counts {
+        assert_eq!(n, if v % 7 == 0 { 2 } else { 1 }, "item {v}");
+    }
+    assert!(q.workers() <= 4);
+    assert_eq!(q.len().await.unwrap().total(), 0);
+    q.shutdown(LONG).await;
+}
+
+#[test]
+fn manager_is_send_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>(_: &T) {}
+    send_sync::<snapstream::queue::Manager>();
+    send_sync::<snapstream::queue::MemoryQueue>();
+    let m = snapstream::queue::Manager::new();
+    let cfg = snapstream::queue::config::QueuesConfig::default();
+    send(&m.queues());
+    send(&m.flush_all(LONG));
+    send(&m.remove_all("x"));
+    send(&m.shutdown_all(LONG));
+    send(&m.create("x", &cfg, |_b: Vec<Item<u32>>| async { Vec::new() }));
 }

@@ -148,6 +148,9 @@ pub enum DiskError {
     /// A queue name must not be empty.
     #[error("queue name is empty")]
     EmptyName,
+    /// The committer thread could not be started.
+    #[error("cannot start the committer thread")]
+    Thread(#[source] Arc<std::io::Error>),
     /// The committer thread is gone (it panicked); nothing more can be written.
     #[error("disk store has stopped")]
     Stopped,
@@ -246,6 +249,12 @@ fn decode(bytes: &[u8]) -> Option<Decoded<'_>> {
         key,
         payload,
     })
+}
+
+/// `now + d`, or about a century from now when that overflows.
+fn instant_after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 86_400))
 }
 
 fn unix_ms_now() -> u64 {
@@ -353,16 +362,33 @@ fn commit_group(db: &Database, ops: Vec<Op>) {
     if let Err(e) = &result {
         tracing::warn!(error = %e, ops = ops.len(), "snapstream disk queue: group commit failed");
     }
+    // Make the committed pushes ready first, one lock and one wake-up per
+    // queue; then complete every operation.
+    let mut i = 0;
+    while i < ops.len() {
+        let Op::Push { q, .. } = &ops[i] else {
+            i += 1;
+            continue;
+        };
+        let mut j = i;
+        let mut run = Vec::new();
+        while let Some(Op::Push {
+            q: q2, id, record, ..
+        }) = ops.get(j)
+        {
+            if !Arc::ptr_eq(q, q2) {
+                break;
+            }
+            run.push((*id, record.as_slice()));
+            j += 1;
+        }
+        q.pushes_committed(&run, result.is_ok());
+        i = j;
+    }
     for op in ops {
         let outcome = result.clone();
         match op {
-            Op::Push {
-                q,
-                id,
-                record,
-                reply,
-            } => {
-                q.push_committed(id, &record, outcome.is_ok());
+            Op::Push { reply, .. } => {
                 let _ = reply.send(outcome);
             }
             Op::Patch { reply, .. } => {
@@ -549,7 +575,8 @@ impl DiskStore {
     ///
     /// # Errors
     /// [`DiskError::AlreadyOpen`] when another process or store holds the
-    /// file (returned at once, without waiting); [`DiskError::Open`] for any
+    /// file (returned at once, without waiting); [`DiskError::Thread`] when
+    /// the committer thread cannot be started; [`DiskError::Open`] for any
     /// other failure.
     ///
     /// # Examples
@@ -568,7 +595,7 @@ impl DiskStore {
     pub fn open(path: impl AsRef<Path>) -> Result<DiskStore, DiskError> {
         let path = path.as_ref().to_path_buf();
         let db = Database::create(&path).map_err(|e| map_open_error(&path, e))?;
-        Ok(Self::start(db, path))
+        Self::start(db, path)
     }
 
     /// Opens a store on any redb storage backend (tests inject I/O faults).
@@ -580,23 +607,23 @@ impl DiskStore {
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(|e| map_open_error(&path, e))?;
-        Ok(Self::start(db, path))
+        Self::start(db, path)
     }
 
-    fn start(db: Database, path: PathBuf) -> DiskStore {
+    fn start(db: Database, path: PathBuf) -> Result<DiskStore, DiskError> {
         let (tx, rx) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("snapstream-disk-commit".into())
             .spawn(move || committer(db, rx))
-            .expect("failed to spawn the disk queue committer thread");
-        DiskStore {
+            .map_err(|e| DiskError::Thread(Arc::new(e)))?;
+        Ok(DiskStore {
             inner: Arc::new(StoreInner {
                 path,
                 tx,
                 thread: Mutex::new(Some(thread)),
                 queues: Mutex::new(HashMap::new()),
             }),
-        }
+        })
     }
 
     /// The database file.
@@ -625,10 +652,6 @@ impl DiskStore {
     /// [`QueueError::Backend`] with a [`DiskError`] source: the name is empty,
     /// the queue is open with other options, a record is corrupt, the store
     /// has stopped, or redb failed.
-    ///
-    /// # Panics
-    /// Must not be called on the store's own committer thread (it is not
-    /// reachable from user code).
     ///
     /// # Examples
     ///
@@ -760,7 +783,8 @@ impl State {
             }
             let state = match d.header.state {
                 STATE_DELAYED => {
-                    let due = now + Duration::from_millis(d.header.due_ms.saturating_sub(now_ms));
+                    let wait = Duration::from_millis(d.header.due_ms.saturating_sub(now_ms));
+                    let due = instant_after(now, wait);
                     ItemState::Delayed(due)
                 }
                 _ => ItemState::Ready,
@@ -923,49 +947,53 @@ impl Shared {
         lock(&self.state)
     }
 
-    /// Called by the committer once a push's commit finished.
-    fn push_committed(&self, id: u64, record: &[u8], ok: bool) {
+    /// Called by the committer once the commit holding these pushes (all of
+    /// this queue, in id order) finished.
+    fn pushes_committed(&self, pushes: &[(u64, &[u8])], ok: bool) {
         let mut st = self.state();
-        st.pending.remove(&id);
-        let decoded = decode(record);
-        match (ok, decoded) {
-            (true, Some(d)) => {
-                let mut state = ItemState::Ready;
-                if let Some(key) = &d.key {
-                    let ids = st.keys.entry(key.clone()).or_default();
-                    ids.insert(id);
-                    if ids.len() > 1 {
-                        state = ItemState::Waiting;
+        for &(id, record) in pushes {
+            st.pending.remove(&id);
+            match (ok, decode(record)) {
+                (true, Some(d)) => {
+                    let mut state = ItemState::Ready;
+                    if let Some(key) = &d.key {
+                        let ids = st.keys.entry(key.clone()).or_default();
+                        ids.insert(id);
+                        if ids.len() > 1 {
+                            state = ItemState::Waiting;
+                        }
+                    }
+                    match state {
+                        ItemState::Ready => {
+                            st.ready.insert(d.header.seq, id);
+                        }
+                        _ => st.waiting += 1,
+                    }
+                    st.items.insert(
+                        id,
+                        Item {
+                            payload: d.payload.to_vec(),
+                            key: d.key,
+                            attempts: 0,
+                            seq: d.header.seq,
+                            state,
+                        },
+                    );
+                }
+                (_, d) => {
+                    if let Some(d) = d {
+                        if st.dedup.get(d.payload) == Some(&id) {
+                            st.dedup.remove(d.payload);
+                        }
                     }
                 }
-                match state {
-                    ItemState::Ready => {
-                        st.ready.insert(d.header.seq, id);
-                    }
-                    _ => st.waiting += 1,
-                }
-                st.items.insert(
-                    id,
-                    Item {
-                        payload: d.payload.to_vec(),
-                        key: d.key,
-                        attempts: 0,
-                        seq: d.header.seq,
-                        state,
-                    },
-                );
-                drop(st);
-                self.ready.notify_waiters();
             }
-            (_, d) => {
-                if let Some(d) = d {
-                    if st.dedup.get(d.payload) == Some(&id) {
-                        st.dedup.remove(d.payload);
-                    }
-                }
-                drop(st);
-                self.room.notify_waiters();
-            }
+        }
+        drop(st);
+        if ok {
+            self.ready.notify_waiters();
+        } else {
+            self.room.notify_waiters();
         }
     }
 }
@@ -1118,7 +1146,7 @@ impl DiskQueue {
                 let now = Instant::now();
                 let mut patches = st.promote_due(now);
                 if !st.ready.is_empty() && max > 0 {
-                    let lease_until = now + self.shared.opts.visibility_timeout;
+                    let lease_until = instant_after(now, self.shared.opts.visibility_timeout);
                     let lease_ms = unix_ms_after(self.shared.opts.visibility_timeout);
                     let mut out = Vec::with_capacity(max.min(st.ready.len()));
                     while out.len() < max {
@@ -1210,7 +1238,7 @@ impl DiskQueue {
         let rx = {
             let mut st = self.shared.state();
             let now = Instant::now();
-            let due = now.checked_add(delay);
+            let due = instant_after(now, delay);
             let due_ms = unix_ms_after(delay);
             let mut patches = Vec::new();
             for &ItemId(id) in ids {
@@ -1226,8 +1254,6 @@ impl DiskQueue {
                         patches.push((id, h));
                     }
                 } else {
-                    // A delay past the end of time: due far away, but stored.
-                    let due = due.unwrap_or(now + Duration::from_secs(100 * 365 * 86_400));
                     let item = st.items.get_mut(&id).expect("checked above");
                     item.state = ItemState::Delayed(due);
                     let header = Header {
@@ -1489,6 +1515,32 @@ mod tests {
             "memory and disk agree"
         );
         assert!(!q.has(b"old").await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn huge_durations_do_not_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = store(&dir);
+            let opts = QueueOptions::default().visibility_timeout(Duration::MAX);
+            let q = s.queue("q", opts).unwrap();
+            q.push(NewItem::new("a"), Duration::MAX).await.unwrap();
+            q.push(NewItem::new("b"), Duration::MAX).await.unwrap();
+            let got = q.pop(2, Duration::MAX).await.unwrap();
+            q.nack(&[got[0].id], Duration::MAX).await.unwrap();
+            assert_eq!(
+                q.len().await.unwrap(),
+                QueueLen {
+                    ready: 0,
+                    delayed: 1,
+                    leased: 1
+                }
+            );
+        }
+        let s = store(&dir);
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        assert_eq!(q.len().await.unwrap().delayed, 1, "still far in the future");
+        assert_eq!(q.len().await.unwrap().ready, 1);
     }
 
     #[test]

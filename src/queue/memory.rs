@@ -69,6 +69,29 @@ pub struct MemoryQueue {
     room_signal: Notify,
 }
 
+/// A fast hasher for item ids (sequential integers from our own counter, so
+/// no flooding concern): one multiply, as FxHash does.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 =
+                (self.0.rotate_left(5) ^ u64::from(*b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+/// Build hasher for maps keyed by item ids.
+pub(super) type IdHash = std::hash::BuildHasherDefault<IdHasher>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     /// Ready since `seq` (its place in the FIFO of ready items).
@@ -92,7 +115,7 @@ struct State {
     next_id: u64,
     next_seq: u64,
     closed: bool,
-    entries: HashMap<u64, Entry>,
+    entries: HashMap<u64, Entry, IdHash>,
     /// Ready items that may be handed out now, by ready sequence.
     ready: BTreeMap<u64, u64>,
     /// Ready items held back by an earlier item of their key.
@@ -260,7 +283,8 @@ impl MemoryQueue {
     }
 
     async fn push_inner(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
-        let deadline = Instant::now() + timeout;
+        // Read the clock only when the queue is full.
+        let mut deadline: Option<Instant> = None;
         loop {
             let room = self.room_signal.notified();
             tokio::pin!(room);
@@ -293,7 +317,7 @@ impl MemoryQueue {
                             key: item.key,
                             attempts: 0,
                             // Replaced by make_ready.
-                            phase: Phase::Delayed { until: deadline },
+                            phase: Phase::Ready { seq: 0 },
                         },
                     );
                     let poppable = st.make_ready(id);
@@ -304,7 +328,9 @@ impl MemoryQueue {
                     return Ok(ItemId(id));
                 }
             }
-            if Instant::now() >= deadline {
+            let now = Instant::now();
+            let deadline = *deadline.get_or_insert(now + timeout);
+            if now >= deadline {
                 return Err(PushError::Full(item));
             }
             // On timeout the loop looks once more, then fails with `Full`.
@@ -784,5 +810,120 @@ mod tests {
     fn handle_is_send_sync() {
         fn check<T: Send + Sync>() {}
         check::<MemoryQueue>();
+    }
+}
+
+/// Model-based property test: the memory queue against a plain list.
+#[cfg(test)]
+mod model {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push { key: Option<u8> },
+        Pop { max: usize },
+        Ack { pick: usize },
+        Nack { pick: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => proptest::option::of(0u8..3).prop_map(|key| Op::Push { key }),
+            2 => (1usize..4).prop_map(|max| Op::Pop { max }),
+            1 => any::<usize>().prop_map(|pick| Op::Ack { pick }),
+            1 => any::<usize>().prop_map(|pick| Op::Nack { pick }),
+        ]
+    }
+
+    struct ModelItem {
+        id: ItemId,
+        payload: Vec<u8>,
+        key: Option<u8>,
+        attempts: u32,
+        /// `Some(seq)` when ready, `None` when leased.
+        ready: Option<u64>,
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+            rt.block_on(async {
+                let q = MemoryQueue::new("model", QueueOptions::default());
+                // Held items in push order.
+                let mut model: Vec<ModelItem> = Vec::new();
+                let mut seq = 0u64;
+                let mut n = 0u32;
+                for op in ops {
+                    match op {
+                        Op::Push { key } => {
+                            n += 1;
+                            let payload = n.to_le_bytes().to_vec();
+                            let item = NewItem {
+                                payload: payload.clone(),
+                                key: key.map(|k| k.to_string()),
+                            };
+                            let id = q.push(item, Duration::ZERO).await.unwrap();
+                            seq += 1;
+                            model.push(ModelItem { id, payload, key, attempts: 0, ready: Some(seq) });
+                        }
+                        Op::Pop { max } => {
+                            let got = q.pop(max, Duration::ZERO).await.unwrap();
+                            // Eligible: ready and the oldest held item of its key.
+                            let mut eligible: Vec<(u64, usize)> = model
+                                .iter()
+                                .enumerate()
+                                .filter(|(i, m)| {
+                                    m.ready.is_some()
+                                        && !matches!(m.key, Some(k)
+                                            if model[..*i].iter().any(|e| e.key == Some(k)))
+                                })
+                                .map(|(i, m)| (m.ready.unwrap(), i))
+                                .collect();
+                            eligible.sort_unstable();
+                            eligible.truncate(max);
+                            let want: Vec<(Vec<u8>, u32)> = eligible
+                                .iter()
+                                .map(|&(_, i)| (model[i].payload.clone(), model[i].attempts))
+                                .collect();
+                            let have: Vec<(Vec<u8>, u32)> =
+                                got.iter().map(|d| (d.payload.clone(), d.attempts)).collect();
+                            assert_eq!(have, want);
+                            for (_, i) in eligible {
+                                model[i].ready = None;
+                            }
+                        }
+                        Op::Ack { pick } | Op::Nack { pick } => {
+                            let leased: Vec<usize> = model
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, m)| m.ready.is_none())
+                                .map(|(i, _)| i)
+                                .collect();
+                            if leased.is_empty() {
+                                continue;
+                            }
+                            let i = leased[pick % leased.len()];
+                            let id = model[i].id;
+                            if matches!(op, Op::Ack { .. }) {
+                                q.ack(&[id]).await.unwrap();
+                                model.remove(i);
+                            } else {
+                                q.nack(&[id], Duration::ZERO).await.unwrap();
+                                seq += 1;
+                                model[i].ready = Some(seq);
+                                model[i].attempts += 1;
+                            }
+                        }
+                    }
+                    let len = q.len().await.unwrap();
+                    let leased = model.iter().filter(|m| m.ready.is_none()).count() as u64;
+                    assert_eq!(len.leased, leased);
+                    assert_eq!(len.total(), model.len() as u64);
+                }
+            });
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! retries and dead letters over any [`BaseQueue`]. The semantics are documented
 //! on the type.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use super::base::{
     Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
 };
+use super::memory::IdHash;
 
 /// How a [`WorkQueue`] batches, scales and retries.
 ///
@@ -362,20 +363,23 @@ struct Pool {
     workers: usize,
     active: usize,
     max: usize,
-    next_worker: u64,
-    idle: Vec<(u64, oneshot::Sender<Vec<Delivery>>)>,
 }
 
 #[derive(Default)]
 struct Pending {
     /// Items pushed through this work queue and not yet handled.
-    ids: HashSet<ItemId>,
-    /// Pushes whose base push has not returned yet.
-    pushing: usize,
-    /// Resolved while a push was in flight and before it registered its id.
-    early: HashSet<ItemId>,
+    ids: HashSet<ItemId, IdHash>,
+    /// Generation numbers of pushes whose base push has not returned yet.
+    inflight: BTreeSet<u64>,
+    next_gen: u64,
+    /// Ids resolved while pushes were in flight (they may be those pushes'
+    /// items, handled before the push registered them), each tagged with
+    /// the generation counter at that moment: only pushes of an older
+    /// generation can need it.
+    early: HashMap<ItemId, u64, IdHash>,
+    early_order: VecDeque<(u64, ItemId)>,
     next_waiter: u64,
-    waiters: Vec<(u64, HashSet<ItemId>, oneshot::Sender<()>)>,
+    waiters: Vec<(u64, HashSet<ItemId, IdHash>, oneshot::Sender<()>)>,
 }
 
 struct Inner<T> {
@@ -432,14 +436,17 @@ impl Drop for DropGuard {
 ///
 /// # Workers and batches
 ///
-/// One dispatcher task pops batches of up to
-/// [`batch_len`](WorkQueueOptions::batch_len) items. When fewer are ready it
-/// waits up to [`batch_delay`](WorkQueueOptions::batch_delay) for the batch to
-/// fill. It pops only when a worker can take the batch: an idle worker, or
-/// room to start a new one below [`max_workers`](Self::max_workers).
-/// A worker that gets no batch for
-/// [`idle_timeout`](WorkQueueOptions::idle_timeout) retires; the maximum can be
-/// changed at run time with [`set_max_workers`](Self::set_max_workers)
+/// Batches hold up to [`batch_len`](WorkQueueOptions::batch_len) items; when
+/// fewer are ready, the popper waits up to
+/// [`batch_delay`](WorkQueueOptions::batch_delay) for the batch to fill.
+///
+/// Workers pull: each worker pops its next batch straight from the base
+/// queue when it is done with the last one, so a busy queue costs no
+/// hand-off per batch. While fewer than [`max_workers`](Self::max_workers)
+/// run, a starter task pops a batch and starts a new worker with it, so the
+/// pool grows with the backlog. A worker that gets no batch for
+/// [`idle_timeout`](WorkQueueOptions::idle_timeout) retires. The maximum can
+/// be changed at run time with [`set_max_workers`](Self::set_max_workers)
 /// (`0` pauses processing).
 ///
 /// # Handling, retries and dead letters
@@ -644,6 +651,46 @@ where
             Err(e) => Err(WorkPushError::from_push(e, value)),
         }
     }
+
+    /// Whether the base queue holds `value` (in any state), comparing the
+    /// JSON encoding. On a simple (non-unique) base queue this may scan.
+    ///
+    /// # Errors
+    /// [`WorkError::Queue`] from the base queue; an item that cannot be
+    /// encoded is reported as not held.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only reads.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)));
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default().max_workers(0), |_b: Vec<Item<u32>>| async {
+    ///     Vec::new()
+    /// })
+    /// .unwrap();
+    /// q.push(7).await.unwrap();
+    /// assert!(q.has(&7).await.unwrap());
+    /// assert!(q.push(7).await.is_err()); // unique base queue: handed back
+    /// # q.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub async fn has(&self, value: &T) -> Result<bool, WorkError> {
+        let Ok(payload) = serde_json::to_vec(value) else {
+            return Ok(false);
+        };
+        self.inner
+            .base
+            .has(&payload)
+            .await
+            .map_err(WorkError::Queue)
+    }
 }
 
 impl<T> WorkQueue<T> {
@@ -682,9 +729,11 @@ impl<T> WorkQueue<T> {
         lock(&self.inner.pool).max
     }
 
-    /// Changes the most workers allowed. Idle workers above the new maximum
-    /// retire at once, busy ones when their batch is done. `0` pauses
-    /// processing.
+    /// Changes the most workers allowed. Raising it starts workers as soon
+    /// as there is work. Lowering it never lets more than the new maximum
+    /// start a batch: workers above it retire when their current batch is
+    /// done, or when their wait for the next one ends (a batch they popped is
+    /// handed back at once). `0` pauses processing.
     ///
     /// # Examples
     ///
@@ -702,17 +751,7 @@ impl<T> WorkQueue<T> {
     /// # });
     /// ```
     pub fn set_max_workers(&self, max: usize) {
-        {
-            let mut pool = lock(&self.inner.pool);
-            pool.max = max;
-            while pool.workers > pool.max {
-                // Dropping the sender retires that worker.
-                if pool.idle.pop().is_none() {
-                    break;
-                }
-                pool.workers -= 1;
-            }
-        }
+        lock(&self.inner.pool).max = max;
         self.inner.changed.notify_waiters();
     }
 
@@ -977,37 +1016,54 @@ fn to_dead_letter(d: Delivery) -> DeadLetter {
 
 impl<T> Inner<T> {
     async fn push_raw(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
-        struct Pushing<'a>(&'a Mutex<Pending>, Option<ItemId>);
+        /// Registers the pushed id when the push ends (also when cancelled).
+        struct Pushing<'a>(&'a Mutex<Pending>, u64, Option<ItemId>);
         impl Drop for Pushing<'_> {
             fn drop(&mut self) {
                 let mut p = lock(self.0);
-                p.pushing -= 1;
-                if let Some(id) = self.1 {
-                    if !p.early.remove(&id) {
+                p.inflight.remove(&self.1);
+                if let Some(id) = self.2 {
+                    if p.early.remove(&id).is_none() {
                         p.ids.insert(id);
                     }
                 }
-                if p.pushing == 0 {
-                    p.early.clear();
+                // Forget early ids no push still in flight can need.
+                let oldest = p.inflight.first().copied().unwrap_or(p.next_gen);
+                while let Some(&(tag, id)) = p.early_order.front() {
+                    if tag > oldest {
+                        break;
+                    }
+                    p.early_order.pop_front();
+                    if p.early.get(&id) == Some(&tag) {
+                        p.early.remove(&id);
+                    }
                 }
             }
         }
-        lock(&self.pending).pushing += 1;
-        let mut guard = Pushing(&self.pending, None);
+        let gen = {
+            let mut p = lock(&self.pending);
+            let gen = p.next_gen;
+            p.next_gen += 1;
+            p.inflight.insert(gen);
+            gen
+        };
+        let mut guard = Pushing(&self.pending, gen, None);
         let id = self.base.push(item, timeout).await?;
-        guard.1 = Some(id);
+        guard.2 = Some(id);
         Ok(id)
     }
 
     /// Marks items handled (or dead-lettered) for [`WorkQueue::flush`].
     fn resolve(&self, ids: &[ItemId]) {
         let mut p = lock(&self.pending);
-        if p.ids.is_empty() && p.pushing == 0 {
+        if p.ids.is_empty() && p.inflight.is_empty() {
             return;
         }
+        let tag = p.next_gen;
         for id in ids {
-            if !p.ids.remove(id) && p.pushing > 0 {
-                p.early.insert(*id);
+            if !p.ids.remove(id) && !p.inflight.is_empty() {
+                p.early.insert(*id, tag);
+                p.early_order.push_back((tag, *id));
             }
         }
         if !p.waiters.is_empty() {
@@ -1052,68 +1108,84 @@ impl<T> Inner<T>
 where
     T: DeserializeOwned + Send + 'static,
 {
+    /// Starts workers: while fewer than the maximum run, it pops a batch and
+    /// starts a worker with it. Workers then pop their own batches.
     async fn dispatch(self: Arc<Self>) {
         let mut stop = self.stop.subscribe();
-        'outer: loop {
-            if !self.wait_for_slot(&mut stop).await {
+        loop {
+            if !self.wait_for_room(&mut stop).await {
                 break;
             }
-            let first = tokio::select! {
-                r = self.base.pop(self.opts.batch_len, POP_WAIT) => r,
-                _ = stopped(&mut stop, STOPPING) => break,
+            let Some(batch) = self.next_batch(&mut stop, POP_WAIT).await else {
+                break;
             };
-            let mut batch = match first {
-                Ok(b) if b.is_empty() => continue,
-                Ok(b) => b,
-                Err(QueueError::Backend(e)) => {
-                    tracing::warn!(queue = %self.name, error = %e, "base queue pop failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(BACKEND_RETRY) => continue,
-                        _ = stopped(&mut stop, STOPPING) => break,
-                    }
-                }
-                Err(_) => break,
-            };
-            if batch.len() < self.opts.batch_len && !self.opts.batch_delay.is_zero() {
-                let deadline = Instant::now() + self.opts.batch_delay;
-                while batch.len() < self.opts.batch_len {
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        break;
-                    }
-                    let more = tokio::select! {
-                        r = self.base.pop(self.opts.batch_len - batch.len(), left) => r,
-                        _ = stopped(&mut stop, STOPPING) => {
-                            self.give_back(&batch).await;
-                            break 'outer;
-                        }
-                    };
-                    match more {
-                        Ok(m) if !m.is_empty() => batch.extend(m),
-                        _ => break,
-                    }
-                }
+            if batch.is_empty() {
+                continue;
             }
-            // Hand the batch over; the slot may have gone (max lowered).
-            loop {
-                if !self.wait_for_slot(&mut stop).await {
-                    self.give_back(&batch).await;
-                    break 'outer;
+            // Room may have gone while we waited (max lowered): hand the
+            // batch back rather than exceed the maximum.
+            let started = {
+                let mut pool = lock(&self.pool);
+                if pool.workers < pool.max {
+                    pool.workers += 1;
+                    pool.active += 1;
+                    true
+                } else {
+                    false
                 }
-                match self.hand_over(batch) {
-                    None => break,
-                    Some(b) => batch = b,
-                }
+            };
+            if started {
+                tokio::spawn(self.clone().worker(batch));
+            } else {
+                self.give_back(&batch).await;
             }
         }
-        // Retire the idle workers.
+    }
+
+    /// Pops the next batch: waits up to `wait` for a first item, then up to
+    /// `batch_delay` for the batch to fill. `None` when stopping or the base
+    /// queue closed (anything popped is given back first).
+    async fn next_batch(
+        &self,
+        stop: &mut watch::Receiver<u8>,
+        wait: Duration,
+    ) -> Option<Vec<Delivery>> {
+        let first = tokio::select! {
+            r = self.base.pop(self.opts.batch_len, wait) => r,
+            _ = stopped(stop, STOPPING) => return None,
+        };
+        let mut batch = match first {
+            Ok(b) => b,
+            Err(QueueError::Backend(e)) => {
+                tracing::warn!(queue = %self.name, error = %e, "base queue pop failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(BACKEND_RETRY) => return Some(Vec::new()),
+                    _ = stopped(stop, STOPPING) => return None,
+                }
+            }
+            Err(_) => return None,
+        };
+        if batch.is_empty() || batch.len() >= self.opts.batch_len || self.opts.batch_delay.is_zero()
         {
-            let mut pool = lock(&self.pool);
-            let n = pool.idle.len();
-            pool.idle.clear();
-            pool.workers -= n;
+            return Some(batch);
         }
-        self.changed.notify_waiters();
+        // A partial batch: wait out the delay once, then take what arrived
+        // (one wake-up per batch rather than one per item).
+        tokio::select! {
+            _ = tokio::time::sleep(self.opts.batch_delay) => {}
+            _ = stopped(stop, STOPPING) => {
+                self.give_back(&batch).await;
+                return None;
+            }
+        }
+        if let Ok(more) = self
+            .base
+            .pop(self.opts.batch_len - batch.len(), Duration::ZERO)
+            .await
+        {
+            batch.extend(more);
+        }
+        Some(batch)
     }
 
     /// Returns a popped batch to the base queue at once.
@@ -1124,8 +1196,8 @@ where
         }
     }
 
-    /// Waits until a worker could take a batch. False when stopping.
-    async fn wait_for_slot(&self, stop: &mut watch::Receiver<u8>) -> bool {
+    /// Waits until another worker may start. False when stopping.
+    async fn wait_for_room(&self, stop: &mut watch::Receiver<u8>) -> bool {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -1136,7 +1208,7 @@ where
             }
             {
                 let pool = lock(&self.pool);
-                if !pool.idle.is_empty() || pool.workers < pool.max {
+                if pool.workers < pool.max {
                     return true;
                 }
             }
@@ -1147,91 +1219,58 @@ where
         }
     }
 
-    /// Gives `batch` to an idle worker or a new one; hands it back when
-    /// neither is possible.
-    fn hand_over(self: &Arc<Self>, mut batch: Vec<Delivery>) -> Option<Vec<Delivery>> {
-        loop {
-            let mut pool = lock(&self.pool);
-            if let Some((_, tx)) = pool.idle.pop() {
-                pool.active += 1;
-                drop(pool);
-                match tx.send(batch) {
-                    Ok(()) => return None,
-                    Err(b) => {
-                        // The worker is gone (runtime shutting down).
-                        let mut pool = lock(&self.pool);
-                        pool.active -= 1;
-                        pool.workers -= 1;
-                        batch = b;
-                        continue;
-                    }
-                }
-            }
-            if pool.workers < pool.max {
-                pool.workers += 1;
-                pool.active += 1;
-                let id = pool.next_worker;
-                pool.next_worker += 1;
-                drop(pool);
-                tokio::spawn(self.clone().worker(id, batch));
-                return None;
-            }
-            return Some(batch);
-        }
-    }
-
-    async fn worker(self: Arc<Self>, id: u64, mut batch: Vec<Delivery>) {
+    /// Handles `batch`, then pops and handles more until idle for
+    /// `idle_timeout`, above the maximum, or stopping.
+    async fn worker(self: Arc<Self>, mut batch: Vec<Delivery>) {
         let mut stop = self.stop.subscribe();
         loop {
             self.process(batch, &mut stop).await;
-            let mut rx = {
+            let retire = {
                 let mut pool = lock(&self.pool);
                 pool.active -= 1;
-                if pool.workers > pool.max || *stop.borrow() != RUNNING {
+                let level = *stop.borrow();
+                if pool.workers > pool.max || level != RUNNING {
                     pool.workers -= 1;
-                    drop(pool);
+                    true
+                } else {
+                    false
+                }
+            };
+            if retire {
+                self.changed.notify_waiters();
+                return;
+            }
+            let next = self.next_batch(&mut stop, self.opts.idle_timeout).await;
+            let keep = {
+                let mut pool = lock(&self.pool);
+                let keep = matches!(&next, Some(b) if !b.is_empty()) && pool.workers <= pool.max;
+                if keep {
+                    pool.active += 1;
+                } else {
+                    pool.workers -= 1;
+                }
+                keep
+            };
+            match next {
+                Some(b) if keep => batch = b,
+                other => {
+                    if let Some(b) = other {
+                        if !b.is_empty() {
+                            // Above the maximum now: give the batch back.
+                            self.give_back(&b).await;
+                        }
+                    }
                     self.changed.notify_waiters();
                     return;
                 }
-                let (tx, rx) = oneshot::channel();
-                pool.idle.push((id, tx));
-                rx
-            };
-            self.changed.notify_waiters();
-            batch = match tokio::time::timeout(self.opts.idle_timeout, &mut rx).await {
-                Ok(Ok(b)) => b,
-                // Retired by set_max_workers or the dispatcher's exit, which
-                // already counted it out.
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let retired = {
-                        let mut pool = lock(&self.pool);
-                        match pool.idle.iter().position(|(w, _)| *w == id) {
-                            Some(pos) => {
-                                pool.idle.remove(pos);
-                                pool.workers -= 1;
-                                true
-                            }
-                            None => false,
-                        }
-                    };
-                    if retired {
-                        self.changed.notify_waiters();
-                        return;
-                    }
-                    // The dispatcher picked us just now: the batch is coming.
-                    match rx.await {
-                        Ok(b) => b,
-                        Err(_) => return,
-                    }
-                }
-            };
+            }
         }
     }
 
     async fn process(&self, batch: Vec<Delivery>, stop: &mut watch::Receiver<u8>) {
         let mut items = Vec::with_capacity(batch.len());
-        let mut by_id: HashMap<ItemId, Delivery> = HashMap::with_capacity(batch.len());
+        let mut by_id: HashMap<ItemId, Delivery, IdHash> =
+            HashMap::with_capacity_and_hasher(batch.len(), IdHash::default());
         for d in batch {
             match serde_json::from_slice::<T>(&d.payload) {
                 Ok(value) => {
@@ -1258,7 +1297,7 @@ where
             r = run => Some(r),
             _ = stopped(stop, HARD_STOP) => None,
         };
-        let unhandled: HashSet<ItemId> = match outcome {
+        let unhandled: HashSet<ItemId, IdHash> = match outcome {
             None => {
                 let ids: Vec<ItemId> = by_id.keys().copied().collect();
                 if let Err(e) = self.base.nack(&ids, Duration::ZERO).await {
