@@ -61,12 +61,15 @@ fn sizes() -> (bool, Sizes) {
 fn snapshot_publisher(events: u64, ttl: Duration) -> Publisher<u64> {
     let mut b = Publisher::<u64>::builder();
     b.snapshot_cache_ttl(ttl);
-    b.register("t", move |req: SnapshotRequest, mut sink: SnapshotSink<u64>| async move {
-        for i in 0..events {
-            sink.append_one(Event::new("t", req.subject().clone(), i + 1, i))?;
-        }
-        Ok(events)
-    })
+    b.register(
+        "t",
+        move |req: SnapshotRequest, mut sink: SnapshotSink<u64>| async move {
+            for i in 0..events {
+                sink.append_one(Event::new("t", req.subject().clone(), i + 1, i))?;
+            }
+            Ok(events)
+        },
+    )
     .unwrap();
     b.build()
 }
@@ -109,14 +112,20 @@ async fn bench_subscribe(s: &Sizes) -> (Duration, Duration) {
 
 async fn bench_publish(s: &Sizes) -> f64 {
     let mut b = Publisher::<u64>::builder();
-    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) })
-        .unwrap();
+    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async {
+        Ok(1)
+    })
+    .unwrap();
     let p = b.build();
-    let keys: Vec<Arc<str>> = (0..s.publish_keys).map(|k| Arc::from(format!("k{k}"))).collect();
+    let keys: Vec<Arc<str>> = (0..s.publish_keys)
+        .map(|k| Arc::from(format!("k{k}")))
+        .collect();
     let mut subs = Vec::new();
     for key in &keys {
         for _ in 0..s.subs_per_key {
-            let mut sub = p.subscribe(SubscribeRequest::new("t", key.clone())).unwrap();
+            let mut sub = p
+                .subscribe(SubscribeRequest::new("t", key.clone()))
+                .unwrap();
             assert!(sub.next().await.unwrap().is_framing());
             subs.push(sub);
         }
@@ -142,8 +151,10 @@ async fn bench_publish(s: &Sizes) -> f64 {
 /// snapstream: each subscriber subscribes to one key and counts its events.
 async fn e2e_snapstream(keys: usize, subs: usize, events: u64) -> f64 {
     let mut b = Publisher::<u64>::builder();
-    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) })
-        .unwrap();
+    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async {
+        Ok(1)
+    })
+    .unwrap();
     let p = b.build();
     let names: Vec<Arc<str>> = (0..keys).map(|k| Arc::from(format!("k{k}"))).collect();
     let mut tasks = Vec::new();
@@ -152,7 +163,9 @@ async fn e2e_snapstream(keys: usize, subs: usize, events: u64) -> f64 {
         let key = s % keys;
         let expect = (0..events).filter(|i| *i as usize % keys == key).count() as u64;
         expected_total += expect;
-        let mut sub = p.subscribe(SubscribeRequest::new("t", names[key].clone())).unwrap();
+        let mut sub = p
+            .subscribe(SubscribeRequest::new("t", names[key].clone()))
+            .unwrap();
         assert!(sub.next().await.unwrap().is_framing());
         tasks.push(tokio::spawn(async move {
             let mut n = 0;
@@ -164,9 +177,14 @@ async fn e2e_snapstream(keys: usize, subs: usize, events: u64) -> f64 {
     }
     let start = Instant::now();
     for i in 0..events {
-        p.publish(vec![Event::new("t", names[i as usize % keys].clone(), i + 2, i)])
-            .unwrap();
-        if i % 1024 == 0 {
+        p.publish(vec![Event::new(
+            "t",
+            names[i as usize % keys].clone(),
+            i + 2,
+            i,
+        )])
+        .unwrap();
+        if i & 1023 == 0 {
             tokio::task::yield_now().await;
         }
     }
@@ -188,7 +206,9 @@ async fn e2e_broadcast(keys: usize, subs: usize, events: u64) -> f64 {
     let mut expected_total = 0;
     for s in 0..subs {
         let key = names[s % keys].clone();
-        let expect = (0..events).filter(|i| *i as usize % keys == s % keys).count() as u64;
+        let expect = (0..events)
+            .filter(|i| *i as usize % keys == s % keys)
+            .count() as u64;
         expected_total += expect;
         let mut rx = tx.subscribe();
         tasks.push(tokio::spawn(async move {
@@ -208,7 +228,7 @@ async fn e2e_broadcast(keys: usize, subs: usize, events: u64) -> f64 {
     for i in 0..events {
         tx.send(Event::new("t", names[i as usize % keys].clone(), i + 2, i))
             .unwrap();
-        if i % 1024 == 0 {
+        if i & 1023 == 0 {
             tokio::task::yield_now().await;
         }
     }

@@ -33,8 +33,10 @@ fn handles_are_send_and_sync() {
 #[tokio::test(flavor = "current_thread")]
 async fn next_future_is_send() {
     let mut b = Publisher::<u8>::builder();
-    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u8>| async { Ok(1) })
-        .unwrap();
+    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u8>| async {
+        Ok(1)
+    })
+    .unwrap();
     let p = b.build();
     let mut sub = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
     let fut = sub.next();

@@ -32,9 +32,13 @@ async fn a_thousand_subscribers_converge_to_the_publishers_state() {
         for (k, key) in keys.iter().enumerate() {
             store.write(key, (round * KEYS + k) as u64);
             // Subscribers arrive while the writes go on.
-            if (round * KEYS + k) % (ROUNDS * KEYS / SUBSCRIBERS) == 0 && spawned < SUBSCRIBERS {
+            if (round * KEYS + k).is_multiple_of(ROUNDS * KEYS / SUBSCRIBERS)
+                && spawned < SUBSCRIBERS
+            {
                 let key = keys[spawned % KEYS].clone();
-                let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, key.as_str())).unwrap();
+                let mut sub = p
+                    .subscribe(SubscribeRequest::new(TOPIC, key.as_str()))
+                    .unwrap();
                 spawned += 1;
                 readers.push(tokio::spawn(async move {
                     let mut view = View::default();
@@ -45,8 +49,10 @@ async fn a_thousand_subscribers_converge_to_the_publishers_state() {
                 }));
             }
         }
-        if round % 5 == 0 && readers.len() < SUBSCRIBERS + WILDCARDS {
-            let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, Subject::Wildcard)).unwrap();
+        if round.is_multiple_of(5) && readers.len() < SUBSCRIBERS + WILDCARDS {
+            let mut sub = p
+                .subscribe(SubscribeRequest::new(TOPIC, Subject::Wildcard))
+                .unwrap();
             let keys = keys.clone();
             readers.push(tokio::spawn(async move {
                 let mut view = View::default();
@@ -68,7 +74,11 @@ async fn a_thousand_subscribers_converge_to_the_publishers_state() {
         match key {
             Some(key) => {
                 assert_eq!(view.data, store.view(Some(&key)), "{key}");
-                assert_eq!(view.live_indexes, store.writes_after(&key, view.eos_index), "{key}");
+                assert_eq!(
+                    view.live_indexes,
+                    store.writes_after(&key, view.eos_index),
+                    "{key}"
+                );
             }
             None => {
                 wildcards += 1;
@@ -87,5 +97,8 @@ async fn a_thousand_subscribers_converge_to_the_publishers_state() {
     }
     assert_eq!(wildcards, WILDCARDS);
     let stats = p.stats();
-    assert!(stats.cache_hits > 0, "later subscribers of a key reuse its snapshot");
+    assert!(
+        stats.cache_hits > 0,
+        "later subscribers of a key reuse its snapshot"
+    );
 }

@@ -21,8 +21,10 @@ async fn a_blocked_snapshot_stalls_nothing_else() {
         }
     })
     .unwrap();
-    b.register("fast", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) })
-        .unwrap();
+    b.register("fast", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async {
+        Ok(1)
+    })
+    .unwrap();
     let p = b.build();
     let mut slow = p.subscribe(SubscribeRequest::new("slow", "k")).unwrap();
     // Publishing on the slow topic itself does not wait for its snapshot.
@@ -32,13 +34,22 @@ async fn a_blocked_snapshot_stalls_nothing_else() {
     // The other topic: subscribe, snapshot, publish, deliver — all while the
     // slow handler is still blocked.
     let mut fast = p.subscribe(SubscribeRequest::new("fast", "k")).unwrap();
-    assert_eq!(fast.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        fast.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
     p.publish(vec![Event::new("fast", "k", 2, 42)]).unwrap();
-    assert_eq!(*fast.next().await.unwrap().events().unwrap()[0].payload(), 42);
+    assert_eq!(
+        *fast.next().await.unwrap().events().unwrap()[0].payload(),
+        42
+    );
     assert!(p.stats().key("slow", &"k".into()).unwrap().building);
     // Release the slow one: it gets its snapshot, then everything published meanwhile.
     gate.add_permits(1);
-    assert_eq!(slow.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        slow.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
     for i in 2..10 {
         assert_eq!(slow.next().await.unwrap().events().unwrap().index(), i);
     }

@@ -42,8 +42,11 @@ const PUBLISHES: u64 = 5_000;
 fn counted_publisher(limit: Option<u64>) -> Publisher<Counted> {
     let mut b = Publisher::<Counted>::builder();
     b.lag_limit(limit);
-    b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<Counted>| async { Ok(1) })
-        .unwrap();
+    b.register(
+        "t",
+        |_r: SnapshotRequest, _s: SnapshotSink<Counted>| async { Ok(1) },
+    )
+    .unwrap();
     b.build()
 }
 
@@ -53,10 +56,14 @@ async fn a_stalled_subscriber_is_detached_and_memory_stays_bounded() {
     let p = counted_publisher(Some(LIMIT));
     let mut reader = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
     let mut stalled = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
-    assert_eq!(reader.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        reader.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
     let mut max_alive = 0;
     for i in 2..PUBLISHES + 2 {
-        p.publish(vec![Event::new("t", "k", i, Counted::new(&ALIVE))]).unwrap();
+        p.publish(vec![Event::new("t", "k", i, Counted::new(&ALIVE))])
+            .unwrap();
         // The live reader keeps up.
         assert!(reader.next().await.unwrap().events().is_some());
         max_alive = max_alive.max(ALIVE.load(Ordering::SeqCst));
@@ -65,10 +72,19 @@ async fn a_stalled_subscriber_is_detached_and_memory_stays_bounded() {
         max_alive as u64 <= LIMIT + LIMIT / 2 + 1,
         "the stalled subscriber kept {max_alive} payloads alive"
     );
-    assert_eq!(stalled.next().await, Err(SubscriptionError::Lagged { limit: LIMIT }));
-    assert_eq!(stalled.next().await, Err(SubscriptionError::Lagged { limit: LIMIT }));
+    assert_eq!(
+        stalled.next().await,
+        Err(SubscriptionError::Lagged { limit: LIMIT })
+    );
+    assert_eq!(
+        stalled.next().await,
+        Err(SubscriptionError::Lagged { limit: LIMIT })
+    );
     let key = p.stats().key("t", &"k".into()).cloned().unwrap();
-    assert_eq!(key.subscribers, 1, "the lagged subscription released its key");
+    assert_eq!(
+        key.subscribers, 1,
+        "the lagged subscription released its key"
+    );
     assert!(key.retained <= LIMIT);
 }
 
@@ -79,13 +95,21 @@ async fn without_a_limit_a_stalled_subscriber_keeps_everything() {
     let p = counted_publisher(None);
     let mut stalled = p.subscribe(SubscribeRequest::new("t", "k")).unwrap();
     for i in 2..PUBLISHES + 2 {
-        p.publish(vec![Event::new("t", "k", i, Counted::new(&ALIVE))]).unwrap();
+        p.publish(vec![Event::new("t", "k", i, Counted::new(&ALIVE))])
+            .unwrap();
     }
     assert_eq!(ALIVE.load(Ordering::SeqCst) as u64, PUBLISHES);
     assert_eq!(p.stats().key("t", &"k".into()).unwrap().max_lag, PUBLISHES);
-    assert_eq!(stalled.next().await.unwrap(), Message::EndOfSnapshot { index: 1 });
+    assert_eq!(
+        stalled.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 1 }
+    );
     drop(stalled);
-    assert_eq!(ALIVE.load(Ordering::SeqCst), 0, "freed with the last reader");
+    assert_eq!(
+        ALIVE.load(Ordering::SeqCst),
+        0,
+        "freed with the last reader"
+    );
 }
 
 #[tokio::test(flavor = "current_thread")]
@@ -126,7 +150,8 @@ async fn resnapshot_policy_sends_a_new_snapshot_and_converges() {
 async fn a_cached_chain_longer_than_the_limit_is_evicted() {
     let store = Store::new(None);
     let mut b = builder();
-    b.lag_limit(Some(LIMIT)).snapshot_cache_ttl(std::time::Duration::from_secs(3600));
+    b.lag_limit(Some(LIMIT))
+        .snapshot_cache_ttl(std::time::Duration::from_secs(3600));
     let p = store.publisher(&mut b);
     store.write("k", 0);
     let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "k")).unwrap();

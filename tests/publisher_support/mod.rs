@@ -149,7 +149,7 @@ impl Store {
             .unwrap()
             .data
             .iter()
-            .filter(|(k, _)| key.map_or(true, |key| key == k.as_str()))
+            .filter(|(k, _)| key.is_none_or(|key| key == k.as_str()))
             .map(|(k, (_, v))| (k.clone(), *v))
             .collect()
     }
