@@ -459,7 +459,6 @@ impl<P: Send + Sync + 'static> Publisher<P> {
     /// # Examples
     ///
     /// ```
-    /// use snapstream::event::Event;
     /// let publisher = snapstream::publisher::Publisher::<u8>::builder().build();
     /// publisher.shutdown();
     /// assert!(publisher.is_shut_down());
