@@ -537,8 +537,6 @@ macro_rules! suite {
 }
 
 // --- memory ---------------------------------------------------------------
-// Enabled once `src/queue/memory.rs` (workqueue branch) is merged.
-#[cfg(any())]
 async fn memory_env(_case: &str) -> Option<Env> {
     use snapstream::queue::memory::MemoryQueue;
     Some(Env {
@@ -552,7 +550,6 @@ async fn memory_env(_case: &str) -> Option<Env> {
         _guard: None,
     })
 }
-#[cfg(any())]
 suite!(memory, memory_env);
 
 // --- disk -----------------------------------------------------------------
@@ -576,44 +573,35 @@ async fn disk_env(case: &str) -> Option<Env> {
 suite!(disk, disk_env);
 
 // --- redis ----------------------------------------------------------------
-// `redis` is a feature of the redis branch; until it is merged the cfg is
-// unknown here.
-#[allow(unexpected_cfgs)]
-mod redis_suite {
-    #[allow(unused_imports)]
-    use super::*;
-
-    #[cfg(feature = "redis")]
-    async fn redis_env(case: &str) -> Option<Env> {
-        use snapstream::queue::redis::RedisQueue;
-        let url = match std::env::var("REDIS_URL") {
-            Ok(url) => url,
-            Err(_) => {
-                let addr = "127.0.0.1:6379".parse().unwrap();
-                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
-                {
-                    eprintln!("notice: REDIS_URL unset and no Redis at 127.0.0.1:6379; skipping redis::{case}");
-                    return None;
-                }
-                "redis://127.0.0.1:6379".to_owned()
+#[cfg(feature = "redis")]
+async fn redis_env(case: &str) -> Option<Env> {
+    use snapstream::queue::redis::RedisQueue;
+    let url = match std::env::var("REDIS_URL") {
+        Ok(url) => url,
+        Err(_) => {
+            let addr = "127.0.0.1:6379".parse().unwrap();
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                eprintln!("notice: REDIS_URL unset and no Redis at 127.0.0.1:6379; skipping redis::{case}");
+                return None;
             }
-        };
-        let url: Arc<str> = url.into();
-        Some(Env {
-            make: Box::new(move |opts| {
-                let url = Arc::clone(&url);
-                Box::pin(async move {
-                    let q = RedisQueue::connect(&url, unique_name("redis"), opts)
-                        .await
-                        .expect("connect to redis");
-                    Arc::new(q) as Arc<dyn BaseQueue>
-                })
-            }),
-            paused_clock: false,
-            stress_per_producer: 2_000,
-            _guard: None,
-        })
-    }
-    #[cfg(feature = "redis")]
-    suite!(redis, redis_env);
+            "redis://127.0.0.1:6379".to_owned()
+        }
+    };
+    let url: Arc<str> = url.into();
+    Some(Env {
+        make: Box::new(move |opts| {
+            let url = Arc::clone(&url);
+            Box::pin(async move {
+                let q = RedisQueue::connect(&url, unique_name("redis"), opts)
+                    .await
+                    .expect("connect to redis");
+                Arc::new(q) as Arc<dyn BaseQueue>
+            })
+        }),
+        paused_clock: false,
+        stress_per_producer: 2_000,
+        _guard: None,
+    })
 }
+#[cfg(feature = "redis")]
+suite!(redis, redis_env);

@@ -80,10 +80,10 @@ fn handles_are_send_and_sync() {
     check::<RedisQueue>();
     check::<RedisQueueError>();
     fn future_is_send<F: std::future::Future + Send>(_: F) {}
-    #[allow(unreachable_code, clippy::diverging_sub_expression)]
-    if false {
-        future_is_send(RedisQueue::connect("", "x", QueueOptions::default()));
-        let q: &RedisQueue = unreachable!();
+    // Built but never awaited: only their types are checked.
+    future_is_send(RedisQueue::connect("", "x", QueueOptions::default()));
+    let none: Option<&RedisQueue> = None;
+    if let Some(q) = none {
         future_is_send(q.delete());
     }
 }

@@ -8,10 +8,12 @@ use futures::FutureExt;
 use snapstream::workpool::{BuildError, KeyedPool, StopMode, TryAddError};
 use tokio::sync::{mpsc, Semaphore};
 
+type Started = mpsc::UnboundedReceiver<(u32, u32)>;
+
 /// A handler that reports each start and then waits for a permit.
 fn gated() -> (
     Arc<Semaphore>,
-    mpsc::UnboundedReceiver<(u32, u32)>,
+    Started,
     impl Fn(u32, u32) -> futures::future::BoxFuture<'static, ()> + Send + Sync + 'static,
 ) {
     let gate = Arc::new(Semaphore::new(0));
@@ -384,4 +386,41 @@ fn handles_and_futures_are_send_and_sync() {
     send(&pool.adder().add(String::new(), vec![]));
     send(&pool.stop(StopMode::Drain));
     send(&pool.run(futures::stream::empty()));
+}
+
+/// Regression: waking blocked producers only in batches (once 1/16 of the
+/// capacity was free) let a producer wait while there was room; a handler
+/// waiting for that producer then deadlocked the pool.
+#[tokio::test(start_paused = true)]
+async fn blocked_add_is_woken_by_a_single_free_slot() {
+    let signal = Arc::new(tokio::sync::Notify::new());
+    let s = signal.clone();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(32)
+        .build(move |key: u32, _i: u32| {
+            let s = s.clone();
+            async move {
+                if key == 0 {
+                    s.notified().await; // waits for the producer's next add
+                }
+            }
+        })
+        .unwrap();
+    let producer = tokio::spawn({
+        let (pool, signal) = (pool.clone(), signal.clone());
+        async move {
+            for k in 0..33 {
+                // Key 0 first: its handler holds the only worker; 32 more fill the pool.
+                pool.add(k, k).await.unwrap();
+            }
+            signal.notify_one();
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(3600), producer)
+        .await
+        .expect("producer kept out while there was room")
+        .unwrap();
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 33);
 }

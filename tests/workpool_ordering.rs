@@ -8,6 +8,8 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use snapstream::workpool::{KeyedPool, StopMode};
 
+/// Per (key, producer): the sequence numbers handled, in handling order.
+type Seen = HashMap<(u64, u64), Vec<u64>>;
 type Log = Arc<Mutex<Vec<(&'static str, u32)>>>;
 
 #[tokio::test]
@@ -49,7 +51,7 @@ async fn exactly_once_in_order_under_four_producers() {
     const PER_PRODUCER: u64 = 500;
     const KEYS: u64 = 8;
     for round in 0..5u64 {
-        let seen: Arc<Mutex<HashMap<(u64, u64), Vec<u64>>>> = Arc::default();
+        let seen: Arc<Mutex<Seen>> = Arc::default();
         let busy: Arc<Vec<AtomicUsize>> =
             Arc::new((0..KEYS).map(|_| AtomicUsize::new(0)).collect());
         let overlaps = Arc::new(AtomicUsize::new(0));

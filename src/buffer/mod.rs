@@ -725,7 +725,7 @@ impl<T, E> Cursor<T, E> {
     /// tail (registering `cx` if given).
     fn step(&mut self, mut cx: Option<&mut Context<'_>>) -> Step {
         loop {
-            let Some(next) = self.node.next_arc() else {
+            let Some(next) = self.node.next_ref() else {
                 let Some(cx) = cx.as_deref_mut() else {
                     return Step::Tail;
                 };
@@ -734,7 +734,7 @@ impl<T, E> Cursor<T, E> {
                 }
                 continue; // linked while we took the lock
             };
-            match &next.item {
+            let is_batch = match &next.item {
                 Item::Failed(_) => return Step::Failed,
                 Item::Closed => return Step::Closed,
                 Item::Follow(splice) => {
@@ -742,13 +742,29 @@ impl<T, E> Cursor<T, E> {
                     // buffer *as already consumed*: reading goes on after it.
                     let (node, shared) = (splice.node.clone(), splice.shared.clone());
                     self.move_to(node, Some(shared));
+                    continue;
                 }
-                Item::Empty => self.move_to(next, None),
-                Item::One(_) | Item::Many(_) => {
-                    self.move_to(next, None);
-                    return Step::Batch;
-                }
+                Item::Empty => false,
+                Item::One(_) | Item::Many(_) => true,
+            };
+            let Some(next) = self.take_or_clone_next() else {
+                return Step::Tail; // not reachable: `next` was linked above
+            };
+            self.move_to(next, None);
+            if is_batch {
+                return Step::Batch;
             }
+        }
+    }
+
+    /// A strong reference to the successor. When this cursor is the only
+    /// holder of its node (the common case for a reader that keeps up, once
+    /// the writer has moved on), the node's own reference is taken over:
+    /// no increment now and no decrement when the node is freed.
+    fn take_or_clone_next(&mut self) -> Option<Arc<Node<T, E>>> {
+        match Arc::get_mut(&mut self.node) {
+            Some(node) => node.take_next(),
+            None => self.node.next_arc(),
         }
     }
 

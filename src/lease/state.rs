@@ -157,8 +157,15 @@ impl<K: Hash + Eq + Clone> State<K> {
     }
 
     pub(crate) fn release(&mut self, key: &K, wakes: &mut Vec<Waker>) {
+        // Fast path (one lookup): nobody waits for this key or for any key.
         if let Some(g) = self.groups.get_mut(key) {
             g.active = g.active.saturating_sub(1);
+            if g.waiters.is_empty() && self.any.is_empty() {
+                if g.target == 0 && g.active == 0 {
+                    self.groups.remove(key);
+                }
+                return;
+            }
         }
         self.serve(key, wakes);
         self.tidy(key);
@@ -176,7 +183,10 @@ impl<K: Hash + Eq + Clone> State<K> {
             return Poll::Stopped;
         }
         if let Some(wid) = *slot {
-            let w = self.waiters.get_mut(&wid).expect("registered waiter exists");
+            let w = self
+                .waiters
+                .get_mut(&wid)
+                .expect("registered waiter exists");
             if let Some((k, id)) = w.grant.take() {
                 self.waiters.remove(&wid);
                 *slot = None;
@@ -190,11 +200,17 @@ impl<K: Hash + Eq + Clone> State<K> {
         // First poll: take headroom at once if nobody is ahead.
         let now = match key {
             Some(k) => {
-                let g = self
-                    .groups
-                    .entry(k.clone())
-                    .or_insert_with(Self::new_group);
-                (g.headroom() > 0 && g.waiters.is_empty()).then(|| k.clone())
+                // Fast path (one lookup, no clone): the key exists and has headroom.
+                if let Some(g) = self.groups.get_mut(k) {
+                    if g.headroom() > 0 && g.waiters.is_empty() {
+                        g.active += 1;
+                        let id = self.next_lease;
+                        self.next_lease += 1;
+                        return Poll::Granted(k.clone(), id);
+                    }
+                }
+                self.groups.entry(k.clone()).or_insert_with(Self::new_group);
+                None
             }
             None if self.any.is_empty() => self.pick(),
             None => None,

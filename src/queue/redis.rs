@@ -1,7 +1,8 @@
 //! The Redis base queue: one queue shared by any number of processes.
 //!
-//! [`RedisQueue`] implements [`BaseQueue`] on a Redis server (5.0 or newer; a
-//! single node, or a replicated primary). It is how a [`WorkQueue`](crate::queue)
+//! [`RedisQueue`] implements [`BaseQueue`] on a Redis server (6.2 or newer:
+//! the scripts use `LPOP` with a count and `ZMSCORE`; a single node, or a
+//! replicated primary). It is how a [`WorkQueue`](crate::queue)
 //! scales past one machine: every process that connects with the same URL and
 //! queue name takes part in the same queue.
 //!
@@ -107,16 +108,17 @@
 
 mod scripts;
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSub};
 use redis::{Script, ScriptInvocation, Value};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -132,6 +134,13 @@ const MAX_WAIT: Duration = Duration::from_secs(60);
 const FLAG_MARGIN_MS: u64 = 1_000;
 /// How many parked (blocked by their key) items one pop may step over.
 const PARK_BUDGET: usize = 1_000;
+/// Most items one pop hands out, and most ids one ack script takes.
+const MAX_POP_BATCH: usize = 1_000;
+/// Most push script calls of one handle in flight at once (pipelined on its
+/// connection, so they still run in the order they were sent).
+const MAX_FLUSHERS: usize = 4;
+/// Most pushes sent in one script call.
+const MAX_PUSH_BATCH: usize = 256;
 /// Connect timeout of the command and subscriber connections.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reply timeout of a command.
@@ -156,6 +165,10 @@ pub enum RedisQueueError {
     /// The server answered something the queue's scripts never return.
     #[error("unexpected reply from redis to {0}")]
     UnexpectedReply(&'static str),
+    /// The task sending a batch of pushes stopped before sending this one
+    /// (its runtime shut down); the item was not stored.
+    #[error("push batch abandoned before it was sent")]
+    Abandoned,
 }
 
 /// A [`BaseQueue`] stored on a Redis server and shared by every process that
@@ -180,6 +193,8 @@ struct Shared {
     /// Woken by a `s` message: room appeared.
     space: Notify,
     closed: AtomicBool,
+    /// Pushes waiting to be sent together.
+    pushes: Mutex<PushBatcher>,
 }
 
 impl fmt::Debug for RedisQueue {
@@ -279,6 +294,7 @@ impl RedisQueue {
             ready: Notify::new(),
             space: Notify::new(),
             closed: AtomicBool::new(false),
+            pushes: Mutex::new(PushBatcher::default()),
         });
         let listener = tokio::spawn(listen(Arc::clone(&shared), client, pubsub));
         Ok(RedisQueue { shared, listener })
@@ -321,7 +337,7 @@ impl RedisQueue {
         self.shared.run_u64(&inv, "delete").await
     }
 
-    async fn push_impl(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+    async fn push_impl(&self, mut item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
         let shared = &self.shared;
         let deadline = Instant::now().checked_add(timeout);
         loop {
@@ -336,41 +352,19 @@ impl RedisQueue {
                 None => MAX_WAIT,
             };
             let wait = remaining.min(MAX_WAIT);
-            let mut inv = shared.invocation(&SCRIPTS.push);
-            inv.arg(
-                shared
-                    .options
-                    .capacity
-                    .map_or(-1, |c| c.min(i64::MAX as u64) as i64),
-            )
-            .arg(if shared.options.unique { "1" } else { "0" })
-            .arg(flag_ms(wait))
-            .arg(&item.payload[..]);
-            if let Some(key) = &item.key {
-                inv.arg(key.as_str());
-            }
-            let reply: Result<i64, _> = inv.invoke_async(&mut shared.conn.clone()).await;
-            match reply {
-                Err(e) => {
-                    return Err(PushError::Backend {
-                        item,
-                        source: Box::new(e),
-                    })
+            match push_once(shared, item, flag_ms(wait)).await {
+                PushOutcome::Stored(id) => return Ok(id),
+                PushOutcome::Duplicate(back) => return Err(PushError::AlreadyQueued(back)),
+                PushOutcome::Failed(back, source) => {
+                    return Err(PushError::Backend { item: back, source })
                 }
-                Ok(id) if id > 0 => return Ok(ItemId(id as u64)),
-                Ok(-2) => return Err(PushError::AlreadyQueued(item)),
-                Ok(-1) if wait.is_zero() => return Err(PushError::Full(item)),
-                Ok(-1) => {
+                PushOutcome::Full(back) if wait.is_zero() => return Err(PushError::Full(back)),
+                PushOutcome::Full(back) => {
+                    item = back;
                     tokio::select! {
                         _ = &mut space => {}
                         _ = tokio::time::sleep(wait) => {}
                     }
-                }
-                Ok(_) => {
-                    return Err(PushError::Backend {
-                        item,
-                        source: Box::new(RedisQueueError::UnexpectedReply("push")),
-                    })
                 }
             }
         }
@@ -432,6 +426,10 @@ fn flag_ms(wait: Duration) -> u64 {
 }
 
 impl Shared {
+    fn lock_pushes(&self) -> std::sync::MutexGuard<'_, PushBatcher> {
+        self.pushes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
     }
@@ -465,7 +463,7 @@ impl Shared {
         flag_ms: u64,
     ) -> Result<(Option<Duration>, Vec<Delivery>), QueueError> {
         let mut inv = self.invocation(&SCRIPTS.pop);
-        inv.arg(max)
+        inv.arg(max.min(MAX_POP_BATCH))
             .arg(self.options.visibility_timeout.as_millis() as u64)
             .arg(flag_ms)
             .arg(PARK_BUDGET);
@@ -483,6 +481,156 @@ impl Shared {
             inv.arg(id.0);
         }
         self.run_u64(&inv, "unpop").await
+    }
+}
+
+/// What became of one push sent in a batch.
+enum PushOutcome {
+    Stored(ItemId),
+    Full(NewItem),
+    Duplicate(NewItem),
+    Failed(NewItem, BackendError),
+}
+
+/// A push waiting for the batch flusher. Dropped unanswered (the flusher went
+/// away), it still hands its item back.
+struct PendingPush {
+    item: Option<NewItem>,
+    flag_ms: u64,
+    reply: Option<oneshot::Sender<PushOutcome>>,
+}
+
+impl PendingPush {
+    fn answer(&mut self, outcome: impl FnOnce(NewItem) -> PushOutcome) {
+        if let (Some(item), Some(reply)) = (self.item.take(), self.reply.take()) {
+            let _ = reply.send(outcome(item));
+        }
+    }
+}
+
+impl Drop for PendingPush {
+    fn drop(&mut self) {
+        self.answer(|item| PushOutcome::Failed(item, Box::new(RedisQueueError::Abandoned)));
+    }
+}
+
+#[derive(Default)]
+struct PushBatcher {
+    pending: VecDeque<PendingPush>,
+    /// Flusher tasks running; at most [`MAX_FLUSHERS`].
+    flushers: usize,
+}
+
+/// Queues one push for the flushers, starting one if fewer than
+/// [`MAX_FLUSHERS`] run. Concurrent pushes on one handle thus share a script call (one round trip, one fsync with
+/// `appendfsync always`) instead of taking one each.
+async fn push_once(shared: &Arc<Shared>, item: NewItem, flag_ms: u64) -> PushOutcome {
+    let (tx, rx) = oneshot::channel();
+    let start = {
+        let mut batcher = shared.lock_pushes();
+        batcher.pending.push_back(PendingPush {
+            item: Some(item),
+            flag_ms,
+            reply: Some(tx),
+        });
+        let start = batcher.flushers < MAX_FLUSHERS;
+        batcher.flushers += usize::from(start);
+        start
+    };
+    if start {
+        tokio::spawn(flush_pushes(Arc::clone(shared)));
+    }
+    match rx.await {
+        Ok(outcome) => outcome,
+        // Unreachable: a PendingPush always answers, even when dropped.
+        Err(_) => PushOutcome::Failed(
+            NewItem::new(Vec::new()),
+            Box::new(RedisQueueError::Abandoned),
+        ),
+    }
+}
+
+/// Unregisters a flusher task that is cancelled (the runtime shuts down); the
+/// last one answers what is left with the items handed back.
+struct FlushingGuard(Option<Arc<Shared>>);
+
+impl Drop for FlushingGuard {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.take() {
+            let mut batcher = shared.lock_pushes();
+            batcher.flushers -= 1;
+            if batcher.flushers == 0 {
+                batcher.pending.clear();
+            }
+        }
+    }
+}
+
+async fn flush_pushes(shared: Arc<Shared>) {
+    let mut guard = FlushingGuard(Some(Arc::clone(&shared)));
+    loop {
+        let mut batch: Vec<PendingPush> = {
+            let mut batcher = shared.lock_pushes();
+            // A push whose caller went away before its batch was sent is not stored.
+            batcher
+                .pending
+                .retain(|p| p.reply.as_ref().is_some_and(|r| !r.is_closed()));
+            if batcher.pending.is_empty() {
+                // Under the lock: a push queued from now on starts a new flusher.
+                batcher.flushers -= 1;
+                guard.0 = None;
+                return;
+            }
+            let n = batcher.pending.len().min(MAX_PUSH_BATCH);
+            batcher.pending.drain(..n).collect()
+        };
+        let mut inv = shared.invocation(&SCRIPTS.push);
+        inv.arg(
+            shared
+                .options
+                .capacity
+                .map_or(-1, |c| c.min(i64::MAX as u64) as i64),
+        )
+        .arg(if shared.options.unique { "1" } else { "0" });
+        for p in &batch {
+            let item = p.item.as_ref().expect("unanswered");
+            inv.arg(p.flag_ms).arg(&item.payload[..]);
+            match &item.key {
+                Some(key) => inv.arg("1").arg(key.as_str()),
+                None => inv.arg("0").arg(""),
+            };
+        }
+        let reply: redis::RedisResult<Vec<i64>> = inv.invoke_async(&mut shared.conn.clone()).await;
+        match reply {
+            Ok(codes) if codes.len() == batch.len() => {
+                for (p, code) in batch.iter_mut().zip(codes) {
+                    p.answer(|item| match code {
+                        id if id > 0 => PushOutcome::Stored(ItemId(id as u64)),
+                        -1 => PushOutcome::Full(item),
+                        -2 => PushOutcome::Duplicate(item),
+                        _ => PushOutcome::Failed(
+                            item,
+                            Box::new(RedisQueueError::UnexpectedReply("push")),
+                        ),
+                    });
+                }
+            }
+            Ok(_) => {
+                for p in &mut batch {
+                    p.answer(|item| {
+                        PushOutcome::Failed(
+                            item,
+                            Box::new(RedisQueueError::UnexpectedReply("push")),
+                        )
+                    });
+                }
+            }
+            Err(e) => {
+                for p in &mut batch {
+                    p.answer(|item| PushOutcome::Failed(item, Box::new(e.clone())));
+                }
+            }
+        }
     }
 }
 
@@ -664,11 +812,14 @@ impl BaseQueue for RedisQueue {
             if ids.is_empty() {
                 return Ok(());
             }
-            let mut inv = self.shared.invocation(&SCRIPTS.ack);
-            for id in ids {
-                inv.arg(id.0);
+            for chunk in ids.chunks(MAX_POP_BATCH) {
+                let mut inv = self.shared.invocation(&SCRIPTS.ack);
+                for id in chunk {
+                    inv.arg(id.0);
+                }
+                self.shared.run_u64(&inv, "ack").await?;
             }
-            self.shared.run_u64(&inv, "ack").await.map(drop)
+            Ok(())
         })
     }
 

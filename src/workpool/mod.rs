@@ -15,7 +15,9 @@
 //! * **No head-of-line blocking.** A busy key never holds up another key: a
 //!   key occupies at most `c` workers, and workers pick keys round-robin.
 //! * **Nothing kept for idle keys.** A key's entry exists only while it has
-//!   pending or in-flight items ([`Stats::keys`] counts them).
+//!   pending or in-flight items ([`Stats::keys`] counts them); the tables
+//!   shrink again once mostly empty (a few small empty queues, not tied to
+//!   any key, are kept for reuse).
 //!
 //! # Dispatch
 //!
@@ -31,8 +33,8 @@
 //! At most [`capacity`](Builder::capacity) items are *pending* (accepted, not
 //! yet started). [`add`](KeyedPool::add) waits for room;
 //! [`try_add`](KeyedPool::try_add) returns the item in [`TryAddError::Full`].
-//! Producers blocked in `add` are woken as workers take items (a newly
-//! arriving `add` may take a slot first; there is no FIFO among blocked
+//! A producer blocked in `add` is woken for every slot that frees up (a newly
+//! arriving `add` may take the slot first: there is no FIFO among blocked
 //! producers).
 //!
 //! # Re-entrant adds
@@ -166,7 +168,7 @@ pub struct Stats {
     pub workers: usize,
 }
 
-type PanicHook<K> = Arc<dyn Fn(HandlerPanic<K>) + Send + Sync>;
+type PanicHook<K> = std::sync::Arc<dyn Fn(HandlerPanic<K>) + Send + Sync>;
 type Spawner<K, T> = std::sync::Arc<dyn Fn(Arc<Shared<K, T>>) + Send + Sync>;
 
 pub(crate) struct Shared<K, T> {
@@ -296,9 +298,8 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         tracing::warn!(%message, "keyed pool handler panicked");
         if let Some(hook) = &self.on_panic {
             // A panicking callback must not take the worker down either.
-            let _ = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                hook(HandlerPanic { key, message })
-            }));
+            let _ =
+                std::panic::catch_unwind(AssertUnwindSafe(|| hook(HandlerPanic { key, message })));
         }
     }
 }
@@ -350,6 +351,7 @@ where
         let job = poll_fn(|cx| {
             let mut wakes = Wakeups::default();
             let mut st = shared.state.lock();
+            st.worker_polled(&mut waiter);
             if let Some((key, panicked)) = finished.take() {
                 st.finish(key, panicked, &mut wakes);
             }
@@ -357,15 +359,10 @@ where
                 Take::Job(key, item) => Poll::Ready(Some((key, item))),
                 Take::Exit => Poll::Ready(None),
                 Take::Wait => {
-                    st.idle.register(&mut waiter, cx.waker());
+                    st.worker_park(&mut waiter, cx.waker());
                     Poll::Pending
                 }
             };
-            if res.is_ready() {
-                if let Some(id) = waiter.take() {
-                    st.idle.remove(id);
-                }
-            }
             drop(st);
             wakes.wake();
             res
@@ -470,7 +467,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder().workers(16);
+    /// let _builder = KeyedPool::<u32, u32>::builder().workers(16);
     /// ```
     pub fn workers(mut self, workers: usize) -> Self {
         self.workers = workers;
@@ -483,7 +480,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder().capacity(100);
+    /// let _builder = KeyedPool::<u32, u32>::builder().capacity(100);
     /// ```
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
@@ -496,7 +493,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder().per_key_concurrency(4);
+    /// let _builder = KeyedPool::<u32, u32>::builder().per_key_concurrency(4);
     /// ```
     pub fn per_key_concurrency(mut self, per_key: usize) -> Self {
         self.per_key = per_key;
@@ -511,11 +508,11 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<u32, u32>::builder()
+    /// let _builder = KeyedPool::<u32, u32>::builder()
     ///     .on_panic(|p| eprintln!("handler for {} panicked: {}", p.key, p.message));
     /// ```
     pub fn on_panic(mut self, hook: impl Fn(HandlerPanic<K>) + Send + Sync + 'static) -> Self {
-        self.on_panic = Some(Arc::new(hook));
+        self.on_panic = Some(std::sync::Arc::new(hook));
         self
     }
 
@@ -676,7 +673,7 @@ where
     ///
     /// ```
     /// # use snapstream::workpool::KeyedPool;
-    /// let builder = KeyedPool::<String, Vec<u8>>::builder();
+    /// let _builder = KeyedPool::<String, Vec<u8>>::builder();
     /// ```
     pub fn builder() -> Builder<K, T> {
         Builder {

@@ -46,6 +46,22 @@ local function wake_pushes()
     redis.call('PUBLISH', ARGV[1], 's')
   end
 end
+-- Up to 256 members of ZSET `key` due by `now`, by due time then id (a ZSET
+-- breaks score ties by comparing the members as strings: "10" < "9").
+local function due_ids(key, now)
+  local r = redis.call('ZRANGEBYSCORE', key, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 256)
+  local items = {}
+  for i = 1, #r, 2 do
+    items[#items + 1] = {tonumber(r[i + 1]), tonumber(r[i]), r[i]}
+  end
+  table.sort(items, function(a, b)
+    if a[1] ~= b[1] then return a[1] < b[1] end
+    return a[2] < b[2]
+  end)
+  local ids = {}
+  for i = 1, #items do ids[i] = items[i][3] end
+  return ids
+end
 -- The holder `id` of ordering key `k` is done: hand the key to the next parked
 -- item, if any, and return that item's id.
 local function release(k, id)
@@ -62,28 +78,57 @@ local function release(k, id)
 end
 "#;
 
-/// `ARGV[3]` capacity (-1 = none), `ARGV[4]` unique ('1'/'0'), `ARGV[5]` how
-/// long the caller will wait for room (ms, 0 = not at all), `ARGV[6]` payload,
-/// `ARGV[7]` ordering key (optional). Returns the new id, -1 when full, -2 for
-/// a duplicate.
+/// `ARGV[3]` capacity (-1 = none), `ARGV[4]` unique ('1'/'0'), then four
+/// entries per item: how long its caller will wait for room (ms, 0 = not at
+/// all), payload, has-key ('1'/'0'), key. Items are stored in argument order.
+/// Returns one entry per item: the new id, -1 when full, -2 for a duplicate.
 const PUSH: &str = r#"
 local cap = tonumber(ARGV[3])
 local unique = ARGV[4] == '1'
-if unique and redis.call('HEXISTS', KEYS[7], ARGV[6]) == 1 then
-  return -2
+local total = redis.call('HLEN', KEYS[4])
+local out = {}
+local accepted = {}
+local seen = {}
+for i = 5, #ARGV, 4 do
+  local p = ARGV[i + 1]
+  if unique and (seen[p] or redis.call('HEXISTS', KEYS[7], p) == 1) then
+    out[#out + 1] = -2
+  elseif cap >= 0 and total >= cap then
+    local px = tonumber(ARGV[i])
+    if px > 0 then flag(KEYS[11], px) end
+    out[#out + 1] = -1
+  else
+    out[#out + 1] = 0
+    accepted[#accepted + 1] = {i, #out}
+    total = total + 1
+    if unique then seen[p] = true end
+  end
 end
-if cap >= 0 and redis.call('HLEN', KEYS[4]) >= cap then
-  local px = tonumber(ARGV[5])
-  if px > 0 then flag(KEYS[11], px) end
-  return -1
+if #accepted == 0 then return out end
+local id = redis.call('INCRBY', KEYS[9], #accepted) - #accepted
+local pays, keys, dedup, ready = {}, {}, {}, {}
+for j = 1, #accepted do
+  local i, o = accepted[j][1], accepted[j][2]
+  id = id + 1
+  out[o] = id
+  pays[#pays + 1] = id
+  pays[#pays + 1] = ARGV[i + 1]
+  if ARGV[i + 2] == '1' then
+    keys[#keys + 1] = id
+    keys[#keys + 1] = ARGV[i + 3]
+  end
+  if unique then
+    dedup[#dedup + 1] = ARGV[i + 1]
+    dedup[#dedup + 1] = id
+  end
+  ready[#ready + 1] = id
 end
-local id = redis.call('INCR', KEYS[9])
-redis.call('HSET', KEYS[4], id, ARGV[6])
-if ARGV[7] then redis.call('HSET', KEYS[5], id, ARGV[7]) end
-if unique then redis.call('HSET', KEYS[7], ARGV[6], id) end
-redis.call('RPUSH', KEYS[1], id)
+redis.call('HSET', KEYS[4], unpack(pays))
+if #keys > 0 then redis.call('HSET', KEYS[5], unpack(keys)) end
+if #dedup > 0 then redis.call('HSET', KEYS[7], unpack(dedup)) end
+redis.call('RPUSH', KEYS[1], unpack(ready))
 wake_pops()
-return id
+return out
 "#;
 
 /// `ARGV[3]` max items, `ARGV[4]` lease length (ms), `ARGV[5]` how long the
@@ -95,12 +140,12 @@ return id
 /// none, 0 = call again now).
 const POP: &str = r#"
 local now = now_ms()
-local due = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 256)
+local due = due_ids(KEYS[2], now)
 for i = 1, #due do
   redis.call('ZREM', KEYS[2], due[i])
   redis.call('RPUSH', KEYS[1], due[i])
 end
-local expired = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, 256)
+local expired = due_ids(KEYS[3], now)
 for i = 1, #expired do
   redis.call('ZREM', KEYS[3], expired[i])
   redis.call('HINCRBY', KEYS[6], expired[i], 1)
@@ -113,33 +158,41 @@ local deadline = now + tonumber(ARGV[4])
 local out = {0}
 local n = 0
 while n < max and budget > 0 do
-  budget = budget - 1
-  local id = redis.call('LPOP', KEYS[1])
-  if not id then break end
-  local p = redis.call('HGET', KEYS[4], id)
-  if p then
-    local k = redis.call('HGET', KEYS[5], id)
-    local take = true
-    if k then
-      local h = redis.call('HGET', KEYS[8], k)
-      if not h then
-        redis.call('HSET', KEYS[8], k, id)
-      elseif h ~= id then
-        -- an earlier item of this key is out: park behind it
-        redis.call('RPUSH', ARGV[2] .. k, id)
-        take = false
+  local want = math.min(max - n, budget)
+  local ids = redis.call('LPOP', KEYS[1], want)
+  if not ids then break end
+  budget = budget - #ids
+  local pays = redis.call('HMGET', KEYS[4], unpack(ids))
+  local keys = redis.call('HMGET', KEYS[5], unpack(ids))
+  local atts = redis.call('HMGET', KEYS[6], unpack(ids))
+  local leases = {}
+  for j = 1, #ids do
+    local id, p, k = ids[j], pays[j], keys[j]
+    if p then
+      local take = true
+      if k then
+        local h = redis.call('HGET', KEYS[8], k)
+        if not h then
+          redis.call('HSET', KEYS[8], k, id)
+        elseif h ~= id then
+          -- an earlier item of this key is out: park behind it
+          redis.call('RPUSH', ARGV[2] .. k, id)
+          take = false
+        end
+      end
+      if take then
+        leases[#leases + 1] = deadline
+        leases[#leases + 1] = id
+        out[#out + 1] = id
+        out[#out + 1] = p
+        out[#out + 1] = k
+        out[#out + 1] = tonumber(atts[j] or '0')
+        n = n + 1
       end
     end
-    if take then
-      redis.call('ZADD', KEYS[3], deadline, id)
-      local a = redis.call('HGET', KEYS[6], id)
-      out[#out + 1] = id
-      out[#out + 1] = p
-      out[#out + 1] = k
-      out[#out + 1] = tonumber(a or '0')
-      n = n + 1
-    end
   end
+  if #leases > 0 then redis.call('ZADD', KEYS[3], unpack(leases)) end
+  if #ids < want then break end
 end
 -- A first lease is a new earliest deadline: waiting pops re-arm their timers.
 if n > 0 and not had_leases then wake_pops() end
@@ -174,33 +227,44 @@ return back
 
 /// `ARGV[3..]` ids to delete; only leased ids are deleted. Returns how many.
 const ACK: &str = r#"
-local freed = 0
-local released = {}
-for i = 3, #ARGV do
-  local id = ARGV[i]
-  if redis.call('ZREM', KEYS[3], id) == 1 then
-    local p = redis.call('HGET', KEYS[4], id)
-    local k = redis.call('HGET', KEYS[5], id)
-    redis.call('HDEL', KEYS[4], id)
-    redis.call('HDEL', KEYS[5], id)
-    redis.call('HDEL', KEYS[6], id)
-    if p and redis.call('HGET', KEYS[7], p) == id then
+local ids = {}
+for i = 3, #ARGV do ids[#ids + 1] = ARGV[i] end
+local scores = redis.call('ZMSCORE', KEYS[3], unpack(ids))
+local live = {}
+for j = 1, #ids do
+  if scores[j] then live[#live + 1] = ids[j] end
+end
+if #live == 0 then return 0 end
+redis.call('ZREM', KEYS[3], unpack(live))
+if redis.call('EXISTS', KEYS[7]) == 1 then
+  local pays = redis.call('HMGET', KEYS[4], unpack(live))
+  for j = 1, #live do
+    local p = pays[j]
+    if p and redis.call('HGET', KEYS[7], p) == live[j] then
       redis.call('HDEL', KEYS[7], p)
     end
-    if k then
-      local nx = release(k, id)
-      if nx then released[#released + 1] = nx end
-    end
-    freed = freed + 1
   end
 end
+local keys = redis.call('HMGET', KEYS[5], unpack(live))
+local released = {}
+local keyed = false
+for j = 1, #live do
+  if keys[j] then
+    keyed = true
+    local nx = release(keys[j], live[j])
+    if nx then released[#released + 1] = nx end
+  end
+end
+redis.call('HDEL', KEYS[4], unpack(live))
+redis.call('HDEL', KEYS[6], unpack(live))
+if keyed then redis.call('HDEL', KEYS[5], unpack(live)) end
 -- Released items were pushed before everything else that is ready.
 for i = #released, 1, -1 do
   redis.call('LPUSH', KEYS[1], released[i])
 end
 if #released > 0 then wake_pops() end
-if freed > 0 then wake_pushes() end
-return freed
+wake_pushes()
+return #live
 "#;
 
 /// `ARGV[3]` delay (ms), `ARGV[4..]` leased ids to hand back. Returns how many.

@@ -1,0 +1,491 @@
+//! Keyed pool and lease pool against their peers, interleaved in one process.
+//!
+//! `cargo bench --bench pools` (full, well under 2 minutes) or
+//! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --bench pools` (tiny sizes, checks only).
+//!
+//! Peers:
+//! * **journal scan**: Gitpod's algorithm (one shared journal, workers scan it
+//!   for the first item whose key is free, `Vec::remove` it), written here.
+//! * **per-key Mutex**: a task spawned per item that locks its key's
+//!   `tokio::sync::Mutex`, then takes one of N worker permits.
+//! * **mpsc**: one `tokio::sync::mpsc` channel to one task (no keys at all).
+//! * **Semaphore**: `tokio::sync::Semaphore` permits vs leases.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use snapstream::lease::LeasePool;
+use snapstream::workpool::{KeyedPool, StopMode};
+use tokio::sync::{mpsc, Notify, Semaphore};
+
+const WORKERS: usize = 4;
+const CAPACITY: usize = 1024;
+
+struct Sizes {
+    items: u64,
+    hot_backlog: u64,
+    cold_probes: usize,
+    backlog_items: u64,
+    lease_ops: u64,
+    rounds: usize,
+}
+
+fn sizes() -> Sizes {
+    if std::env::var_os("SNAPSTREAM_BENCH_QUICK").is_some() {
+        Sizes {
+            items: 2_000,
+            hot_backlog: 1_000,
+            cold_probes: 50,
+            backlog_items: 200,
+            lease_ops: 2_000,
+            rounds: 1,
+        }
+    } else {
+        Sizes {
+            items: 200_000,
+            hot_backlog: 100_000,
+            cold_probes: 1_000,
+            backlog_items: 2_000,
+            lease_ops: 300_000,
+            rounds: 3,
+        }
+    }
+}
+
+/// What a probe item reports: when it was added.
+type Probe = Option<(Instant, mpsc::UnboundedSender<Duration>)>;
+
+/// A hot item holds its key busy until its run's gate opens (at the end).
+type Hot = Option<Arc<Semaphore>>;
+
+async fn handle(probe: Probe, hot: Hot) {
+    if let Some((t0, tx)) = probe {
+        let _ = tx.send(t0.elapsed());
+    }
+    if let Some(gate) = hot {
+        let _ = gate.acquire().await;
+    }
+}
+
+/// One implementation under test.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Imp {
+    Keyed,
+    Journal,
+    KeyMutex,
+}
+
+const IMPS: [Imp; 3] = [Imp::Keyed, Imp::Journal, Imp::KeyMutex];
+
+// ---------------------------------------------------------------- journal scan
+
+struct JState {
+    journal: Vec<(u64, Probe, Hot)>,
+    busy: HashSet<u64>,
+    stop: bool,
+}
+
+struct Journal {
+    st: Mutex<JState>,
+    incoming: Notify,
+    room: Semaphore,
+    done: AtomicU64,
+}
+
+impl Journal {
+    fn start(capacity: usize) -> Arc<Self> {
+        let j = Arc::new(Journal {
+            st: Mutex::new(JState {
+                journal: Vec::new(),
+                busy: HashSet::new(),
+                stop: false,
+            }),
+            incoming: Notify::new(),
+            room: Semaphore::new(capacity),
+            done: AtomicU64::new(0),
+        });
+        for _ in 0..WORKERS {
+            let j = j.clone();
+            tokio::spawn(async move { while !j.work().await {} });
+        }
+        j
+    }
+
+    async fn add(&self, key: u64, probe: Probe, hot: Hot) {
+        self.room.acquire().await.unwrap().forget();
+        self.st.lock().unwrap().journal.push((key, probe, hot));
+        self.incoming.notify_one();
+    }
+
+    /// The seed's `work`: scan for an item whose queue is free.
+    async fn work(&self) -> bool {
+        let found = {
+            let mut st = self.st.lock().unwrap();
+            if st.stop {
+                return true;
+            }
+            let pos = st.journal.iter().position(|(k, _, _)| !st.busy.contains(k));
+            pos.map(|i| {
+                let item = st.journal.remove(i);
+                st.busy.insert(item.0);
+                item
+            })
+        };
+        match found {
+            Some((key, probe, hot)) => {
+                self.room.add_permits(1);
+                handle(probe, hot).await;
+                self.st.lock().unwrap().busy.remove(&key);
+                self.done.fetch_add(1, Ordering::Relaxed);
+                self.incoming.notify_one();
+            }
+            None => self.incoming.notified().await,
+        }
+        false
+    }
+
+    fn stop(&self) {
+        let mut st = self.st.lock().unwrap();
+        st.stop = true;
+        st.journal.clear();
+        drop(st);
+        for _ in 0..WORKERS * 2 {
+            self.incoming.notify_one();
+        }
+        self.incoming.notify_waiters();
+    }
+}
+
+// ------------------------------------------------------------- per-key mutex
+
+struct KeyMutex {
+    locks: Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>,
+    workers: Arc<Semaphore>,
+    room: Arc<Semaphore>,
+    done: Arc<AtomicU64>,
+    added: AtomicU64,
+    abort: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl KeyMutex {
+    fn new(capacity: usize) -> Self {
+        KeyMutex {
+            locks: Mutex::default(),
+            workers: Arc::new(Semaphore::new(WORKERS)),
+            room: Arc::new(Semaphore::new(capacity)),
+            done: Arc::default(),
+            added: AtomicU64::new(0),
+            abort: Arc::default(),
+        }
+    }
+
+    async fn add(&self, key: u64, probe: Probe, hot: Hot) {
+        let room = self.room.clone().acquire_owned().await.unwrap();
+        self.added.fetch_add(1, Ordering::Relaxed);
+        let lock = self.locks.lock().unwrap().entry(key).or_default().clone();
+        let (workers, done, abort) = (self.workers.clone(), self.done.clone(), self.abort.clone());
+        tokio::spawn(async move {
+            let _g = lock.lock().await;
+            let _w = workers.acquire().await.unwrap();
+            drop(room);
+            if !abort.load(Ordering::Relaxed) {
+                handle(probe, hot).await;
+            }
+            done.fetch_add(1, Ordering::Relaxed);
+        });
+    }
+}
+
+// ------------------------------------------------------------------- drivers
+
+enum Running {
+    Keyed(KeyedPool<u64, (Probe, Hot)>),
+    Journal(Arc<Journal>),
+    KeyMutex(KeyMutex),
+}
+
+impl Running {
+    fn start(imp: Imp, capacity: usize) -> Self {
+        match imp {
+            Imp::Keyed => Running::Keyed(
+                KeyedPool::builder()
+                    .workers(WORKERS)
+                    .capacity(capacity)
+                    .build(|_k, (probe, hot)| handle(probe, hot))
+                    .unwrap(),
+            ),
+            Imp::Journal => Running::Journal(Journal::start(capacity)),
+            Imp::KeyMutex => Running::KeyMutex(KeyMutex::new(capacity)),
+        }
+    }
+
+    async fn add(&self, key: u64, probe: Probe, hot: Hot) {
+        match self {
+            Running::Keyed(p) => p.add(key, (probe, hot)).await.unwrap(),
+            Running::Journal(j) => j.add(key, probe, hot).await,
+            Running::KeyMutex(m) => m.add(key, probe, hot).await,
+        }
+    }
+
+    fn done(&self) -> u64 {
+        match self {
+            Running::Keyed(p) => p.stats().handled,
+            Running::Journal(j) => j.done.load(Ordering::Relaxed),
+            Running::KeyMutex(m) => m.done.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Waits until `n` items were handled (draining).
+    async fn drain(self, n: u64) {
+        match self {
+            Running::Keyed(p) => {
+                p.stop(StopMode::Drain).await;
+                assert_eq!(p.stats().handled, n);
+            }
+            other => {
+                while other.done() < n {
+                    tokio::task::yield_now().await;
+                }
+                other.abort().await;
+            }
+        }
+    }
+
+    /// Drops whatever is pending.
+    async fn abort(self) {
+        match self {
+            Running::Keyed(p) => {
+                p.stop(StopMode::Abort).await;
+            }
+            Running::Journal(j) => j.stop(),
+            Running::KeyMutex(m) => {
+                // Let the spawned tasks finish so they do not run into the next measurement.
+                m.abort.store(true, Ordering::Relaxed);
+                while m.done.load(Ordering::Relaxed) < m.added.load(Ordering::Relaxed) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        }
+    }
+}
+
+/// Items per second through `imp` with a no-op handler, keys uniform.
+async fn uniform(imp: Imp, keys: u64, items: u64) -> f64 {
+    let run = Running::start(imp, CAPACITY);
+    let t0 = Instant::now();
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    for _ in 0..items {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        run.add(x % keys, None, None).await;
+    }
+    run.drain(items).await;
+    items as f64 / t0.elapsed().as_secs_f64()
+}
+
+/// Starts `imp` with `backlog` items on one hot key that stays busy.
+async fn with_backlog(imp: Imp, backlog: u64) -> (Running, Arc<Semaphore>) {
+    let gate = Arc::new(Semaphore::new(0));
+    let run = Running::start(imp, backlog as usize + CAPACITY);
+    for _ in 0..backlog {
+        run.add(u64::MAX, None, Some(gate.clone())).await;
+    }
+    (run, gate)
+}
+
+/// Ends a run started by [`with_backlog`].
+async fn end(run: Running, gate: Arc<Semaphore>) {
+    gate.close(); // every hot handler returns at once
+    run.abort().await;
+}
+
+/// Cold items per second (keys uniform, no-op handler) beside the hot backlog.
+async fn cold_rate(imp: Imp, keys: u64, backlog: u64, items: u64) -> f64 {
+    let (run, gate) = with_backlog(imp, backlog).await;
+    let before = run.done();
+    let t0 = Instant::now();
+    for i in 0..items {
+        run.add(i.wrapping_mul(0x9E37_79B9) % keys, None, None)
+            .await;
+    }
+    while run.done() < before + items {
+        tokio::task::yield_now().await;
+    }
+    let rate = items as f64 / t0.elapsed().as_secs_f64();
+    end(run, gate).await;
+    rate
+}
+
+/// p99 of add-to-start latency of cold-key items, added one at a time, with
+/// or without a backlog on one busy hot key.
+async fn cold_p99(imp: Imp, keys: u64, backlog: u64, probes: usize) -> Duration {
+    let (run, gate) = with_backlog(imp, backlog).await;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut lat = Vec::with_capacity(probes);
+    for i in 0..probes {
+        run.add(i as u64 % keys, Some((Instant::now(), tx.clone())), None)
+            .await;
+        lat.push(rx.recv().await.unwrap());
+    }
+    end(run, gate).await;
+    lat.sort_unstable();
+    lat[(lat.len() * 99 / 100).min(lat.len() - 1)]
+}
+
+async fn mpsc_noop(items: u64) -> f64 {
+    let (tx, mut rx) = mpsc::channel::<(u64, Probe)>(CAPACITY);
+    let consumer = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some((_k, p)) = rx.recv().await {
+            handle(p, None).await;
+            n += 1;
+        }
+        n
+    });
+    let t0 = Instant::now();
+    for i in 0..items {
+        tx.send((i % 16, None)).await.unwrap();
+    }
+    drop(tx);
+    assert_eq!(consumer.await.unwrap(), items);
+    items as f64 / t0.elapsed().as_secs_f64()
+}
+
+async fn lease_ns(ops: u64, tasks: u64, target: u64) -> f64 {
+    let pool = LeasePool::new();
+    pool.set(1u64, target);
+    let t0 = Instant::now();
+    let hs: Vec<_> = (0..tasks)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move {
+                for _ in 0..ops / tasks {
+                    let lease = pool.acquire(1).await.unwrap();
+                    drop(lease);
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.await.unwrap();
+    }
+    assert_eq!(pool.get(&1).active, 0);
+    t0.elapsed().as_nanos() as f64 / ops as f64
+}
+
+async fn semaphore_ns(ops: u64, tasks: u64, permits: usize) -> f64 {
+    let sem = Arc::new(Semaphore::new(permits));
+    let t0 = Instant::now();
+    let hs: Vec<_> = (0..tasks)
+        .map(|_| {
+            let sem = sem.clone();
+            tokio::spawn(async move {
+                for _ in 0..ops / tasks {
+                    let permit = sem.acquire().await.unwrap();
+                    drop(permit);
+                }
+            })
+        })
+        .collect();
+    for h in hs {
+        h.await.unwrap();
+    }
+    assert_eq!(sem.available_permits(), permits);
+    t0.elapsed().as_nanos() as f64 / ops as f64
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    let s = sizes();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    // SNAPSTREAM_BENCH_SECTION=uniform|backlog|p99|mpsc|lease runs one section.
+    let only = std::env::var("SNAPSTREAM_BENCH_SECTION").ok();
+    let run = |name: &str| only.as_deref().map_or(true, |o| o == name);
+    rt.block_on(async {
+        println!("# keyed pool: {WORKERS} workers, capacity {CAPACITY}, 2 runtime threads, median of {} rounds", s.rounds);
+        println!();
+        println!("| scenario | keys | keyed pool | journal scan | per-key Mutex | keyed / journal |");
+        println!("|---|---|---|---|---|---|");
+        for keys in [16u64, 10_000].into_iter().filter(|_| run("uniform")) {
+            let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
+            for _ in 0..s.rounds {
+                for imp in IMPS {
+                    r.entry(imp).or_default().push(uniform(imp, keys, s.items).await);
+                }
+            }
+            let m: HashMap<Imp, f64> = r.into_iter().map(|(k, v)| (k, median(v))).collect();
+            println!(
+                "| uniform, items/s | {keys} | {:.0} | {:.0} | {:.0} | {:.1}x |",
+                m[&Imp::Keyed], m[&Imp::Journal], m[&Imp::KeyMutex], m[&Imp::Keyed] / m[&Imp::Journal]
+            );
+        }
+        for keys in [16u64, 10_000].into_iter().filter(|_| run("backlog")) {
+            let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
+            for _ in 0..s.rounds {
+                for imp in IMPS {
+                    r.entry(imp).or_default().push(cold_rate(imp, keys, s.hot_backlog, s.backlog_items).await);
+                }
+            }
+            let m: HashMap<Imp, f64> = r.into_iter().map(|(k, v)| (k, median(v))).collect();
+            println!(
+                "| cold items/s, hot backlog {} | {keys} | {:.0} | {:.0} | {:.0} | {:.1}x |",
+                s.hot_backlog, m[&Imp::Keyed], m[&Imp::Journal], m[&Imp::KeyMutex], m[&Imp::Keyed] / m[&Imp::Journal]
+            );
+        }
+        for keys in [16u64, 10_000].into_iter().filter(|_| run("p99")) {
+            for backlog in [0, s.hot_backlog] {
+                let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
+                for _ in 0..s.rounds {
+                    for imp in IMPS {
+                        let p99 = cold_p99(imp, keys, backlog, s.cold_probes).await;
+                        r.entry(imp).or_default().push(p99.as_secs_f64() * 1e6);
+                    }
+                }
+                let m: HashMap<Imp, f64> = r.into_iter().map(|(k, v)| (k, median(v))).collect();
+                println!(
+                    "| cold-key dispatch p99 µs, hot backlog {backlog} | {keys} | {:.1} | {:.1} | {:.1} | {:.1}x faster |",
+                    m[&Imp::Keyed], m[&Imp::Journal], m[&Imp::KeyMutex], m[&Imp::Journal] / m[&Imp::Keyed]
+                );
+            }
+        }
+        if run("mpsc") {
+        println!();
+        println!("| no-op handler, 16 keys | items/s |");
+        println!("|---|---|");
+        let (mut kp, mut mp) = (Vec::new(), Vec::new());
+        for _ in 0..s.rounds {
+            kp.push(uniform(Imp::Keyed, 16, s.items).await);
+            mp.push(mpsc_noop(s.items).await);
+        }
+        let (kp, mp) = (median(kp), median(mp));
+        println!("| keyed pool | {kp:.0} |");
+        println!("| one mpsc channel to one task | {mp:.0} |");
+        println!("| mpsc / keyed pool | {:.2}x |", mp / kp);
+        }
+        if run("lease") {
+        println!();
+        println!("| acquire + release | lease pool ns/op | Semaphore ns/op | lease / Semaphore |");
+        println!("|---|---|---|---|");
+        for (tasks, target) in [(1u64, 1u64), (4, 2)] {
+            let (mut l, mut m) = (Vec::new(), Vec::new());
+            for _ in 0..s.rounds {
+                l.push(lease_ns(s.lease_ops, tasks, target).await);
+                m.push(semaphore_ns(s.lease_ops, tasks, target as usize).await);
+            }
+            let (l, m) = (median(l), median(m));
+            println!("| {tasks} task(s), target {target} | {l:.1} | {m:.1} | {:.2}x |", l / m);
+        }
+        }
+    });
+}
