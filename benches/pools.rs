@@ -411,7 +411,7 @@ fn main() {
         .unwrap();
     // SNAPSTREAM_BENCH_SECTION=uniform|backlog|p99|mpsc|lease runs one section.
     let only = std::env::var("SNAPSTREAM_BENCH_SECTION").ok();
-    let run = |name: &str| only.as_deref().map_or(true, |o| o == name);
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     rt.block_on(async {
         println!("# keyed pool: {WORKERS} workers, capacity {CAPACITY}, 2 runtime threads, median of {} rounds", s.rounds);
         println!();

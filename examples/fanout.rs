@@ -67,7 +67,7 @@ async fn main() {
                 (count, sum)
             }));
         }
-        if published % 4096 == 0 {
+        if published.is_multiple_of(4096) {
             tokio::task::yield_now().await;
         }
     }

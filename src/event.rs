@@ -89,6 +89,12 @@ impl From<&str> for Topic {
     }
 }
 
+impl From<Arc<str>> for Topic {
+    fn from(s: Arc<str>) -> Self {
+        Self(s)
+    }
+}
+
 impl From<String> for Topic {
     fn from(s: String) -> Self {
         Self::new(s)
@@ -170,6 +176,12 @@ impl Subject {
 impl From<&str> for Subject {
     fn from(s: &str) -> Self {
         Subject::key(s)
+    }
+}
+
+impl From<Arc<str>> for Subject {
+    fn from(s: Arc<str>) -> Self {
+        Subject::Key(s)
     }
 }
 

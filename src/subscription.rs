@@ -552,7 +552,9 @@ impl<P: Send + Sync + 'static> Subscription<P> {
         self.shared.state.lock().closed.clone()
     }
 
-    /// Batches published to the key that this subscriber has yet to read.
+    /// Live batches published to the key that this subscriber has yet to
+    /// read (0 while it is still reading a snapshot; the publisher's lag
+    /// check also counts the live batches queued behind a snapshot).
     ///
     /// # Examples
     ///

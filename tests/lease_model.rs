@@ -90,7 +90,7 @@ proptest! {
                 Op::TryAcquire(k) => {
                     let can = !model.stopped
                         && model.headroom(k) > 0
-                        && model.waiters.get(&k).map_or(true, |w| w.is_empty());
+                        && model.waiters.get(&k).is_none_or(|w| w.is_empty());
                     let got = pool.try_acquire(k);
                     prop_assert_eq!(got.is_ok(), can);
                     if let Ok(l) = got {
@@ -105,7 +105,7 @@ proptest! {
                     next_waiter += 1;
                     let now = !model.stopped
                         && model.headroom(k) > 0
-                        && model.waiters.get(&k).map_or(true, |w| w.is_empty());
+                        && model.waiters.get(&k).is_none_or(|w| w.is_empty());
                     match fut.as_mut().poll(&mut noop_cx()) {
                         Poll::Ready(Ok(l)) => {
                             prop_assert!(now);

@@ -138,7 +138,7 @@ impl<K: Hash + Eq + Clone> State<K> {
             }
             g.credit += i128::from(h);
             total += i128::from(h);
-            if best.map_or(true, |(_, c)| g.credit > c) {
+            if best.is_none_or(|(_, c)| g.credit > c) {
                 best = Some((key, g.credit));
             }
         }

@@ -60,7 +60,7 @@ impl fmt::Display for PublishErrorKind {
 /// # Examples
 ///
 /// ```
-/// use snapstream::event::{Event, Subject};
+/// use snapstream::event::Event;
 /// use snapstream::publisher::{Publisher, PublishErrorKind};
 ///
 /// let publisher = Publisher::<u32>::builder().build();

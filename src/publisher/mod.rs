@@ -459,7 +459,6 @@ impl<P: Send + Sync + 'static> Publisher<P> {
     /// # Examples
     ///
     /// ```
-    /// use snapstream::event::Event;
     /// let publisher = snapstream::publisher::Publisher::<u8>::builder().build();
     /// publisher.shutdown();
     /// assert!(publisher.is_shut_down());
@@ -493,13 +492,16 @@ impl<P: Send + Sync + 'static> Publisher<P> {
     }
 }
 
+/// Subscriptions by token, for [`Publisher::force_close_token`].
+type TokenIndex<P> = HashMap<Arc<str>, HashMap<u64, Arc<SubShared<P>>>>;
+
 pub(crate) struct Inner<P> {
     pub(crate) topics: Vec<TopicEntry<P>>,
     by_name: HashMap<Topic, usize>,
     ttl: Duration,
     pub(crate) lag_limit: Option<u64>,
     shutdown: AtomicBool,
-    tokens: Mutex<HashMap<Arc<str>, HashMap<u64, Arc<SubShared<P>>>>>,
+    tokens: Mutex<TokenIndex<P>>,
     next_id: AtomicU64,
     cache_hits: AtomicU64,
     cache_misses: AtomicU64,
@@ -554,7 +556,7 @@ struct CacheEntry<P> {
 
 impl<P> CacheEntry<P> {
     fn usable(&self, now: Instant) -> bool {
-        self.expires_at.map_or(true, |t| now < t)
+        !matches!(self.expires_at, Some(t) if now >= t)
     }
 
     fn evict(self) {

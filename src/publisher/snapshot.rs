@@ -22,6 +22,7 @@ use crate::sync::Mutex;
 /// fn describe(req: &SnapshotRequest) -> String {
 ///     format!("{}/{} from {}", req.topic(), req.subject(), req.index())
 /// }
+/// # let _ = describe;
 /// ```
 #[derive(Debug, Clone)]
 pub struct SnapshotRequest {
@@ -67,6 +68,7 @@ impl SnapshotRequest {
     ///
     /// ```
     /// fn t(req: &snapstream::publisher::SnapshotRequest) -> Option<&str> { req.token() }
+    /// # let _ = t;
     /// ```
     pub fn token(&self) -> Option<&str> {
         self.token.as_deref()

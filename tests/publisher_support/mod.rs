@@ -31,6 +31,8 @@ pub struct StoreState {
     pub index: u64,
     /// key → (index of last write, value)
     pub data: BTreeMap<String, (u64, u64)>,
+    /// Every write: (key, index).
+    pub log: Vec<(String, u64)>,
 }
 
 impl Store {
@@ -97,6 +99,7 @@ impl Store {
         st.index += 1;
         let index = st.index;
         st.data.insert(key.to_string(), (index, value));
+        st.log.push((key.to_string(), index));
         if let Some(p) = &*self.publisher.lock().unwrap() {
             p.publish(vec![Event::new(TOPIC, key, index, value)])
                 .unwrap();
@@ -125,6 +128,16 @@ impl Store {
         self.publisher.lock().unwrap().take()
     }
 
+    /// Indexes of the writes to `key` above `after`.
+    pub fn writes_after(&self, key: &str, after: u64) -> Vec<u64> {
+        let st = self.state.lock().unwrap();
+        st.log
+            .iter()
+            .filter(|(k, i)| k == key && *i > after)
+            .map(|(_, i)| *i)
+            .collect()
+    }
+
     pub fn index(&self) -> u64 {
         self.state.lock().unwrap().index
     }
@@ -136,7 +149,7 @@ impl Store {
             .unwrap()
             .data
             .iter()
-            .filter(|(k, _)| key.map_or(true, |key| key == k.as_str()))
+            .filter(|(k, _)| key.is_none_or(|key| key == k.as_str()))
             .map(|(k, (_, v))| (k.clone(), *v))
             .collect()
     }
@@ -149,6 +162,7 @@ pub struct View {
     pub data: BTreeMap<String, u64>,
     pub snapshot_done: bool,
     pub last_live: u64,
+    pub eos_index: u64,
     pub new_snapshots: usize,
     pub live_indexes: Vec<u64>,
 }
@@ -160,6 +174,7 @@ impl View {
                 self.data.clear();
                 self.snapshot_done = false;
                 self.new_snapshots += 1;
+                self.live_indexes.clear();
             }
             Message::EndOfSnapshot { index } => {
                 assert!(
@@ -168,6 +183,7 @@ impl View {
                 );
                 self.snapshot_done = true;
                 self.last_live = index;
+                self.eos_index = index;
             }
             Message::Events(b) => {
                 let idx = b.index();
