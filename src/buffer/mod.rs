@@ -77,7 +77,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::ptr;
+use std::ptr::{self, NonNull};
 use std::task::{Context, Poll, Waker};
 
 use crate::sync::{arc_into_inner, Arc, AtomicPtr, AtomicU64, Mutex, Ordering};
@@ -190,21 +190,6 @@ impl<T, E> Node<T, E> {
         // least as long as the `&self` borrow. The Acquire load pairs with the
         // writer's Release store, so the node's contents are visible.
         unsafe { next.as_ref() }
-    }
-
-    /// A new strong reference to the linked successor.
-    fn next_arc(&self) -> Option<Arc<Node<T, E>>> {
-        let next = self.next.load(Ordering::Acquire);
-        if next.is_null() {
-            return None;
-        }
-        // SAFETY: as in `next_ref`, `self` owns a strong count of `next`, so
-        // the count is at least one while we add ours; `from_raw` then takes
-        // ownership of exactly the count we added.
-        unsafe {
-            Arc::increment_strong_count(next);
-            Some(Arc::from_raw(next))
-        }
     }
 
     /// Takes ownership of the successor link, leaving this node unlinked.
@@ -510,7 +495,7 @@ impl<T, E> EventBuffer<T, E> {
             return Err(SpliceError(self));
         }
         self.link(Item::Follow(Box::new(Splice {
-            node: at.node.clone(),
+            node: at.position_arc(),
             shared: at.shared.clone(),
         })));
         self.ended = true;
@@ -553,9 +538,17 @@ impl<T, E> Drop for EventBuffer<T, E> {
 ///
 /// See the [module docs](self) for the semantics.
 pub struct Cursor<T, E = Infallible> {
-    /// The last node consumed (or the node the cursor started on).
-    node: Arc<Node<T, E>>,
-    /// Wait list of the buffer `node` belongs to. Kept here rather than in
+    /// Keeps `pos` alive: every node owns its successor (and a splice point
+    /// owns its target), so everything reachable from `pin` lives as long as
+    /// `pin` does.
+    pin: Arc<Node<T, E>>,
+    /// The last node consumed (or the node the cursor started on). Always
+    /// reachable from `pin`. Moving it costs no reference-count traffic;
+    /// `pin` catches up every [`REPIN_EVERY`] nodes and before parking.
+    pos: NonNull<Node<T, E>>,
+    /// Nodes moved past since `pin` was last set to `pos`.
+    unpinned: u32,
+    /// Wait list of the buffer `pos` belongs to. Kept here rather than in
     /// every node: the writer and the readers then share no reference count
     /// per event, and a node is one word smaller.
     shared: Arc<Shared>,
@@ -563,16 +556,36 @@ pub struct Cursor<T, E = Infallible> {
     registration: Option<Registration>,
 }
 
+/// How many nodes a cursor walks on borrowed pointers before it moves its
+/// pin: a cursor keeps at most this many already-read nodes alive, and pays
+/// two reference-count updates per this many deliveries instead of per
+/// delivery.
+const REPIN_EVERY: u32 = if cfg!(loom) { 1 } else { 32 };
+
+// SAFETY: a cursor owns an `Arc<Node<T, E>>` and a pointer into the chain
+// that `Arc` keeps alive; it reads nodes only through shared references. It
+// is therefore exactly as thread-safe as `Arc<Node<T, E>>`, which is `Send`
+// and `Sync` when `T` and `E` are both `Send + Sync`.
+unsafe impl<T: Send + Sync, E: Send + Sync> Send for Cursor<T, E> {}
+// SAFETY: as for `Send` above.
+unsafe impl<T: Send + Sync, E: Send + Sync> Sync for Cursor<T, E> {}
+
 impl<T, E> Clone for Cursor<T, E> {
     fn clone(&self) -> Self {
-        Cursor::at(self.node.clone(), self.shared.clone())
+        Self {
+            pin: self.pin.clone(),
+            pos: self.pos,
+            unpinned: self.unpinned,
+            shared: self.shared.clone(),
+            registration: None,
+        }
     }
 }
 
 impl<T, E> fmt::Debug for Cursor<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cursor")
-            .field("seq", &self.node.seq)
+            .field("seq", &self.node().seq)
             .field("lag", &self.lag())
             .finish_non_exhaustive()
     }
@@ -596,10 +609,45 @@ enum Step {
 
 impl<T, E> Cursor<T, E> {
     fn at(node: Arc<Node<T, E>>, shared: Arc<Shared>) -> Self {
+        let pos = NonNull::from(&*node);
         Self {
-            node,
+            pin: node,
+            pos,
+            unpinned: 0,
             shared,
             registration: None,
+        }
+    }
+
+    /// The node at the cursor's position.
+    fn node(&self) -> &Node<T, E> {
+        // SAFETY: `pos` is always reachable from `pin` (it starts equal to it
+        // and only ever moves to a node linked from a reachable node), and
+        // every node keeps its successor and splice target alive, so `pos`
+        // lives at least as long as `self.pin`, which `&self` borrows.
+        unsafe { self.pos.as_ref() }
+    }
+
+    /// A strong reference to the node at the cursor's position.
+    fn position_arc(&self) -> Arc<Node<T, E>> {
+        if ptr::eq(self.pos.as_ptr(), Arc::as_ptr(&self.pin)) {
+            return self.pin.clone();
+        }
+        // SAFETY: `pos` is alive (see `node`) and came from an `Arc` (every
+        // node is allocated by `Arc::new` and linked via `Arc::into_raw`), so
+        // its strong count is at least one while we add ours, and `from_raw`
+        // takes ownership of exactly the count we added.
+        unsafe {
+            Arc::increment_strong_count(self.pos.as_ptr().cast_const());
+            Arc::from_raw(self.pos.as_ptr().cast_const())
+        }
+    }
+
+    /// Moves the pin up to the position, letting everything before it go.
+    fn repin(&mut self) {
+        if self.unpinned > 0 {
+            self.pin = self.position_arc();
+            self.unpinned = 0;
         }
     }
 
@@ -706,13 +754,13 @@ impl<T, E> Cursor<T, E> {
         self.shared
             .appended
             .load(Ordering::Acquire)
-            .saturating_sub(self.node.seq)
+            .saturating_sub(self.node().seq)
     }
 
     fn outcome(&self, step: Step) -> Result<&[T], ReadError<'_, E>> {
         match step {
-            Step::Batch => Ok(self.node.events()),
-            Step::Failed => match self.node.next_ref().map(|n| &n.item) {
+            Step::Batch => Ok(self.node().events()),
+            Step::Failed => match self.node().next_ref().map(|n| &n.item) {
                 Some(Item::Failed(error)) => Err(ReadError::Failed(error)),
                 _ => Err(ReadError::Closed),
             },
@@ -725,7 +773,9 @@ impl<T, E> Cursor<T, E> {
     /// tail (registering `cx` if given).
     fn step(&mut self, mut cx: Option<&mut Context<'_>>) -> Step {
         loop {
-            let Some(next) = self.node.next_ref() else {
+            let Some(next) = self.node().next_ref() else {
+                // At the tail: hold only the node we are on.
+                self.repin();
                 let Some(cx) = cx.as_deref_mut() else {
                     return Step::Tail;
                 };
@@ -734,37 +784,23 @@ impl<T, E> Cursor<T, E> {
                 }
                 continue; // linked while we took the lock
             };
-            let is_batch = match &next.item {
+            let (target, shared, is_batch) = match &next.item {
                 Item::Failed(_) => return Step::Failed,
                 Item::Closed => return Step::Closed,
-                Item::Follow(splice) => {
-                    // A splice point moves the cursor onto a node of the older
-                    // buffer *as already consumed*: reading goes on after it.
-                    let (node, shared) = (splice.node.clone(), splice.shared.clone());
-                    self.move_to(node, Some(shared));
-                    continue;
-                }
-                Item::Empty => false,
-                Item::One(_) | Item::Many(_) => true,
+                // A splice point moves the cursor onto a node of the older
+                // buffer *as already consumed*: reading goes on after it.
+                Item::Follow(splice) => (
+                    NonNull::from(&*splice.node),
+                    Some(splice.shared.clone()),
+                    false,
+                ),
+                Item::Empty => (NonNull::from(next), None, false),
+                Item::One(_) | Item::Many(_) => (NonNull::from(next), None, true),
             };
-            let Some(next) = self.take_or_clone_next() else {
-                return Step::Tail; // not reachable: `next` was linked above
-            };
-            self.move_to(next, None);
+            self.move_to(target, shared);
             if is_batch {
                 return Step::Batch;
             }
-        }
-    }
-
-    /// A strong reference to the successor. When this cursor is the only
-    /// holder of its node (the common case for a reader that keeps up, once
-    /// the writer has moved on), the node's own reference is taken over:
-    /// no increment now and no decrement when the node is freed.
-    fn take_or_clone_next(&mut self) -> Option<Arc<Node<T, E>>> {
-        match Arc::get_mut(&mut self.node) {
-            Some(node) => node.take_next(),
-            None => self.node.next_arc(),
         }
     }
 
@@ -772,7 +808,7 @@ impl<T, E> Cursor<T, E> {
     fn park(&mut self, cx: &mut Context<'_>) -> bool {
         let mut waiters = self.shared.waiters.lock();
         // Re-check under the lock the writer takes to wake: no lost wake-up.
-        if !self.node.next.load(Ordering::Acquire).is_null() {
+        if !self.node().next.load(Ordering::Acquire).is_null() {
             return false;
         }
         let waker = cx.waker();
@@ -801,14 +837,20 @@ impl<T, E> Cursor<T, E> {
         true
     }
 
-    /// Moves onto `node`; `shared` is given when it lies in another buffer.
-    fn move_to(&mut self, node: Arc<Node<T, E>>, shared: Option<Arc<Shared>>) {
+    /// Moves onto `node`, which must be linked from the current position
+    /// (so it is reachable from the pin); `shared` is given when it lies in
+    /// another buffer.
+    fn move_to(&mut self, node: NonNull<Node<T, E>>, shared: Option<Arc<Shared>>) {
         if let Some(registration) = self.registration.take() {
             self.shared.deregister(registration);
         }
-        self.node = node;
+        self.pos = node;
         if let Some(shared) = shared {
             self.shared = shared;
+        }
+        self.unpinned += 1;
+        if self.unpinned >= REPIN_EVERY {
+            self.repin();
         }
     }
 }
