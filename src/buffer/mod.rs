@@ -238,6 +238,25 @@ impl<T, E> Drop for Node<T, E> {
     }
 }
 
+/// Nodes the readers are done with, handed back to the writer so that a
+/// steady stream of appends allocates nothing (with glibc, a node allocated
+/// on the writer's thread and freed on a reader's costs more than the rest of
+/// an append).
+struct Bin<T, E> {
+    nodes: Mutex<Vec<Arc<Node<T, E>>>>,
+}
+
+/// Most nodes a bin keeps (about 12 KiB for small payloads).
+const BIN_CAPACITY: usize = 256;
+
+impl<T, E> Bin<T, E> {
+    fn new() -> Self {
+        Self {
+            nodes: Mutex::new(Vec::new()),
+        }
+    }
+}
+
 /// One buffer's wait list: readers parked on its tail.
 struct Shared {
     /// Identity for splice ordering: buffers created later have larger ids.
@@ -327,6 +346,10 @@ impl Shared {
 pub struct EventBuffer<T, E = Infallible> {
     tail: Arc<Node<T, E>>,
     shared: Arc<Shared>,
+    /// Where readers return nodes they are done with.
+    bin: Arc<Bin<T, E>>,
+    /// Recycled nodes taken from `bin`, ready for reuse.
+    stock: Vec<Arc<Node<T, E>>>,
     /// Set once `fail` or `splice` has ended the buffer, so `Drop` does not
     /// append `Closed`.
     ended: bool,
@@ -365,6 +388,8 @@ impl<T, E> EventBuffer<T, E> {
         Self {
             tail,
             shared,
+            bin: Arc::new(Bin::new()),
+            stock: Vec::new(),
             ended: false,
             spare: Vec::new(),
         }
@@ -429,7 +454,7 @@ impl<T, E> EventBuffer<T, E> {
     /// assert_eq!(reader.try_next(), Some(Ok(&[2][..])));
     /// ```
     pub fn head(&self) -> Cursor<T, E> {
-        Cursor::at(self.tail.clone(), self.shared.clone())
+        Cursor::at(self.tail.clone(), self.shared.clone(), self.bin.clone())
     }
 
     /// How many batches were appended so far.
@@ -502,9 +527,31 @@ impl<T, E> EventBuffer<T, E> {
         Ok(())
     }
 
+    /// A node for `item`: a recycled one when readers handed some back.
+    fn node(&mut self, seq: u64, item: Item<T, E>) -> Arc<Node<T, E>> {
+        if self.stock.is_empty() {
+            let mut bin = self.bin.nodes.lock();
+            if !bin.is_empty() {
+                // Take them all at once; the bin keeps our empty vector's
+                // capacity.
+                std::mem::swap(&mut *bin, &mut self.stock);
+            }
+        }
+        while let Some(mut node) = self.stock.pop() {
+            // A binned node is unique (see `Cursor::release`); the check
+            // keeps a mistake from ever becoming a data race.
+            if let Some(fresh) = Arc::get_mut(&mut node) {
+                fresh.seq = seq;
+                fresh.item = item;
+                return node;
+            }
+        }
+        Arc::new(Node::new(seq, item))
+    }
+
     fn link(&mut self, item: Item<T, E>) {
         let seq = self.tail.seq + 1;
-        let node = Arc::new(Node::new(seq, item));
+        let node = self.node(seq, item);
         let new_tail = node.clone();
         // Publish the node: Release makes its contents visible to any reader
         // that loads `next` with Acquire. The single writer is the only one to
@@ -554,6 +601,12 @@ pub struct Cursor<T, E = Infallible> {
     shared: Arc<Shared>,
     /// Where this cursor is parked in `shared`, if it is.
     registration: Option<Registration>,
+    /// The bin of the buffer the cursor started in (nodes of any buffer of
+    /// the same types may go there).
+    bin: Arc<Bin<T, E>>,
+    /// Nodes released by the last re-pin, on their way to the bin (kept to
+    /// reuse its capacity).
+    released: Vec<Arc<Node<T, E>>>,
 }
 
 /// How many nodes a cursor walks on borrowed pointers before it moves its
@@ -578,6 +631,8 @@ impl<T, E> Clone for Cursor<T, E> {
             unpinned: self.unpinned,
             shared: self.shared.clone(),
             registration: None,
+            bin: self.bin.clone(),
+            released: Vec::new(),
         }
     }
 }
@@ -608,7 +663,7 @@ enum Step {
 }
 
 impl<T, E> Cursor<T, E> {
-    fn at(node: Arc<Node<T, E>>, shared: Arc<Shared>) -> Self {
+    fn at(node: Arc<Node<T, E>>, shared: Arc<Shared>, bin: Arc<Bin<T, E>>) -> Self {
         let pos = NonNull::from(&*node);
         Self {
             pin: node,
@@ -616,6 +671,8 @@ impl<T, E> Cursor<T, E> {
             unpinned: 0,
             shared,
             registration: None,
+            bin,
+            released: Vec::new(),
         }
     }
 
@@ -646,9 +703,43 @@ impl<T, E> Cursor<T, E> {
     /// Moves the pin up to the position, letting everything before it go.
     fn repin(&mut self) {
         if self.unpinned > 0 {
-            self.pin = self.position_arc();
+            let pin = self.position_arc();
+            let old = std::mem::replace(&mut self.pin, pin);
             self.unpinned = 0;
+            self.release(old);
         }
+    }
+
+    /// Lets go of `node` and of every node after it that nobody else holds,
+    /// handing those to the bin for the writer to reuse.
+    ///
+    /// A node this cursor holds the only reference to is unreachable for
+    /// every other cursor: another cursor's pin before it would hold a
+    /// reference to it through the chain. So it can be cleared and reused.
+    /// The walk ends at the first shared node, at the latest at the new pin.
+    fn release(&mut self, mut node: Arc<Node<T, E>>) {
+        while let Some(unique) = Arc::get_mut(&mut node) {
+            let next = unique.take_next();
+            // Drops the payload (or a splice target) now, on this thread.
+            unique.item = Item::Empty;
+            self.released.push(node);
+            match next {
+                Some(next) => node = next,
+                None => break,
+            }
+        }
+        // `node` (if the loop stopped on a shared one) is simply let go here.
+        if self.released.is_empty() {
+            return;
+        }
+        {
+            let mut bin = self.bin.nodes.lock();
+            let room = BIN_CAPACITY.saturating_sub(bin.len());
+            let keep = room.min(self.released.len());
+            bin.extend(self.released.drain(..keep));
+        }
+        // What did not fit is freed, outside the lock.
+        self.released.clear();
     }
 
     /// Waits for the next batch and returns it.

@@ -462,3 +462,52 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn nodes_a_reader_is_done_with_are_reused_by_the_writer() {
+    let mut w = EventBuffer::<u64>::new();
+    let mut r = w.head();
+    for i in 0..100 {
+        w.append_one(i);
+    }
+    let mut seen = 0;
+    while let Some(Ok(batch)) = r.try_next() {
+        seen += batch.len();
+    }
+    assert_eq!(seen, 100);
+    // Every node before the tail came back to the bin (sentinel included).
+    let binned: Vec<*const Node<u64, Infallible>> =
+        w.bin.nodes.lock().iter().map(Arc::as_ptr).collect();
+    assert_eq!(binned.len(), 100);
+    w.append_one(100);
+    assert!(
+        binned.contains(&Arc::as_ptr(&w.tail)),
+        "the new tail is a recycled node"
+    );
+    assert_eq!(r.try_next(), Some(Ok(&[100][..])));
+    assert_eq!(r.try_next(), None);
+}
+
+#[test]
+fn a_node_another_reader_still_needs_is_never_recycled() {
+    let mut w = EventBuffer::<u64>::new();
+    let mut fast = w.head();
+    let mut slow = w.head();
+    for i in 0..100 {
+        w.append_one(i);
+    }
+    while let Some(Ok(_)) = fast.try_next() {}
+    // `slow` pins the sentinel: nothing after it may be reused.
+    assert_eq!(w.bin.nodes.lock().len(), 0);
+    for i in 100..200 {
+        w.append_one(i);
+    }
+    let mut expected = 0;
+    while let Some(Ok(batch)) = slow.try_next() {
+        for &v in batch {
+            assert_eq!(v, expected);
+            expected += 1;
+        }
+    }
+    assert_eq!(expected, 200);
+}
