@@ -332,12 +332,6 @@ struct Retained {
 fn retained<P: Payload>(imp: Impl, events: u64) -> Retained {
     // Payloads are made up front so their own allocation is not counted.
     let payloads: Vec<P> = (0..events).map(P::make).collect();
-    let payload_heap = if std::mem::size_of::<P>() < P::PAYLOAD_BYTES {
-        // An `Arc<[u8; 256]>`: its allocation is payload plus the Arc header.
-        P::PAYLOAD_BYTES + 16
-    } else {
-        0
-    };
     let inline_payload = P::PAYLOAD_BYTES.min(std::mem::size_of::<P>());
     let before = ALLOCATED.load(Ordering::SeqCst);
     let (after, drop_ns) = match imp {
@@ -373,10 +367,11 @@ fn retained<P: Payload>(imp: Impl, events: u64) -> Retained {
             (after, t.elapsed().as_nanos())
         }
     };
-    // The payloads live in `payloads` already: what was added is overhead,
-    // plus the inline part of each payload stored in the channel.
+    // The payloads' own allocations were made before `before`: what was
+    // added is the channel's overhead plus the inline part of each payload
+    // (the `u64`, or the `Arc` pointer), which is subtracted up to the
+    // payload's size.
     let added = (after - before) as f64 / events as f64;
-    let _ = payload_heap;
     Retained {
         bytes_per_event: added - inline_payload as f64,
         drop_ns,

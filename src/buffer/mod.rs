@@ -77,7 +77,7 @@ use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::ptr;
+use std::ptr::{self, NonNull};
 use std::task::{Context, Poll, Waker};
 
 use crate::sync::{arc_into_inner, Arc, AtomicPtr, AtomicU64, Mutex, Ordering};
@@ -192,21 +192,6 @@ impl<T, E> Node<T, E> {
         unsafe { next.as_ref() }
     }
 
-    /// A new strong reference to the linked successor.
-    fn next_arc(&self) -> Option<Arc<Node<T, E>>> {
-        let next = self.next.load(Ordering::Acquire);
-        if next.is_null() {
-            return None;
-        }
-        // SAFETY: as in `next_ref`, `self` owns a strong count of `next`, so
-        // the count is at least one while we add ours; `from_raw` then takes
-        // ownership of exactly the count we added.
-        unsafe {
-            Arc::increment_strong_count(next);
-            Some(Arc::from_raw(next))
-        }
-    }
-
     /// Takes ownership of the successor link, leaving this node unlinked.
     fn take_next(&mut self) -> Option<Arc<Node<T, E>>> {
         let next = self.next.swap(ptr::null_mut(), Ordering::Acquire);
@@ -249,6 +234,25 @@ impl<T, E> Drop for Node<T, E> {
                 }
                 // `node` drops here with nothing linked: no recursion.
             }
+        }
+    }
+}
+
+/// Nodes the readers are done with, handed back to the writer so that a
+/// steady stream of appends allocates nothing (with glibc, a node allocated
+/// on the writer's thread and freed on a reader's costs more than the rest of
+/// an append).
+struct Bin<T, E> {
+    nodes: Mutex<Vec<Arc<Node<T, E>>>>,
+}
+
+/// Most nodes a bin keeps (about 12 KiB for small payloads).
+const BIN_CAPACITY: usize = 256;
+
+impl<T, E> Bin<T, E> {
+    fn new() -> Self {
+        Self {
+            nodes: Mutex::new(Vec::new()),
         }
     }
 }
@@ -342,6 +346,10 @@ impl Shared {
 pub struct EventBuffer<T, E = Infallible> {
     tail: Arc<Node<T, E>>,
     shared: Arc<Shared>,
+    /// Where readers return nodes they are done with.
+    bin: Arc<Bin<T, E>>,
+    /// Recycled nodes taken from `bin`, ready for reuse.
+    stock: Vec<Arc<Node<T, E>>>,
     /// Set once `fail` or `splice` has ended the buffer, so `Drop` does not
     /// append `Closed`.
     ended: bool,
@@ -380,6 +388,8 @@ impl<T, E> EventBuffer<T, E> {
         Self {
             tail,
             shared,
+            bin: Arc::new(Bin::new()),
+            stock: Vec::new(),
             ended: false,
             spare: Vec::new(),
         }
@@ -444,7 +454,7 @@ impl<T, E> EventBuffer<T, E> {
     /// assert_eq!(reader.try_next(), Some(Ok(&[2][..])));
     /// ```
     pub fn head(&self) -> Cursor<T, E> {
-        Cursor::at(self.tail.clone(), self.shared.clone())
+        Cursor::at(self.tail.clone(), self.shared.clone(), self.bin.clone())
     }
 
     /// How many batches were appended so far.
@@ -510,16 +520,38 @@ impl<T, E> EventBuffer<T, E> {
             return Err(SpliceError(self));
         }
         self.link(Item::Follow(Box::new(Splice {
-            node: at.node.clone(),
+            node: at.position_arc(),
             shared: at.shared.clone(),
         })));
         self.ended = true;
         Ok(())
     }
 
+    /// A node for `item`: a recycled one when readers handed some back.
+    fn node(&mut self, seq: u64, item: Item<T, E>) -> Arc<Node<T, E>> {
+        if self.stock.is_empty() {
+            let mut bin = self.bin.nodes.lock();
+            if !bin.is_empty() {
+                // Take them all at once; the bin keeps our empty vector's
+                // capacity.
+                std::mem::swap(&mut *bin, &mut self.stock);
+            }
+        }
+        while let Some(mut node) = self.stock.pop() {
+            // A binned node is unique (see `Cursor::release`); the check
+            // keeps a mistake from ever becoming a data race.
+            if let Some(fresh) = Arc::get_mut(&mut node) {
+                fresh.seq = seq;
+                fresh.item = item;
+                return node;
+            }
+        }
+        Arc::new(Node::new(seq, item))
+    }
+
     fn link(&mut self, item: Item<T, E>) {
         let seq = self.tail.seq + 1;
-        let node = Arc::new(Node::new(seq, item));
+        let node = self.node(seq, item);
         let new_tail = node.clone();
         // Publish the node: Release makes its contents visible to any reader
         // that loads `next` with Acquire. The single writer is the only one to
@@ -553,26 +585,62 @@ impl<T, E> Drop for EventBuffer<T, E> {
 ///
 /// See the [module docs](self) for the semantics.
 pub struct Cursor<T, E = Infallible> {
-    /// The last node consumed (or the node the cursor started on).
-    node: Arc<Node<T, E>>,
-    /// Wait list of the buffer `node` belongs to. Kept here rather than in
+    /// Keeps `pos` alive: every node owns its successor (and a splice point
+    /// owns its target), so everything reachable from `pin` lives as long as
+    /// `pin` does.
+    pin: Arc<Node<T, E>>,
+    /// The last node consumed (or the node the cursor started on). Always
+    /// reachable from `pin`. Moving it costs no reference-count traffic;
+    /// `pin` catches up every [`REPIN_EVERY`] nodes and before parking.
+    pos: NonNull<Node<T, E>>,
+    /// Nodes moved past since `pin` was last set to `pos`.
+    unpinned: u32,
+    /// Wait list of the buffer `pos` belongs to. Kept here rather than in
     /// every node: the writer and the readers then share no reference count
     /// per event, and a node is one word smaller.
     shared: Arc<Shared>,
     /// Where this cursor is parked in `shared`, if it is.
     registration: Option<Registration>,
+    /// The bin of the buffer the cursor started in (nodes of any buffer of
+    /// the same types may go there).
+    bin: Arc<Bin<T, E>>,
+    /// Nodes released by the last re-pin, on their way to the bin (kept to
+    /// reuse its capacity).
+    released: Vec<Arc<Node<T, E>>>,
 }
+
+/// How many nodes a cursor walks on borrowed pointers before it moves its
+/// pin: a cursor keeps at most this many already-read nodes alive, and pays
+/// two reference-count updates per this many deliveries instead of per
+/// delivery.
+const REPIN_EVERY: u32 = if cfg!(loom) { 1 } else { 32 };
+
+// SAFETY: a cursor owns an `Arc<Node<T, E>>` and a pointer into the chain
+// that `Arc` keeps alive; it reads nodes only through shared references. It
+// is therefore exactly as thread-safe as `Arc<Node<T, E>>`, which is `Send`
+// and `Sync` when `T` and `E` are both `Send + Sync`.
+unsafe impl<T: Send + Sync, E: Send + Sync> Send for Cursor<T, E> {}
+// SAFETY: as for `Send` above.
+unsafe impl<T: Send + Sync, E: Send + Sync> Sync for Cursor<T, E> {}
 
 impl<T, E> Clone for Cursor<T, E> {
     fn clone(&self) -> Self {
-        Cursor::at(self.node.clone(), self.shared.clone())
+        Self {
+            pin: self.pin.clone(),
+            pos: self.pos,
+            unpinned: self.unpinned,
+            shared: self.shared.clone(),
+            registration: None,
+            bin: self.bin.clone(),
+            released: Vec::new(),
+        }
     }
 }
 
 impl<T, E> fmt::Debug for Cursor<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cursor")
-            .field("seq", &self.node.seq)
+            .field("seq", &self.node().seq)
             .field("lag", &self.lag())
             .finish_non_exhaustive()
     }
@@ -595,12 +663,83 @@ enum Step {
 }
 
 impl<T, E> Cursor<T, E> {
-    fn at(node: Arc<Node<T, E>>, shared: Arc<Shared>) -> Self {
+    fn at(node: Arc<Node<T, E>>, shared: Arc<Shared>, bin: Arc<Bin<T, E>>) -> Self {
+        let pos = NonNull::from(&*node);
         Self {
-            node,
+            pin: node,
+            pos,
+            unpinned: 0,
             shared,
             registration: None,
+            bin,
+            released: Vec::new(),
         }
+    }
+
+    /// The node at the cursor's position.
+    fn node(&self) -> &Node<T, E> {
+        // SAFETY: `pos` is always reachable from `pin` (it starts equal to it
+        // and only ever moves to a node linked from a reachable node), and
+        // every node keeps its successor and splice target alive, so `pos`
+        // lives at least as long as `self.pin`, which `&self` borrows.
+        unsafe { self.pos.as_ref() }
+    }
+
+    /// A strong reference to the node at the cursor's position.
+    fn position_arc(&self) -> Arc<Node<T, E>> {
+        if ptr::eq(self.pos.as_ptr(), Arc::as_ptr(&self.pin)) {
+            return self.pin.clone();
+        }
+        // SAFETY: `pos` is alive (see `node`) and came from an `Arc` (every
+        // node is allocated by `Arc::new` and linked via `Arc::into_raw`), so
+        // its strong count is at least one while we add ours, and `from_raw`
+        // takes ownership of exactly the count we added.
+        unsafe {
+            Arc::increment_strong_count(self.pos.as_ptr().cast_const());
+            Arc::from_raw(self.pos.as_ptr().cast_const())
+        }
+    }
+
+    /// Moves the pin up to the position, letting everything before it go.
+    fn repin(&mut self) {
+        if self.unpinned > 0 {
+            let pin = self.position_arc();
+            let old = std::mem::replace(&mut self.pin, pin);
+            self.unpinned = 0;
+            self.release(old);
+        }
+    }
+
+    /// Lets go of `node` and of every node after it that nobody else holds,
+    /// handing those to the bin for the writer to reuse.
+    ///
+    /// A node this cursor holds the only reference to is unreachable for
+    /// every other cursor: another cursor's pin before it would hold a
+    /// reference to it through the chain. So it can be cleared and reused.
+    /// The walk ends at the first shared node, at the latest at the new pin.
+    fn release(&mut self, mut node: Arc<Node<T, E>>) {
+        while let Some(unique) = Arc::get_mut(&mut node) {
+            let next = unique.take_next();
+            // Drops the payload (or a splice target) now, on this thread.
+            unique.item = Item::Empty;
+            self.released.push(node);
+            match next {
+                Some(next) => node = next,
+                None => break,
+            }
+        }
+        // `node` (if the loop stopped on a shared one) is simply let go here.
+        if self.released.is_empty() {
+            return;
+        }
+        {
+            let mut bin = self.bin.nodes.lock();
+            let room = BIN_CAPACITY.saturating_sub(bin.len());
+            let keep = room.min(self.released.len());
+            bin.extend(self.released.drain(..keep));
+        }
+        // What did not fit is freed, outside the lock.
+        self.released.clear();
     }
 
     /// Waits for the next batch and returns it.
@@ -706,13 +845,13 @@ impl<T, E> Cursor<T, E> {
         self.shared
             .appended
             .load(Ordering::Acquire)
-            .saturating_sub(self.node.seq)
+            .saturating_sub(self.node().seq)
     }
 
     fn outcome(&self, step: Step) -> Result<&[T], ReadError<'_, E>> {
         match step {
-            Step::Batch => Ok(self.node.events()),
-            Step::Failed => match self.node.next_ref().map(|n| &n.item) {
+            Step::Batch => Ok(self.node().events()),
+            Step::Failed => match self.node().next_ref().map(|n| &n.item) {
                 Some(Item::Failed(error)) => Err(ReadError::Failed(error)),
                 _ => Err(ReadError::Closed),
             },
@@ -725,7 +864,9 @@ impl<T, E> Cursor<T, E> {
     /// tail (registering `cx` if given).
     fn step(&mut self, mut cx: Option<&mut Context<'_>>) -> Step {
         loop {
-            let Some(next) = self.node.next_ref() else {
+            let Some(next) = self.node().next_ref() else {
+                // At the tail: hold only the node we are on.
+                self.repin();
                 let Some(cx) = cx.as_deref_mut() else {
                     return Step::Tail;
                 };
@@ -734,37 +875,23 @@ impl<T, E> Cursor<T, E> {
                 }
                 continue; // linked while we took the lock
             };
-            let is_batch = match &next.item {
+            let (target, shared, is_batch) = match &next.item {
                 Item::Failed(_) => return Step::Failed,
                 Item::Closed => return Step::Closed,
-                Item::Follow(splice) => {
-                    // A splice point moves the cursor onto a node of the older
-                    // buffer *as already consumed*: reading goes on after it.
-                    let (node, shared) = (splice.node.clone(), splice.shared.clone());
-                    self.move_to(node, Some(shared));
-                    continue;
-                }
-                Item::Empty => false,
-                Item::One(_) | Item::Many(_) => true,
+                // A splice point moves the cursor onto a node of the older
+                // buffer *as already consumed*: reading goes on after it.
+                Item::Follow(splice) => (
+                    NonNull::from(&*splice.node),
+                    Some(splice.shared.clone()),
+                    false,
+                ),
+                Item::Empty => (NonNull::from(next), None, false),
+                Item::One(_) | Item::Many(_) => (NonNull::from(next), None, true),
             };
-            let Some(next) = self.take_or_clone_next() else {
-                return Step::Tail; // not reachable: `next` was linked above
-            };
-            self.move_to(next, None);
+            self.move_to(target, shared);
             if is_batch {
                 return Step::Batch;
             }
-        }
-    }
-
-    /// A strong reference to the successor. When this cursor is the only
-    /// holder of its node (the common case for a reader that keeps up, once
-    /// the writer has moved on), the node's own reference is taken over:
-    /// no increment now and no decrement when the node is freed.
-    fn take_or_clone_next(&mut self) -> Option<Arc<Node<T, E>>> {
-        match Arc::get_mut(&mut self.node) {
-            Some(node) => node.take_next(),
-            None => self.node.next_arc(),
         }
     }
 
@@ -772,7 +899,7 @@ impl<T, E> Cursor<T, E> {
     fn park(&mut self, cx: &mut Context<'_>) -> bool {
         let mut waiters = self.shared.waiters.lock();
         // Re-check under the lock the writer takes to wake: no lost wake-up.
-        if !self.node.next.load(Ordering::Acquire).is_null() {
+        if !self.node().next.load(Ordering::Acquire).is_null() {
             return false;
         }
         let waker = cx.waker();
@@ -801,14 +928,20 @@ impl<T, E> Cursor<T, E> {
         true
     }
 
-    /// Moves onto `node`; `shared` is given when it lies in another buffer.
-    fn move_to(&mut self, node: Arc<Node<T, E>>, shared: Option<Arc<Shared>>) {
+    /// Moves onto `node`, which must be linked from the current position
+    /// (so it is reachable from the pin); `shared` is given when it lies in
+    /// another buffer.
+    fn move_to(&mut self, node: NonNull<Node<T, E>>, shared: Option<Arc<Shared>>) {
         if let Some(registration) = self.registration.take() {
             self.shared.deregister(registration);
         }
-        self.node = node;
+        self.pos = node;
         if let Some(shared) = shared {
             self.shared = shared;
+        }
+        self.unpinned += 1;
+        if self.unpinned >= REPIN_EVERY {
+            self.repin();
         }
     }
 }

@@ -101,3 +101,25 @@ fn loom_splice_vs_reader() {
         drop(t.join().unwrap());
     });
 }
+
+/// A reader moving its pin (freeing what is behind it) while the writer
+/// appends and a clone of the reader is dropped on another thread: every
+/// batch is read once, in order, and nothing is freed early.
+#[test]
+fn loom_repin_vs_append_vs_clone_drop() {
+    loom::model(|| {
+        let mut w = EventBuffer::<u32>::new();
+        let mut r = w.head();
+        let clone = r.clone();
+        let writer = thread::spawn(move || {
+            w.append_one(1);
+            w.append_one(2);
+            w
+        });
+        let dropper = thread::spawn(move || drop(clone));
+        assert_eq!(block_on(r.next()), Ok(&[1][..]));
+        assert_eq!(block_on(r.next()), Ok(&[2][..]));
+        drop(writer.join().unwrap());
+        dropper.join().unwrap();
+    });
+}

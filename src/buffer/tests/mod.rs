@@ -244,9 +244,17 @@ fn nodes_nobody_holds_are_freed() {
     for _ in 0..60 {
         slow.try_next().unwrap().unwrap();
     }
-    // 60 consumed; the node `slow` sits on (#60) is still referenced.
-    assert_eq!(live.load(StdOrdering::SeqCst), 41);
+    // 60 consumed: `slow` sits on #60 and pins the node it stood on at its
+    // last re-pin (every REPIN_EVERY nodes), so at most that many read nodes
+    // are still held.
+    let pinned_from = 60 - 60 % REPIN_EVERY as usize;
+    assert_eq!(live.load(StdOrdering::SeqCst), 100 - pinned_from + 1);
+    let mut at_tail = slow.clone();
+    while let Some(Ok(_)) = at_tail.try_next() {}
+    // A cursor at the tail holds only the tail.
     drop(slow);
+    assert_eq!(live.load(StdOrdering::SeqCst), 1);
+    drop(at_tail);
     // Only the node `fast` and the writer sit on (the tail) is alive.
     assert_eq!(live.load(StdOrdering::SeqCst), 1);
     drop(fast);
@@ -381,39 +389,61 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A reader in the model: its cursor, the index in the log of the next batch
+/// it must see, where its pin was last set, and reads since.
+struct ModelReader {
+    cursor: Cursor<Counted>,
+    at: usize,
+    pinned_at: usize,
+    unpinned: u32,
+}
+
 proptest! {
     /// Every reader sees exactly the model's log from its start position on,
     /// batch by batch; nothing unreachable is kept alive.
     #[test]
-    fn readers_match_a_vec_model(ops in proptest::collection::vec(op(), 0..80)) {
+    fn readers_match_a_vec_model(ops in proptest::collection::vec(op(), 0..300)) {
         let live = StdArc::new(AtomicUsize::new(0));
         let mut w = EventBuffer::<Counted>::new();
         let mut log: Vec<Vec<u8>> = Vec::new();
-        // (cursor, index in `log` of the next batch it must see)
-        let mut readers: Vec<(Cursor<Counted>, usize)> = Vec::new();
+        let mut readers: Vec<ModelReader> = Vec::new();
         for op in ops {
             match op {
                 Op::Append(batch) if !batch.is_empty() => {
                     w.append(batch.iter().map(|&b| Counted::new(u64::from(b), &live)).collect());
                     log.push(batch);
                 }
-                Op::NewReader => readers.push((w.head(), log.len())),
+                Op::NewReader => readers.push(ModelReader {
+                    cursor: w.head(),
+                    at: log.len(),
+                    pinned_at: log.len(),
+                    unpinned: 0,
+                }),
                 Op::CloneReader(i) if !readers.is_empty() => {
-                    let (c, at) = &readers[i % readers.len()];
-                    let copy = (c.clone(), *at);
+                    let r = &readers[i % readers.len()];
+                    let copy = ModelReader { cursor: r.cursor.clone(), ..*r };
                     readers.push(copy);
                 }
                 Op::Read(i) if !readers.is_empty() => {
                     let n = readers.len();
-                    let (c, at) = &mut readers[i % n];
-                    match c.try_next() {
+                    let r = &mut readers[i % n];
+                    match r.cursor.try_next() {
                         Some(Ok(batch)) => {
                             let got: Vec<u8> = batch.iter().map(|c| c.0 as u8).collect();
-                            prop_assert_eq!(&got, &log[*at]);
-                            *at += 1;
+                            prop_assert_eq!(&got, &log[r.at]);
+                            r.at += 1;
+                            r.unpinned += 1;
+                            if r.unpinned == REPIN_EVERY {
+                                r.pinned_at = r.at;
+                                r.unpinned = 0;
+                            }
                         }
                         Some(Err(e)) => prop_assert!(false, "unexpected {:?}", e),
-                        None => prop_assert_eq!(*at, log.len()),
+                        None => {
+                            prop_assert_eq!(r.at, log.len());
+                            r.pinned_at = r.at;
+                            r.unpinned = 0;
+                        }
                     }
                 }
                 Op::DropReader(i) if !readers.is_empty() => {
@@ -422,13 +452,62 @@ proptest! {
                 }
                 _ => {}
             }
-            // What is alive: everything after the oldest reader's position,
-            // plus the tail batch the writer holds.
-            let oldest = readers.iter().map(|(_, at)| *at).min().unwrap_or(log.len());
-            // A cursor holds the node it consumed last (batch `at - 1`).
+            // What is alive: everything from the oldest pin on, plus the
+            // tail batch the writer holds. A pin holds the node consumed last
+            // when it was set (batch `pinned_at - 1`).
+            let oldest = readers.iter().map(|r| r.pinned_at).min().unwrap_or(log.len());
             let from = oldest.saturating_sub(1).min(log.len().saturating_sub(1));
             let expected: usize = log.get(from..).map_or(0, |b| b.iter().map(Vec::len).sum());
             prop_assert_eq!(live.load(StdOrdering::SeqCst), expected);
         }
     }
+}
+
+#[test]
+fn nodes_a_reader_is_done_with_are_reused_by_the_writer() {
+    let mut w = EventBuffer::<u64>::new();
+    let mut r = w.head();
+    for i in 0..100 {
+        w.append_one(i);
+    }
+    let mut seen = 0;
+    while let Some(Ok(batch)) = r.try_next() {
+        seen += batch.len();
+    }
+    assert_eq!(seen, 100);
+    // Every node before the tail came back to the bin (sentinel included).
+    let binned: Vec<*const Node<u64, Infallible>> =
+        w.bin.nodes.lock().iter().map(Arc::as_ptr).collect();
+    assert_eq!(binned.len(), 100);
+    w.append_one(100);
+    assert!(
+        binned.contains(&Arc::as_ptr(&w.tail)),
+        "the new tail is a recycled node"
+    );
+    assert_eq!(r.try_next(), Some(Ok(&[100][..])));
+    assert_eq!(r.try_next(), None);
+}
+
+#[test]
+fn a_node_another_reader_still_needs_is_never_recycled() {
+    let mut w = EventBuffer::<u64>::new();
+    let mut fast = w.head();
+    let mut slow = w.head();
+    for i in 0..100 {
+        w.append_one(i);
+    }
+    while let Some(Ok(_)) = fast.try_next() {}
+    // `slow` pins the sentinel: nothing after it may be reused.
+    assert_eq!(w.bin.nodes.lock().len(), 0);
+    for i in 100..200 {
+        w.append_one(i);
+    }
+    let mut expected = 0;
+    while let Some(Ok(batch)) = slow.try_next() {
+        for &v in batch {
+            assert_eq!(v, expected);
+            expected += 1;
+        }
+    }
+    assert_eq!(expected, 200);
 }
