@@ -80,6 +80,9 @@ pub mod workpool;
 #[cfg(doctest)]
 #[doc(test(attr(allow(dead_code, unused_variables))))]
 mod readme_examples {
+    #[cfg(feature = "disk")]
+    #[doc = include_str!("../README.md")]
+    struct Readme;
     #[doc = include_str!("../docs/publisher.md")]
     struct Publisher;
     #[doc = include_str!("../docs/pools.md")]
