@@ -11,27 +11,8 @@ use snapstream::queue::{BaseQueue, ItemId, NewItem, PushError, QueueError, Queue
 
 const LONG: Duration = Duration::from_secs(30);
 
-async fn url() -> Option<String> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        return Some(url);
-    }
-    if tokio::net::TcpStream::connect("127.0.0.1:6379")
-        .await
-        .is_ok()
-    {
-        return Some("redis://127.0.0.1:6379".into());
-    }
-    eprintln!("notice: REDIS_URL is unset and nothing answers at 127.0.0.1:6379; skipping");
-    None
-}
-
-fn unique_name(test: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("test-{test}-{}-{nanos}", std::process::id())
-}
+mod redis_support;
+use redis_support::{unique_name, url};
 
 async fn open(test: &str, options: QueueOptions) -> Option<(String, RedisQueue)> {
     let url = url().await?;

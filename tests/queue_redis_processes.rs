@@ -22,27 +22,8 @@ const ENV_QUEUE: &str = "SNAPSTREAM_CHILD_QUEUE";
 const ENV_MODE: &str = "SNAPSTREAM_CHILD_MODE";
 const ENV_VISIBILITY_MS: &str = "SNAPSTREAM_CHILD_VISIBILITY_MS";
 
-async fn url() -> Option<String> {
-    if let Ok(url) = std::env::var("REDIS_URL") {
-        return Some(url);
-    }
-    if tokio::net::TcpStream::connect("127.0.0.1:6379")
-        .await
-        .is_ok()
-    {
-        return Some("redis://127.0.0.1:6379".into());
-    }
-    eprintln!("notice: REDIS_URL is unset and nothing answers at 127.0.0.1:6379; skipping");
-    None
-}
-
-fn unique_name(test: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("test-{test}-{}-{nanos}", std::process::id())
-}
+mod redis_support;
+use redis_support::{unique_name, url};
 
 fn spawn_child(url: &str, queue: &str, mode: &str, visibility_ms: u64) -> Child {
     Command::new(std::env::current_exe().unwrap())
