@@ -372,14 +372,81 @@ pub struct Subscription<P> {
     shared: Arc<SubShared<P>>,
     publisher: Arc<Inner<P>>,
     terminated: bool,
+    /// See [`last_index`](Self::last_index).
+    last_index: Option<u64>,
+    /// Between `NewSnapshotToFollow` (or a fresh start) and `EndOfSnapshot`.
+    in_snapshot: bool,
 }
 
 impl<P: Send + Sync + 'static> Subscription<P> {
-    pub(crate) fn new(shared: Arc<SubShared<P>>, publisher: Arc<Inner<P>>) -> Self {
+    pub(crate) fn new(shared: Arc<SubShared<P>>, publisher: Arc<Inner<P>>, index: u64) -> Self {
         Self {
             shared,
             publisher,
             terminated: false,
+            // A resume from `index` starts with a view complete up to it; a
+            // fresh subscription has none until its snapshot ends.
+            last_index: (index > 0).then_some(index),
+            in_snapshot: index == 0,
+        }
+    }
+
+    /// The index this subscription's messages so far make a complete view up
+    /// to: the index to [resume](SubscribeRequest::index) from after a
+    /// disconnect. `None` while no complete view was delivered yet (before the
+    /// first `EndOfSnapshot`, or after `NewSnapshotToFollow` until the new
+    /// snapshot ends). Snapshot events never move it; `EndOfSnapshot(i)` sets
+    /// it to `i`, each live batch to its index.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::{Event, Subject};
+    /// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink, SubscribeRequest};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut b = Publisher::<u32>::builder();
+    /// b.register("t", |r: SnapshotRequest, mut s: SnapshotSink<u32>| async move {
+    ///     s.append(vec![Event::new("t", r.subject().clone(), 5, 0)])?;
+    ///     Ok(5)
+    /// })
+    /// .unwrap();
+    /// let publisher = b.build();
+    /// let request = SubscribeRequest::new("t", Subject::key("k"));
+    /// let mut sub = publisher.subscribe(request.clone()).unwrap();
+    /// sub.next().await.unwrap(); // snapshot event
+    /// assert_eq!(sub.last_index(), None);
+    /// sub.next().await.unwrap(); // EndOfSnapshot(5)
+    /// assert_eq!(sub.last_index(), Some(5));
+    /// publisher.publish(vec![Event::new("t", "k", 6, 1)]).unwrap();
+    /// sub.next().await.unwrap();
+    /// assert_eq!(sub.last_index(), Some(6));
+    ///
+    /// // After a disconnect, resume where the view ended: no snapshot again.
+    /// let resume_at = sub.last_index().unwrap();
+    /// drop(sub);
+    /// let resumed = publisher.subscribe(request.index(resume_at)).unwrap();
+    /// assert_eq!(resumed.last_index(), Some(6));
+    /// # }
+    /// ```
+    pub fn last_index(&self) -> Option<u64> {
+        self.last_index
+    }
+
+    fn observe(&mut self, message: &Message<P>) {
+        match message {
+            Message::NewSnapshotToFollow => {
+                self.last_index = None;
+                self.in_snapshot = true;
+            }
+            Message::EndOfSnapshot { index } => {
+                self.last_index = Some(*index);
+                self.in_snapshot = false;
+            }
+            Message::Events(batch) if !self.in_snapshot => {
+                self.last_index = Some(batch.index());
+            }
+            Message::Events(_) => {}
         }
     }
 
@@ -432,7 +499,12 @@ impl<P: Send + Sync + 'static> Subscription<P> {
     ) -> Poll<Result<Message<P>, SubscriptionError>> {
         loop {
             match self.step(cx) {
-                Step::Ready(r) => return r,
+                Step::Ready(r) => {
+                    if let Poll::Ready(Ok(message)) = &r {
+                        self.observe(message);
+                    }
+                    return r;
+                }
                 Step::Again => {}
                 Step::Resnapshot => self.publisher.resnapshot(&self.shared),
                 Step::Failed(err) => {

@@ -351,3 +351,56 @@ async fn bad_publishes_route_nothing_and_hand_the_batch_back() {
         Err(SubscribeError::ShutDown)
     ));
 }
+
+/// `last_index` is the resume point: unset through a snapshot (snapshot events
+/// never move it), set by `EndOfSnapshot`, moved by live batches, reset by
+/// `NewSnapshotToFollow` when a stale index forces a fresh snapshot.
+#[tokio::test]
+async fn last_index_tracks_the_resume_point_through_every_case() {
+    use snapstream::event::{Event, Message, Subject};
+    use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink, SubscribeRequest};
+
+    let mut b = Publisher::<u32>::builder();
+    b.snapshot_cache_ttl(std::time::Duration::ZERO);
+    b.register(
+        "t",
+        |r: SnapshotRequest, mut s: SnapshotSink<u32>| async move {
+            s.append(vec![Event::new("t", r.subject().clone(), 10, 0)])?;
+            Ok(10)
+        },
+    )
+    .unwrap();
+    let publisher = b.build();
+
+    // A stale index: NewSnapshotToFollow resets it, the snapshot keeps it
+    // unset, EndOfSnapshot sets it.
+    let mut sub = publisher
+        .subscribe(SubscribeRequest::new("t", Subject::key("k")).index(3))
+        .unwrap();
+    assert_eq!(sub.last_index(), Some(3), "a resume starts from its index");
+    assert_eq!(sub.next().await.unwrap(), Message::NewSnapshotToFollow);
+    assert_eq!(sub.last_index(), None);
+    assert!(sub.next().await.unwrap().events().is_some());
+    assert_eq!(sub.last_index(), None, "snapshot events never move it");
+    assert_eq!(
+        sub.next().await.unwrap(),
+        Message::EndOfSnapshot { index: 10 }
+    );
+    assert_eq!(sub.last_index(), Some(10));
+    publisher
+        .publish(vec![Event::new("t", "k", 11, 1)])
+        .unwrap();
+    assert!(sub.next().await.unwrap().events().is_some());
+    assert_eq!(sub.last_index(), Some(11));
+
+    // Resuming from it gets only what follows, with no framing.
+    let mut resumed = publisher
+        .subscribe(SubscribeRequest::new("t", Subject::key("k")).index(11))
+        .unwrap();
+    publisher
+        .publish(vec![Event::new("t", "k", 12, 2)])
+        .unwrap();
+    let msg = resumed.next().await.unwrap();
+    assert_eq!(msg.events().unwrap()[0].index(), 12);
+    assert_eq!(resumed.last_index(), Some(12));
+}

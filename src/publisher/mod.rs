@@ -798,7 +798,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
             shared.start(start);
         }
         tracing::debug!(topic = %req.topic, subject = %req.subject, index = req.index, id, "subscribed");
-        Ok(Subscription::new(shared, self.clone()))
+        Ok(Subscription::new(shared, self.clone(), req.index))
     }
 
     /// Where a new subscriber starts (called with the topic's lock held).
