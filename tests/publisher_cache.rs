@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use snapstream::event::Message;
-use snapstream::publisher::SubscribeRequest;
+use snapstream::publisher::{Publisher, SubscribeRequest, Subscription};
 use tokio::sync::Semaphore;
 
 use publisher_support::{builder, settle, Store, View, TOPIC};
 
 const TTL: Duration = Duration::from_secs(10);
 
-async fn read_snapshot(sub: &mut snapstream::publisher::Subscription<u64>) -> View {
+async fn read_snapshot(sub: &mut Subscription<u64>) -> View {
     let mut view = View::default();
     while !view.snapshot_done {
         view.apply(sub.next().await.unwrap());
@@ -24,21 +24,31 @@ async fn read_snapshot(sub: &mut snapstream::publisher::Subscription<u64>) -> Vi
     view
 }
 
+/// A publisher over `store` whose snapshot cache keeps entries for [`TTL`].
+fn cached(store: &Arc<Store>) -> Publisher<u64> {
+    let mut b = builder();
+    b.snapshot_cache_ttl(TTL);
+    store.publisher(&mut b)
+}
+
+/// Subscribes to key "a" and reads its snapshot up to `EndOfSnapshot`.
+async fn subscribed(p: &Publisher<u64>) -> (Subscription<u64>, View) {
+    let mut sub = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
+    let view = read_snapshot(&mut sub).await;
+    (sub, view)
+}
+
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn hit_within_ttl_does_not_call_the_handler() {
     let store = Store::new(None);
-    let mut b = builder();
-    b.snapshot_cache_ttl(TTL);
-    let p = store.publisher(&mut b);
+    let p = cached(&store);
     store.write("a", 1);
-    let mut first = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut first).await;
+    let (_first, _) = subscribed(&p).await;
     store.write("a", 2);
     store.write("b", 9);
     store.write("a", 3);
     tokio::time::advance(TTL - Duration::from_secs(1)).await;
-    let mut second = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    let mut view = read_snapshot(&mut second).await;
+    let (mut second, mut view) = subscribed(&p).await;
     view.drain(&mut second).unwrap();
     assert_eq!(
         store.calls.load(Ordering::SeqCst),
@@ -57,40 +67,31 @@ async fn hit_within_ttl_does_not_call_the_handler() {
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn expires_after_ttl() {
     let store = Store::new(None);
-    let mut b = builder();
-    b.snapshot_cache_ttl(TTL);
-    let p = store.publisher(&mut b);
-    let mut first = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut first).await;
+    let p = cached(&store);
+    let (_first, _) = subscribed(&p).await;
     tokio::time::advance(TTL + Duration::from_millis(1)).await;
     settle().await;
     assert!(
         !p.stats().key(TOPIC, &"a".into()).unwrap().cached,
         "timer evicted it"
     );
-    let mut second = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut second).await;
+    let (_second, _) = subscribed(&p).await;
     assert_eq!(store.calls.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(flavor = "current_thread", start_paused = true)]
 async fn an_old_timer_never_evicts_a_newer_snapshot() {
     let store = Store::new(None);
-    let mut b = builder();
-    b.snapshot_cache_ttl(TTL);
-    let p = store.publisher(&mut b);
-    let mut s1 = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut s1).await;
+    let p = cached(&store);
+    let (_s1, _) = subscribed(&p).await;
     // Snapshot A is past its TTL, its timer not yet run: the next subscriber
     // builds B.
     tokio::time::advance(TTL + Duration::from_millis(1)).await;
-    let mut s2 = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut s2).await;
+    let (_s2, _) = subscribed(&p).await;
     assert_eq!(store.calls.load(Ordering::SeqCst), 2);
     tokio::time::advance(TTL / 2).await;
     settle().await;
-    let mut s3 = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut s3).await;
+    let (_s3, _) = subscribed(&p).await;
     assert_eq!(
         store.calls.load(Ordering::SeqCst),
         2,
@@ -125,9 +126,7 @@ async fn concurrent_subscribers_share_one_build() {
 #[tokio::test(flavor = "current_thread")]
 async fn framing_is_never_cached() {
     let store = Store::new(None);
-    let mut b = builder();
-    b.snapshot_cache_ttl(TTL);
-    let p = store.publisher(&mut b);
+    let p = cached(&store);
     store.write("a", 1);
     store.write("a", 2);
     let mut stale = p
@@ -147,13 +146,9 @@ async fn framing_is_never_cached() {
 #[tokio::test(flavor = "current_thread")]
 async fn buffer_and_cache_go_with_the_last_subscriber_and_not_before() {
     let store = Store::new(None);
-    let mut b = builder();
-    b.snapshot_cache_ttl(TTL);
-    let p = store.publisher(&mut b);
-    let mut s1 = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut s1).await;
-    let mut s2 = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    read_snapshot(&mut s2).await;
+    let p = cached(&store);
+    let (s1, _) = subscribed(&p).await;
+    let (s2, _) = subscribed(&p).await;
     let key = p.stats().key(TOPIC, &"a".into()).cloned().unwrap();
     assert_eq!(key.subscribers, 2);
     assert!(key.cached);
@@ -171,8 +166,7 @@ async fn buffer_and_cache_go_with_the_last_subscriber_and_not_before() {
     assert_eq!(p.stats().subscribers(), 0);
     // Events for an unwatched key are dropped; the cache is gone too.
     store.write("a", 5);
-    let mut s4 = p.subscribe(SubscribeRequest::new(TOPIC, "a")).unwrap();
-    let view = read_snapshot(&mut s4).await;
+    let (_s4, view) = subscribed(&p).await;
     assert_eq!(view.data, store.view(Some("a")));
     assert_eq!(store.calls.load(Ordering::SeqCst), 2);
 }
