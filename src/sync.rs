@@ -9,7 +9,7 @@
 #[cfg(not(loom))]
 mod imp {
     #[allow(unused_imports)]
-    pub(crate) use std::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use std::sync::Arc;
 
     /// A mutex that does not poison: a panic while holding it leaves the data
@@ -37,7 +37,7 @@ mod imp {
 #[cfg(loom)]
 mod imp {
     #[allow(unused_imports)]
-    pub(crate) use loom::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+    pub(crate) use loom::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
     pub(crate) use loom::sync::Arc;
 
     #[derive(Debug)]

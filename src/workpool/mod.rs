@@ -112,8 +112,8 @@ use futures::{FutureExt, Stream, StreamExt};
 
 pub use error::{BuildError, StoppedError, TryAddError};
 
-use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
-use state::{Closing, Refused, State, Take};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use state::{Batch, Closing, Done, Refused, State, Take};
 use wait::Wakeups;
 
 /// Default number of workers.
@@ -175,6 +175,9 @@ pub(crate) struct Shared<K, T> {
     state: Mutex<State<K, T>>,
     /// Live [`KeyedPool`] handles; the last one dropped starts a drain.
     handles: AtomicUsize,
+    /// Set once stopped with [`StopMode::Abort`]: workers stop their batch
+    /// and hand back what they did not start.
+    aborting: AtomicBool,
     on_panic: Option<PanicHook<K>>,
     id: u64,
 }
@@ -188,6 +191,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         Arc::new(Shared {
             state: Mutex::new(State::new(capacity, per_key, 0)),
             handles: AtomicUsize::new(1),
+            aborting: AtomicBool::new(false),
             on_panic,
             id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
@@ -248,9 +252,15 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         .await
     }
 
-    fn close(&self, how: Closing) -> Vec<(K, T)> {
+    fn close(&self, how: Closing) -> Vec<(u64, K, T)> {
         let mut wakes = Wakeups::default();
-        let out = self.state.lock().close(how, &mut wakes);
+        let out = {
+            let mut st = self.state.lock();
+            if how == Closing::Abort {
+                self.aborting.store(true, Ordering::Relaxed);
+            }
+            st.close(how, &mut wakes)
+        };
         wakes.wake();
         out
     }
@@ -337,26 +347,50 @@ impl<K: Hash + Eq + Clone, T> Drop for DoneWaiter<'_, K, T> {
     }
 }
 
-/// One worker: take a job, run the handler, finish it (and take the next one
-/// under the same lock), until told to exit.
+/// How long a worker keeps running items of one key before it hands the rest
+/// of its batch back and lets other keys' items go first.
+#[cfg(not(loom))]
+const SLICE: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// One worker: take a batch of one key's items, run the handler over them
+/// (for at most [`SLICE`]), report what ran and hand back the rest (and
+/// take the next batch under the same lock), until told to exit.
 pub(crate) async fn work<K, T, H, F>(shared: Arc<Shared<K, T>>, handler: std::sync::Arc<H>)
 where
     K: Hash + Eq + Clone,
     H: Fn(K, T) -> F,
     F: Future<Output = ()>,
 {
-    let mut finished: Option<(K, bool)> = None;
+    #[cfg(not(loom))]
+    {
+        // Everything the worker runs is inside this pool's handler scope, so
+        // an add from a handler is recognised as re-entrant.
+        let id = shared.id;
+        IN_HANDLER.scope(id, work_loop(shared, handler)).await;
+    }
+    #[cfg(loom)]
+    work_loop(shared, handler).await;
+}
+
+async fn work_loop<K, T, H, F>(shared: Arc<Shared<K, T>>, handler: std::sync::Arc<H>)
+where
+    K: Hash + Eq + Clone,
+    H: Fn(K, T) -> F,
+    F: Future<Output = ()>,
+{
+    let mut done: Option<Done<K>> = None;
+    let mut batch: Batch<T> = Batch::new();
     let mut waiter: Option<u64> = None;
     loop {
         let job = poll_fn(|cx| {
             let mut wakes = Wakeups::default();
             let mut st = shared.state.lock();
             st.worker_polled(&mut waiter);
-            if let Some((key, panicked)) = finished.take() {
-                st.finish(key, panicked, &mut wakes);
+            if let Some(done) = done.take() {
+                st.finish(done, &mut batch, &mut wakes);
             }
-            let res = match st.take(&mut wakes) {
-                Take::Job(key, item) => Poll::Ready(Some((key, item))),
+            let res = match st.take(&mut batch, &mut wakes) {
+                Take::Job(key) => Poll::Ready(Some(key)),
                 Take::Exit => Poll::Ready(None),
                 Take::Wait => {
                     st.worker_park(&mut waiter, cx.waker());
@@ -368,45 +402,43 @@ where
             res
         })
         .await;
-        let Some((key, item)) = job else { return };
-        let panicked = match run_handler(&*handler, key.clone(), item, shared.id).await {
-            Ok(()) => false,
-            Err(payload) => {
-                shared.report_panic(key.clone(), payload);
-                true
-            }
-        };
-        finished = Some((key, panicked));
+        let Some(key) = job else { return };
         #[cfg(not(loom))]
-        tokio::task::coop::consume_budget().await;
+        let started = std::time::Instant::now();
+        let (mut handled, mut panicked) = (0, 0);
+        while let Some((_, item)) = batch.pop_front() {
+            match run_handler(&*handler, key.clone(), item).await {
+                Ok(()) => handled += 1,
+                Err(payload) => {
+                    shared.report_panic(key.clone(), payload);
+                    panicked += 1;
+                }
+            }
+            #[cfg(not(loom))]
+            tokio::task::coop::consume_budget().await;
+            if batch.is_empty() || shared.aborting.load(Ordering::Relaxed) {
+                break;
+            }
+            #[cfg(not(loom))]
+            if started.elapsed() >= SLICE {
+                break;
+            }
+        }
+        done = Some(Done {
+            key,
+            handled,
+            panicked,
+        });
     }
 }
 
-async fn run_handler<K, T, H, F>(
-    handler: &H,
-    key: K,
-    item: T,
-    pool: u64,
-) -> Result<(), Box<dyn Any + Send>>
+async fn run_handler<K, T, H, F>(handler: &H, key: K, item: T) -> Result<(), Box<dyn Any + Send>>
 where
     H: Fn(K, T) -> F,
     F: Future<Output = ()>,
 {
-    #[cfg(not(loom))]
-    {
-        let fut = IN_HANDLER.sync_scope(pool, || {
-            std::panic::catch_unwind(AssertUnwindSafe(|| handler(key, item)))
-        })?;
-        AssertUnwindSafe(IN_HANDLER.scope(pool, fut))
-            .catch_unwind()
-            .await
-    }
-    #[cfg(loom)]
-    {
-        let _ = pool;
-        let fut = std::panic::catch_unwind(AssertUnwindSafe(|| handler(key, item)))?;
-        AssertUnwindSafe(fut).catch_unwind().await
-    }
+    let fut = std::panic::catch_unwind(AssertUnwindSafe(|| handler(key, item)))?;
+    AssertUnwindSafe(fut).catch_unwind().await
 }
 
 /// Configures and builds a [`KeyedPool`].
@@ -807,14 +839,20 @@ where
     /// # }
     /// ```
     pub async fn stop(&self, mode: StopMode) -> Vec<(K, T)> {
-        let out = self.shared.close(match mode {
+        let mut out = self.shared.close(match mode {
             StopMode::Drain => Closing::Drain,
             StopMode::Abort => Closing::Abort,
         });
         if !self.shared.in_own_handler() {
             self.shared.wait_stopped().await;
         }
-        out
+        // Items workers had taken but not started when the abort came.
+        let returned = self.shared.state.lock().take_returned();
+        if !returned.is_empty() {
+            out.extend(returned);
+            out.sort_unstable_by_key(|(seq, _, _)| *seq);
+        }
+        out.into_iter().map(|(_, key, item)| (key, item)).collect()
     }
 
     /// Changes the number of workers at run time.

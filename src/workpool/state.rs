@@ -5,6 +5,7 @@
 //! fewer than `per_key` of them in flight. A key's entry exists only while it
 //! has queued or in-flight items.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
 
@@ -17,6 +18,17 @@ const SPARE_QUEUE_CAPACITY: usize = 16;
 
 /// Tables at most this large are never shrunk.
 const SHRINK_ABOVE: usize = 1024;
+
+/// The most items of one key a worker takes at once (per-key concurrency 1
+/// only). The worker runs them one after the other within a short time slice
+/// and hands back what it did not start; see [`State::take`].
+#[cfg(not(loom))]
+pub(crate) const MAX_BATCH: usize = 64;
+#[cfg(loom)]
+pub(crate) const MAX_BATCH: usize = 2;
+
+/// Items a worker took: `(add order, item)`.
+pub(crate) type Batch<T> = VecDeque<(u64, T)>;
 
 /// How the pool is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,10 +48,21 @@ pub(crate) enum Refused {
 
 /// What a worker should do next.
 #[derive(Debug)]
-pub(crate) enum Take<K, T> {
-    Job(K, T),
+pub(crate) enum Take<K> {
+    /// Run the batch taken for this key.
+    Job(K),
     Wait,
     Exit,
+}
+
+/// What a worker reports when it is done with a batch.
+#[derive(Debug)]
+pub(crate) struct Done<K> {
+    pub(crate) key: K,
+    /// Items of the batch whose handler returned.
+    pub(crate) handled: u64,
+    /// Items of the batch whose handler panicked.
+    pub(crate) panicked: u64,
 }
 
 #[derive(Debug)]
@@ -53,6 +76,9 @@ struct KeyQueue<T> {
 pub(crate) struct State<K, T> {
     keys: HashMap<K, KeyQueue<T>>,
     ready: VecDeque<K>,
+    /// Items workers handed back after an abort closed the queues, with
+    /// their add order; [`State::take_returned`] collects them.
+    returned: Vec<(u64, K, T)>,
     /// Empty per-key queues kept for reuse.
     spare: Vec<VecDeque<(u64, T)>>,
     pending: usize,
@@ -80,6 +106,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         Self {
             keys: HashMap::new(),
             ready: VecDeque::new(),
+            returned: Vec::new(),
             spare: Vec::new(),
             pending: 0,
             in_flight: 0,
@@ -136,20 +163,26 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         self.seq += 1;
         self.pending += 1;
         let per_key = self.per_key;
-        if !self.keys.contains_key(&key) {
-            let items = self.spare.pop().unwrap_or_default();
-            self.keys.insert(
-                key.clone(),
-                KeyQueue {
+        // One hash per add; the key is cloned only when it becomes ready.
+        let (entry, ready_key) = match self.keys.entry(key) {
+            Entry::Occupied(e) => {
+                let ready = !e.get().in_ready && e.get().in_flight < per_key;
+                let ready_key = ready.then(|| e.key().clone());
+                (e.into_mut(), ready_key)
+            }
+            Entry::Vacant(v) => {
+                let ready_key = Some(v.key().clone());
+                let items = self.spare.pop().unwrap_or_default();
+                let entry = v.insert(KeyQueue {
                     items,
                     in_flight: 0,
                     in_ready: false,
-                },
-            );
-        }
-        let entry = self.keys.get_mut(&key).expect("inserted above");
+                });
+                (entry, ready_key)
+            }
+        };
         entry.items.push_back((seq, item));
-        if !entry.in_ready && entry.in_flight < per_key {
+        if let Some(key) = ready_key {
             entry.in_ready = true;
             self.ready.push_back(key);
             self.wake_worker(wakes);
@@ -157,15 +190,29 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         Ok(())
     }
 
-    /// Hands the next job to a worker, or tells it to wait or exit.
-    pub(crate) fn take(&mut self, wakes: &mut Wakeups) -> Take<K, T> {
+    /// Hands the next job to a worker: moves up to [`MAX_BATCH`] items of the
+    /// next ready key into `batch` (one item when the per-key concurrency is
+    /// above 1, so items of a key still start in order), or tells the worker
+    /// to wait or exit.
+    ///
+    /// The first item counts as in flight, the rest stay *pending* until the
+    /// worker reports with [`finish`](Self::finish): which ran, and what it
+    /// hands back (put back at the front of the key's queue).
+    pub(crate) fn take(&mut self, batch: &mut Batch<T>, wakes: &mut Wakeups) -> Take<K> {
+        debug_assert!(batch.is_empty());
         if self.workers_live > self.workers_target {
             return self.exit(wakes);
         }
         if let Some(key) = self.ready.pop_front() {
             let per_key = self.per_key;
             let entry = self.keys.get_mut(&key).expect("ready key has an entry");
-            let (_, item) = entry.items.pop_front().expect("ready key has items");
+            let n = if per_key == 1 {
+                entry.items.len().min(MAX_BATCH)
+            } else {
+                1
+            };
+            debug_assert!(n > 0, "ready key has items");
+            batch.extend(entry.items.drain(..n));
             entry.in_flight += 1;
             self.pending -= 1;
             self.in_flight += 1;
@@ -173,14 +220,12 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             if again {
                 // Round robin: the key goes to the back behind the other keys.
                 self.ready.push_back(key.clone());
-                if !self.ready.is_empty() {
-                    self.wake_worker(wakes);
-                }
+                self.wake_worker(wakes);
             } else {
                 entry.in_ready = false;
             }
             self.wake_producers(wakes);
-            return Take::Job(key, item);
+            return Take::Job(key);
         }
         if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
             return self.exit(wakes);
@@ -232,7 +277,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
-    fn exit(&mut self, wakes: &mut Wakeups) -> Take<K, T> {
+    fn exit(&mut self, wakes: &mut Wakeups) -> Take<K> {
         self.workers_live -= 1;
         if !self.ready.is_empty() {
             // This worker's wake-up may have been meant for a ready key.
@@ -249,17 +294,40 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         Take::Exit
     }
 
-    /// Records that a job of `key` finished.
-    pub(crate) fn finish(&mut self, key: K, panicked: bool, wakes: &mut Wakeups) {
-        if panicked {
-            self.panicked += 1;
-        } else {
-            self.handled += 1;
-        }
+    /// Records what a worker did with the batch it took for `done.key`:
+    /// `done.handled + done.panicked` items ran (at least the first), and
+    /// `left` holds the rest, not started, which go back to the front of the
+    /// key's queue (or, after an abort, to the items handed back).
+    pub(crate) fn finish(&mut self, done: Done<K>, left: &mut Batch<T>, wakes: &mut Wakeups) {
+        let Done {
+            key,
+            handled,
+            panicked,
+        } = done;
+        self.handled += handled;
+        self.panicked += panicked;
         self.in_flight -= 1;
+        // The first item left `pending` when it was taken; the others ran since.
+        let ran_after_first = (handled + panicked).saturating_sub(1) as usize;
+        self.pending -= ran_after_first;
+        for _ in 0..ran_after_first {
+            self.wake_producers(wakes);
+        }
         let per_key = self.per_key;
         let entry = self.keys.get_mut(&key).expect("in-flight key has an entry");
         entry.in_flight -= 1;
+        if !left.is_empty() {
+            if self.closing == Some(Closing::Abort) {
+                // `close` already emptied the queues: hand these back too.
+                self.pending -= left.len();
+                self.returned
+                    .extend(left.drain(..).map(|(seq, item)| (seq, key.clone(), item)));
+            } else {
+                while let Some(x) = left.pop_back() {
+                    entry.items.push_front(x);
+                }
+            }
+        }
         if entry.items.is_empty() {
             if entry.in_flight == 0 {
                 if let Some(gone) = self.keys.remove(&key) {
@@ -276,6 +344,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             // Drained: every idle worker may exit now.
             self.wake_all_workers(wakes);
         }
+    }
+
+    /// Items workers handed back after an abort, in add order.
+    pub(crate) fn take_returned(&mut self) -> Vec<(u64, K, T)> {
+        std::mem::take(&mut self.returned)
     }
 
     /// Keeps a few small empty queues so a new key costs no allocation.
@@ -299,9 +372,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
-    /// Closes intake. With `Abort`, hands back every pending item in add order
-    /// (hence in order per key).
-    pub(crate) fn close(&mut self, how: Closing, wakes: &mut Wakeups) -> Vec<(K, T)> {
+    /// Closes intake. With `Abort`, hands back every pending item in the
+    /// queues with its add order, sorted by it (hence in order per key).
+    /// Items workers took but had not started come back later, through
+    /// [`finish`](Self::finish) and [`take_returned`](Self::take_returned).
+    pub(crate) fn close(&mut self, how: Closing, wakes: &mut Wakeups) -> Vec<(u64, K, T)> {
         let mut out = Vec::new();
         match (self.closing, how) {
             (Some(Closing::Abort), _) => {}
@@ -317,9 +392,10 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                     entry.in_flight > 0
                 });
                 self.ready.clear();
-                self.pending = 0;
+                // Items in workers' batches stay pending until handed back.
+                self.pending -= taken.len();
                 taken.sort_unstable_by_key(|(seq, _, _)| *seq);
-                out = taken.into_iter().map(|(_, k, t)| (k, t)).collect();
+                out = taken;
                 self.maybe_shrink();
             }
         }
@@ -354,7 +430,8 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
 #[cfg(all(test, not(loom)))]
 mod model_tests {
     //! The dispatcher against a simple model: per-key FIFOs, a count of
-    //! in-flight items per key, a global bound.
+    //! in-flight batches per key, a global bound, batches that run a prefix
+    //! and hand the rest back.
 
     use std::collections::{BTreeMap, VecDeque};
 
@@ -366,7 +443,9 @@ mod model_tests {
     enum Op {
         Push(u8, bool),
         Take,
-        Finish(usize, bool),
+        /// Finish job `.0`: run `1 + .1 % len` items of its batch, the first
+        /// one panicking when `.2`.
+        Finish(usize, usize, bool),
         Close(bool),
     }
 
@@ -374,7 +453,8 @@ mod model_tests {
         prop_oneof![
             6 => (0..4u8, proptest::bool::weighted(0.1)).prop_map(|(k, h)| Op::Push(k, h)),
             4 => Just(Op::Take),
-            4 => (any::<usize>(), proptest::bool::weighted(0.1)).prop_map(|(i, p)| Op::Finish(i, p)),
+            4 => (any::<usize>(), any::<usize>(), proptest::bool::weighted(0.1))
+                .prop_map(|(i, r, p)| Op::Finish(i, r, p)),
             1 => any::<bool>().prop_map(Op::Close),
         ]
     }
@@ -383,12 +463,19 @@ mod model_tests {
     struct Model {
         queues: BTreeMap<u8, VecDeque<u32>>,
         in_flight: BTreeMap<u8, usize>,
+        /// Taken batches: key, items and their add order (the first one
+        /// counts as started).
+        jobs: Vec<(u8, Vec<(u64, u32)>)>,
+        /// Items handed back after an abort, not yet collected.
+        returned: Vec<(u8, u32)>,
         closing: Option<Closing>,
     }
 
     impl Model {
         fn pending(&self) -> usize {
-            self.queues.values().map(VecDeque::len).sum()
+            let queued: usize = self.queues.values().map(VecDeque::len).sum();
+            let reserved: usize = self.jobs.iter().map(|(_, b)| b.len() - 1).sum();
+            queued + reserved
         }
         fn keys(&self) -> usize {
             let mut keys: Vec<u8> = self
@@ -419,14 +506,14 @@ mod model_tests {
         fn dispatcher_matches_model(
             capacity in 1..6usize,
             per_key in 1..3usize,
-            ops in proptest::collection::vec(op(), 1..120),
+            ops in proptest::collection::vec(op(), 1..160),
         ) {
             let mut st: State<u8, u32> = State::new(capacity, per_key, 1);
             st.workers_live = 1;
             let mut model = Model::default();
-            let mut jobs: Vec<(u8, u32)> = Vec::new();
             let mut next = 0u32;
             let mut handled = 0u64;
+            let mut panicked = 0u64;
             for op in ops {
                 let mut wakes = Wakeups::default();
                 match op {
@@ -453,36 +540,62 @@ mod model_tests {
                         }
                         next += 1;
                     }
-                    Op::Take => match st.take(&mut wakes) {
-                        Take::Job(k, i) => {
-                            let front = model.queues.get_mut(&k).and_then(VecDeque::pop_front);
-                            prop_assert_eq!(front, Some(i), "not the head of key {}", k);
-                            let n = model.in_flight.entry(k).or_default();
-                            *n += 1;
-                            prop_assert!(*n <= per_key);
-                            jobs.push((k, i));
+                    Op::Take => {
+                        let mut batch = Batch::new();
+                        match st.take(&mut batch, &mut wakes) {
+                            Take::Job(k) => {
+                                let items: Vec<u32> = batch.iter().map(|(_, i)| *i).collect();
+                                let q = model.queues.get_mut(&k).expect("key has a queue");
+                                let want = if per_key == 1 { q.len().min(MAX_BATCH) } else { 1 };
+                                let head: Vec<u32> = q.drain(..want).collect();
+                                prop_assert_eq!(&items, &head, "not the head of key {}", k);
+                                prop_assert!(batch.iter().zip(batch.iter().skip(1)).all(|(a, b)| a.0 < b.0));
+                                let n = model.in_flight.entry(k).or_default();
+                                *n += 1;
+                                prop_assert!(*n <= per_key);
+                                model.jobs.push((k, batch.into_iter().collect()));
+                            }
+                            Take::Wait => {
+                                prop_assert!(batch.is_empty());
+                                prop_assert!(!model.can_start(per_key));
+                                prop_assert!(model.closing.is_none() || !model.jobs.is_empty() || model.pending() > 0);
+                            }
+                            Take::Exit => {
+                                prop_assert!(batch.is_empty());
+                                prop_assert!(model.closing.is_some() && model.jobs.is_empty() && model.pending() == 0);
+                                st.workers_live = 1; // keep the single worker for the rest of the run
+                            }
                         }
-                        Take::Wait => {
-                            prop_assert!(!model.can_start(per_key));
-                            prop_assert!(model.closing.is_none() || !jobs.is_empty() || model.pending() > 0);
-                        }
-                        Take::Exit => {
-                            prop_assert!(model.closing.is_some() && jobs.is_empty() && model.pending() == 0);
-                            st.workers_live = 1; // keep the single worker for the rest of the run
-                        }
-                    },
-                    Op::Finish(i, panicked) if !jobs.is_empty() => {
-                        let (k, _) = jobs.swap_remove(i % jobs.len());
-                        st.finish(k, panicked, &mut wakes);
+                    }
+                    Op::Finish(i, r, first_panics) if !model.jobs.is_empty() => {
+                        let (k, items) = model.jobs.swap_remove(i % model.jobs.len());
+                        let ran = 1 + r % items.len();
+                        let mut left: Batch<u32> = items[ran..].iter().copied().collect();
+                        let p = u64::from(first_panics);
+                        st.finish(
+                            Done { key: k, handled: ran as u64 - p, panicked: p },
+                            &mut left,
+                            &mut wakes,
+                        );
+                        prop_assert!(left.is_empty(), "finish takes the rest back");
+                        handled += ran as u64 - p;
+                        panicked += p;
                         *model.in_flight.get_mut(&k).unwrap() -= 1;
-                        if !panicked {
-                            handled += 1;
+                        if model.closing == Some(Closing::Abort) {
+                            model.returned.extend(items[ran..].iter().map(|(_, i)| (k, *i)));
+                        } else {
+                            let q = model.queues.entry(k).or_default();
+                            for (_, i) in items[ran..].iter().rev() {
+                                q.push_front(*i);
+                            }
                         }
                     }
                     Op::Finish(..) => {}
                     Op::Close(abort) => {
                         let how = if abort { Closing::Abort } else { Closing::Drain };
                         let out = st.close(how, &mut wakes);
+                        prop_assert!(out.windows(2).all(|w| w[0].0 < w[1].0), "in add order");
+                        let out: Vec<(u8, u32)> = out.into_iter().map(|(_, k, i)| (k, i)).collect();
                         if abort || model.closing == Some(Closing::Abort) {
                             let was_abort = model.closing == Some(Closing::Abort);
                             model.closing = Some(Closing::Abort);
@@ -503,10 +616,14 @@ mod model_tests {
                     }
                 }
                 prop_assert_eq!(st.pending(), model.pending());
-                prop_assert_eq!(st.in_flight(), jobs.len());
+                prop_assert_eq!(st.in_flight(), model.jobs.len());
                 prop_assert_eq!(st.keys(), model.keys(), "entries only for keys with work");
                 prop_assert_eq!(st.handled, handled);
+                prop_assert_eq!(st.panicked, panicked);
             }
+            let returned: Vec<(u8, u32)> =
+                st.take_returned().into_iter().map(|(_, k, i)| (k, i)).collect();
+            prop_assert_eq!(returned, std::mem::take(&mut model.returned));
         }
     }
 }
