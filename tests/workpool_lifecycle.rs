@@ -424,3 +424,127 @@ async fn blocked_add_is_woken_by_a_single_free_slot() {
     pool.stop(StopMode::Drain).await;
     assert_eq!(pool.stats().handled, 33);
 }
+
+// ------------------------------------------------------------------ batches
+//
+// A worker takes several queued items (of one key, or of several keys) under
+// one lock and runs them one after the other. These tests pin down what that
+// must never change: abort hands back what did not start, a waiting handler
+// never holds other keys, and a long queue does not starve other keys.
+
+#[tokio::test]
+async fn abort_hands_back_items_a_worker_took_but_did_not_start() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder().workers(1).build(handler).unwrap();
+    // Queued before the worker first runs: it takes all ten in one batch.
+    for i in 1..=10 {
+        pool.try_add(7, i).unwrap();
+    }
+    assert_eq!(started.recv().await, Some((7, 1)));
+    let stopper = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.stop(StopMode::Abort).await }
+    });
+    // Let the stop close intake before the first item finishes; probes
+    // added before that are queued, so they are handed back too.
+    let mut expected: Vec<(u32, u32)> = (2..=10).map(|i| (7, i)).collect();
+    while pool.try_add(8, 0).is_ok() {
+        expected.push((8, 0));
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(1);
+    let left = stopper.await.unwrap();
+    assert_eq!(left, expected, "the rest of the batch, in add order");
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.handled, stats.pending, stats.in_flight, stats.keys),
+        (1, 0, 0, 0)
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_handler_hands_back_the_other_keys_of_its_batch() {
+    // Key 1 waits for key 2's handler. Both are queued before an idle worker
+    // runs, so it takes both in one batch; when key 1's handler waits, the
+    // worker must hand key 2 back for the other worker, or neither finishes.
+    let (gate, mut started, gated_handler) = gated();
+    let signal = Arc::new(tokio::sync::Notify::new());
+    let (done_tx, mut done) = mpsc::unbounded_channel();
+    let pool = KeyedPool::builder()
+        .workers(2)
+        .build({
+            let signal = signal.clone();
+            move |k: u32, i: u32| {
+                let (signal, done_tx) = (signal.clone(), done_tx.clone());
+                let gated = gated_handler(k, i);
+                async move {
+                    match k {
+                        0 => gated.await,
+                        1 => {
+                            let _ = done_tx.send(10); // waiting now
+                            signal.notified().await
+                        }
+                        2 => signal.notify_one(),
+                        _ => {}
+                    }
+                    let _ = done_tx.send(k);
+                }
+                .boxed()
+            }
+        })
+        .unwrap();
+    pool.try_add(0, 0).unwrap(); // occupies one worker until the gate opens
+    assert_eq!(started.recv().await, Some((0, 0)));
+    pool.try_add(3, 0).unwrap(); // the other worker runs it without waiting
+    assert_eq!(done.recv().await, Some(3));
+    pool.try_add(1, 0).unwrap();
+    pool.try_add(2, 0).unwrap();
+    assert_eq!(done.recv().await, Some(10));
+    // Key 1 waits; key 2 is back in the queue, not held by its worker.
+    let stats = pool.stats();
+    assert_eq!((stats.in_flight, stats.pending), (2, 1));
+    gate.add_permits(1); // the first worker is free and takes key 2
+    let mut finished = Vec::new();
+    for _ in 0..3 {
+        finished.push(
+            tokio::time::timeout(Duration::from_secs(10), done.recv())
+                .await
+                .expect("no deadlock")
+                .unwrap(),
+        );
+    }
+    finished.sort_unstable();
+    assert_eq!(finished, [0, 1, 2]);
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 4);
+}
+
+#[tokio::test]
+async fn a_long_queue_does_not_starve_another_key() {
+    // One worker, 64 slow items on key 1 (each at least 1 ms, far beyond the
+    // worker's time slice), then one item on key 2: key 2 runs after at most
+    // two items of key 1, not after the whole batch.
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .build({
+            let order = order.clone();
+            move |k: u32, _i: u32| {
+                if k == 1 {
+                    std::thread::sleep(Duration::from_millis(1)); // a slow, blocking handler
+                }
+                order.lock().unwrap().push(k);
+                async {}
+            }
+        })
+        .unwrap();
+    for i in 0..64 {
+        pool.try_add(1, i).unwrap();
+    }
+    pool.try_add(2, 0).unwrap();
+    pool.stop(StopMode::Drain).await;
+    let order = order.lock().unwrap();
+    assert_eq!(order.len(), 65);
+    let pos = order.iter().position(|k| *k == 2).unwrap();
+    assert!(pos <= 2, "key 2 ran after {pos} items of key 1");
+}

@@ -19,16 +19,29 @@ const SPARE_QUEUE_CAPACITY: usize = 16;
 /// Tables at most this large are never shrunk.
 const SHRINK_ABOVE: usize = 1024;
 
-/// The most items of one key a worker takes at once (per-key concurrency 1
-/// only). The worker runs them one after the other within a short time slice
-/// and hands back what it did not start; see [`State::take`].
+/// The most items a worker takes at once (per-key concurrency 1 only). The
+/// worker runs them one after the other within a short time slice and hands
+/// back what it did not start; see [`State::take`].
 #[cfg(not(loom))]
 pub(crate) const MAX_BATCH: usize = 64;
 #[cfg(loom)]
 pub(crate) const MAX_BATCH: usize = 2;
 
+/// The most keys a worker takes at once.
+#[cfg(not(loom))]
+pub(crate) const MAX_KEYS: usize = 16;
+#[cfg(loom)]
+pub(crate) const MAX_KEYS: usize = 2;
+
 /// Items a worker took: `(add order, item)`.
 pub(crate) type Batch<T> = VecDeque<(u64, T)>;
+
+/// One key's share of a batch: the next `len` items of the batch.
+#[derive(Debug)]
+pub(crate) struct Run<K> {
+    pub(crate) key: K,
+    pub(crate) len: usize,
+}
 
 /// How the pool is being stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,22 +60,24 @@ pub(crate) enum Refused {
 }
 
 /// What a worker should do next.
-#[derive(Debug)]
-pub(crate) enum Take<K> {
-    /// Run the batch taken for this key.
-    Job(K),
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Take {
+    /// Run the batch just taken.
+    Job,
     Wait,
     Exit,
 }
 
-/// What a worker reports when it is done with a batch.
+/// What a worker reports for one [`Run`] of its batch.
 #[derive(Debug)]
 pub(crate) struct Done<K> {
     pub(crate) key: K,
-    /// Items of the batch whose handler returned.
+    /// Items whose handler returned.
     pub(crate) handled: u64,
-    /// Items of the batch whose handler panicked.
+    /// Items whose handler panicked.
     pub(crate) panicked: u64,
+    /// Items not started, handed back (they follow the ones that ran).
+    pub(crate) left: usize,
 }
 
 #[derive(Debug)]
@@ -190,34 +205,60 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         Ok(())
     }
 
-    /// Hands the next job to a worker: moves up to [`MAX_BATCH`] items of the
-    /// next ready key into `batch` (one item when the per-key concurrency is
-    /// above 1, so items of a key still start in order), or tells the worker
-    /// to wait or exit.
+    /// Hands the next job to a worker, or tells it to wait or exit.
     ///
-    /// The first item counts as in flight, the rest stay *pending* until the
-    /// worker reports with [`finish`](Self::finish): which ran, and what it
-    /// hands back (put back at the front of the key's queue).
-    pub(crate) fn take(&mut self, batch: &mut Batch<T>, wakes: &mut Wakeups) -> Take<K> {
-        debug_assert!(batch.is_empty());
+    /// A job is a batch: the next ready keys (one [`Run`] each, in `runs`)
+    /// with their items in order (in `items`). With per-key concurrency 1 a
+    /// run holds up to all of the key's queued items, and with `many` a
+    /// batch holds up to [`MAX_KEYS`] keys, leaving one ready key for each
+    /// worker already woken, all within [`MAX_BATCH`] items. With a per-key
+    /// concurrency above 1 a batch is a single item, so items of a key still
+    /// start in order.
+    ///
+    /// Each run counts as one item in flight; its other items stay *pending*
+    /// until the worker reports with [`finish`](Self::finish).
+    pub(crate) fn take(
+        &mut self,
+        runs: &mut Vec<Run<K>>,
+        items: &mut Batch<T>,
+        many: bool,
+        wakes: &mut Wakeups,
+    ) -> Take {
+        debug_assert!(runs.is_empty() && items.is_empty());
         if self.workers_live > self.workers_target {
             return self.exit(wakes);
         }
-        if let Some(key) = self.ready.pop_front() {
-            let per_key = self.per_key;
+        if self.ready.is_empty() {
+            if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
+                return self.exit(wakes);
+            }
+            return Take::Wait;
+        }
+        let per_key = self.per_key;
+        let max_keys = if many && per_key == 1 {
+            self.ready
+                .len()
+                .saturating_sub(self.woken)
+                .clamp(1, MAX_KEYS)
+        } else {
+            1
+        };
+        while runs.len() < max_keys && items.len() < MAX_BATCH {
+            let Some(key) = self.ready.pop_front() else {
+                break;
+            };
             let entry = self.keys.get_mut(&key).expect("ready key has an entry");
             let n = if per_key == 1 {
-                entry.items.len().min(MAX_BATCH)
+                entry.items.len().min(MAX_BATCH - items.len())
             } else {
                 1
             };
-            debug_assert!(n > 0, "ready key has items");
-            batch.extend(entry.items.drain(..n));
+            debug_assert!(n > 0, "a ready key has items");
+            items.extend(entry.items.drain(..n));
             entry.in_flight += 1;
             self.pending -= 1;
             self.in_flight += 1;
-            let again = !entry.items.is_empty() && entry.in_flight < per_key;
-            if again {
+            if !entry.items.is_empty() && entry.in_flight < per_key {
                 // Round robin: the key goes to the back behind the other keys.
                 self.ready.push_back(key.clone());
                 self.wake_worker(wakes);
@@ -225,12 +266,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 entry.in_ready = false;
             }
             self.wake_producers(wakes);
-            return Take::Job(key);
+            runs.push(Run { key, len: n });
         }
-        if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
-            return self.exit(wakes);
-        }
-        Take::Wait
+        Take::Job
     }
 
     /// Wakes an idle worker for a ready key, unless enough workers were
@@ -277,7 +315,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
-    fn exit(&mut self, wakes: &mut Wakeups) -> Take<K> {
+    fn exit(&mut self, wakes: &mut Wakeups) -> Take {
         self.workers_live -= 1;
         if !self.ready.is_empty() {
             // This worker's wake-up may have been meant for a ready key.
@@ -294,52 +332,78 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         Take::Exit
     }
 
-    /// Records what a worker did with the batch it took for `done.key`:
-    /// `done.handled + done.panicked` items ran (at least the first), and
-    /// `left` holds the rest, not started, which go back to the front of the
-    /// key's queue (or, after an abort, to the items handed back).
-    pub(crate) fn finish(&mut self, done: Done<K>, left: &mut Batch<T>, wakes: &mut Wakeups) {
-        let Done {
+    /// Records what a worker did with its batch: for each run, in order,
+    /// `handled + panicked` items ran and the next `left` items of `items`
+    /// were not started. Those go back to the front of the key's queue (or,
+    /// after an abort, to the items handed back); a key none of whose items
+    /// ran gets its place at the front of the ready keys back.
+    pub(crate) fn finish(
+        &mut self,
+        dones: &mut Vec<Done<K>>,
+        items: &mut Batch<T>,
+        wakes: &mut Wakeups,
+    ) {
+        let per_key = self.per_key;
+        // Runs none of whose items ran come last (a worker runs its batch in
+        // order and hands back the rest when it stops).
+        let mut untouched = 0;
+        for Done {
             key,
             handled,
             panicked,
-        } = done;
-        self.handled += handled;
-        self.panicked += panicked;
-        self.in_flight -= 1;
-        // The first item left `pending` when it was taken; the others ran since.
-        let ran_after_first = (handled + panicked).saturating_sub(1) as usize;
-        self.pending -= ran_after_first;
-        for _ in 0..ran_after_first {
-            self.wake_producers(wakes);
-        }
-        let per_key = self.per_key;
-        let entry = self.keys.get_mut(&key).expect("in-flight key has an entry");
-        entry.in_flight -= 1;
-        if !left.is_empty() {
-            if self.closing == Some(Closing::Abort) {
-                // `close` already emptied the queues: hand these back too.
-                self.pending -= left.len();
-                self.returned
-                    .extend(left.drain(..).map(|(seq, item)| (seq, key.clone(), item)));
+            left,
+        } in dones.drain(..)
+        {
+            self.handled += handled;
+            self.panicked += panicked;
+            self.in_flight -= 1;
+            // `take` counted the run's first item as started.
+            let ran = (handled + panicked) as usize;
+            debug_assert!(ran == 0 || untouched == 0, "untouched runs come last");
+            if ran == 0 {
+                self.pending += 1;
             } else {
-                while let Some(x) = left.pop_back() {
-                    entry.items.push_front(x);
+                self.pending -= ran - 1;
+                for _ in 1..ran {
+                    self.wake_producers(wakes);
                 }
             }
-        }
-        if entry.items.is_empty() {
-            if entry.in_flight == 0 {
-                if let Some(gone) = self.keys.remove(&key) {
-                    self.recycle(gone.items);
+            let entry = self.keys.get_mut(&key).expect("in-flight key has an entry");
+            entry.in_flight -= 1;
+            if left > 0 {
+                if self.closing == Some(Closing::Abort) {
+                    // `close` already emptied the queues: hand these back too.
+                    self.pending -= left;
+                    self.returned.extend(
+                        items
+                            .drain(..left)
+                            .map(|(seq, item)| (seq, key.clone(), item)),
+                    );
+                } else {
+                    for x in items.drain(..left).rev() {
+                        entry.items.push_front(x);
+                    }
                 }
-                self.maybe_shrink();
             }
-        } else if !entry.in_ready && entry.in_flight < per_key {
-            entry.in_ready = true;
-            self.ready.push_back(key);
-            self.wake_worker(wakes);
+            if entry.items.is_empty() {
+                if entry.in_flight == 0 {
+                    if let Some(gone) = self.keys.remove(&key) {
+                        self.recycle(gone.items);
+                    }
+                    self.maybe_shrink();
+                }
+            } else if !entry.in_ready && entry.in_flight < per_key {
+                entry.in_ready = true;
+                self.ready.push_back(key);
+                if ran == 0 {
+                    untouched += 1;
+                }
+                self.wake_worker(wakes);
+            }
         }
+        debug_assert!(items.is_empty(), "every item reported");
+        // Keys handed back untouched go back to the front, in their order.
+        self.ready.rotate_right(untouched);
         if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
             // Drained: every idle worker may exit now.
             self.wake_all_workers(wakes);
@@ -442,9 +506,10 @@ mod model_tests {
     #[derive(Debug, Clone)]
     enum Op {
         Push(u8, bool),
-        Take,
-        /// Finish job `.0`: run `1 + .1 % len` items of its batch, the first
-        /// one panicking when `.2`.
+        /// Take a batch; several keys at once when `.0`.
+        Take(bool),
+        /// Finish run `.0`: run `.1 % (len + 1)` items of it, the first one
+        /// panicking when `.2`, and hand the rest back.
         Finish(usize, usize, bool),
         Close(bool),
     }
@@ -452,7 +517,7 @@ mod model_tests {
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
             6 => (0..4u8, proptest::bool::weighted(0.1)).prop_map(|(k, h)| Op::Push(k, h)),
-            4 => Just(Op::Take),
+            4 => any::<bool>().prop_map(Op::Take),
             4 => (any::<usize>(), any::<usize>(), proptest::bool::weighted(0.1))
                 .prop_map(|(i, r, p)| Op::Finish(i, r, p)),
             1 => any::<bool>().prop_map(Op::Close),
@@ -540,28 +605,40 @@ mod model_tests {
                         }
                         next += 1;
                     }
-                    Op::Take => {
+                    Op::Take(many) => {
+                        let mut runs = Vec::new();
                         let mut batch = Batch::new();
-                        match st.take(&mut batch, &mut wakes) {
-                            Take::Job(k) => {
-                                let items: Vec<u32> = batch.iter().map(|(_, i)| *i).collect();
-                                let q = model.queues.get_mut(&k).expect("key has a queue");
-                                let want = if per_key == 1 { q.len().min(MAX_BATCH) } else { 1 };
-                                let head: Vec<u32> = q.drain(..want).collect();
-                                prop_assert_eq!(&items, &head, "not the head of key {}", k);
-                                prop_assert!(batch.iter().zip(batch.iter().skip(1)).all(|(a, b)| a.0 < b.0));
-                                let n = model.in_flight.entry(k).or_default();
-                                *n += 1;
-                                prop_assert!(*n <= per_key);
-                                model.jobs.push((k, batch.into_iter().collect()));
+                        match st.take(&mut runs, &mut batch, many, &mut wakes) {
+                            Take::Job => {
+                                prop_assert!(!runs.is_empty());
+                                prop_assert!(many || runs.len() == 1);
+                                prop_assert!(batch.len() <= MAX_BATCH && runs.len() <= MAX_KEYS);
+                                prop_assert!(batch.iter().zip(batch.iter().skip(1)).all(|(a, b)| a.0 != b.0));
+                                for Run { key: k, len } in runs {
+                                    let taken: Vec<(u64, u32)> = batch.drain(..len).collect();
+                                    let q = model.queues.get_mut(&k).expect("key has a queue");
+                                    prop_assert!(len >= 1 && len <= q.len());
+                                    if per_key > 1 {
+                                        prop_assert_eq!(len, 1);
+                                    }
+                                    let head: Vec<u32> = q.drain(..len).collect();
+                                    let items: Vec<u32> = taken.iter().map(|(_, i)| *i).collect();
+                                    prop_assert_eq!(&items, &head, "not the head of key {}", k);
+                                    prop_assert!(taken.windows(2).all(|w| w[0].0 < w[1].0));
+                                    let n = model.in_flight.entry(k).or_default();
+                                    *n += 1;
+                                    prop_assert!(*n <= per_key);
+                                    model.jobs.push((k, taken));
+                                }
+                                prop_assert!(batch.is_empty());
                             }
                             Take::Wait => {
-                                prop_assert!(batch.is_empty());
+                                prop_assert!(batch.is_empty() && runs.is_empty());
                                 prop_assert!(!model.can_start(per_key));
                                 prop_assert!(model.closing.is_none() || !model.jobs.is_empty() || model.pending() > 0);
                             }
                             Take::Exit => {
-                                prop_assert!(batch.is_empty());
+                                prop_assert!(batch.is_empty() && runs.is_empty());
                                 prop_assert!(model.closing.is_some() && model.jobs.is_empty() && model.pending() == 0);
                                 st.workers_live = 1; // keep the single worker for the rest of the run
                             }
@@ -569,15 +646,18 @@ mod model_tests {
                     }
                     Op::Finish(i, r, first_panics) if !model.jobs.is_empty() => {
                         let (k, items) = model.jobs.swap_remove(i % model.jobs.len());
-                        let ran = 1 + r % items.len();
+                        // 0..=len items ran; 0 hands the whole run back.
+                        let ran = r % (items.len() + 1);
+                        let p = u64::from(first_panics && ran > 0);
                         let mut left: Batch<u32> = items[ran..].iter().copied().collect();
-                        let p = u64::from(first_panics);
-                        st.finish(
-                            Done { key: k, handled: ran as u64 - p, panicked: p },
-                            &mut left,
-                            &mut wakes,
-                        );
-                        prop_assert!(left.is_empty(), "finish takes the rest back");
+                        let mut dones = vec![Done {
+                            key: k,
+                            handled: ran as u64 - p,
+                            panicked: p,
+                            left: items.len() - ran,
+                        }];
+                        st.finish(&mut dones, &mut left, &mut wakes);
+                        prop_assert!(left.is_empty() && dones.is_empty(), "finish takes everything");
                         handled += ran as u64 - p;
                         panicked += p;
                         *model.in_flight.get_mut(&k).unwrap() -= 1;
