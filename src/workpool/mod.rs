@@ -903,7 +903,9 @@ where
     /// returned in add order (in order per key) and only in-flight items are
     /// waited for. Called again, it waits again (an `Abort` after a `Drain`
     /// still hands back what is left). Called from one of the pool's own
-    /// handlers it closes intake but does not wait (it would wait on itself).
+    /// handlers it closes intake but does not wait (it would wait on itself);
+    /// items a worker hands back after such an abort (the rest of its batch,
+    /// see [Dispatch](self#dispatch)) are returned by the next call.
     ///
     /// # Cancel safety
     ///
