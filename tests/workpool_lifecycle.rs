@@ -548,3 +548,34 @@ async fn a_long_queue_does_not_starve_another_key() {
     let pos = order.iter().position(|k| *k == 2).unwrap();
     assert!(pos <= 2, "key 2 ran after {pos} items of key 1");
 }
+
+#[tokio::test]
+async fn abort_from_inside_a_handler_leaves_the_rest_for_the_next_stop() {
+    let cell: Arc<std::sync::OnceLock<KeyedPool<u32, u32>>> = Arc::default();
+    let (tx, mut inside) = mpsc::unbounded_channel();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .build({
+            let cell = cell.clone();
+            move |_k: u32, i: u32| {
+                let (cell, tx) = (cell.clone(), tx.clone());
+                async move {
+                    if i == 1 {
+                        let pool = cell.get().expect("set before any item runs");
+                        let _ = tx.send(pool.stop(StopMode::Abort).await);
+                    }
+                }
+            }
+        })
+        .unwrap();
+    assert!(cell.set(pool.clone()).is_ok());
+    for i in 1..=5 {
+        pool.try_add(7, i).unwrap(); // one batch: the worker has not run yet
+    }
+    // The handler's own stop does not wait, so the rest of its batch is
+    // not back yet; nothing is lost: the next stop returns it.
+    assert_eq!(inside.recv().await, Some(Vec::new()));
+    let left = pool.stop(StopMode::Abort).await;
+    assert_eq!(left, [(7, 2), (7, 3), (7, 4), (7, 5)]);
+    assert_eq!(pool.stats().handled, 1);
+}
