@@ -286,9 +286,11 @@ impl MemoryQueue {
         // Read the clock only when the queue is full.
         let mut deadline: Option<Instant> = None;
         loop {
+            // `notify_waiters` reaches a `Notified` from its creation on, so
+            // creating it before the check is enough: no registration (and no
+            // lock on the waiter list) unless the queue turns out full.
             let room = self.room_signal.notified();
             tokio::pin!(room);
-            room.as_mut().enable();
             {
                 let mut st = self.state.lock();
                 if st.closed {
@@ -344,9 +346,12 @@ impl MemoryQueue {
         }
         let deadline = Instant::now() + timeout;
         loop {
+            // Created before the look (so `close`'s `notify_waiters` reaches
+            // it) but not registered: a pop that finds items never touches
+            // the waiter list. A push between the look and the wait leaves a
+            // permit (`notify_one`), so no wake-up is missed.
             let signal = self.ready_signal.notified();
             tokio::pin!(signal);
-            signal.as_mut().enable();
             let wake_at = {
                 let mut st = self.state.lock();
                 let now = Instant::now();
@@ -439,7 +444,8 @@ impl BaseQueue for MemoryQueue {
                 }
             }
             self.signal_ready(unblocked);
-            if removed > 0 {
+            // Only a bounded queue has pushes waiting for room.
+            if removed > 0 && self.opts.capacity.is_some() {
                 self.room_signal.notify_waiters();
             }
             Ok(())
