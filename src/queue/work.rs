@@ -2,7 +2,7 @@
 //! retries and dead letters over any [`BaseQueue`]. The semantics are documented
 //! on the type.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -369,9 +369,11 @@ struct Pool {
 struct Pending {
     /// Items pushed through this work queue and not yet handled.
     ids: HashSet<ItemId, IdHash>,
-    /// Generation numbers of pushes whose base push has not returned yet.
-    inflight: BTreeSet<u64>,
-    next_gen: u64,
+    /// Every push whose generation (taken from `Inner::push_gen` as it
+    /// starts) is below this has ended.
+    low: u64,
+    /// Which pushes from generation `low` on have ended: `ended[gen - low]`.
+    ended: VecDeque<bool>,
     /// Ids resolved while pushes were in flight (they may be those pushes'
     /// items, handled before the push registered them), each tagged with
     /// the generation counter at that moment: only pushes of an older
@@ -395,6 +397,9 @@ struct Inner<T> {
     stop: watch::Sender<u8>,
     retries: AtomicU64,
     dead_lettered: AtomicU64,
+    /// The generation of the next push to start. An atomic, so that a push
+    /// locks `pending` once (when it ends), not also when it starts.
+    push_gen: AtomicU64,
     pending: Mutex<Pending>,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -575,6 +580,7 @@ where
             stop: stop.clone(),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            push_gen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             dispatcher: Mutex::new(None),
         });
@@ -1021,14 +1027,22 @@ impl<T> Inner<T> {
         impl Drop for Pushing<'_> {
             fn drop(&mut self) {
                 let mut p = lock(self.0);
-                p.inflight.remove(&self.1);
+                let at = usize::try_from(self.1 - p.low).expect("in-flight pushes fit in memory");
+                if p.ended.len() <= at {
+                    p.ended.resize(at + 1, false);
+                }
+                p.ended[at] = true;
+                while p.ended.front() == Some(&true) {
+                    p.ended.pop_front();
+                    p.low += 1;
+                }
                 if let Some(id) = self.2 {
                     if p.early.remove(&id).is_none() {
                         p.ids.insert(id);
                     }
                 }
                 // Forget early ids no push still in flight can need.
-                let oldest = p.inflight.first().copied().unwrap_or(p.next_gen);
+                let oldest = p.low;
                 while let Some(&(tag, id)) = p.early_order.front() {
                     if tag > oldest {
                         break;
@@ -1040,13 +1054,9 @@ impl<T> Inner<T> {
                 }
             }
         }
-        let gen = {
-            let mut p = lock(&self.pending);
-            let gen = p.next_gen;
-            p.next_gen += 1;
-            p.inflight.insert(gen);
-            gen
-        };
+        // Taken before the base push, so whoever handles the item sees this
+        // push in flight (the item reaches it through the base queue).
+        let gen = self.push_gen.fetch_add(1, Ordering::SeqCst);
         let mut guard = Pushing(&self.pending, gen, None);
         let id = self.base.push(item, timeout).await?;
         guard.2 = Some(id);
@@ -1056,12 +1066,15 @@ impl<T> Inner<T> {
     /// Marks items handled (or dead-lettered) for [`WorkQueue::flush`].
     fn resolve(&self, ids: &[ItemId]) {
         let mut p = lock(&self.pending);
-        if p.ids.is_empty() && p.inflight.is_empty() {
+        // Read under the lock: pushes below `low` have ended, so any push
+        // in `low..tag` is in flight.
+        let tag = self.push_gen.load(Ordering::SeqCst);
+        let inflight = p.low < tag;
+        if p.ids.is_empty() && !inflight {
             return;
         }
-        let tag = p.next_gen;
         for id in ids {
-            if !p.ids.remove(id) && !p.inflight.is_empty() {
+            if !p.ids.remove(id) && inflight {
                 p.early.insert(*id, tag);
                 p.early_order.push_back((tag, *id));
             }
