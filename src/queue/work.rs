@@ -1282,8 +1282,8 @@ where
 
     async fn process(&self, batch: Vec<Delivery>, stop: &mut watch::Receiver<u8>) {
         let mut items = Vec::with_capacity(batch.len());
-        let mut by_id: HashMap<ItemId, Delivery, IdHash> =
-            HashMap::with_capacity_and_hasher(batch.len(), IdHash::default());
+        // The deliveries handed to the handler, in the order of `items`.
+        let mut taken: Vec<Delivery> = Vec::with_capacity(batch.len());
         for d in batch {
             match serde_json::from_slice::<T>(&d.payload) {
                 Ok(value) => {
@@ -1293,7 +1293,7 @@ where
                         attempts: d.attempts,
                         key: d.key.clone(),
                     });
-                    by_id.insert(d.id, d);
+                    taken.push(d);
                 }
                 Err(e) => {
                     self.dead_letter(&d, DeadReason::Undecodable, e.to_string())
@@ -1310,40 +1310,37 @@ where
             r = run => Some(r),
             _ = stopped(stop, HARD_STOP) => None,
         };
-        let unhandled: HashSet<ItemId, IdHash> = match outcome {
+        let (handled, unhandled): (Vec<&Delivery>, Vec<&Delivery>) = match outcome {
             None => {
-                let ids: Vec<ItemId> = by_id.keys().copied().collect();
+                let ids: Vec<ItemId> = taken.iter().map(|d| d.id).collect();
                 if let Err(e) = self.base.nack(&ids, Duration::ZERO).await {
                     tracing::warn!(queue = %self.name, error = %e, "could not return a cancelled batch");
                 }
                 return;
             }
             Some(Err(_panic)) => {
-                tracing::error!(queue = %self.name, items = by_id.len(), "handler panicked; its batch counts as unhandled");
-                by_id.keys().copied().collect()
+                tracing::error!(queue = %self.name, items = taken.len(), "handler panicked; its batch counts as unhandled");
+                (Vec::new(), taken.iter().collect())
             }
-            Some(Ok(returned)) => returned
-                .iter()
-                .map(|i| i.id)
-                .filter(|id| by_id.contains_key(id))
-                .collect(),
+            // Everything handled: the common case needs no lookup.
+            Some(Ok(returned)) if returned.is_empty() => (taken.iter().collect(), Vec::new()),
+            Some(Ok(returned)) => {
+                // Returned items that are not from this batch are ignored.
+                let back: HashSet<ItemId, IdHash> = returned.iter().map(|i| i.id).collect();
+                taken.iter().partition(|d| !back.contains(&d.id))
+            }
         };
-        let handled: Vec<ItemId> = by_id
-            .keys()
-            .filter(|id| !unhandled.contains(id))
-            .copied()
-            .collect();
         if !handled.is_empty() {
-            match self.base.ack(&handled).await {
-                Ok(()) => self.resolve(&handled),
+            let ids: Vec<ItemId> = handled.iter().map(|d| d.id).collect();
+            match self.base.ack(&ids).await {
+                Ok(()) => self.resolve(&ids),
                 Err(e) => {
                     tracing::warn!(queue = %self.name, error = %e, "ack failed; items will be handled again")
                 }
             }
         }
         let mut retry: BTreeMap<Duration, Vec<ItemId>> = BTreeMap::new();
-        for id in unhandled {
-            let d = &by_id[&id];
+        for d in unhandled {
             let failures = d.attempts.saturating_add(1);
             if failures >= self.opts.max_attempts {
                 let note = format!("not handled after {failures} attempts");
@@ -1352,7 +1349,7 @@ where
                 retry
                     .entry(self.opts.backoff_for(d.attempts))
                     .or_default()
-                    .push(id);
+                    .push(d.id);
             }
         }
         for (delay, ids) in retry {
