@@ -267,6 +267,9 @@ struct State {
     /// Ready and lease sequence numbers (one counter: both are unique).
     next_seq: u64,
     closed: bool,
+    /// Pops that found nothing and wait (or are about to) for `ready_signal`.
+    /// Only while this is non-zero do calls that make items ready signal.
+    waiting: usize,
     entries: Entries,
     /// Ready items that may be handed out now, by ready sequence.
     ready: ReadyQueue,
@@ -283,6 +286,11 @@ struct State {
 }
 
 impl State {
+    /// How many waiting pops to signal for `n` items that became poppable.
+    fn wakes(&self, n: usize) -> usize {
+        n.min(self.waiting)
+    }
+
     fn next_seq(&mut self) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -474,8 +482,9 @@ impl MemoryQueue {
         loop {
             // `notify_waiters` reaches a `Notified` from its creation on, so
             // creating it before the check is enough: no registration (and no
-            // lock on the waiter list) unless the queue turns out full.
-            let room = self.room_signal.notified();
+            // lock on the waiter list) unless the queue turns out full. Only
+            // a bounded queue can be full.
+            let room = self.opts.capacity.map(|_| self.room_signal.notified());
             tokio::pin!(room);
             {
                 let mut st = self.state.lock();
@@ -496,10 +505,9 @@ impl MemoryQueue {
                         st.dedup.insert(item.payload.clone(), id);
                     }
                     let poppable = st.insert(id, item);
+                    let wake = st.wakes(usize::from(poppable));
                     drop(st);
-                    if poppable {
-                        self.ready_signal.notify_one();
-                    }
+                    self.signal_ready(wake);
                     return Ok(ItemId(id));
                 }
             }
@@ -509,7 +517,9 @@ impl MemoryQueue {
                 return Err(PushError::Full(item));
             }
             // On timeout the loop looks once more, then fails with `Full`.
-            let _ = tokio::time::timeout_at(deadline, room).await;
+            if let Some(room) = room.as_pin_mut() {
+                let _ = tokio::time::timeout_at(deadline, room).await;
+            }
         }
     }
 
@@ -517,16 +527,33 @@ impl MemoryQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
+        /// Counts this pop in `State::waiting` while it waits; uncounts it
+        /// when it looks again or is dropped.
+        struct Waiting<'a>(&'a MemoryQueue, bool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    self.0.state.lock().waiting -= 1;
+                }
+            }
+        }
         let deadline = Instant::now() + timeout;
+        let mut waiting = Waiting(self, false);
         loop {
             // Created before the look (so `close`'s `notify_waiters` reaches
             // it) but not registered: a pop that finds items never touches
-            // the waiter list. A push between the look and the wait leaves a
-            // permit (`notify_one`), so no wake-up is missed.
+            // the waiter list. A pop that finds nothing counts itself in
+            // `waiting` under the lock; whoever makes an item ready after
+            // that signals, leaving a permit (`notify_one`) if this pop is
+            // not registered yet, so no wake-up is missed.
             let signal = self.ready_signal.notified();
             tokio::pin!(signal);
             let wake_at = {
                 let mut st = self.state.lock();
+                if waiting.1 {
+                    st.waiting -= 1;
+                    waiting.1 = false;
+                }
                 let now = Instant::now();
                 let woke = st.promote(now);
                 if !st.ready.is_empty() {
@@ -548,20 +575,18 @@ impl MemoryQueue {
                             attempts: e.attempts,
                         });
                     }
-                    let left = !st.ready.is_empty();
+                    // Pass on what we did not take to other waiters (this
+                    // pop used one of the items that became ready).
+                    let left = st.ready.len().min(woke.saturating_sub(1).max(1));
+                    let wake = st.wakes(left);
                     drop(st);
-                    // Pass on what we did not take to other waiters.
-                    if left {
-                        self.ready_signal.notify_one();
-                    }
-                    if woke > 1 {
-                        self.signal_ready(woke - 1);
-                    }
+                    self.signal_ready(wake);
                     return Ok(out);
                 }
                 if woke > 0 {
+                    let wake = st.wakes(woke);
                     drop(st);
-                    self.signal_ready(woke);
+                    self.signal_ready(wake);
                     continue;
                 }
                 if st.closed {
@@ -570,6 +595,8 @@ impl MemoryQueue {
                 if now >= deadline {
                     return Ok(Vec::new());
                 }
+                st.waiting += 1;
+                waiting.1 = true;
                 st.next_timer().map_or(deadline, |t| t.min(deadline))
             };
             let _ = tokio::time::timeout_at(wake_at, signal).await;
@@ -606,7 +633,7 @@ impl BaseQueue for MemoryQueue {
         Box::pin(async move {
             let mut unblocked = 0;
             let mut removed = 0;
-            {
+            let wake = {
                 let mut st = self.state.lock();
                 for id in ids {
                     // Only leased items can be acked; a stale ack of an item
@@ -617,8 +644,9 @@ impl BaseQueue for MemoryQueue {
                         unblocked += usize::from(u);
                     }
                 }
-            }
-            self.signal_ready(unblocked);
+                st.wakes(unblocked)
+            };
+            self.signal_ready(wake);
             // Only a bounded queue has pushes waiting for room.
             if removed > 0 && self.opts.capacity.is_some() {
                 self.room_signal.notify_waiters();
@@ -634,7 +662,7 @@ impl BaseQueue for MemoryQueue {
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
             let mut woke = 0;
-            {
+            let wake = {
                 let mut st = self.state.lock();
                 let now = Instant::now();
                 for id in ids {
@@ -657,10 +685,11 @@ impl BaseQueue for MemoryQueue {
                     let st = &mut *st;
                     st.leased.remove(&st.entries);
                 }
-            }
-            // Wake one waiter even for a delayed nack so that a waiting pop
-            // shortens its sleep to the new timer.
-            self.signal_ready(woke.max(1));
+                // Wake one waiter even for a delayed nack so that a waiting
+                // pop shortens its sleep to the new timer.
+                st.wakes(woke.max(1))
+            };
+            self.signal_ready(wake);
             Ok(())
         })
     }
@@ -675,7 +704,7 @@ impl BaseQueue for MemoryQueue {
                     delayed: st.delayed.len() as u64,
                     leased: st.leased.len() as u64,
                 };
-                (len, woke)
+                (len, st.wakes(woke))
             };
             self.signal_ready(woke);
             Ok(len)
