@@ -8,6 +8,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -1163,9 +1164,16 @@ where
         stop: &mut watch::Receiver<u8>,
         wait: Duration,
     ) -> Option<Vec<Delivery>> {
-        let first = tokio::select! {
-            r = self.base.pop(self.opts.batch_len, wait) => r,
-            _ = stopped(stop, STOPPING) => return None,
+        let mut pop = self.base.pop(self.opts.batch_len, wait);
+        // A pop that finds items is ready at once: take them without
+        // registering on the stop signal (a lock on its waiter list to
+        // register and another to unregister, per batch).
+        let first = match futures::poll!(&mut pop) {
+            Poll::Ready(r) => r,
+            Poll::Pending => tokio::select! {
+                r = pop => r,
+                _ = stopped(stop, STOPPING) => return None,
+            },
         };
         let mut batch = match first {
             Ok(b) => b,
@@ -1306,9 +1314,15 @@ where
         }
         let handler = self.handler.clone();
         let run = AssertUnwindSafe(async move { handler(items).await }).catch_unwind();
-        let outcome = tokio::select! {
-            r = run => Some(r),
-            _ = stopped(stop, HARD_STOP) => None,
+        tokio::pin!(run);
+        // A handler that finishes in its first poll needs no watch on the
+        // stop signal (see `next_batch`).
+        let outcome = match futures::poll!(&mut run) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => tokio::select! {
+                r = run => Some(r),
+                _ = stopped(stop, HARD_STOP) => None,
+            },
         };
         let (handled, unhandled): (Vec<&Delivery>, Vec<&Delivery>) = match outcome {
             None => {
