@@ -25,9 +25,19 @@
 //!
 //! # Wake-ups
 //!
-//! Pops wait on a [`Notify`] that is signalled once per item that becomes
-//! ready; a pop that leaves ready items behind passes the signal on. Pushes
-//! waiting for room wait on a second `Notify` signalled when items leave.
+//! A pop that finds nothing counts itself as waiting (under the state lock)
+//! and waits on a [`Notify`]. Whatever makes items ready signals it once per
+//! item, for at most as many pops as are waiting, so a push with no pop
+//! waiting touches no shared signal; a pop that leaves ready items behind
+//! passes the signal on. Pushes waiting for room (bounded queues only) wait
+//! on a second `Notify` signalled when items leave.
+//!
+//! # Structures
+//!
+//! Items live in a hash map by id. Ready items and leases are kept in
+//! `VecDeque`s in hand-out and expiry order (O(1) per item); an ack or nack
+//! leaves a stale slot behind, skipped when reached and compacted away when
+//! stale slots outnumber live ones. Only nack delays use an ordered map.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
