@@ -349,6 +349,33 @@ struct DeadRecord {
 
 type HandlerFn<T> = Arc<dyn Fn(Vec<Item<T>>) -> BoxFuture<'static, Vec<Item<T>>> + Send + Sync>;
 
+/// `serde_json::to_vec(value)`, in an allocation of the encoding's size.
+///
+/// `to_vec` starts from a 128-byte buffer, and the base queue keeps that
+/// buffer for as long as it holds the item: for small items most of it is
+/// unused, and a backlog of them takes several times the memory (and cache)
+/// it needs. The JSON is written into a per-thread scratch buffer instead and
+/// copied out at its exact length. Same bytes either way.
+fn encode<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// A scratch buffer grown past this by a large item is not kept.
+    const KEEP: usize = 4096;
+    SCRATCH.with(|scratch| {
+        // A `Serialize` impl that itself pushes finds the buffer in use.
+        let Ok(mut buf) = scratch.try_borrow_mut() else {
+            return serde_json::to_vec(value);
+        };
+        buf.clear();
+        let out = serde_json::to_writer(&mut *buf, value).map(|()| buf.to_vec());
+        if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+        out
+    })
+}
+
 /// Stop levels sent on the `stop` watch.
 const RUNNING: u8 = 0;
 const STOPPING: u8 = 1;
@@ -644,7 +671,7 @@ where
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(WorkPushError::Closed(value));
         }
-        let payload = match serde_json::to_vec(&value) {
+        let payload = match encode(&value) {
             Ok(p) => p,
             Err(source) => {
                 return Err(WorkPushError::Encode {
@@ -689,7 +716,7 @@ where
     /// # });
     /// ```
     pub async fn has(&self, value: &T) -> Result<bool, WorkError> {
-        let Ok(payload) = serde_json::to_vec(value) else {
+        let Ok(payload) = encode(value) else {
             return Ok(false);
         };
         self.inner
@@ -1407,5 +1434,40 @@ where
                     .await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode;
+    use serde::{Serialize, Serializer};
+
+    #[test]
+    fn encode_writes_the_bytes_of_to_vec() {
+        let values = [
+            serde_json::json!(7u64),
+            serde_json::json!({"a": [1, 2], "b": null}),
+            // Larger than the scratch buffer that is kept.
+            serde_json::json!("x".repeat(10_000)),
+            serde_json::json!("after a large one"),
+        ];
+        for v in values {
+            assert_eq!(encode(&v).unwrap(), serde_json::to_vec(&v).unwrap());
+        }
+    }
+
+    #[test]
+    fn encode_inside_serialize_falls_back_to_to_vec() {
+        struct Nested;
+        impl Serialize for Nested {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let inner = encode(&[1u8, 2, 3]).expect("encodes");
+                s.serialize_bytes(&inner)
+            }
+        }
+        assert_eq!(
+            encode(&Nested).unwrap(),
+            serde_json::to_vec(&Nested).unwrap()
+        );
     }
 }
