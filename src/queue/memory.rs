@@ -25,9 +25,19 @@
 //!
 //! # Wake-ups
 //!
-//! Pops wait on a [`Notify`] that is signalled once per item that becomes
-//! ready; a pop that leaves ready items behind passes the signal on. Pushes
-//! waiting for room wait on a second `Notify` signalled when items leave.
+//! A pop that finds nothing counts itself as waiting (under the state lock)
+//! and waits on a [`Notify`]. Whatever makes items ready signals it once per
+//! item, for at most as many pops as are waiting, so a push with no pop
+//! waiting touches no shared signal; a pop that leaves ready items behind
+//! passes the signal on. Pushes waiting for room (bounded queues only) wait
+//! on a second `Notify` signalled when items leave.
+//!
+//! # Structures
+//!
+//! Items live in a hash map by id. Ready items and leases are kept in
+//! `VecDeque`s in hand-out and expiry order (O(1) per item); an ack or nack
+//! leaves a stale slot behind, skipped when reached and compacted away when
+//! stale slots outnumber live ones. Only nack delays use an ordered map.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
@@ -98,8 +108,8 @@ enum Phase {
     Ready { seq: u64 },
     /// Waiting out a nack delay.
     Delayed { until: Instant },
-    /// Handed out; comes back at `until`.
-    Leased { until: Instant },
+    /// Handed out (lease number `seq`); comes back at `until`.
+    Leased { until: Instant, seq: u64 },
 }
 
 #[derive(Debug)]
@@ -110,20 +120,175 @@ struct Entry {
     phase: Phase,
 }
 
+type Entries = HashMap<u64, Entry, IdHash>;
+
+/// Ready items that may be handed out now, oldest ready sequence first.
+///
+/// Nearly every item becomes ready with the newest sequence number (a push,
+/// a nack, an expired lease), so it goes to the back of a `VecDeque`. Only a
+/// keyed item released by the removal of the item before it can come back
+/// with an older number; those wait in `late` and are merged in by `pop`.
+/// Removing an item from the middle (an ack of a ready item) leaves its slot
+/// behind as *stale*; a stale slot no longer matches its entry's phase and is
+/// skipped, and the deque is compacted when stale slots outnumber live ones.
+#[derive(Debug, Default)]
+struct ReadyQueue {
+    /// `(seq, id)` in increasing `seq`.
+    fifo: VecDeque<(u64, u64)>,
+    /// `seq -> id` for items that came back behind newer ones.
+    late: BTreeMap<u64, u64>,
+    /// Slots in `fifo` whose item left.
+    stale: usize,
+}
+
+impl ReadyQueue {
+    fn len(&self) -> usize {
+        self.fifo.len() + self.late.len() - self.stale
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn live(entries: &Entries, seq: u64, id: u64) -> bool {
+        entries
+            .get(&id)
+            .is_some_and(|e| e.phase == Phase::Ready { seq })
+    }
+
+    fn push(&mut self, seq: u64, id: u64) {
+        match self.fifo.back() {
+            Some(&(last, _)) if last > seq => {
+                self.late.insert(seq, id);
+            }
+            _ => self.fifo.push_back((seq, id)),
+        }
+    }
+
+    /// Takes the oldest live item's id.
+    fn pop(&mut self, entries: &Entries) -> Option<u64> {
+        loop {
+            let front = self.fifo.front().copied();
+            let late = self.late.first_key_value().map(|(s, i)| (*s, *i));
+            match (front, late) {
+                (Some((f, _)), Some((l, id))) if l < f => {
+                    self.late.pop_first();
+                    return Some(id);
+                }
+                (Some((seq, id)), _) => {
+                    self.fifo.pop_front();
+                    if self.stale == 0 || Self::live(entries, seq, id) {
+                        return Some(id);
+                    }
+                    self.stale -= 1;
+                }
+                (None, Some((_, id))) => {
+                    self.late.pop_first();
+                    return Some(id);
+                }
+                (None, None) => return None,
+            }
+        }
+    }
+
+    /// Forgets the item ready since `seq`; its entry must already have left
+    /// `entries` (or changed phase).
+    fn remove(&mut self, seq: u64, entries: &Entries) {
+        if self.late.remove(&seq).is_some() {
+            return;
+        }
+        self.stale += 1;
+        if self.stale > 32 && self.stale * 2 > self.fifo.len() {
+            self.fifo.retain(|&(seq, id)| Self::live(entries, seq, id));
+            self.stale = 0;
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
+/// Leased items by lease expiry.
+///
+/// Every lease lasts the visibility timeout from a clock read under the state
+/// lock, so expiries come in order and a `VecDeque` holds them. An ack or a
+/// nack leaves the item's slot behind as *stale* (its entry is gone or has
+/// another lease number); stale slots are dropped when they reach the front,
+/// and the deque is compacted when they outnumber live ones.
+#[derive(Debug, Default)]
+struct LeaseQueue {
+    /// `(until, lease number, id)` in non-decreasing `until`.
+    fifo: VecDeque<(Instant, u64, u64)>,
+    /// Slots whose lease ended early.
+    stale: usize,
+}
+
+impl LeaseQueue {
+    fn len(&self) -> usize {
+        self.fifo.len() - self.stale
+    }
+
+    fn live(entries: &Entries, seq: u64, id: u64) -> bool {
+        entries
+            .get(&id)
+            .is_some_and(|e| matches!(e.phase, Phase::Leased { seq: s, .. } if s == seq))
+    }
+
+    /// Adds a lease; returns its expiry (`until`, or the latest expiry held
+    /// if the clock went backwards).
+    fn push(&mut self, until: Instant, seq: u64, id: u64) -> Instant {
+        let until = self.fifo.back().map_or(until, |b| b.0.max(until));
+        self.fifo.push_back((until, seq, id));
+        until
+    }
+
+    /// The earliest live lease, dropping stale slots before it.
+    fn first(&mut self, entries: &Entries) -> Option<(Instant, u64)> {
+        while let Some(&(until, seq, id)) = self.fifo.front() {
+            if self.stale == 0 || Self::live(entries, seq, id) {
+                return Some((until, id));
+            }
+            self.fifo.pop_front();
+            self.stale -= 1;
+        }
+        None
+    }
+
+    /// Ends a lease early; the entry must already have left `entries` (or
+    /// changed phase).
+    fn remove(&mut self, entries: &Entries) {
+        self.stale += 1;
+        if self.stale > 32 && self.stale * 2 > self.fifo.len() {
+            self.fifo
+                .retain(|&(_, seq, id)| Self::live(entries, seq, id));
+            self.stale = 0;
+        }
+    }
+
+    fn clear(&mut self) {
+        *self = Self::default();
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     next_id: u64,
+    /// Ready and lease sequence numbers (one counter: both are unique).
     next_seq: u64,
     closed: bool,
-    entries: HashMap<u64, Entry, IdHash>,
+    /// Pops that found nothing and wait (or are about to) for `ready_signal`.
+    /// Only while this is non-zero do calls that make items ready signal.
+    waiting: usize,
+    entries: Entries,
     /// Ready items that may be handed out now, by ready sequence.
-    ready: BTreeMap<u64, u64>,
+    ready: ReadyQueue,
     /// Ready items held back by an earlier item of their key.
     blocked: u64,
     /// Timers: delayed items by due time.
     delayed: BTreeSet<(Instant, u64)>,
     /// Timers: leased items by lease expiry.
-    leased: BTreeSet<(Instant, u64)>,
+    leased: LeaseQueue,
     /// Every held item of a key, in push (id) order.
     keys: HashMap<String, VecDeque<u64>>,
     /// Payloads held by a unique queue.
@@ -131,31 +296,64 @@ struct State {
 }
 
 impl State {
-    /// Whether `id` (with `key`) is the oldest held item of its key.
-    fn is_key_head(&self, id: u64, key: Option<&String>) -> bool {
-        match key {
-            None => true,
-            Some(k) => self.keys.get(k).and_then(|q| q.front()) == Some(&id),
-        }
+    /// How many waiting pops to signal for `n` items that became poppable.
+    fn wakes(&self, n: usize) -> usize {
+        n.min(self.waiting)
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
     }
 
     /// Moves `id` to ready with a fresh sequence number (behind everything
     /// ready by now). Returns whether it can be handed out at once.
     fn make_ready(&mut self, id: u64) -> bool {
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = self.next_seq();
         let Some(entry) = self.entries.get_mut(&id) else {
             return false;
         };
         entry.phase = Phase::Ready { seq };
-        let key = entry.key.clone();
-        if self.is_key_head(id, key.as_ref()) {
-            self.ready.insert(seq, id);
-            true
+        // Whether it is the oldest held item of its key.
+        let head = match &entry.key {
+            None => true,
+            Some(k) => self.keys.get(k).and_then(|q| q.front()) == Some(&id),
+        };
+        if head {
+            self.ready.push(seq, id);
         } else {
             self.blocked += 1;
-            false
         }
+        head
+    }
+
+    /// Stores a new item as ready. Returns whether it can be handed out at once.
+    fn insert(&mut self, id: u64, item: NewItem) -> bool {
+        let seq = self.next_seq();
+        let head = match &item.key {
+            None => true,
+            Some(k) => {
+                let q = self.keys.entry(k.clone()).or_default();
+                q.push_back(id);
+                q.len() == 1
+            }
+        };
+        self.entries.insert(
+            id,
+            Entry {
+                payload: item.payload,
+                key: item.key,
+                attempts: 0,
+                phase: Phase::Ready { seq },
+            },
+        );
+        if head {
+            self.ready.push(seq, id);
+        } else {
+            self.blocked += 1;
+        }
+        head
     }
 
     /// Applies due timers. Returns how many items became poppable.
@@ -168,11 +366,11 @@ impl State {
             self.delayed.pop_first();
             woke += usize::from(self.make_ready(id));
         }
-        while let Some(&(at, id)) = self.leased.first() {
+        while let Some((at, id)) = self.leased.first(&self.entries) {
             if at > now {
                 break;
             }
-            self.leased.pop_first();
+            self.leased.fifo.pop_front();
             if let Some(e) = self.entries.get_mut(&id) {
                 e.attempts = e.attempts.saturating_add(1);
             }
@@ -182,9 +380,9 @@ impl State {
     }
 
     /// The earliest pending timer.
-    fn next_timer(&self) -> Option<Instant> {
+    fn next_timer(&mut self) -> Option<Instant> {
         let d = self.delayed.first().map(|t| t.0);
-        let l = self.leased.first().map(|t| t.0);
+        let l = self.leased.first(&self.entries).map(|t| t.0);
         match (d, l) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -197,16 +395,22 @@ impl State {
         let entry = self.entries.remove(&id)?;
         match entry.phase {
             Phase::Ready { seq } => {
-                if self.ready.remove(&seq).is_none() {
+                // Poppable unless an earlier item of its key is held (the
+                // key index still lists it here).
+                let head = match &entry.key {
+                    None => true,
+                    Some(k) => self.keys.get(k).and_then(|q| q.front()) == Some(&id),
+                };
+                if head {
+                    self.ready.remove(seq, &self.entries);
+                } else {
                     self.blocked -= 1;
                 }
             }
             Phase::Delayed { until } => {
                 self.delayed.remove(&(until, id));
             }
-            Phase::Leased { until } => {
-                self.leased.remove(&(until, id));
-            }
+            Phase::Leased { .. } => self.leased.remove(&self.entries),
         }
         if let Some(d) = self.dedup.get(&entry.payload) {
             if *d == id {
@@ -229,7 +433,7 @@ impl State {
                         if let Some(Phase::Ready { seq }) = self.entries.get(&next).map(|e| e.phase)
                         {
                             self.blocked -= 1;
-                            self.ready.insert(seq, next);
+                            self.ready.push(seq, next);
                             unblocked = true;
                         }
                     }
@@ -286,9 +490,12 @@ impl MemoryQueue {
         // Read the clock only when the queue is full.
         let mut deadline: Option<Instant> = None;
         loop {
-            let room = self.room_signal.notified();
+            // `notify_waiters` reaches a `Notified` from its creation on, so
+            // creating it before the check is enough: no registration (and no
+            // lock on the waiter list) unless the queue turns out full. Only
+            // a bounded queue can be full.
+            let room = self.opts.capacity.map(|_| self.room_signal.notified());
             tokio::pin!(room);
-            room.as_mut().enable();
             {
                 let mut st = self.state.lock();
                 if st.closed {
@@ -307,24 +514,10 @@ impl MemoryQueue {
                     if self.opts.unique {
                         st.dedup.insert(item.payload.clone(), id);
                     }
-                    if let Some(k) = &item.key {
-                        st.keys.entry(k.clone()).or_default().push_back(id);
-                    }
-                    st.entries.insert(
-                        id,
-                        Entry {
-                            payload: item.payload,
-                            key: item.key,
-                            attempts: 0,
-                            // Replaced by make_ready.
-                            phase: Phase::Ready { seq: 0 },
-                        },
-                    );
-                    let poppable = st.make_ready(id);
+                    let poppable = st.insert(id, item);
+                    let wake = st.wakes(usize::from(poppable));
                     drop(st);
-                    if poppable {
-                        self.ready_signal.notify_one();
-                    }
+                    self.signal_ready(wake);
                     return Ok(ItemId(id));
                 }
             }
@@ -334,7 +527,9 @@ impl MemoryQueue {
                 return Err(PushError::Full(item));
             }
             // On timeout the loop looks once more, then fails with `Full`.
-            let _ = tokio::time::timeout_at(deadline, room).await;
+            if let Some(room) = room.as_pin_mut() {
+                let _ = tokio::time::timeout_at(deadline, room).await;
+            }
         }
     }
 
@@ -342,25 +537,47 @@ impl MemoryQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
+        /// Counts this pop in `State::waiting` while it waits; uncounts it
+        /// when it looks again or is dropped.
+        struct Waiting<'a>(&'a MemoryQueue, bool);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                if self.1 {
+                    self.0.state.lock().waiting -= 1;
+                }
+            }
+        }
         let deadline = Instant::now() + timeout;
+        let mut waiting = Waiting(self, false);
         loop {
+            // Created before the look (so `close`'s `notify_waiters` reaches
+            // it) but not registered: a pop that finds items never touches
+            // the waiter list. A pop that finds nothing counts itself in
+            // `waiting` under the lock; whoever makes an item ready after
+            // that signals, leaving a permit (`notify_one`) if this pop is
+            // not registered yet, so no wake-up is missed.
             let signal = self.ready_signal.notified();
             tokio::pin!(signal);
-            signal.as_mut().enable();
             let wake_at = {
                 let mut st = self.state.lock();
+                if waiting.1 {
+                    st.waiting -= 1;
+                    waiting.1 = false;
+                }
                 let now = Instant::now();
                 let woke = st.promote(now);
                 if !st.ready.is_empty() {
                     let until = now + self.opts.visibility_timeout;
                     let mut out = Vec::with_capacity(max.min(st.ready.len()));
                     while out.len() < max {
-                        let Some((_, id)) = st.ready.pop_first() else {
+                        let st = &mut *st;
+                        let Some(id) = st.ready.pop(&st.entries) else {
                             break;
                         };
-                        st.leased.insert((until, id));
+                        let seq = st.next_seq();
+                        let until = st.leased.push(until, seq, id);
                         let e = st.entries.get_mut(&id).expect("ready item is stored");
-                        e.phase = Phase::Leased { until };
+                        e.phase = Phase::Leased { until, seq };
                         out.push(Delivery {
                             id: ItemId(id),
                             payload: e.payload.clone(),
@@ -368,20 +585,18 @@ impl MemoryQueue {
                             attempts: e.attempts,
                         });
                     }
-                    let left = !st.ready.is_empty();
+                    // Pass on what we did not take to other waiters (this
+                    // pop used one of the items that became ready).
+                    let left = st.ready.len().min(woke.saturating_sub(1).max(1));
+                    let wake = st.wakes(left);
                     drop(st);
-                    // Pass on what we did not take to other waiters.
-                    if left {
-                        self.ready_signal.notify_one();
-                    }
-                    if woke > 1 {
-                        self.signal_ready(woke - 1);
-                    }
+                    self.signal_ready(wake);
                     return Ok(out);
                 }
                 if woke > 0 {
+                    let wake = st.wakes(woke);
                     drop(st);
-                    self.signal_ready(woke);
+                    self.signal_ready(wake);
                     continue;
                 }
                 if st.closed {
@@ -390,6 +605,8 @@ impl MemoryQueue {
                 if now >= deadline {
                     return Ok(Vec::new());
                 }
+                st.waiting += 1;
+                waiting.1 = true;
                 st.next_timer().map_or(deadline, |t| t.min(deadline))
             };
             let _ = tokio::time::timeout_at(wake_at, signal).await;
@@ -426,7 +643,7 @@ impl BaseQueue for MemoryQueue {
         Box::pin(async move {
             let mut unblocked = 0;
             let mut removed = 0;
-            {
+            let wake = {
                 let mut st = self.state.lock();
                 for id in ids {
                     // Only leased items can be acked; a stale ack of an item
@@ -437,9 +654,11 @@ impl BaseQueue for MemoryQueue {
                         unblocked += usize::from(u);
                     }
                 }
-            }
-            self.signal_ready(unblocked);
-            if removed > 0 {
+                st.wakes(unblocked)
+            };
+            self.signal_ready(wake);
+            // Only a bounded queue has pushes waiting for room.
+            if removed > 0 && self.opts.capacity.is_some() {
                 self.room_signal.notify_waiters();
             }
             Ok(())
@@ -453,7 +672,7 @@ impl BaseQueue for MemoryQueue {
     ) -> BoxFuture<'a, Result<(), QueueError>> {
         Box::pin(async move {
             let mut woke = 0;
-            {
+            let wake = {
                 let mut st = self.state.lock();
                 let now = Instant::now();
                 for id in ids {
@@ -461,25 +680,26 @@ impl BaseQueue for MemoryQueue {
                     let Some(e) = st.entries.get_mut(&id) else {
                         continue;
                     };
-                    let Phase::Leased { until } = e.phase else {
+                    if !matches!(e.phase, Phase::Leased { .. }) {
                         continue;
-                    };
+                    }
                     e.attempts = e.attempts.saturating_add(1);
-                    st.leased.remove(&(until, id));
                     if delay.is_zero() {
                         woke += usize::from(st.make_ready(id));
                     } else {
                         let due = now + delay;
-                        if let Some(e) = st.entries.get_mut(&id) {
-                            e.phase = Phase::Delayed { until: due };
-                        }
+                        e.phase = Phase::Delayed { until: due };
                         st.delayed.insert((due, id));
                     }
+                    // After the phase change: the slot is stale now.
+                    let st = &mut *st;
+                    st.leased.remove(&st.entries);
                 }
-            }
-            // Wake one waiter even for a delayed nack so that a waiting pop
-            // shortens its sleep to the new timer.
-            self.signal_ready(woke.max(1));
+                // Wake one waiter even for a delayed nack so that a waiting
+                // pop shortens its sleep to the new timer.
+                st.wakes(woke.max(1))
+            };
+            self.signal_ready(wake);
             Ok(())
         })
     }
@@ -494,7 +714,7 @@ impl BaseQueue for MemoryQueue {
                     delayed: st.delayed.len() as u64,
                     leased: st.leased.len() as u64,
                 };
-                (len, woke)
+                (len, st.wakes(woke))
             };
             self.signal_ready(woke);
             Ok(len)
@@ -741,6 +961,61 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(pop_strs(&q, 5).await, ["a", "c"]);
+    }
+
+    /// Acks out of order leave stale slots in the lease and ready queues;
+    /// they must be skipped and compacted without changing what is handed out.
+    #[tokio::test(start_paused = true)]
+    async fn out_of_order_acks_keep_counts_and_order() {
+        let q = MemoryQueue::new(
+            "q",
+            QueueOptions::default().visibility_timeout(Duration::from_secs(10)),
+        );
+        for i in 0..300u32 {
+            q.push(NewItem::new(i.to_le_bytes().to_vec()), T)
+                .await
+                .unwrap();
+        }
+        let leased = q.pop(300, T).await.unwrap();
+        // Ack the odd ones from the back: every lease slot but the even ones goes stale.
+        let odd: Vec<ItemId> = leased.iter().rev().step_by(2).map(|d| d.id).collect();
+        q.ack(&odd).await.unwrap();
+        let len = q.len().await.unwrap();
+        assert_eq!((len.ready, len.leased), (0, 150));
+        // The even ones expire together and come back in push order.
+        tokio::time::advance(Duration::from_secs(10)).await;
+        assert_eq!(q.len().await.unwrap().ready, 150);
+        // Ack ready items (a stale ack after the lease expired) out of order.
+        let every_third: Vec<ItemId> = leased
+            .iter()
+            .rev()
+            .skip(1)
+            .step_by(2)
+            .step_by(3)
+            .map(|d| d.id)
+            .collect();
+        q.ack(&every_third).await.unwrap();
+        let left = q.pop(300, Duration::ZERO).await.unwrap();
+        let want: Vec<u32> = (0..300)
+            .rev()
+            .skip(1)
+            .step_by(2)
+            .enumerate()
+            .filter(|(i, _)| i % 3 != 0)
+            .map(|(_, v)| v)
+            .rev()
+            .collect();
+        let got: Vec<u32> = left
+            .iter()
+            .map(|d| u32::from_le_bytes(d.payload.clone().try_into().unwrap()))
+            .collect();
+        assert_eq!(got, want);
+        assert!(left.iter().all(|d| d.attempts == 1));
+        let len = q.len().await.unwrap();
+        assert_eq!((len.ready, len.leased), (0, 100));
+        let ids: Vec<ItemId> = left.iter().map(|d| d.id).collect();
+        q.ack(&ids).await.unwrap();
+        assert_eq!(q.len().await.unwrap(), QueueLen::default());
     }
 
     #[tokio::test]

@@ -2,12 +2,13 @@
 //! retries and dead letters over any [`BaseQueue`]. The semantics are documented
 //! on the type.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -348,6 +349,33 @@ struct DeadRecord {
 
 type HandlerFn<T> = Arc<dyn Fn(Vec<Item<T>>) -> BoxFuture<'static, Vec<Item<T>>> + Send + Sync>;
 
+/// `serde_json::to_vec(value)`, in an allocation of the encoding's size.
+///
+/// `to_vec` starts from a 128-byte buffer, and the base queue keeps that
+/// buffer for as long as it holds the item: for small items most of it is
+/// unused, and a backlog of them takes several times the memory (and cache)
+/// it needs. The JSON is written into a per-thread scratch buffer instead and
+/// copied out at its exact length. Same bytes either way.
+fn encode<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<Vec<u8>> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    /// A scratch buffer grown past this by a large item is not kept.
+    const KEEP: usize = 4096;
+    SCRATCH.with(|scratch| {
+        // A `Serialize` impl that itself pushes finds the buffer in use.
+        let Ok(mut buf) = scratch.try_borrow_mut() else {
+            return serde_json::to_vec(value);
+        };
+        buf.clear();
+        let out = serde_json::to_writer(&mut *buf, value).map(|()| buf.to_vec());
+        if buf.capacity() > KEEP {
+            *buf = Vec::new();
+        }
+        out
+    })
+}
+
 /// Stop levels sent on the `stop` watch.
 const RUNNING: u8 = 0;
 const STOPPING: u8 = 1;
@@ -369,9 +397,11 @@ struct Pool {
 struct Pending {
     /// Items pushed through this work queue and not yet handled.
     ids: HashSet<ItemId, IdHash>,
-    /// Generation numbers of pushes whose base push has not returned yet.
-    inflight: BTreeSet<u64>,
-    next_gen: u64,
+    /// Every push whose generation (taken from `Inner::push_gen` as it
+    /// starts) is below this has ended.
+    low: u64,
+    /// Which pushes from generation `low` on have ended: `ended[gen - low]`.
+    ended: VecDeque<bool>,
     /// Ids resolved while pushes were in flight (they may be those pushes'
     /// items, handled before the push registered them), each tagged with
     /// the generation counter at that moment: only pushes of an older
@@ -395,6 +425,9 @@ struct Inner<T> {
     stop: watch::Sender<u8>,
     retries: AtomicU64,
     dead_lettered: AtomicU64,
+    /// The generation of the next push to start. An atomic, so that a push
+    /// locks `pending` once (when it ends), not also when it starts.
+    push_gen: AtomicU64,
     pending: Mutex<Pending>,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -575,6 +608,7 @@ where
             stop: stop.clone(),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            push_gen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             dispatcher: Mutex::new(None),
         });
@@ -637,7 +671,7 @@ where
         if self.inner.closed.load(Ordering::Acquire) {
             return Err(WorkPushError::Closed(value));
         }
-        let payload = match serde_json::to_vec(&value) {
+        let payload = match encode(&value) {
             Ok(p) => p,
             Err(source) => {
                 return Err(WorkPushError::Encode {
@@ -682,7 +716,7 @@ where
     /// # });
     /// ```
     pub async fn has(&self, value: &T) -> Result<bool, WorkError> {
-        let Ok(payload) = serde_json::to_vec(value) else {
+        let Ok(payload) = encode(value) else {
             return Ok(false);
         };
         self.inner
@@ -1021,14 +1055,22 @@ impl<T> Inner<T> {
         impl Drop for Pushing<'_> {
             fn drop(&mut self) {
                 let mut p = lock(self.0);
-                p.inflight.remove(&self.1);
+                let at = usize::try_from(self.1 - p.low).expect("in-flight pushes fit in memory");
+                if p.ended.len() <= at {
+                    p.ended.resize(at + 1, false);
+                }
+                p.ended[at] = true;
+                while p.ended.front() == Some(&true) {
+                    p.ended.pop_front();
+                    p.low += 1;
+                }
                 if let Some(id) = self.2 {
                     if p.early.remove(&id).is_none() {
                         p.ids.insert(id);
                     }
                 }
                 // Forget early ids no push still in flight can need.
-                let oldest = p.inflight.first().copied().unwrap_or(p.next_gen);
+                let oldest = p.low;
                 while let Some(&(tag, id)) = p.early_order.front() {
                     if tag > oldest {
                         break;
@@ -1040,13 +1082,9 @@ impl<T> Inner<T> {
                 }
             }
         }
-        let gen = {
-            let mut p = lock(&self.pending);
-            let gen = p.next_gen;
-            p.next_gen += 1;
-            p.inflight.insert(gen);
-            gen
-        };
+        // Taken before the base push, so whoever handles the item sees this
+        // push in flight (the item reaches it through the base queue).
+        let gen = self.push_gen.fetch_add(1, Ordering::SeqCst);
         let mut guard = Pushing(&self.pending, gen, None);
         let id = self.base.push(item, timeout).await?;
         guard.2 = Some(id);
@@ -1056,12 +1094,15 @@ impl<T> Inner<T> {
     /// Marks items handled (or dead-lettered) for [`WorkQueue::flush`].
     fn resolve(&self, ids: &[ItemId]) {
         let mut p = lock(&self.pending);
-        if p.ids.is_empty() && p.inflight.is_empty() {
+        // Read under the lock: pushes below `low` have ended, so any push
+        // in `low..tag` is in flight.
+        let tag = self.push_gen.load(Ordering::SeqCst);
+        let inflight = p.low < tag;
+        if p.ids.is_empty() && !inflight {
             return;
         }
-        let tag = p.next_gen;
         for id in ids {
-            if !p.ids.remove(id) && !p.inflight.is_empty() {
+            if !p.ids.remove(id) && inflight {
                 p.early.insert(*id, tag);
                 p.early_order.push_back((tag, *id));
             }
@@ -1150,9 +1191,16 @@ where
         stop: &mut watch::Receiver<u8>,
         wait: Duration,
     ) -> Option<Vec<Delivery>> {
-        let first = tokio::select! {
-            r = self.base.pop(self.opts.batch_len, wait) => r,
-            _ = stopped(stop, STOPPING) => return None,
+        let mut pop = self.base.pop(self.opts.batch_len, wait);
+        // A pop that finds items is ready at once: take them without
+        // registering on the stop signal (a lock on its waiter list to
+        // register and another to unregister, per batch).
+        let first = match futures::poll!(&mut pop) {
+            Poll::Ready(r) => r,
+            Poll::Pending => tokio::select! {
+                r = pop => r,
+                _ = stopped(stop, STOPPING) => return None,
+            },
         };
         let mut batch = match first {
             Ok(b) => b,
@@ -1269,8 +1317,8 @@ where
 
     async fn process(&self, batch: Vec<Delivery>, stop: &mut watch::Receiver<u8>) {
         let mut items = Vec::with_capacity(batch.len());
-        let mut by_id: HashMap<ItemId, Delivery, IdHash> =
-            HashMap::with_capacity_and_hasher(batch.len(), IdHash::default());
+        // The deliveries handed to the handler, in the order of `items`.
+        let mut taken: Vec<Delivery> = Vec::with_capacity(batch.len());
         for d in batch {
             match serde_json::from_slice::<T>(&d.payload) {
                 Ok(value) => {
@@ -1280,7 +1328,7 @@ where
                         attempts: d.attempts,
                         key: d.key.clone(),
                     });
-                    by_id.insert(d.id, d);
+                    taken.push(d);
                 }
                 Err(e) => {
                     self.dead_letter(&d, DeadReason::Undecodable, e.to_string())
@@ -1293,44 +1341,47 @@ where
         }
         let handler = self.handler.clone();
         let run = AssertUnwindSafe(async move { handler(items).await }).catch_unwind();
-        let outcome = tokio::select! {
-            r = run => Some(r),
-            _ = stopped(stop, HARD_STOP) => None,
+        tokio::pin!(run);
+        // A handler that finishes in its first poll needs no watch on the
+        // stop signal (see `next_batch`).
+        let outcome = match futures::poll!(&mut run) {
+            Poll::Ready(r) => Some(r),
+            Poll::Pending => tokio::select! {
+                r = run => Some(r),
+                _ = stopped(stop, HARD_STOP) => None,
+            },
         };
-        let unhandled: HashSet<ItemId, IdHash> = match outcome {
+        let (handled, unhandled): (Vec<&Delivery>, Vec<&Delivery>) = match outcome {
             None => {
-                let ids: Vec<ItemId> = by_id.keys().copied().collect();
+                let ids: Vec<ItemId> = taken.iter().map(|d| d.id).collect();
                 if let Err(e) = self.base.nack(&ids, Duration::ZERO).await {
                     tracing::warn!(queue = %self.name, error = %e, "could not return a cancelled batch");
                 }
                 return;
             }
             Some(Err(_panic)) => {
-                tracing::error!(queue = %self.name, items = by_id.len(), "handler panicked; its batch counts as unhandled");
-                by_id.keys().copied().collect()
+                tracing::error!(queue = %self.name, items = taken.len(), "handler panicked; its batch counts as unhandled");
+                (Vec::new(), taken.iter().collect())
             }
-            Some(Ok(returned)) => returned
-                .iter()
-                .map(|i| i.id)
-                .filter(|id| by_id.contains_key(id))
-                .collect(),
+            // Everything handled: the common case needs no lookup.
+            Some(Ok(returned)) if returned.is_empty() => (taken.iter().collect(), Vec::new()),
+            Some(Ok(returned)) => {
+                // Returned items that are not from this batch are ignored.
+                let back: HashSet<ItemId, IdHash> = returned.iter().map(|i| i.id).collect();
+                taken.iter().partition(|d| !back.contains(&d.id))
+            }
         };
-        let handled: Vec<ItemId> = by_id
-            .keys()
-            .filter(|id| !unhandled.contains(id))
-            .copied()
-            .collect();
         if !handled.is_empty() {
-            match self.base.ack(&handled).await {
-                Ok(()) => self.resolve(&handled),
+            let ids: Vec<ItemId> = handled.iter().map(|d| d.id).collect();
+            match self.base.ack(&ids).await {
+                Ok(()) => self.resolve(&ids),
                 Err(e) => {
                     tracing::warn!(queue = %self.name, error = %e, "ack failed; items will be handled again")
                 }
             }
         }
         let mut retry: BTreeMap<Duration, Vec<ItemId>> = BTreeMap::new();
-        for id in unhandled {
-            let d = &by_id[&id];
+        for d in unhandled {
             let failures = d.attempts.saturating_add(1);
             if failures >= self.opts.max_attempts {
                 let note = format!("not handled after {failures} attempts");
@@ -1339,7 +1390,7 @@ where
                 retry
                     .entry(self.opts.backoff_for(d.attempts))
                     .or_default()
-                    .push(id);
+                    .push(d.id);
             }
         }
         for (delay, ids) in retry {
@@ -1383,5 +1434,40 @@ where
                     .await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::encode;
+    use serde::{Serialize, Serializer};
+
+    #[test]
+    fn encode_writes_the_bytes_of_to_vec() {
+        let values = [
+            serde_json::json!(7u64),
+            serde_json::json!({"a": [1, 2], "b": null}),
+            // Larger than the scratch buffer that is kept.
+            serde_json::json!("x".repeat(10_000)),
+            serde_json::json!("after a large one"),
+        ];
+        for v in values {
+            assert_eq!(encode(&v).unwrap(), serde_json::to_vec(&v).unwrap());
+        }
+    }
+
+    #[test]
+    fn encode_inside_serialize_falls_back_to_to_vec() {
+        struct Nested;
+        impl Serialize for Nested {
+            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let inner = encode(&[1u8, 2, 3]).expect("encodes");
+                s.serialize_bytes(&inner)
+            }
+        }
+        assert_eq!(
+            encode(&Nested).unwrap(),
+            serde_json::to_vec(&Nested).unwrap()
+        );
     }
 }
