@@ -97,9 +97,11 @@
 //! # }
 //! ```
 
+mod chain;
 mod error;
 mod snapshot;
 mod stats;
+mod subscription;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -117,27 +119,19 @@ pub use error::{
 pub use snapshot::{SnapshotHandler, SnapshotRequest, SnapshotSink};
 pub use stats::{KeyStats, PublisherStats, TopicStats};
 
-pub use crate::subscription::{LagPolicy, SubscribeRequest, Subscription, SubscriptionError};
+pub use subscription::{LagPolicy, SubscribeRequest, Subscription, SubscriptionError};
 
-use crate::buffer::{Cursor, EventBuffer, ReadError};
+use crate::buffer::{EventBuffer, ReadError};
 use crate::event::{Event, EventBatch, Subject, Topic};
-use crate::subscription::{SubShared, SubStart};
 use crate::sync::Mutex;
+use chain::{Buf, Cur, Item};
+use subscription::{Registry, SubShared, SubStart};
 
 /// Default snapshot cache TTL: 10 seconds (as Consul's).
 pub const DEFAULT_SNAPSHOT_CACHE_TTL: Duration = Duration::from_secs(10);
 
 /// Default lag limit: 100,000 batches behind the key's newest event.
 pub const DEFAULT_LAG_LIMIT: u64 = 100_000;
-
-/// One node's content in a key's buffer chain.
-pub(crate) enum Item<P> {
-    Batch(EventBatch<P>),
-    EndOfSnapshot(u64),
-}
-
-pub(crate) type Buf<P> = EventBuffer<Item<P>, SnapshotError>;
-pub(crate) type Cur<P> = Cursor<Item<P>, SnapshotError>;
 
 /// Builds a [`Publisher`]: register one snapshot handler per topic, set the
 /// options, then [`build`](Self::build).
@@ -571,21 +565,6 @@ fn evict_key<P>(ks: KeyState<P>) {
 }
 
 impl<P> Inner<P> {
-    /// Releases `sub`'s reference to its key, once: the last one frees the
-    /// key's buffer and cache entry.
-    pub(crate) fn release(&self, sub: &Arc<SubShared<P>>) {
-        {
-            let mut state = self.topics[sub.topic].state.lock();
-            if let Some(ks) = state.keys.get_mut(&sub.subject) {
-                if ks.subs.remove(&sub.id).is_some() && ks.subs.is_empty() {
-                    let ks = state.keys.remove(&sub.subject).expect("present");
-                    evict_key(ks);
-                }
-            }
-        }
-        self.forget_tokens(std::slice::from_ref(sub));
-    }
-
     fn forget_tokens(&self, subs: &[Arc<SubShared<P>>]) {
         if subs.iter().all(|s| s.token.is_none()) {
             return;
@@ -966,34 +945,6 @@ impl<P: Send + Sync + 'static> Inner<P> {
         }
     }
 
-    /// Re-attaches a lag-detached subscriber to a (cached or new) snapshot.
-    pub(crate) fn resnapshot(self: &Arc<Self>, sub: &SubShared<P>) {
-        let mut state = self.topics[sub.topic].state.lock();
-        let Some(ks) = state
-            .keys
-            .get_mut(&sub.subject)
-            .filter(|ks| ks.subs.contains_key(&sub.id))
-        else {
-            // Released: it was closed; make sure of it so the reader stops.
-            drop(state);
-            sub.close(if self.shutdown.load(Ordering::Acquire) {
-                SubscriptionError::ShuttingDown
-            } else {
-                SubscriptionError::ForceClosed
-            });
-            return;
-        };
-        let (cursor, base_seq) = self.snapshot_cursor(
-            &sub.runtime,
-            sub.topic,
-            ks,
-            &sub.subject,
-            0,
-            sub.token.clone(),
-        );
-        sub.restart(cursor, base_seq);
-    }
-
     fn stats(&self) -> PublisherStats {
         let mut topics = Vec::with_capacity(self.topics.len());
         for entry in &self.topics {
@@ -1028,5 +979,47 @@ impl<P: Send + Sync + 'static> Inner<P> {
             cache_hits: self.cache_hits.load(Ordering::Relaxed),
             cache_misses: self.cache_misses.load(Ordering::Relaxed),
         }
+    }
+}
+
+impl<P: Send + Sync + 'static> Registry<P> for Inner<P> {
+    fn release(&self, sub: &Arc<SubShared<P>>) {
+        {
+            let mut state = self.topics[sub.topic].state.lock();
+            if let Some(ks) = state.keys.get_mut(&sub.subject) {
+                if ks.subs.remove(&sub.id).is_some() && ks.subs.is_empty() {
+                    let ks = state.keys.remove(&sub.subject).expect("present");
+                    evict_key(ks);
+                }
+            }
+        }
+        self.forget_tokens(std::slice::from_ref(sub));
+    }
+
+    fn resnapshot(self: Arc<Self>, sub: &SubShared<P>) {
+        let mut state = self.topics[sub.topic].state.lock();
+        let Some(ks) = state
+            .keys
+            .get_mut(&sub.subject)
+            .filter(|ks| ks.subs.contains_key(&sub.id))
+        else {
+            // Released: it was closed; make sure of it so the reader stops.
+            drop(state);
+            sub.close(if self.shutdown.load(Ordering::Acquire) {
+                SubscriptionError::ShuttingDown
+            } else {
+                SubscriptionError::ForceClosed
+            });
+            return;
+        };
+        let (cursor, base_seq) = self.snapshot_cursor(
+            &sub.runtime,
+            sub.topic,
+            ks,
+            &sub.subject,
+            0,
+            sub.token.clone(),
+        );
+        sub.restart(cursor, base_seq);
     }
 }

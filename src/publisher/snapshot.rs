@@ -8,8 +8,9 @@ use futures::future::BoxFuture;
 use futures::FutureExt;
 use tracing::Instrument;
 
+use super::chain::{Buf, Cur, Item};
 use super::error::{BoxError, SinkError, SnapshotError};
-use super::{Buf, Cur, Inner, Item};
+use super::Inner;
 use crate::event::{Event, EventBatch, Subject, Topic};
 use crate::sync::Mutex;
 
