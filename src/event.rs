@@ -213,6 +213,13 @@ impl fmt::Display for Subject {
 ///
 /// Cloning an event clones three reference counts, never the payload.
 ///
+/// The index orders a topic's changes: the events of one
+/// [`Publisher::publish`](crate::publisher::Publisher::publish) call may share
+/// an index (one change touching several keys, or several events of one key
+/// delivered as one batch), and every later call for the topic must use a
+/// higher one; the publisher refuses a backwards or repeated index with
+/// [`PublishErrorKind::IndexNotIncreasing`](crate::publisher::PublishErrorKind::IndexNotIncreasing).
+///
 /// # Examples
 ///
 /// ```

@@ -42,6 +42,17 @@ pub enum PublishErrorKind {
     WildcardSubject,
     /// The publisher was shut down.
     ShutDown,
+    /// An event's index is not above the index already published for its
+    /// topic (`last`): indexes of a topic must increase from one `publish`
+    /// call to the next, and must not decrease within one call.
+    IndexNotIncreasing {
+        /// The event's topic.
+        topic: Topic,
+        /// The offending index.
+        index: u64,
+        /// The index it had to exceed (or, within one call, reach).
+        last: u64,
+    },
 }
 
 impl fmt::Display for PublishErrorKind {
@@ -50,6 +61,12 @@ impl fmt::Display for PublishErrorKind {
             PublishErrorKind::UnknownTopic(t) => write!(f, "unknown topic {t}"),
             PublishErrorKind::WildcardSubject => f.write_str("cannot publish a wildcard subject"),
             PublishErrorKind::ShutDown => f.write_str("publisher shut down"),
+            PublishErrorKind::IndexNotIncreasing { topic, index, last } => {
+                write!(
+                    f,
+                    "index {index} of topic {topic} does not follow index {last}"
+                )
+            }
         }
     }
 }

@@ -255,6 +255,7 @@ impl<P: Send + Sync + 'static> PublisherBuilder<P> {
                 wildcard,
                 state: Mutex::new(TopicState {
                     keys: HashMap::new(),
+                    last_index: None,
                 }),
             })
             .collect();
@@ -353,11 +354,22 @@ impl<P: Send + Sync + 'static> Publisher<P> {
     /// Consecutive events of one key with the same index are delivered as one
     /// batch. Never waits for a subscriber.
     ///
+    /// # Index order
+    ///
+    /// A topic's indexes increase: within one call they never decrease (events
+    /// sharing an index form one change, delivered as one batch), and the
+    /// first index of a topic in a call is above every index published for
+    /// that topic before — whether or not anyone watched the key. This is what
+    /// makes a resume by index exact: a subscriber resuming at `i` and one
+    /// that has been live all along see the same events after `i`.
+    ///
     /// # Errors
     ///
-    /// The whole batch is refused, nothing routed, and the events handed back
-    /// in [`PublishError`] when an event names an unknown topic or the
-    /// wildcard subject, or the publisher was shut down.
+    /// The whole batch is refused, nothing routed, nothing recorded, and the
+    /// events handed back in [`PublishError`] when an event names an unknown
+    /// topic or the wildcard subject, when an index breaks the order above
+    /// ([`PublishErrorKind::IndexNotIncreasing`]), or when the publisher was
+    /// shut down.
     ///
     /// # Examples
     ///
@@ -371,6 +383,12 @@ impl<P: Send + Sync + 'static> Publisher<P> {
     /// publisher.publish(vec![Event::new("t", "k", 1, 0)]).unwrap();
     /// let err = publisher.publish(vec![Event::new("t", Subject::Wildcard, 2, 0)]).unwrap_err();
     /// assert_eq!(err.kind(), &PublishErrorKind::WildcardSubject);
+    ///
+    /// // Two events of one change share an index; the next change goes above it.
+    /// publisher.publish(vec![Event::new("t", "a", 2, 0), Event::new("t", "b", 2, 0)]).unwrap();
+    /// let err = publisher.publish(vec![Event::new("t", "k", 2, 9)]).unwrap_err();
+    /// assert!(matches!(err.kind(), PublishErrorKind::IndexNotIncreasing { index: 2, last: 2, .. }));
+    /// assert_eq!(*err.into_events()[0].payload(), 9);
     /// ```
     pub fn publish(&self, events: Vec<Event<P>>) -> Result<(), PublishError<P>> {
         self.inner.publish(events)
@@ -510,6 +528,9 @@ pub(crate) struct TopicEntry<P> {
 
 struct TopicState<P> {
     keys: HashMap<Subject, KeyState<P>>,
+    /// The newest index published to the topic (whether or not anyone
+    /// watched its key): the next `publish` must go above it.
+    last_index: Option<u64>,
 }
 
 /// The live buffer of one (topic, subject), alive while someone subscribes.
@@ -615,39 +636,70 @@ impl<P: Send + Sync + 'static> Inner<P> {
         if self.shutdown.load(Ordering::Acquire) {
             return Err(PublishError::new(PublishErrorKind::ShutDown, events));
         }
-        // Validate everything before routing anything.
+        // Validate everything before routing anything: subjects, topics, and
+        // that each topic's indexes never decrease within the call.
         let mut topic_of = Vec::with_capacity(events.len());
+        // Per topic of the call: (topic, first index, last index).
+        let mut spans: Vec<(usize, u64, u64)> = Vec::new();
         for e in &events {
             if e.subject().is_wildcard() {
                 return Err(PublishError::new(PublishErrorKind::WildcardSubject, events));
             }
-            match self.by_name.get(e.topic()) {
-                Some(&t) => topic_of.push(t),
-                None => {
-                    let kind = PublishErrorKind::UnknownTopic(e.topic().clone());
+            let Some(&t) = self.by_name.get(e.topic()) else {
+                let kind = PublishErrorKind::UnknownTopic(e.topic().clone());
+                return Err(PublishError::new(kind, events));
+            };
+            match spans.iter_mut().find(|s| s.0 == t) {
+                Some(span) if e.index() < span.2 => {
+                    let kind = self.not_increasing(t, e.index(), span.2);
                     return Err(PublishError::new(kind, events));
                 }
+                Some(span) => span.2 = e.index(),
+                None => spans.push((t, e.index(), e.index())),
             }
+            topic_of.push(t);
         }
-        if let [t] = topic_of[..] {
-            // One event (the common case): no grouping.
-            let mut state = self.topics[t].state.lock();
-            self.route(t, &mut state, events);
+        // Lock every topic of the call (in topic order: no lock cycles) and
+        // check that each continues above its last published index; only
+        // then route, so a refused call changes nothing.
+        spans.sort_unstable_by_key(|s| s.0);
+        let mut states = Vec::with_capacity(spans.len());
+        for &(t, first, _) in &spans {
+            let state = self.topics[t].state.lock();
+            if let Some(last) = state.last_index.filter(|&last| first <= last) {
+                drop(state);
+                drop(states);
+                let kind = self.not_increasing(t, first, last);
+                return Err(PublishError::new(kind, events));
+            }
+            states.push(state);
+        }
+        for (state, &(_, _, last)) in states.iter_mut().zip(&spans) {
+            state.last_index = Some(last);
+        }
+        if let [(t, _, _)] = spans[..] {
+            // One topic (the common case): no grouping.
+            self.route(t, &mut states[0], events);
             return Ok(());
         }
         // Group by topic, keeping each topic's events in their original order.
-        let mut groups: Vec<(usize, Vec<Event<P>>)> = Vec::new();
+        let mut groups: Vec<Vec<Event<P>>> = spans.iter().map(|_| Vec::new()).collect();
         for (e, t) in events.into_iter().zip(topic_of) {
-            match groups.iter_mut().find(|(g, _)| *g == t) {
-                Some((_, v)) => v.push(e),
-                None => groups.push((t, vec![e])),
-            }
+            let g = spans.partition_point(|s| s.0 < t);
+            groups[g].push(e);
         }
-        for (t, evs) in groups {
-            let mut state = self.topics[t].state.lock();
-            self.route(t, &mut state, evs);
+        for ((state, evs), &(t, _, _)) in states.iter_mut().zip(groups).zip(&spans) {
+            self.route(t, state, evs);
         }
         Ok(())
+    }
+
+    fn not_increasing(&self, t: usize, index: u64, last: u64) -> PublishErrorKind {
+        PublishErrorKind::IndexNotIncreasing {
+            topic: self.topics[t].topic.clone(),
+            index,
+            last,
+        }
     }
 
     /// Appends `events` (all of topic `t`, in order) to the buffers of their
