@@ -150,6 +150,9 @@ async fn a_refused_topic_refuses_every_topic_of_the_call() {
     assert_eq!(ready(&mut a), vec![(2, 3)]);
 }
 
+/// A subscriber of the model test: (topic, key or `None` for the wildcard).
+type SubId = (usize, Option<usize>);
+
 /// One `publish` call: (topic, key, index) per event.
 fn calls() -> impl Strategy<Value = Vec<Vec<(usize, usize, u64)>>> {
     let event = (0..2usize, 0..3usize, 2..14u64);
@@ -176,7 +179,7 @@ proptest! {
                 }
             }
             let mut last: [Option<u64>; 2] = [None, None];
-            let mut expected: BTreeMap<(usize, Option<usize>), Vec<(u64, u64)>> = BTreeMap::new();
+            let mut expected: BTreeMap<SubId, Vec<(u64, u64)>> = BTreeMap::new();
             let mut payload = 0u64;
             for call in calls {
                 // The model's verdict.
