@@ -16,11 +16,8 @@ const LONG: Duration = Duration::from_secs(3600);
 
 fn queues(name: &str) -> (Arc<dyn BaseQueue>, Arc<dyn BaseQueue>) {
     (
-        Arc::new(MemoryQueue::new(name, QueueOptions::default())),
-        Arc::new(MemoryQueue::new(
-            format!("{name}.dead"),
-            QueueOptions::default(),
-        )),
+        Arc::new(MemoryQueue::new(name, QueueOptions::default()).unwrap()),
+        Arc::new(MemoryQueue::new(format!("{name}.dead"), QueueOptions::default()).unwrap()),
     )
 }
 
@@ -458,11 +455,10 @@ async fn per_key_order_across_retries() {
 
 #[tokio::test(start_paused = true)]
 async fn push_errors_hand_the_item_back() {
-    let base: Arc<dyn BaseQueue> = Arc::new(MemoryQueue::new(
-        "full",
-        QueueOptions::default().capacity(1),
-    ));
-    let dead: Arc<dyn BaseQueue> = Arc::new(MemoryQueue::new("full.dead", QueueOptions::default()));
+    let base: Arc<dyn BaseQueue> =
+        Arc::new(MemoryQueue::new("full", QueueOptions::default().capacity(1)).unwrap());
+    let dead: Arc<dyn BaseQueue> =
+        Arc::new(MemoryQueue::new("full.dead", QueueOptions::default()).unwrap());
     let q = WorkQueue::new(
         base,
         dead,
@@ -629,4 +625,29 @@ fn manager_is_send_sync() {
     send(&m.remove_all("x"));
     send(&m.shutdown_all(LONG));
     send(&m.create("x", &cfg, |_b: Vec<Item<u32>>| async { Vec::new() }));
+}
+
+/// An item whose encoding is above the base queue's `max_item_bytes` is
+/// handed back as `TooLarge`, naming the limit; nothing is stored.
+#[tokio::test(start_paused = true)]
+async fn oversized_item_is_handed_back_as_too_large() {
+    let base =
+        Arc::new(MemoryQueue::new("big", QueueOptions::default().max_item_bytes(64)).unwrap());
+    let dead = Arc::new(MemoryQueue::new("big.dead", QueueOptions::default()).unwrap());
+    let q = WorkQueue::new(base, dead, opts(1, 0), |_b: Vec<Item<String>>| async {
+        Vec::new()
+    })
+    .unwrap();
+    let value = "x".repeat(100);
+    match q.push(value.clone()).await {
+        Err(WorkPushError::TooLarge { item, size, limit }) => {
+            assert_eq!(item, value, "the value is handed back");
+            assert_eq!((size, limit), (102, 64), "JSON adds the quotes");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // 62 characters encode to exactly 64 bytes: accepted.
+    q.push("y".repeat(62)).await.unwrap();
+    assert_eq!(q.len().await.unwrap().total(), 1);
+    q.shutdown(LONG).await;
 }

@@ -27,10 +27,10 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::base::{Backend, BaseQueue, QueueError, QueueLen};
+use super::base::{Backend, BaseQueue, InvalidOption, QueueError, QueueLen};
 use super::config::{BackendConfig, ConfigError, QueueConfig, QueuesConfig};
 use super::memory::MemoryQueue;
-use super::work::{InvalidOption, Item, WorkError, WorkQueue};
+use super::work::{Item, WorkError, WorkQueue};
 
 /// The figures of one managed queue, from [`Manager::queues`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -244,12 +244,11 @@ impl Manager {
     ) -> Result<(Arc<dyn BaseQueue>, Arc<dyn BaseQueue>), ManagerError> {
         let name = config.name.clone();
         let dead_name = config.dead_letter_name();
-        let dead_opts =
-            super::base::QueueOptions::default().visibility_timeout(config.base.visibility_timeout);
+        let dead_opts = config.base.for_dead_letters();
         match &config.backend {
             BackendConfig::Memory => Ok((
-                Arc::new(MemoryQueue::new(name, config.base.clone())),
-                Arc::new(MemoryQueue::new(dead_name, dead_opts)),
+                Arc::new(MemoryQueue::new(name, config.base.clone())?),
+                Arc::new(MemoryQueue::new(dead_name, dead_opts)?),
             )),
             #[cfg(feature = "disk")]
             BackendConfig::Disk { path } => {
@@ -346,8 +345,8 @@ impl Manager {
     /// use snapstream::queue::{Item, Manager, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     ///
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
-    /// let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
+    /// let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<Item<u8>>| async {
     ///     Vec::new()
     /// })

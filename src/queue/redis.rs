@@ -160,6 +160,10 @@ pub enum RedisQueueError {
     #[error("queue name is empty")]
     EmptyName,
     /// [`QueueOptions::visibility_timeout`] is shorter than 1 ms.
+    ///
+    /// No longer returned: like every backend, [`RedisQueue::connect`]
+    /// reports options that do not [validate](QueueOptions::validate) as
+    /// [`QueueError::InvalidOption`]. Kept so that code naming it compiles.
     #[error("visibility timeout is shorter than 1 ms")]
     VisibilityTimeout,
     /// The server answered something the queue's scripts never return.
@@ -248,10 +252,11 @@ impl RedisQueue {
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] when the URL is invalid, the server cannot be
-    /// reached within the connect timeout, or the options are invalid (an
-    /// empty name or a visibility timeout under 1 ms: the source is a
-    /// [`RedisQueueError`]).
+    /// [`QueueError::InvalidOption`] when `options` do not
+    /// [validate](QueueOptions::validate) (checked before connecting);
+    /// [`QueueError::Backend`] when the name is empty (the source is
+    /// [`RedisQueueError::EmptyName`]), the URL is invalid or the server cannot
+    /// be reached within the connect timeout.
     ///
     /// # Cancel safety
     ///
@@ -265,9 +270,7 @@ impl RedisQueue {
         if name.is_empty() {
             return Err(backend(RedisQueueError::EmptyName));
         }
-        if options.visibility_timeout < Duration::from_millis(1) {
-            return Err(backend(RedisQueueError::VisibilityTimeout));
-        }
+        options.validate()?;
         let client = redis::Client::open(url).map_err(backend)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -337,8 +340,9 @@ impl RedisQueue {
         self.shared.run_u64(&inv, "delete").await
     }
 
-    async fn push_impl(&self, mut item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+    async fn push_impl(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
         let shared = &self.shared;
+        let mut item = shared.options.check_size(item)?;
         let deadline = Instant::now().checked_add(timeout);
         loop {
             if shared.is_closed() {

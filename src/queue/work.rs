@@ -19,7 +19,8 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::base::{
-    Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
+    Backend, BackendError, BaseQueue, Delivery, InvalidOption, ItemId, NewItem, PushError,
+    QueueError, QueueLen, QueueOptions,
 };
 use super::memory::IdHash;
 
@@ -176,16 +177,6 @@ impl Default for WorkQueueOptions {
     }
 }
 
-/// An option value a [`WorkQueue`] cannot run with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {reason}")]
-pub struct InvalidOption {
-    /// The field's name.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub reason: &'static str,
-}
-
 /// Why [`WorkQueue::push`] failed. Every variant hands the item back.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -199,6 +190,18 @@ pub enum WorkPushError<T> {
     /// The work queue was shut down or its base queue closed.
     #[error("queue is closed")]
     Closed(T),
+    /// The item's JSON encoding is larger than the base queue's
+    /// [`max_item_bytes`](crate::queue::QueueOptions::max_item_bytes); nothing
+    /// was stored.
+    #[error("item of {size} bytes is over the queue's max_item_bytes of {limit}")]
+    TooLarge {
+        /// The item.
+        item: T,
+        /// The size of its encoding and key, in bytes.
+        size: usize,
+        /// The base queue's `max_item_bytes`.
+        limit: usize,
+    },
     /// The item could not be encoded as JSON.
     #[error("item could not be encoded")]
     Encode {
@@ -226,6 +229,7 @@ impl<T> WorkPushError<T> {
             WorkPushError::Full(item)
             | WorkPushError::AlreadyQueued(item)
             | WorkPushError::Closed(item)
+            | WorkPushError::TooLarge { item, .. }
             | WorkPushError::Encode { item, .. }
             | WorkPushError::Backend { item, .. } => item,
         }
@@ -236,6 +240,9 @@ impl<T> WorkPushError<T> {
             PushError::Full(_) => WorkPushError::Full(item),
             PushError::AlreadyQueued(_) => WorkPushError::AlreadyQueued(item),
             PushError::Closed(_) => WorkPushError::Closed(item),
+            PushError::TooLarge { size, limit, .. } => {
+                WorkPushError::TooLarge { item, size, limit }
+            }
             PushError::Backend { source, .. } => WorkPushError::Backend { item, source },
             // A future variant: report it through the backend variant.
             #[allow(unreachable_patterns)]
@@ -345,6 +352,56 @@ struct DeadRecord {
     attempts: u32,
     reason: DeadReason,
     error: String,
+}
+
+/// The longest error note a dead-letter record keeps, in bytes (a decode
+/// error can quote the payload; the payload itself is kept whole).
+const MAX_ERROR_NOTE: usize = 1024;
+
+/// `note` cut to at most [`MAX_ERROR_NOTE`] bytes, on a character boundary.
+fn clip_note(mut note: String) -> String {
+    if note.len() > MAX_ERROR_NOTE {
+        let mut end = MAX_ERROR_NOTE - 3;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    note
+}
+
+impl QueueOptions {
+    /// Options for the dead-letter queue of a base queue with these options:
+    /// the same visibility timeout, unbounded, not unique, and a
+    /// `max_item_bytes` that fits the dead-letter record of any item the base
+    /// queue accepts.
+    ///
+    /// A dead-letter record is JSON holding the original payload as an array
+    /// of numbers (up to 4 bytes per byte), the key (JSON-escaped, up to 6
+    /// bytes per byte) and an error note of at most 1 KiB; so the limit is
+    /// 6 × `max_item_bytes` + 16 KiB. The [`Manager`](crate::queue::Manager)
+    /// opens its dead-letter queues with these options.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::QueueOptions;
+    ///
+    /// let base = QueueOptions::default().capacity(10).unique(true).max_item_bytes(1000);
+    /// let dead = base.for_dead_letters();
+    /// assert_eq!((dead.capacity, dead.unique), (None, false));
+    /// assert_eq!(dead.max_item_bytes, 6 * 1000 + 16 * 1024);
+    /// ```
+    pub fn for_dead_letters(&self) -> QueueOptions {
+        QueueOptions::default()
+            .visibility_timeout(self.visibility_timeout)
+            .max_item_bytes(
+                self.max_item_bytes
+                    .saturating_mul(6)
+                    .saturating_add(16 * 1024),
+            )
+    }
 }
 
 type HandlerFn<T> = Arc<dyn Fn(Vec<Item<T>>) -> BoxFuture<'static, Vec<Item<T>>> + Send + Sync>;
@@ -493,6 +550,13 @@ impl Drop for DropGuard {
 /// dead-letter queue, where [`dead_letters`](Self::dead_letters) lists it
 /// and [`requeue_dead_letters`](Self::requeue_dead_letters) puts it back.
 ///
+/// A dead-letter record is larger than the item it holds: open the
+/// dead-letter queue with [`QueueOptions::for_dead_letters`] of the base
+/// queue's options (the [`Manager`](crate::queue::Manager) does), so that
+/// every item the base queue accepts fits. A dead letter that the dead-letter
+/// queue refuses stays in the base queue and is retried with back-off (an
+/// error is logged): it is never dropped.
+///
 /// A handler that **panics** has handled none of its batch: every item counts
 /// as unhandled.
 ///
@@ -524,8 +588,9 @@ impl Drop for DropGuard {
 /// use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-/// let base = Arc::new(MemoryQueue::new("mail", QueueOptions::default()));
-/// let dead = Arc::new(MemoryQueue::new("mail.dead", QueueOptions::default()));
+/// let opts = QueueOptions::default().capacity(10_000);
+/// let base = Arc::new(MemoryQueue::new("mail", opts.clone()).unwrap());
+/// let dead = Arc::new(MemoryQueue::new("mail.dead", opts.for_dead_letters()).unwrap());
 /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |batch: Vec<Item<String>>| async move {
 ///     for item in &batch {
 ///         let _address: &String = item.value();
@@ -654,8 +719,8 @@ where
     /// # use std::time::Duration;
     /// # use snapstream::queue::{MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
-    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<_>| async { Vec::new() })
     ///     .unwrap();
     /// q.push_with(1u32, Some("user-7".into()), Duration::from_secs(1)).await.unwrap();
@@ -703,8 +768,8 @@ where
     /// # use std::time::Duration;
     /// # use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)));
-    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)).unwrap());
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default().max_workers(0), |_b: Vec<Item<u32>>| async {
     ///     Vec::new()
     /// })
@@ -775,8 +840,8 @@ impl<T> WorkQueue<T> {
     /// # use std::sync::Arc;
     /// # use snapstream::queue::{MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
-    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<_>| async { Vec::<_>::new() })
     ///     .unwrap();
     /// # let _: &WorkQueue<u8> = &q;
@@ -1409,7 +1474,7 @@ where
             key: d.key.clone(),
             attempts: d.attempts.saturating_add(1),
             reason,
-            error,
+            error: clip_note(error),
         };
         let payload = serde_json::to_vec(&record).expect("a dead record always encodes");
         match self
