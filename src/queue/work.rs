@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
@@ -438,6 +438,9 @@ const RUNNING: u8 = 0;
 const STOPPING: u8 = 1;
 const HARD_STOP: u8 = 2;
 
+/// How often [`WorkQueue::drain`] looks at the base queue when no worker of
+/// its own finished a batch (the queue may be consumed elsewhere).
+const DRAIN_RECHECK: Duration = Duration::from_millis(100);
 /// How long the dispatcher backs off after a backend error.
 const BACKEND_RETRY: Duration = Duration::from_millis(200);
 /// The timeout of one dispatcher pop (it loops).
@@ -487,6 +490,12 @@ struct Inner<T> {
     push_gen: AtomicU64,
     pending: Mutex<Pending>,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Calls of [`WorkQueue::drain`] waiting; only while this is non-zero do
+    /// workers signal `settled`, so the hot path costs one atomic load.
+    drainers: AtomicUsize,
+    /// Signalled when a worker finished a batch (acks, nacks and dead
+    /// letters done), on `remove_all` and on shutdown.
+    settled: Notify,
 }
 
 /// Waits until the stop level reaches `level` (or the sender is gone).
@@ -676,6 +685,8 @@ where
             push_gen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             dispatcher: Mutex::new(None),
+            drainers: AtomicUsize::new(0),
+            settled: Notify::new(),
         });
         let task = tokio::spawn(inner.clone().dispatch());
         *lock(&inner.dispatcher) = Some(task);
@@ -900,7 +911,9 @@ impl<T> WorkQueue<T> {
     /// Waits until every item pushed through this work queue before the call
     /// was handled (or moved to the dead-letter queue), for at most `timeout`.
     ///
-    /// Items other processes pushed to the base queue are not waited for.
+    /// Items other processes (or other handles over the same base queue)
+    /// pushed are not waited for; [`drain`](Self::drain) waits until the
+    /// base queue itself holds nothing to do.
     ///
     /// # Errors
     /// [`WorkError::Timeout`] with the count still pending;
@@ -942,6 +955,88 @@ impl<T> WorkQueue<T> {
         }
     }
 
+    /// Waits until the base queue holds nothing **ready or leased**, whoever
+    /// pushed it, for at most `timeout`: Gitea's "flush", the one operators
+    /// and tests use to wait for a queue to run dry.
+    ///
+    /// Unlike [`flush`](Self::flush) it counts every item in the base queue,
+    /// also those other processes pushed. Items waiting out a retry back-off
+    /// (`delayed` in [`len`](Self::len)) are not waited for: they may be
+    /// minutes away. The workers handling the items may be this queue's or
+    /// any other consumer's; the base queue is looked at again whenever a
+    /// worker of this queue finished a batch, and at least every 100 ms.
+    ///
+    /// # Errors
+    /// [`WorkError::Timeout`] with the ready and leased items left at the last
+    /// look; [`WorkError::Shutdown`] after [`shutdown`](Self::shutdown);
+    /// [`WorkError::Queue`] when the base queue fails.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the waiting.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use snapstream::queue::{BaseQueue, Item, MemoryQueue, NewItem, QueueOptions, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let base = Arc::new(MemoryQueue::new("jobs", QueueOptions::default()).unwrap());
+    /// let dead = Arc::new(MemoryQueue::new("jobs.dead", QueueOptions::default()).unwrap());
+    /// // Pushed by someone else, straight into the base queue:
+    /// base.push(NewItem::new(b"7".to_vec()), Duration::ZERO).await.unwrap();
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<Item<u32>>| async {
+    ///     Vec::new()
+    /// })
+    /// .unwrap();
+    /// q.flush(Duration::from_secs(5)).await.unwrap(); // nothing of its own to wait for
+    /// q.drain(Duration::from_secs(5)).await.unwrap(); // waits for the item above
+    /// assert!(q.is_empty().await.unwrap());
+    /// # q.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub async fn drain(&self, timeout: Duration) -> Result<(), WorkError> {
+        /// Counts this call in `drainers` while it runs.
+        struct Draining<'a>(&'a AtomicUsize);
+        impl Drop for Draining<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let inner = &self.inner;
+        let deadline = Instant::now().checked_add(timeout);
+        inner.drainers.fetch_add(1, Ordering::SeqCst);
+        let _draining = Draining(&inner.drainers);
+        loop {
+            // Enabled before the look, so a batch finished during it is seen.
+            let settled = inner.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(WorkError::Shutdown);
+            }
+            let len = inner.base.len().await.map_err(WorkError::Queue)?;
+            let busy = len.ready.saturating_add(len.leased);
+            if busy == 0 {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(WorkError::Timeout {
+                    pending: usize::try_from(busy).unwrap_or(usize::MAX),
+                });
+            }
+            let mut wake = now + DRAIN_RECHECK;
+            if let Some(d) = deadline {
+                wake = wake.min(d);
+            }
+            tokio::select! {
+                _ = settled => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
     /// Deletes every item of the base queue (ready, delayed and leased);
     /// returns how many. Batches being handled are not stopped; their acks
     /// are then ignored.
@@ -958,6 +1053,8 @@ impl<T> WorkQueue<T> {
         for (_, _, tx) in p.waiters.drain(..) {
             let _ = tx.send(());
         }
+        drop(p);
+        self.inner.settle();
         Ok(n)
     }
 
@@ -1073,6 +1170,8 @@ impl<T> WorkQueue<T> {
         let deadline = Instant::now() + timeout;
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
+        // Waiting drains end with `Shutdown`.
+        inner.settled.notify_waiters();
         inner.stop.send_if_modified(|s| {
             let was = *s;
             *s = (*s).max(STOPPING);
@@ -1154,6 +1253,13 @@ impl<T> Inner<T> {
         let id = self.base.push(item, timeout).await?;
         guard.2 = Some(id);
         Ok(id)
+    }
+
+    /// Wakes the [`WorkQueue::drain`] calls waiting, if any, to look again.
+    fn settle(&self) {
+        if self.drainers.load(Ordering::SeqCst) > 0 {
+            self.settled.notify_waiters();
+        }
     }
 
     /// Marks items handled (or dead-lettered) for [`WorkQueue::flush`].
@@ -1338,6 +1444,7 @@ where
         let mut stop = self.stop.subscribe();
         loop {
             self.process(batch, &mut stop).await;
+            self.settle();
             let retire = {
                 let mut pool = lock(&self.pool);
                 pool.active -= 1;
