@@ -141,11 +141,8 @@ async fn bench_work(
 
 fn memory_pair(tag: &str) -> (Arc<dyn BaseQueue>, Arc<dyn BaseQueue>) {
     (
-        Arc::new(MemoryQueue::new(tag, QueueOptions::default())),
-        Arc::new(MemoryQueue::new(
-            format!("{tag}.dead"),
-            QueueOptions::default(),
-        )),
+        Arc::new(MemoryQueue::new(tag, QueueOptions::default()).unwrap()),
+        Arc::new(MemoryQueue::new(format!("{tag}.dead"), QueueOptions::default()).unwrap()),
     )
 }
 

@@ -21,7 +21,11 @@ use snapstream::queue::{BaseQueue, NewItem, PushError, QueueError, QueueLen, Que
 use tokio::sync::Barrier;
 use tokio::time::Instant;
 
-type Factory = Box<dyn Fn(QueueOptions) -> BoxFuture<'static, Arc<dyn BaseQueue>> + Send + Sync>;
+type Factory = Box<
+    dyn Fn(QueueOptions) -> BoxFuture<'static, Result<Arc<dyn BaseQueue>, QueueError>>
+        + Send
+        + Sync,
+>;
 
 /// A backend under test.
 struct Env {
@@ -36,6 +40,11 @@ struct Env {
 
 impl Env {
     async fn queue(&self, opts: QueueOptions) -> Arc<dyn BaseQueue> {
+        (self.make)(opts).await.expect("open a queue")
+    }
+
+    /// Opens a queue, handing back the constructor's error.
+    async fn try_queue(&self, opts: QueueOptions) -> Result<Arc<dyn BaseQueue>, QueueError> {
         (self.make)(opts).await
     }
 
@@ -485,6 +494,100 @@ mod cases {
         let last = q.pop(10, SHORT).await.unwrap();
         assert_eq!(last[0].payload, b"a3");
     }
+
+    /// Options no queue can run with are refused by the constructor, in one
+    /// shape on every backend (before the first pop could hand an item out
+    /// again and again with a zero lease, or every push could wait out its
+    /// timeout against a capacity of 0).
+    pub(super) async fn invalid_options_are_refused(env: &Env) {
+        let bad = [
+            (QueueOptions::default().capacity(0), "capacity"),
+            (
+                QueueOptions::default().visibility_timeout(Duration::ZERO),
+                "visibility_timeout",
+            ),
+            (
+                QueueOptions::default().visibility_timeout(Duration::from_micros(999)),
+                "visibility_timeout",
+            ),
+            (QueueOptions::default().max_item_bytes(0), "max_item_bytes"),
+        ];
+        for (opts, field) in bad {
+            match env.try_queue(opts.clone()).await {
+                Err(QueueError::InvalidOption(e)) => assert_eq!(e.field, field, "{opts:?}"),
+                Err(other) => panic!("{opts:?}: expected InvalidOption, got {other:?}"),
+                Ok(q) => panic!("{opts:?}: accepted as {q:?}"),
+            }
+        }
+        // The smallest values that make sense are accepted.
+        let edge = QueueOptions::default()
+            .capacity(1)
+            .visibility_timeout(Duration::from_millis(1))
+            .max_item_bytes(1);
+        let q = env.try_queue(edge).await.expect("edge values are valid");
+        push(&q, "x").await;
+        assert_eq!(len(&q).await.total(), 1);
+    }
+
+    /// An item above `max_item_bytes` fails at once with `TooLarge`, before
+    /// the backend sees it: not after waiting for room in a full queue, and
+    /// nothing is stored.
+    pub(super) async fn oversized_push_fails_at_once(env: &Env) {
+        let paused = env.pause();
+        let q = env
+            .queue(QueueOptions::default().capacity(2).max_item_bytes(16))
+            .await;
+        push(&q, [7u8; 16]).await; // the limit itself is accepted
+        push(&q, "x").await; // now full
+        let start = Instant::now();
+        for (item, size) in [
+            (NewItem::new([1u8; 17]), 17),
+            (NewItem::with_key([2u8; 15], "k3"), 17),
+            (NewItem::new(vec![3u8; 4096]), 4096),
+        ] {
+            match q.push(item.clone(), LONG).await {
+                Err(PushError::TooLarge {
+                    item: back,
+                    size: s,
+                    limit,
+                }) => {
+                    assert_eq!(back, item, "the item is handed back");
+                    assert_eq!((s, limit), (size, 16));
+                }
+                other => panic!("expected TooLarge, got {other:?}"),
+            }
+        }
+        if paused {
+            assert_eq!(start.elapsed(), Duration::ZERO, "no wait for room");
+        }
+        assert_eq!(len(&q).await.total(), 2);
+        assert!(!q.has(&[1u8; 17]).await.unwrap());
+        // The error names the limit.
+        let err = q.push(NewItem::new([0u8; 20]), LONG).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "item of 20 bytes is over the queue's max_item_bytes of 16"
+        );
+    }
+
+    /// The default limit is 1 MiB: an item of exactly that size round-trips,
+    /// one byte more is refused.
+    pub(super) async fn default_item_limit_is_1_mib(env: &Env) {
+        const MIB: usize = 1024 * 1024;
+        assert_eq!(QueueOptions::DEFAULT_MAX_ITEM_BYTES, MIB);
+        assert_eq!(QueueOptions::default().max_item_bytes, MIB);
+        let q = env.queue(QueueOptions::default()).await;
+        match q.push(NewItem::new(vec![1u8; MIB + 1]), LONG).await {
+            Err(PushError::TooLarge { size, limit, .. }) => {
+                assert_eq!((size, limit), (MIB + 1, MIB))
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        push(&q, vec![2u8; MIB]).await;
+        let got = q.pop(1, LONG).await.unwrap();
+        assert_eq!(got[0].payload.len(), MIB);
+        assert_eq!(len(&q).await.total(), 1);
+    }
 }
 
 /// Instantiates every case for one backend. `$setup` is an async fn returning
@@ -509,7 +612,10 @@ macro_rules! suite {
                 empty_payload_round_trips,
                 nack_returns_after_delay_with_attempts,
                 visibility_timeout_redelivers,
-                per_key_order
+                per_key_order,
+                invalid_options_are_refused,
+                oversized_push_fails_at_once,
+                default_item_limit_is_1_mib
             );
         }
     };
@@ -542,7 +648,8 @@ async fn memory_env(_case: &str) -> Option<Env> {
     Some(Env {
         make: Box::new(|opts| {
             Box::pin(async move {
-                Arc::new(MemoryQueue::new(unique_name("memory"), opts)) as Arc<dyn BaseQueue>
+                let q = MemoryQueue::new(unique_name("memory"), opts)?;
+                Ok(Arc::new(q) as Arc<dyn BaseQueue>)
             })
         }),
         paused_clock: true,
@@ -560,8 +667,8 @@ async fn disk_env(case: &str) -> Option<Env> {
     let store = DiskStore::open(dir.path().join(format!("{case}.redb"))).unwrap();
     Some(Env {
         make: Box::new(move |opts| {
-            let q = store.queue(&unique_name("disk"), opts).unwrap();
-            Box::pin(async move { Arc::new(q) as Arc<dyn BaseQueue> })
+            let q = store.queue(&unique_name("disk"), opts);
+            Box::pin(async move { Ok(Arc::new(q?) as Arc<dyn BaseQueue>) })
         }),
         paused_clock: false,
         // Every push waits for a durable commit: 8 × 1 000 keeps this quick.
@@ -592,10 +699,8 @@ async fn redis_env(case: &str) -> Option<Env> {
         make: Box::new(move |opts| {
             let url = Arc::clone(&url);
             Box::pin(async move {
-                let q = RedisQueue::connect(&url, unique_name("redis"), opts)
-                    .await
-                    .expect("connect to redis");
-                Arc::new(q) as Arc<dyn BaseQueue>
+                let q = RedisQueue::connect(&url, unique_name("redis"), opts).await?;
+                Ok(Arc::new(q) as Arc<dyn BaseQueue>)
             })
         }),
         paused_clock: false,

@@ -171,3 +171,77 @@ async fn redis_queue_from_config_when_available() {
     assert_eq!(m.queues().await[0].backend, Backend::Redis);
     m.shutdown_all(Duration::from_secs(5)).await;
 }
+
+/// A dead-letter record is several times larger than its item; the manager's
+/// `<name>.dead` queue is sized so that an item at the base queue's
+/// `max_item_bytes` still reaches it (instead of being retried for ever
+/// because the dead-letter push is refused).
+#[tokio::test(start_paused = true)]
+async fn dead_letter_of_an_item_at_the_size_limit_fits() {
+    // The default max_item_bytes (1 MiB) on the base and dead queues alike
+    // would refuse the record (about 4 MiB).
+    let cfg: QueuesConfig = toml::from_str(
+        r#"
+        [queues.big]
+        max_attempts = 1
+        "#,
+    )
+    .unwrap();
+    let m = Manager::new();
+    let q = m
+        .create("big", &cfg, |b: Vec<Item<String>>| async move { b })
+        .await
+        .unwrap();
+    let value = "x".repeat(1024 * 1024 - 2); // 1 MiB of JSON
+    q.push(value.clone()).await.unwrap();
+    q.flush(LONG).await.expect("dead-lettered, not retried");
+    let dead = q.dead_letters().await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload, serde_json::to_vec(&value).unwrap());
+    assert_eq!(q.retries(), 0);
+    m.shutdown_all(LONG).await;
+}
+
+/// `flush_all` waits for the queues' own pushes, `drain_all` / `drain` for
+/// the base queues to run dry whoever pushed.
+#[tokio::test(start_paused = true)]
+async fn drain_all_waits_for_the_base_queues_flush_all_does_not() {
+    let cfg = QueuesConfig::default();
+    let m = Manager::new();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let q = m
+        .create("a", &cfg, move |b: Vec<Item<u32>>| {
+            s.lock().unwrap().extend(b.iter().map(|i| *i.value()));
+            async { Vec::new() }
+        })
+        .await
+        .unwrap();
+    m.resize("a", 0).unwrap();
+    for i in 0..5u32 {
+        q.base()
+            .push(
+                snapstream::queue::NewItem::new(serde_json::to_vec(&i).unwrap()),
+                LONG,
+            )
+            .await
+            .unwrap();
+    }
+    m.flush_all(LONG).await.unwrap();
+    m.flush("a", LONG).await.unwrap();
+    assert!(seen.lock().unwrap().is_empty(), "flush did not wait");
+    match m.drain("a", Duration::from_secs(1)).await {
+        Err(ManagerError::Work { queue, .. }) => assert_eq!(queue, "a"),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    m.resize("a", 2).unwrap();
+    m.drain_all(LONG).await.unwrap();
+    let mut got = seen.lock().unwrap().clone();
+    got.sort_unstable();
+    assert_eq!(got, [0, 1, 2, 3, 4]);
+    assert!(matches!(
+        m.drain("nope", LONG).await,
+        Err(ManagerError::NotFound(_))
+    ));
+    m.shutdown_all(LONG).await;
+}

@@ -16,11 +16,8 @@ const LONG: Duration = Duration::from_secs(3600);
 
 fn queues(name: &str) -> (Arc<dyn BaseQueue>, Arc<dyn BaseQueue>) {
     (
-        Arc::new(MemoryQueue::new(name, QueueOptions::default())),
-        Arc::new(MemoryQueue::new(
-            format!("{name}.dead"),
-            QueueOptions::default(),
-        )),
+        Arc::new(MemoryQueue::new(name, QueueOptions::default()).unwrap()),
+        Arc::new(MemoryQueue::new(format!("{name}.dead"), QueueOptions::default()).unwrap()),
     )
 }
 
@@ -458,11 +455,10 @@ async fn per_key_order_across_retries() {
 
 #[tokio::test(start_paused = true)]
 async fn push_errors_hand_the_item_back() {
-    let base: Arc<dyn BaseQueue> = Arc::new(MemoryQueue::new(
-        "full",
-        QueueOptions::default().capacity(1),
-    ));
-    let dead: Arc<dyn BaseQueue> = Arc::new(MemoryQueue::new("full.dead", QueueOptions::default()));
+    let base: Arc<dyn BaseQueue> =
+        Arc::new(MemoryQueue::new("full", QueueOptions::default().capacity(1)).unwrap());
+    let dead: Arc<dyn BaseQueue> =
+        Arc::new(MemoryQueue::new("full.dead", QueueOptions::default()).unwrap());
     let q = WorkQueue::new(
         base,
         dead,
@@ -629,4 +625,110 @@ fn manager_is_send_sync() {
     send(&m.remove_all("x"));
     send(&m.shutdown_all(LONG));
     send(&m.create("x", &cfg, |_b: Vec<Item<u32>>| async { Vec::new() }));
+}
+
+/// An item whose encoding is above the base queue's `max_item_bytes` is
+/// handed back as `TooLarge`, naming the limit; nothing is stored.
+#[tokio::test(start_paused = true)]
+async fn oversized_item_is_handed_back_as_too_large() {
+    let base =
+        Arc::new(MemoryQueue::new("big", QueueOptions::default().max_item_bytes(64)).unwrap());
+    let dead = Arc::new(MemoryQueue::new("big.dead", QueueOptions::default()).unwrap());
+    let q = WorkQueue::new(base, dead, opts(1, 0), |_b: Vec<Item<String>>| async {
+        Vec::new()
+    })
+    .unwrap();
+    let value = "x".repeat(100);
+    match q.push(value.clone()).await {
+        Err(WorkPushError::TooLarge { item, size, limit }) => {
+            assert_eq!(item, value, "the value is handed back");
+            assert_eq!((size, limit), (102, 64), "JSON adds the quotes");
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    // 62 characters encode to exactly 64 bytes: accepted.
+    q.push("y".repeat(62)).await.unwrap();
+    assert_eq!(q.len().await.unwrap().total(), 1);
+    q.shutdown(LONG).await;
+}
+
+/// `flush` waits only for this handle's pushes; `drain` waits until the base
+/// queue holds nothing ready or leased, whoever pushed it (here: straight
+/// into the base queue, as another process would).
+#[tokio::test(start_paused = true)]
+async fn drain_waits_for_items_pushed_elsewhere_flush_does_not() {
+    let (base, dead) = queues("drain");
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let q = WorkQueue::new(base.clone(), dead, opts(4, 0), move |b: Vec<Item<u32>>| {
+        h.fetch_add(b.len(), Ordering::SeqCst);
+        async { Vec::new() }
+    })
+    .unwrap();
+    for i in 0..10u32 {
+        base.push(NewItem::new(serde_json::to_vec(&i).unwrap()), LONG)
+            .await
+            .unwrap();
+    }
+    q.flush(LONG).await.unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 0, "flush did not wait");
+    match q.drain(Duration::from_secs(1)).await {
+        Err(WorkError::Timeout { pending }) => assert_eq!(pending, 10),
+        other => panic!("expected Timeout, got {other:?}"),
+    }
+    q.set_max_workers(2);
+    q.drain(LONG).await.unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 10);
+    let len = q.len().await.unwrap();
+    assert_eq!(len.ready + len.leased, 0);
+    q.shutdown(LONG).await;
+    assert!(matches!(q.drain(LONG).await, Err(WorkError::Shutdown)));
+}
+
+/// A drain on a handle that handles nothing itself (no workers) ends when
+/// another consumer of the same base queue has emptied it.
+#[tokio::test(start_paused = true)]
+async fn drain_sees_another_consumer_empty_the_queue() {
+    let (base, dead) = queues("drain2");
+    let producer = WorkQueue::new(
+        base.clone(),
+        dead.clone(),
+        opts(4, 0),
+        |_b: Vec<Item<u32>>| async { Vec::new() },
+    )
+    .unwrap();
+    for i in 0..20u32 {
+        producer.push(i).await.unwrap();
+    }
+    let handled = Arc::new(AtomicUsize::new(0));
+    let h = handled.clone();
+    let consumer = WorkQueue::new(base, dead, opts(4, 2), move |b: Vec<Item<u32>>| {
+        h.fetch_add(b.len(), Ordering::SeqCst);
+        async { Vec::new() }
+    })
+    .unwrap();
+    producer.drain(LONG).await.unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 20);
+    producer.shutdown(LONG).await;
+    consumer.shutdown(LONG).await;
+}
+
+/// Items waiting out a retry back-off are neither ready nor leased: `drain`
+/// does not wait for them (`len().delayed` shows them).
+#[tokio::test(start_paused = true)]
+async fn drain_does_not_wait_for_a_retry_back_off() {
+    let (base, dead) = queues("drain3");
+    let q = WorkQueue::new(
+        base,
+        dead,
+        opts(1, 1).backoff(LONG, LONG),
+        |b: Vec<Item<u32>>| async move { b }, // never handled
+    )
+    .unwrap();
+    q.push(1).await.unwrap();
+    // Waiting for the back-off (LONG) would time out.
+    q.drain(LONG).await.unwrap();
+    let len = q.len().await.unwrap();
+    assert_eq!((len.ready, len.delayed, len.leased), (0, 1, 0));
+    q.shutdown(LONG).await;
 }

@@ -867,8 +867,10 @@ async fn open_queues(
     let opts = QueueOptions::default();
     match cfg.backend {
         BackendKind::Memory => Ok((
-            Arc::new(MemoryQueue::new("webhooks", opts.clone())),
-            Arc::new(MemoryQueue::new("webhooks.dead", opts)),
+            Arc::new(
+                MemoryQueue::new("webhooks", opts.clone()).expect("default options are valid"),
+            ),
+            Arc::new(MemoryQueue::new("webhooks.dead", opts).expect("default options are valid")),
             QueueHome::Memory,
         )),
         BackendKind::Disk => {

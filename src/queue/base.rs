@@ -40,6 +40,20 @@ pub struct NewItem {
 }
 
 impl NewItem {
+    /// The bytes the item counts against
+    /// [`QueueOptions::max_item_bytes`]: its payload and its key together.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::NewItem;
+    ///
+    /// assert_eq!(NewItem::with_key("abc", "k1").size(), 5);
+    /// ```
+    pub fn size(&self) -> usize {
+        self.payload.len() + self.key.as_ref().map_or(0, String::len)
+    }
+
     /// An item with no ordering key.
     pub fn new(payload: impl Into<Vec<u8>>) -> Self {
         Self {
@@ -99,20 +113,51 @@ impl QueueLen {
 /// | `capacity` | `None` (unbounded) |
 /// | `unique` | `false` |
 /// | `visibility_timeout` | [`QueueOptions::DEFAULT_VISIBILITY_TIMEOUT`] (30 s) |
+/// | `max_item_bytes` | [`QueueOptions::DEFAULT_MAX_ITEM_BYTES`] (1 MiB) |
+///
+/// Every backend checks the options with [`validate`](Self::validate) when
+/// the queue is opened and refuses to open with a value that cannot work.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use snapstream::queue::QueueOptions;
+///
+/// let opts = QueueOptions::default().capacity(10_000).max_item_bytes(64 * 1024);
+/// assert!(opts.validate().is_ok());
+/// let err = QueueOptions::default().visibility_timeout(Duration::ZERO).validate().unwrap_err();
+/// assert_eq!(err.field, "visibility_timeout");
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct QueueOptions {
     /// Most items held at once (ready + delayed + leased); `None` = unbounded.
+    /// At least 1.
     pub capacity: Option<u64>,
     /// Reject a payload the queue already holds.
     pub unique: bool,
     /// How long a popped item stays leased before it is handed out again.
+    /// At least 1 ms.
     pub visibility_timeout: Duration,
+    /// The largest item a push accepts: its payload and key together, in
+    /// bytes. At least 1.
+    ///
+    /// A larger item fails its push at once with [`PushError::TooLarge`],
+    /// before the backend sees it. Every backend keeps a whole item in memory
+    /// at least once while it passes through, so this bounds what one push
+    /// can cost the process (and, for Redis, the server and the connection
+    /// other pushes share).
+    pub max_item_bytes: usize,
 }
 
 impl QueueOptions {
     /// The default lease length.
     pub const DEFAULT_VISIBILITY_TIMEOUT: Duration = Duration::from_secs(30);
+    /// The default [`max_item_bytes`](Self::max_item_bytes): 1 MiB.
+    pub const DEFAULT_MAX_ITEM_BYTES: usize = 1024 * 1024;
+    /// The shortest [`visibility_timeout`](Self::visibility_timeout) accepted.
+    pub const MIN_VISIBILITY_TIMEOUT: Duration = Duration::from_millis(1);
 
     /// Sets [`capacity`](Self::capacity).
     pub fn capacity(mut self, capacity: u64) -> Self {
@@ -131,6 +176,58 @@ impl QueueOptions {
         self.visibility_timeout = timeout;
         self
     }
+
+    /// Sets [`max_item_bytes`](Self::max_item_bytes).
+    pub fn max_item_bytes(mut self, bytes: usize) -> Self {
+        self.max_item_bytes = bytes;
+        self
+    }
+
+    /// Checks the values; every backend calls this when it opens a queue.
+    ///
+    /// # Errors
+    /// [`InvalidOption`] naming the first bad field: a `capacity` of 0
+    /// (every push would wait out its timeout and fail), a
+    /// `visibility_timeout` under [1 ms](Self::MIN_VISIBILITY_TIMEOUT) (an
+    /// item would be handed out again while it is being handled), or a
+    /// `max_item_bytes` of 0.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::QueueOptions;
+    ///
+    /// let err = QueueOptions::default().capacity(0).validate().unwrap_err();
+    /// assert_eq!((err.field, err.reason), ("capacity", "must be at least 1"));
+    /// ```
+    pub fn validate(&self) -> Result<(), InvalidOption> {
+        let bad = |field: &'static str, reason: &'static str| Err(InvalidOption { field, reason });
+        if self.capacity == Some(0) {
+            return bad("capacity", "must be at least 1");
+        }
+        if self.visibility_timeout < Self::MIN_VISIBILITY_TIMEOUT {
+            return bad("visibility_timeout", "must be at least 1 ms");
+        }
+        if self.max_item_bytes == 0 {
+            return bad("max_item_bytes", "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Fails with [`PushError::TooLarge`] when `item` is above
+    /// [`max_item_bytes`](Self::max_item_bytes); backends call this first
+    /// thing in `push`.
+    pub(crate) fn check_size(&self, item: NewItem) -> Result<NewItem, PushError> {
+        let size = item.size();
+        if size > self.max_item_bytes {
+            return Err(PushError::TooLarge {
+                item,
+                size,
+                limit: self.max_item_bytes,
+            });
+        }
+        Ok(item)
+    }
 }
 
 impl Default for QueueOptions {
@@ -139,8 +236,33 @@ impl Default for QueueOptions {
             capacity: None,
             unique: false,
             visibility_timeout: Self::DEFAULT_VISIBILITY_TIMEOUT,
+            max_item_bytes: Self::DEFAULT_MAX_ITEM_BYTES,
         }
     }
+}
+
+/// An option value a queue cannot run with: which field, and why.
+///
+/// The one shape every queue constructor reports bad options in:
+/// [`QueueOptions::validate`] (and so every base queue backend, directly or as
+/// [`QueueError::InvalidOption`]) and
+/// [`WorkQueueOptions::validate`](crate::queue::WorkQueueOptions::validate).
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::queue::{InvalidOption, QueueOptions};
+///
+/// let err: InvalidOption = QueueOptions::default().max_item_bytes(0).validate().unwrap_err();
+/// assert_eq!(err.to_string(), "invalid max_item_bytes: must be at least 1");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field}: {reason}")]
+pub struct InvalidOption {
+    /// The field's name.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: &'static str,
 }
 
 /// Why a push failed. Every variant hands the item back.
@@ -156,6 +278,18 @@ pub enum PushError {
     /// The queue was closed.
     #[error("queue is closed")]
     Closed(NewItem),
+    /// The item is larger than the queue's
+    /// [`max_item_bytes`](QueueOptions::max_item_bytes); it was refused before
+    /// the backend saw it (nothing is stored, no other push is affected).
+    #[error("item of {size} bytes is over the queue's max_item_bytes of {limit}")]
+    TooLarge {
+        /// The item that was being pushed.
+        item: NewItem,
+        /// Its [size](NewItem::size).
+        size: usize,
+        /// The queue's `max_item_bytes`.
+        limit: usize,
+    },
     /// The backend failed; the item may or may not be stored.
     #[error("queue backend failed")]
     Backend {
@@ -174,6 +308,7 @@ impl PushError {
             PushError::Full(item)
             | PushError::AlreadyQueued(item)
             | PushError::Closed(item)
+            | PushError::TooLarge { item, .. }
             | PushError::Backend { item, .. } => item,
         }
     }
@@ -186,6 +321,9 @@ pub enum QueueError {
     /// The queue was closed.
     #[error("queue is closed")]
     Closed,
+    /// The queue cannot be opened with these [`QueueOptions`].
+    #[error(transparent)]
+    InvalidOption(#[from] InvalidOption),
     /// The backend failed.
     #[error("queue backend failed")]
     Backend(#[source] BackendError),
@@ -223,6 +361,12 @@ pub enum QueueError {
 ///    wake up. Items already stored stay stored.
 /// 8. **Cancel safety**: dropping any returned future loses no item: a pop
 ///    cancelled before it returns leaves nothing leased.
+/// 9. **Options and limits**: the constructor refuses options that do not
+///    [validate](QueueOptions::validate) with an [`InvalidOption`]; a push of
+///    an item above [`max_item_bytes`](QueueOptions::max_item_bytes) fails at
+///    once with [`PushError::TooLarge`] (before any capacity wait, store or
+///    round trip), and a push that fails fails alone: it never fails other
+///    pushes sent at the same time.
 ///
 /// The methods return boxed futures so that queues of different backends can
 /// be held as `Arc<dyn BaseQueue>`.
@@ -242,6 +386,8 @@ pub trait BaseQueue: Send + Sync + fmt::Debug + 'static {
     /// Waits for room for at most `timeout` when the queue is at capacity.
     ///
     /// # Errors
+    /// [`PushError::TooLarge`] at once for an item above the queue's
+    /// [`max_item_bytes`](QueueOptions::max_item_bytes),
     /// [`PushError::Full`] after the timeout, [`PushError::AlreadyQueued`] for a
     /// duplicate on a unique queue, [`PushError::Closed`], or
     /// [`PushError::Backend`]; every variant hands the item back.

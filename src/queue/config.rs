@@ -38,6 +38,7 @@
 //! | `idle_timeout_ms` | idle time before a worker retires | 1 000 |
 //! | `push_timeout_ms` | push wait for room | 5 000 |
 //! | `visibility_timeout_ms` | lease length | 30 000 |
+//! | `max_item_bytes` | largest item a push accepts (payload + key) | [`DEFAULT_MAX_ITEM_BYTES`] (1 MiB) |
 //! | `backoff_base_ms` / `backoff_max_ms` | retry back-off | 1 000 / 300 000 |
 //!
 //! # Errors
@@ -71,6 +72,8 @@ pub const DEFAULT_BATCH_LENGTH: usize = WorkQueueOptions::DEFAULT_BATCH_LEN;
 pub const DEFAULT_MAX_WORKERS: usize = WorkQueueOptions::DEFAULT_MAX_WORKERS;
 /// Built-in default `max_attempts`.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = WorkQueueOptions::DEFAULT_MAX_ATTEMPTS;
+/// Built-in default `max_item_bytes`.
+pub const DEFAULT_MAX_ITEM_BYTES: usize = QueueOptions::DEFAULT_MAX_ITEM_BYTES;
 
 /// The configuration of every queue: shared defaults and per-queue overrides.
 ///
@@ -130,6 +133,8 @@ pub struct QueueSettings {
     pub push_timeout_ms: Option<u64>,
     /// Lease length, in milliseconds.
     pub visibility_timeout_ms: Option<u64>,
+    /// Largest item a push accepts (payload and key), in bytes.
+    pub max_item_bytes: Option<usize>,
     /// First retry back-off, in milliseconds.
     pub backoff_base_ms: Option<u64>,
     /// Longest retry back-off, in milliseconds.
@@ -315,6 +320,11 @@ impl QueuesConfig {
             return Err(layers.err(at, "backoff_max_ms", "must not be below backoff_base_ms"));
         }
         let unique = layers.pick(|s| s.unique).0.unwrap_or(false);
+        let max_item_bytes = layers.positive(
+            |s| s.max_item_bytes,
+            "max_item_bytes",
+            DEFAULT_MAX_ITEM_BYTES,
+        )?;
 
         Ok(QueueConfig {
             name: name.to_owned(),
@@ -322,7 +332,8 @@ impl QueuesConfig {
             base: QueueOptions::default()
                 .capacity(length)
                 .unique(unique)
-                .visibility_timeout(visibility_timeout),
+                .visibility_timeout(visibility_timeout)
+                .max_item_bytes(max_item_bytes),
             work: WorkQueueOptions::default()
                 .batch_len(batch_len)
                 .batch_delay(batch_delay)
@@ -405,7 +416,25 @@ mod tests {
         assert_eq!(c.backend, BackendConfig::Memory);
         assert_eq!(c.base.capacity, Some(DEFAULT_LENGTH));
         assert_eq!(c.work, WorkQueueOptions::default());
+        assert_eq!(c.base.max_item_bytes, DEFAULT_MAX_ITEM_BYTES);
+        assert!(c.base.validate().is_ok());
         assert_eq!(c.dead_letter_name(), "q.dead");
+    }
+
+    #[test]
+    fn max_item_bytes_is_set_and_zero_is_rejected() {
+        let mut cfg = QueuesConfig::default();
+        cfg.defaults.max_item_bytes = Some(4096);
+        assert_eq!(cfg.resolve("q").unwrap().base.max_item_bytes, 4096);
+        cfg.queues.insert(
+            "q".into(),
+            QueueSettings {
+                max_item_bytes: Some(0),
+                ..Default::default()
+            },
+        );
+        let err = cfg.resolve("q").unwrap_err();
+        assert_eq!(err.field, "queues.q.max_item_bytes");
     }
 
     #[test]

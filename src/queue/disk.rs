@@ -649,6 +649,8 @@ impl DiskStore {
     /// still open returns a handle to the same queue.
     ///
     /// # Errors
+    /// [`QueueError::InvalidOption`] when `opts` do not
+    /// [validate](QueueOptions::validate) (checked first, nothing is read);
     /// [`QueueError::Backend`] with a [`DiskError`] source: the name is empty,
     /// the queue is open with other options, a record is corrupt, the store
     /// has stopped, or redb failed.
@@ -666,6 +668,7 @@ impl DiskStore {
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn queue(&self, name: &str, opts: QueueOptions) -> Result<DiskQueue, QueueError> {
+        opts.validate()?;
         let backend = |e: DiskError| QueueError::Backend(Box::new(e));
         if name.is_empty() {
             return Err(backend(DiskError::EmptyName));
@@ -1069,6 +1072,7 @@ impl DiskQueue {
     }
 
     async fn push_inner(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+        let item = self.shared.opts.check_size(item)?;
         let deadline = Instant::now().checked_add(timeout);
         let (id, rx) = loop {
             let mut room = pin!(self.shared.room.notified());

@@ -5,7 +5,16 @@
 //! A manager builds work queues from a [`QueuesConfig`] (opening the base
 //! queue and its `<name>.dead` dead-letter queue on the configured backend),
 //! or adopts queues built by hand, and then lists them with their figures,
-//! flushes them all, resizes them and empties them by name.
+//! flushes or drains them, resizes them and empties them by name.
+//!
+//! # Flush and drain
+//!
+//! [`flush_all`](Manager::flush_all) / [`flush`](Manager::flush) wait for
+//! the items pushed through the queues' own handles
+//! ([`WorkQueue::flush`]); [`drain_all`](Manager::drain_all) /
+//! [`drain`](Manager::drain) wait until the base queues hold nothing ready
+//! or leased, whoever pushed it ([`WorkQueue::drain`], what Gitea calls
+//! flush).
 //!
 //! # Disk stores
 //!
@@ -27,10 +36,10 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::base::{Backend, BaseQueue, QueueError, QueueLen};
+use super::base::{Backend, BaseQueue, InvalidOption, QueueError, QueueLen};
 use super::config::{BackendConfig, ConfigError, QueueConfig, QueuesConfig};
 use super::memory::MemoryQueue;
-use super::work::{InvalidOption, Item, WorkError, WorkQueue};
+use super::work::{Item, WorkError, WorkQueue};
 
 /// The figures of one managed queue, from [`Manager::queues`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +121,7 @@ trait Managed: Send + Sync {
     fn len(&self) -> BoxFuture<'_, Result<QueueLen, QueueError>>;
     fn dead_count(&self) -> BoxFuture<'_, Result<u64, QueueError>>;
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, Result<(), WorkError>>;
+    fn drain(&self, timeout: Duration) -> BoxFuture<'_, Result<(), WorkError>>;
     fn remove_all(&self) -> BoxFuture<'_, Result<u64, QueueError>>;
     fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, ()>;
 }
@@ -146,6 +156,9 @@ impl<T: Send + 'static> Managed for WorkQueue<T> {
     }
     fn flush(&self, timeout: Duration) -> BoxFuture<'_, Result<(), WorkError>> {
         Box::pin(WorkQueue::flush(self, timeout))
+    }
+    fn drain(&self, timeout: Duration) -> BoxFuture<'_, Result<(), WorkError>> {
+        Box::pin(WorkQueue::drain(self, timeout))
     }
     fn remove_all(&self) -> BoxFuture<'_, Result<u64, QueueError>> {
         Box::pin(WorkQueue::remove_all(self))
@@ -244,12 +257,11 @@ impl Manager {
     ) -> Result<(Arc<dyn BaseQueue>, Arc<dyn BaseQueue>), ManagerError> {
         let name = config.name.clone();
         let dead_name = config.dead_letter_name();
-        let dead_opts =
-            super::base::QueueOptions::default().visibility_timeout(config.base.visibility_timeout);
+        let dead_opts = config.base.for_dead_letters();
         match &config.backend {
             BackendConfig::Memory => Ok((
-                Arc::new(MemoryQueue::new(name, config.base.clone())),
-                Arc::new(MemoryQueue::new(dead_name, dead_opts)),
+                Arc::new(MemoryQueue::new(name, config.base.clone())?),
+                Arc::new(MemoryQueue::new(dead_name, dead_opts)?),
             )),
             #[cfg(feature = "disk")]
             BackendConfig::Disk { path } => {
@@ -346,8 +358,8 @@ impl Manager {
     /// use snapstream::queue::{Item, Manager, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     ///
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
-    /// let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
+    /// let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<Item<u8>>| async {
     ///     Vec::new()
     /// })
@@ -408,7 +420,9 @@ impl Manager {
         out
     }
 
-    /// Flushes every managed queue at once, all within `timeout`.
+    /// [Flushes](WorkQueue::flush) every managed queue at once, all within
+    /// `timeout`: waits for the items pushed through the queues' handles.
+    /// [`drain_all`](Self::drain_all) waits for the base queues to run dry.
     ///
     /// # Errors
     /// The first [`ManagerError::Work`] by queue name.
@@ -421,7 +435,87 @@ impl Manager {
     pub async fn flush_all(&self, timeout: Duration) -> Result<(), ManagerError> {
         let all = self.all();
         let results = futures::future::join_all(all.iter().map(|q| q.flush(timeout))).await;
-        for (q, r) in all.iter().zip(results) {
+        Self::first_error(&all, results)
+    }
+
+    /// [Drains](WorkQueue::drain) every managed queue at once, all within
+    /// `timeout`: waits until no base queue holds anything ready or leased,
+    /// whoever pushed it (items waiting out a retry back-off excepted).
+    ///
+    /// # Errors
+    /// The first [`ManagerError::Work`] by queue name.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the waiting.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use snapstream::queue::config::QueuesConfig;
+    /// use snapstream::queue::{Item, Manager};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let manager = Manager::new();
+    /// let q = manager
+    ///     .create("jobs", &QueuesConfig::default(), |_b: Vec<Item<u32>>| async { Vec::new() })
+    ///     .await
+    ///     .unwrap();
+    /// q.push(1).await.unwrap();
+    /// manager.drain_all(Duration::from_secs(5)).await.unwrap();
+    /// assert_eq!(manager.queues().await[0].length.unwrap().total(), 0);
+    /// manager.shutdown_all(Duration::from_secs(5)).await;
+    /// # });
+    /// ```
+    pub async fn drain_all(&self, timeout: Duration) -> Result<(), ManagerError> {
+        let all = self.all();
+        let results = futures::future::join_all(all.iter().map(|q| q.drain(timeout))).await;
+        Self::first_error(&all, results)
+    }
+
+    /// [Flushes](WorkQueue::flush) queue `name`.
+    ///
+    /// # Errors
+    /// [`ManagerError::NotFound`], [`ManagerError::Work`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the waiting.
+    pub async fn flush(&self, name: &str, timeout: Duration) -> Result<(), ManagerError> {
+        let q = self.get(name)?;
+        let result = q.flush(timeout).await;
+        Self::first_error(&[q], [result])
+    }
+
+    /// [Drains](WorkQueue::drain) queue `name`.
+    ///
+    /// # Errors
+    /// [`ManagerError::NotFound`], [`ManagerError::Work`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the waiting.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use snapstream::queue::{Manager, ManagerError};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let err = Manager::new().drain("nope", Duration::from_secs(1)).await.unwrap_err();
+    /// assert!(matches!(err, ManagerError::NotFound(_)));
+    /// # });
+    /// ```
+    pub async fn drain(&self, name: &str, timeout: Duration) -> Result<(), ManagerError> {
+        let q = self.get(name)?;
+        let result = q.drain(timeout).await;
+        Self::first_error(&[q], [result])
+    }
+
+    fn first_error(
+        queues: &[Arc<dyn Managed>],
+        results: impl IntoIterator<Item = Result<(), WorkError>>,
+    ) -> Result<(), ManagerError> {
+        for (q, r) in queues.iter().zip(results) {
             if let Err(source) = r {
                 return Err(ManagerError::Work {
                     queue: q.name().to_owned(),

@@ -47,7 +47,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::base::{
-    Backend, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen, QueueOptions,
+    Backend, BaseQueue, Delivery, InvalidOption, ItemId, NewItem, PushError, QueueError, QueueLen,
+    QueueOptions,
 };
 use crate::sync::Mutex;
 
@@ -60,7 +61,7 @@ use crate::sync::Mutex;
 /// use snapstream::queue::{BaseQueue, MemoryQueue, NewItem, QueueOptions};
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-/// let q = MemoryQueue::new("jobs", QueueOptions::default());
+/// let q = MemoryQueue::new("jobs", QueueOptions::default()).unwrap();
 /// q.push(NewItem::new(b"hello".to_vec()), Duration::from_secs(1)).await.unwrap();
 /// let got = q.pop(10, Duration::from_secs(1)).await.unwrap();
 /// assert_eq!(got[0].payload, b"hello");
@@ -447,23 +448,33 @@ impl State {
 impl MemoryQueue {
     /// Creates an empty queue.
     ///
+    /// # Errors
+    /// [`InvalidOption`] when `opts` does not
+    /// [validate](QueueOptions::validate) (a capacity of 0, a visibility
+    /// timeout under 1 ms, a `max_item_bytes` of 0).
+    ///
     /// # Examples
     ///
     /// ```
     /// use snapstream::queue::{BaseQueue, MemoryQueue, QueueOptions};
     ///
-    /// let q = MemoryQueue::new("mail", QueueOptions::default().capacity(100).unique(true));
+    /// let q = MemoryQueue::new("mail", QueueOptions::default().capacity(100).unique(true))?;
     /// assert_eq!(q.name(), "mail");
     /// assert!(q.is_unique());
+    ///
+    /// let err = MemoryQueue::new("mail", QueueOptions::default().capacity(0)).unwrap_err();
+    /// assert_eq!(err.field, "capacity");
+    /// # Ok::<(), snapstream::queue::InvalidOption>(())
     /// ```
-    pub fn new(name: impl Into<String>, opts: QueueOptions) -> MemoryQueue {
-        MemoryQueue {
+    pub fn new(name: impl Into<String>, opts: QueueOptions) -> Result<MemoryQueue, InvalidOption> {
+        opts.validate()?;
+        Ok(MemoryQueue {
             name: name.into(),
             opts,
             state: Mutex::new(State::default()),
             ready_signal: Notify::new(),
             room_signal: Notify::new(),
-        }
+        })
     }
 
     /// The options the queue was created with.
@@ -473,7 +484,7 @@ impl MemoryQueue {
     /// ```
     /// use snapstream::queue::{MemoryQueue, QueueOptions};
     ///
-    /// let q = MemoryQueue::new("q", QueueOptions::default().capacity(3));
+    /// let q = MemoryQueue::new("q", QueueOptions::default().capacity(3)).unwrap();
     /// assert_eq!(q.options().capacity, Some(3));
     /// ```
     pub fn options(&self) -> &QueueOptions {
@@ -487,6 +498,7 @@ impl MemoryQueue {
     }
 
     async fn push_inner(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+        let item = self.opts.check_size(item)?;
         // Read the clock only when the queue is full.
         let mut deadline: Option<Instant> = None;
         loop {
@@ -780,7 +792,7 @@ mod tests {
 
     #[tokio::test]
     async fn fifo_and_ack() {
-        let q = MemoryQueue::new("q", QueueOptions::default());
+        let q = MemoryQueue::new("q", QueueOptions::default()).unwrap();
         for s in ["a", "b", "c"] {
             q.push(item(s), T).await.unwrap();
         }
@@ -795,7 +807,8 @@ mod tests {
         let q = MemoryQueue::new(
             "q",
             QueueOptions::default().visibility_timeout(Duration::from_secs(10)),
-        );
+        )
+        .unwrap();
         q.push(item("x"), T).await.unwrap();
         let d = q.pop(1, T).await.unwrap();
         assert_eq!(d[0].attempts, 0);
@@ -807,7 +820,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn nack_delay_then_ready_behind_others() {
-        let q = MemoryQueue::new("q", QueueOptions::default());
+        let q = MemoryQueue::new("q", QueueOptions::default()).unwrap();
         q.push(item("a"), T).await.unwrap();
         let a = q.pop(1, T).await.unwrap();
         q.nack(&[a[0].id], Duration::from_secs(5)).await.unwrap();
@@ -822,7 +835,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn full_after_timeout_and_waiting_push_gets_room() {
-        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().capacity(1)));
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().capacity(1)).unwrap());
         q.push(item("a"), T).await.unwrap();
         match q.push(item("b"), T).await {
             Err(PushError::Full(it)) => assert_eq!(it, item("b")),
@@ -839,7 +852,7 @@ mod tests {
 
     #[tokio::test]
     async fn unique_rejects_until_acked() {
-        let q = MemoryQueue::new("q", QueueOptions::default().unique(true));
+        let q = MemoryQueue::new("q", QueueOptions::default().unique(true)).unwrap();
         q.push(item("a"), T).await.unwrap();
         assert!(matches!(
             q.push(item("a"), T).await,
@@ -858,7 +871,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn unique_race_one_wins() {
-        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)));
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)).unwrap());
         let tasks: Vec<_> = (0..32)
             .map(|_| {
                 let q = q.clone();
@@ -874,7 +887,7 @@ mod tests {
 
     #[tokio::test]
     async fn per_key_order() {
-        let q = MemoryQueue::new("q", QueueOptions::default());
+        let q = MemoryQueue::new("q", QueueOptions::default()).unwrap();
         q.push(NewItem::with_key(b"k1".to_vec(), "k"), T)
             .await
             .unwrap();
@@ -898,7 +911,7 @@ mod tests {
 
     #[tokio::test]
     async fn pop_waits_and_wakes_on_push() {
-        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
         let q2 = q.clone();
         let popper = tokio::spawn(async move { q2.pop(1, Duration::from_secs(3600)).await });
         tokio::task::yield_now().await;
@@ -909,13 +922,13 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn pop_times_out_empty() {
-        let q = MemoryQueue::new("q", QueueOptions::default());
+        let q = MemoryQueue::new("q", QueueOptions::default()).unwrap();
         assert!(q.pop(1, Duration::from_secs(3)).await.unwrap().is_empty());
     }
 
     #[tokio::test]
     async fn cancelled_pop_leases_nothing() {
-        let q = MemoryQueue::new("q", QueueOptions::default());
+        let q = MemoryQueue::new("q", QueueOptions::default()).unwrap();
         {
             let fut = q.pop(1, Duration::from_secs(3600));
             let _ = futures::poll!(fut);
@@ -927,7 +940,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_wakes_and_rejects() {
-        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
         q.push(item("a"), T).await.unwrap();
         let q2 = q.clone();
         let popped = q.pop(1, T).await.unwrap();
@@ -948,7 +961,7 @@ mod tests {
 
     #[tokio::test]
     async fn remove_all_clears_dedup() {
-        let q = MemoryQueue::new("q", QueueOptions::default().unique(true));
+        let q = MemoryQueue::new("q", QueueOptions::default().unique(true)).unwrap();
         q.push(item("a"), T).await.unwrap();
         q.push(NewItem::with_key(b"b".to_vec(), "k"), T)
             .await
@@ -970,7 +983,8 @@ mod tests {
         let q = MemoryQueue::new(
             "q",
             QueueOptions::default().visibility_timeout(Duration::from_secs(10)),
-        );
+        )
+        .unwrap();
         for i in 0..300u32 {
             q.push(NewItem::new(i.to_le_bytes().to_vec()), T)
                 .await
@@ -1020,7 +1034,7 @@ mod tests {
 
     #[tokio::test]
     async fn empty_payload_round_trips() {
-        let q = MemoryQueue::new("q", QueueOptions::default());
+        let q = MemoryQueue::new("q", QueueOptions::default()).unwrap();
         q.push(NewItem::new(Vec::new()), T).await.unwrap();
         let d = q.pop(1, T).await.unwrap();
         assert!(d[0].payload.is_empty());
@@ -1030,7 +1044,7 @@ mod tests {
     async fn many_producers_consumers_same_multiset() {
         const P: u32 = 8;
         const N: u32 = 2_000;
-        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().capacity(256)));
+        let q = Arc::new(MemoryQueue::new("q", QueueOptions::default().capacity(256)).unwrap());
         let mut producers = Vec::new();
         for p in 0..P {
             let q = q.clone();
@@ -1126,7 +1140,7 @@ mod model {
         fn matches_model(ops in proptest::collection::vec(op(), 1..60)) {
             let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
             rt.block_on(async {
-                let q = MemoryQueue::new("model", QueueOptions::default());
+                let q = MemoryQueue::new("model", QueueOptions::default()).unwrap();
                 // Held items in push order.
                 let mut model: Vec<ModelItem> = Vec::new();
                 let mut seq = 0u64;

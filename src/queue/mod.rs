@@ -11,12 +11,11 @@ pub mod redis;
 mod work;
 
 pub use base::{
-    Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
-    QueueOptions,
+    Backend, BackendError, BaseQueue, Delivery, InvalidOption, ItemId, NewItem, PushError,
+    QueueError, QueueLen, QueueOptions,
 };
 pub use manager::{Manager, ManagerError, QueueInfo};
 pub use memory::MemoryQueue;
 pub use work::{
-    DeadLetter, DeadReason, InvalidOption, Item, WorkError, WorkPushError, WorkQueue,
-    WorkQueueOptions,
+    DeadLetter, DeadReason, Item, WorkError, WorkPushError, WorkQueue, WorkQueueOptions,
 };

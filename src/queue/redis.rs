@@ -99,6 +99,19 @@
 //! `kill -9` of the server. A push that failed with `Backend` may or may not be
 //! stored.
 //!
+//! # Item size
+//!
+//! A push of an item above [`QueueOptions::max_item_bytes`] (1 MiB by
+//! default) fails with [`PushError::TooLarge`] before anything is sent. The
+//! server has limits of its own (`proto-max-bulk-len`, 512 MB by default, at
+//! least 1 MB): a command with a larger argument is refused with a protocol
+//! error and the server drops the connection, failing every command in flight
+//! on it. So concurrent pushes are batched only up to 1 MiB per item, which
+//! no server refuses; a larger item (when `max_item_bytes` allows one) is sent
+//! alone, one at a time, on a connection of its own that is opened on first
+//! use and replaced after a failure. A push the server refuses thus fails
+//! with [`PushError::Backend`] and takes no other push with it.
+//!
 //! # Keys
 //!
 //! A queue named `name` owns the keys `snapstream:{name}:*` (the hash tag keeps
@@ -141,6 +154,12 @@ const MAX_POP_BATCH: usize = 1_000;
 const MAX_FLUSHERS: usize = 4;
 /// Most pushes sent in one script call.
 const MAX_PUSH_BATCH: usize = 256;
+/// Items larger than this (payload and key) are sent alone, one at a time,
+/// on a connection of their own. It is the smallest `proto-max-bulk-len` a
+/// Redis server accepts, so no smaller item can be refused for its size;
+/// one that is (the server replies with an error and drops the connection)
+/// takes no other push with it.
+const SOLO_BYTES: usize = 1024 * 1024;
 /// Connect timeout of the command and subscriber connections.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 /// Reply timeout of a command.
@@ -160,6 +179,10 @@ pub enum RedisQueueError {
     #[error("queue name is empty")]
     EmptyName,
     /// [`QueueOptions::visibility_timeout`] is shorter than 1 ms.
+    ///
+    /// No longer returned: like every backend, [`RedisQueue::connect`]
+    /// reports options that do not [validate](QueueOptions::validate) as
+    /// [`QueueError::InvalidOption`]. Kept so that code naming it compiles.
     #[error("visibility timeout is shorter than 1 ms")]
     VisibilityTimeout,
     /// The server answered something the queue's scripts never return.
@@ -185,6 +208,12 @@ struct Shared {
     name: String,
     options: QueueOptions,
     conn: ConnectionManager,
+    /// How to open [`solo`](Self::solo).
+    client: redis::Client,
+    config: ConnectionManagerConfig,
+    /// The connection for items above [`SOLO_BYTES`], opened on first use.
+    /// Held for the whole of each such push, so they go one at a time.
+    solo: tokio::sync::Mutex<Option<ConnectionManager>>,
     keys: Vec<String>,
     channel: String,
     park_prefix: String,
@@ -248,10 +277,11 @@ impl RedisQueue {
     ///
     /// # Errors
     ///
-    /// [`QueueError::Backend`] when the URL is invalid, the server cannot be
-    /// reached within the connect timeout, or the options are invalid (an
-    /// empty name or a visibility timeout under 1 ms: the source is a
-    /// [`RedisQueueError`]).
+    /// [`QueueError::InvalidOption`] when `options` do not
+    /// [validate](QueueOptions::validate) (checked before connecting);
+    /// [`QueueError::Backend`] when the name is empty (the source is
+    /// [`RedisQueueError::EmptyName`]), the URL is invalid or the server cannot
+    /// be reached within the connect timeout.
     ///
     /// # Cancel safety
     ///
@@ -265,9 +295,7 @@ impl RedisQueue {
         if name.is_empty() {
             return Err(backend(RedisQueueError::EmptyName));
         }
-        if options.visibility_timeout < Duration::from_millis(1) {
-            return Err(backend(RedisQueueError::VisibilityTimeout));
-        }
+        options.validate()?;
         let client = redis::Client::open(url).map_err(backend)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -275,7 +303,7 @@ impl RedisQueue {
             .set_number_of_retries(1)
             .set_min_delay(RECONNECT_MIN)
             .set_max_delay(RECONNECT_MAX);
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
+        let conn = ConnectionManager::new_with_config(client.clone(), config.clone())
             .await
             .map_err(backend)?;
         let prefix = format!("snapstream:{{{name}}}:");
@@ -288,6 +316,9 @@ impl RedisQueue {
             name,
             options,
             conn,
+            client: client.clone(),
+            config,
+            solo: tokio::sync::Mutex::new(None),
             keys,
             channel,
             park_prefix,
@@ -337,8 +368,9 @@ impl RedisQueue {
         self.shared.run_u64(&inv, "delete").await
     }
 
-    async fn push_impl(&self, mut item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
+    async fn push_impl(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
         let shared = &self.shared;
+        let mut item = shared.options.check_size(item)?;
         let deadline = Instant::now().checked_add(timeout);
         loop {
             if shared.is_closed() {
@@ -524,21 +556,30 @@ struct PushBatcher {
 /// Queues one push for the flushers, starting one if fewer than
 /// [`MAX_FLUSHERS`] run. Concurrent pushes on one handle thus share a script call (one round trip, one fsync with
 /// `appendfsync always`) instead of taking one each.
+///
+/// An item above [`SOLO_BYTES`] is not batched: it is sent alone on the solo
+/// connection, so that a server refusing it fails it and nothing else.
 async fn push_once(shared: &Arc<Shared>, item: NewItem, flag_ms: u64) -> PushOutcome {
     let (tx, rx) = oneshot::channel();
-    let start = {
-        let mut batcher = shared.lock_pushes();
-        batcher.pending.push_back(PendingPush {
-            item: Some(item),
-            flag_ms,
-            reply: Some(tx),
-        });
-        let start = batcher.flushers < MAX_FLUSHERS;
-        batcher.flushers += usize::from(start);
-        start
+    let solo = item.size() > SOLO_BYTES;
+    let push = PendingPush {
+        item: Some(item),
+        flag_ms,
+        reply: Some(tx),
     };
-    if start {
-        tokio::spawn(flush_pushes(Arc::clone(shared)));
+    if solo {
+        tokio::spawn(push_solo(Arc::clone(shared), push));
+    } else {
+        let start = {
+            let mut batcher = shared.lock_pushes();
+            batcher.pending.push_back(push);
+            let start = batcher.flushers < MAX_FLUSHERS;
+            batcher.flushers += usize::from(start);
+            start
+        };
+        if start {
+            tokio::spawn(flush_pushes(Arc::clone(shared)));
+        }
     }
     match rx.await {
         Ok(outcome) => outcome,
@@ -584,51 +625,97 @@ async fn flush_pushes(shared: Arc<Shared>) {
             let n = batcher.pending.len().min(MAX_PUSH_BATCH);
             batcher.pending.drain(..n).collect()
         };
-        let mut inv = shared.invocation(&SCRIPTS.push);
-        inv.arg(
-            shared
-                .options
-                .capacity
-                .map_or(-1, |c| c.min(i64::MAX as u64) as i64),
-        )
-        .arg(if shared.options.unique { "1" } else { "0" });
-        for p in &batch {
-            let item = p.item.as_ref().expect("unanswered");
-            inv.arg(p.flag_ms).arg(&item.payload[..]);
-            match &item.key {
-                Some(key) => inv.arg("1").arg(key.as_str()),
-                None => inv.arg("0").arg(""),
-            };
+        let reply = push_call(&shared, &batch)
+            .invoke_async(&mut shared.conn.clone())
+            .await;
+        answer_pushes(&mut batch, reply);
+    }
+}
+
+/// Sends one large push alone on the solo connection, after any earlier one
+/// finished (the lock is held until the reply). Runs on a task of its own,
+/// so a caller that goes away cannot cut the reply short and let the next
+/// large push onto a connection the server may be about to drop.
+async fn push_solo(shared: Arc<Shared>, push: PendingPush) {
+    let mut solo = shared.solo.lock().await;
+    // A push whose caller went away before it was sent is not stored.
+    if push.reply.as_ref().is_none_or(|r| r.is_closed()) {
+        return;
+    }
+    let mut conn = match &*solo {
+        Some(conn) => conn.clone(),
+        None => {
+            let opened =
+                ConnectionManager::new_with_config(shared.client.clone(), shared.config.clone())
+                    .await;
+            match opened {
+                Ok(conn) => solo.insert(conn).clone(),
+                Err(e) => {
+                    let mut batch = [push];
+                    answer_pushes(&mut batch, Err(e));
+                    return;
+                }
+            }
         }
-        let reply: redis::RedisResult<Vec<i64>> = inv.invoke_async(&mut shared.conn.clone()).await;
-        match reply {
-            Ok(codes) if codes.len() == batch.len() => {
-                for (p, code) in batch.iter_mut().zip(codes) {
-                    p.answer(|item| match code {
-                        id if id > 0 => PushOutcome::Stored(ItemId(id as u64)),
-                        -1 => PushOutcome::Full(item),
-                        -2 => PushOutcome::Duplicate(item),
-                        _ => PushOutcome::Failed(
-                            item,
-                            Box::new(RedisQueueError::UnexpectedReply("push")),
-                        ),
-                    });
-                }
+    };
+    let mut batch = [push];
+    let reply = push_call(&shared, &batch).invoke_async(&mut conn).await;
+    if reply.is_err() {
+        // The server may have dropped the connection (it does after refusing
+        // a command for its size): the next large push starts on a new one
+        // rather than fail on this one.
+        *solo = None;
+    }
+    answer_pushes(&mut batch, reply);
+}
+
+/// The push script call for `batch`.
+fn push_call<'a>(shared: &'a Shared, batch: &'a [PendingPush]) -> ScriptInvocation<'a> {
+    let mut inv = shared.invocation(&SCRIPTS.push);
+    inv.arg(
+        shared
+            .options
+            .capacity
+            .map_or(-1, |c| c.min(i64::MAX as u64) as i64),
+    )
+    .arg(if shared.options.unique { "1" } else { "0" });
+    for p in batch {
+        let item = p.item.as_ref().expect("unanswered");
+        inv.arg(p.flag_ms).arg(&item.payload[..]);
+        match &item.key {
+            Some(key) => inv.arg("1").arg(key.as_str()),
+            None => inv.arg("0").arg(""),
+        };
+    }
+    inv
+}
+
+/// Answers every push of `batch` from the push script's reply.
+fn answer_pushes(batch: &mut [PendingPush], reply: redis::RedisResult<Vec<i64>>) {
+    match reply {
+        Ok(codes) if codes.len() == batch.len() => {
+            for (p, code) in batch.iter_mut().zip(codes) {
+                p.answer(|item| match code {
+                    id if id > 0 => PushOutcome::Stored(ItemId(id as u64)),
+                    -1 => PushOutcome::Full(item),
+                    -2 => PushOutcome::Duplicate(item),
+                    _ => PushOutcome::Failed(
+                        item,
+                        Box::new(RedisQueueError::UnexpectedReply("push")),
+                    ),
+                });
             }
-            Ok(_) => {
-                for p in &mut batch {
-                    p.answer(|item| {
-                        PushOutcome::Failed(
-                            item,
-                            Box::new(RedisQueueError::UnexpectedReply("push")),
-                        )
-                    });
-                }
+        }
+        Ok(_) => {
+            for p in batch {
+                p.answer(|item| {
+                    PushOutcome::Failed(item, Box::new(RedisQueueError::UnexpectedReply("push")))
+                });
             }
-            Err(e) => {
-                for p in &mut batch {
-                    p.answer(|item| PushOutcome::Failed(item, Box::new(e.clone())));
-                }
+        }
+        Err(e) => {
+            for p in batch {
+                p.answer(|item| PushOutcome::Failed(item, Box::new(e.clone())));
             }
         }
     }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
 use std::time::Duration;
@@ -19,7 +19,8 @@ use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::base::{
-    Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
+    Backend, BackendError, BaseQueue, Delivery, InvalidOption, ItemId, NewItem, PushError,
+    QueueError, QueueLen, QueueOptions,
 };
 use super::memory::IdHash;
 
@@ -176,16 +177,6 @@ impl Default for WorkQueueOptions {
     }
 }
 
-/// An option value a [`WorkQueue`] cannot run with.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid {field}: {reason}")]
-pub struct InvalidOption {
-    /// The field's name.
-    pub field: &'static str,
-    /// What is wrong with it.
-    pub reason: &'static str,
-}
-
 /// Why [`WorkQueue::push`] failed. Every variant hands the item back.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -199,6 +190,18 @@ pub enum WorkPushError<T> {
     /// The work queue was shut down or its base queue closed.
     #[error("queue is closed")]
     Closed(T),
+    /// The item's JSON encoding is larger than the base queue's
+    /// [`max_item_bytes`](crate::queue::QueueOptions::max_item_bytes); nothing
+    /// was stored.
+    #[error("item of {size} bytes is over the queue's max_item_bytes of {limit}")]
+    TooLarge {
+        /// The item.
+        item: T,
+        /// The size of its encoding and key, in bytes.
+        size: usize,
+        /// The base queue's `max_item_bytes`.
+        limit: usize,
+    },
     /// The item could not be encoded as JSON.
     #[error("item could not be encoded")]
     Encode {
@@ -226,6 +229,7 @@ impl<T> WorkPushError<T> {
             WorkPushError::Full(item)
             | WorkPushError::AlreadyQueued(item)
             | WorkPushError::Closed(item)
+            | WorkPushError::TooLarge { item, .. }
             | WorkPushError::Encode { item, .. }
             | WorkPushError::Backend { item, .. } => item,
         }
@@ -236,6 +240,9 @@ impl<T> WorkPushError<T> {
             PushError::Full(_) => WorkPushError::Full(item),
             PushError::AlreadyQueued(_) => WorkPushError::AlreadyQueued(item),
             PushError::Closed(_) => WorkPushError::Closed(item),
+            PushError::TooLarge { size, limit, .. } => {
+                WorkPushError::TooLarge { item, size, limit }
+            }
             PushError::Backend { source, .. } => WorkPushError::Backend { item, source },
             // A future variant: report it through the backend variant.
             #[allow(unreachable_patterns)]
@@ -347,6 +354,56 @@ struct DeadRecord {
     error: String,
 }
 
+/// The longest error note a dead-letter record keeps, in bytes (a decode
+/// error can quote the payload; the payload itself is kept whole).
+const MAX_ERROR_NOTE: usize = 1024;
+
+/// `note` cut to at most [`MAX_ERROR_NOTE`] bytes, on a character boundary.
+fn clip_note(mut note: String) -> String {
+    if note.len() > MAX_ERROR_NOTE {
+        let mut end = MAX_ERROR_NOTE - 3;
+        while !note.is_char_boundary(end) {
+            end -= 1;
+        }
+        note.truncate(end);
+        note.push_str("...");
+    }
+    note
+}
+
+impl QueueOptions {
+    /// Options for the dead-letter queue of a base queue with these options:
+    /// the same visibility timeout, unbounded, not unique, and a
+    /// `max_item_bytes` that fits the dead-letter record of any item the base
+    /// queue accepts.
+    ///
+    /// A dead-letter record is JSON holding the original payload as an array
+    /// of numbers (up to 4 bytes per byte), the key (JSON-escaped, up to 6
+    /// bytes per byte) and an error note of at most 1 KiB; so the limit is
+    /// 6 × `max_item_bytes` + 16 KiB. The [`Manager`](crate::queue::Manager)
+    /// opens its dead-letter queues with these options.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::QueueOptions;
+    ///
+    /// let base = QueueOptions::default().capacity(10).unique(true).max_item_bytes(1000);
+    /// let dead = base.for_dead_letters();
+    /// assert_eq!((dead.capacity, dead.unique), (None, false));
+    /// assert_eq!(dead.max_item_bytes, 6 * 1000 + 16 * 1024);
+    /// ```
+    pub fn for_dead_letters(&self) -> QueueOptions {
+        QueueOptions::default()
+            .visibility_timeout(self.visibility_timeout)
+            .max_item_bytes(
+                self.max_item_bytes
+                    .saturating_mul(6)
+                    .saturating_add(16 * 1024),
+            )
+    }
+}
+
 type HandlerFn<T> = Arc<dyn Fn(Vec<Item<T>>) -> BoxFuture<'static, Vec<Item<T>>> + Send + Sync>;
 
 /// `serde_json::to_vec(value)`, in an allocation of the encoding's size.
@@ -381,6 +438,9 @@ const RUNNING: u8 = 0;
 const STOPPING: u8 = 1;
 const HARD_STOP: u8 = 2;
 
+/// How often [`WorkQueue::drain`] looks at the base queue when no worker of
+/// its own finished a batch (the queue may be consumed elsewhere).
+const DRAIN_RECHECK: Duration = Duration::from_millis(100);
 /// How long the dispatcher backs off after a backend error.
 const BACKEND_RETRY: Duration = Duration::from_millis(200);
 /// The timeout of one dispatcher pop (it loops).
@@ -430,6 +490,12 @@ struct Inner<T> {
     push_gen: AtomicU64,
     pending: Mutex<Pending>,
     dispatcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Calls of [`WorkQueue::drain`] waiting; only while this is non-zero do
+    /// workers signal `settled`, so the hot path costs one atomic load.
+    drainers: AtomicUsize,
+    /// Signalled when a worker finished a batch (acks, nacks and dead
+    /// letters done), on `remove_all` and on shutdown.
+    settled: Notify,
 }
 
 /// Waits until the stop level reaches `level` (or the sender is gone).
@@ -493,6 +559,13 @@ impl Drop for DropGuard {
 /// dead-letter queue, where [`dead_letters`](Self::dead_letters) lists it
 /// and [`requeue_dead_letters`](Self::requeue_dead_letters) puts it back.
 ///
+/// A dead-letter record is larger than the item it holds: open the
+/// dead-letter queue with [`QueueOptions::for_dead_letters`] of the base
+/// queue's options (the [`Manager`](crate::queue::Manager) does), so that
+/// every item the base queue accepts fits. A dead letter that the dead-letter
+/// queue refuses stays in the base queue and is retried with back-off (an
+/// error is logged): it is never dropped.
+///
 /// A handler that **panics** has handled none of its batch: every item counts
 /// as unhandled.
 ///
@@ -524,8 +597,9 @@ impl Drop for DropGuard {
 /// use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
 ///
 /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-/// let base = Arc::new(MemoryQueue::new("mail", QueueOptions::default()));
-/// let dead = Arc::new(MemoryQueue::new("mail.dead", QueueOptions::default()));
+/// let opts = QueueOptions::default().capacity(10_000);
+/// let base = Arc::new(MemoryQueue::new("mail", opts.clone()).unwrap());
+/// let dead = Arc::new(MemoryQueue::new("mail.dead", opts.for_dead_letters()).unwrap());
 /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |batch: Vec<Item<String>>| async move {
 ///     for item in &batch {
 ///         let _address: &String = item.value();
@@ -611,6 +685,8 @@ where
             push_gen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             dispatcher: Mutex::new(None),
+            drainers: AtomicUsize::new(0),
+            settled: Notify::new(),
         });
         let task = tokio::spawn(inner.clone().dispatch());
         *lock(&inner.dispatcher) = Some(task);
@@ -654,8 +730,8 @@ where
     /// # use std::time::Duration;
     /// # use snapstream::queue::{MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
-    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<_>| async { Vec::new() })
     ///     .unwrap();
     /// q.push_with(1u32, Some("user-7".into()), Duration::from_secs(1)).await.unwrap();
@@ -703,8 +779,8 @@ where
     /// # use std::time::Duration;
     /// # use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)));
-    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default().unique(true)).unwrap());
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default().max_workers(0), |_b: Vec<Item<u32>>| async {
     ///     Vec::new()
     /// })
@@ -775,8 +851,8 @@ impl<T> WorkQueue<T> {
     /// # use std::sync::Arc;
     /// # use snapstream::queue::{MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
-    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()));
-    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()));
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
     /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<_>| async { Vec::<_>::new() })
     ///     .unwrap();
     /// # let _: &WorkQueue<u8> = &q;
@@ -835,7 +911,9 @@ impl<T> WorkQueue<T> {
     /// Waits until every item pushed through this work queue before the call
     /// was handled (or moved to the dead-letter queue), for at most `timeout`.
     ///
-    /// Items other processes pushed to the base queue are not waited for.
+    /// Items other processes (or other handles over the same base queue)
+    /// pushed are not waited for; [`drain`](Self::drain) waits until the
+    /// base queue itself holds nothing to do.
     ///
     /// # Errors
     /// [`WorkError::Timeout`] with the count still pending;
@@ -877,6 +955,88 @@ impl<T> WorkQueue<T> {
         }
     }
 
+    /// Waits until the base queue holds nothing **ready or leased**, whoever
+    /// pushed it, for at most `timeout`: Gitea's "flush", the one operators
+    /// and tests use to wait for a queue to run dry.
+    ///
+    /// Unlike [`flush`](Self::flush) it counts every item in the base queue,
+    /// also those other processes pushed. Items waiting out a retry back-off
+    /// (`delayed` in [`len`](Self::len)) are not waited for: they may be
+    /// minutes away. The workers handling the items may be this queue's or
+    /// any other consumer's; the base queue is looked at again whenever a
+    /// worker of this queue finished a batch, and at least every 100 ms.
+    ///
+    /// # Errors
+    /// [`WorkError::Timeout`] with the ready and leased items left at the last
+    /// look; [`WorkError::Shutdown`] after [`shutdown`](Self::shutdown);
+    /// [`WorkError::Queue`] when the base queue fails.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping it only stops the waiting.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use snapstream::queue::{BaseQueue, Item, MemoryQueue, NewItem, QueueOptions, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let base = Arc::new(MemoryQueue::new("jobs", QueueOptions::default()).unwrap());
+    /// let dead = Arc::new(MemoryQueue::new("jobs.dead", QueueOptions::default()).unwrap());
+    /// // Pushed by someone else, straight into the base queue:
+    /// base.push(NewItem::new(b"7".to_vec()), Duration::ZERO).await.unwrap();
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<Item<u32>>| async {
+    ///     Vec::new()
+    /// })
+    /// .unwrap();
+    /// q.flush(Duration::from_secs(5)).await.unwrap(); // nothing of its own to wait for
+    /// q.drain(Duration::from_secs(5)).await.unwrap(); // waits for the item above
+    /// assert!(q.is_empty().await.unwrap());
+    /// # q.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub async fn drain(&self, timeout: Duration) -> Result<(), WorkError> {
+        /// Counts this call in `drainers` while it runs.
+        struct Draining<'a>(&'a AtomicUsize);
+        impl Drop for Draining<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let inner = &self.inner;
+        let deadline = Instant::now().checked_add(timeout);
+        inner.drainers.fetch_add(1, Ordering::SeqCst);
+        let _draining = Draining(&inner.drainers);
+        loop {
+            // Enabled before the look, so a batch finished during it is seen.
+            let settled = inner.settled.notified();
+            tokio::pin!(settled);
+            settled.as_mut().enable();
+            if inner.closed.load(Ordering::Acquire) {
+                return Err(WorkError::Shutdown);
+            }
+            let len = inner.base.len().await.map_err(WorkError::Queue)?;
+            let busy = len.ready.saturating_add(len.leased);
+            if busy == 0 {
+                return Ok(());
+            }
+            let now = Instant::now();
+            if deadline.is_some_and(|d| now >= d) {
+                return Err(WorkError::Timeout {
+                    pending: usize::try_from(busy).unwrap_or(usize::MAX),
+                });
+            }
+            let mut wake = now + DRAIN_RECHECK;
+            if let Some(d) = deadline {
+                wake = wake.min(d);
+            }
+            tokio::select! {
+                _ = settled => {}
+                _ = tokio::time::sleep_until(wake) => {}
+            }
+        }
+    }
+
     /// Deletes every item of the base queue (ready, delayed and leased);
     /// returns how many. Batches being handled are not stopped; their acks
     /// are then ignored.
@@ -893,6 +1053,8 @@ impl<T> WorkQueue<T> {
         for (_, _, tx) in p.waiters.drain(..) {
             let _ = tx.send(());
         }
+        drop(p);
+        self.inner.settle();
         Ok(n)
     }
 
@@ -1008,6 +1170,8 @@ impl<T> WorkQueue<T> {
         let deadline = Instant::now() + timeout;
         let inner = &self.inner;
         inner.closed.store(true, Ordering::Release);
+        // Waiting drains end with `Shutdown`.
+        inner.settled.notify_waiters();
         inner.stop.send_if_modified(|s| {
             let was = *s;
             *s = (*s).max(STOPPING);
@@ -1089,6 +1253,13 @@ impl<T> Inner<T> {
         let id = self.base.push(item, timeout).await?;
         guard.2 = Some(id);
         Ok(id)
+    }
+
+    /// Wakes the [`WorkQueue::drain`] calls waiting, if any, to look again.
+    fn settle(&self) {
+        if self.drainers.load(Ordering::SeqCst) > 0 {
+            self.settled.notify_waiters();
+        }
     }
 
     /// Marks items handled (or dead-lettered) for [`WorkQueue::flush`].
@@ -1273,6 +1444,7 @@ where
         let mut stop = self.stop.subscribe();
         loop {
             self.process(batch, &mut stop).await;
+            self.settle();
             let retire = {
                 let mut pool = lock(&self.pool);
                 pool.active -= 1;
@@ -1409,7 +1581,7 @@ where
             key: d.key.clone(),
             attempts: d.attempts.saturating_add(1),
             reason,
-            error,
+            error: clip_note(error),
         };
         let payload = serde_json::to_vec(&record).expect("a dead record always encodes");
         match self
