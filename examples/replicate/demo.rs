@@ -106,11 +106,13 @@ pub struct Config {
     #[arg(long, value_enum, default_value_t = BackendKind::Disk)]
     pub backend: BackendKind,
     /// Redis URL for the work queue (implies `--backend redis`, which alone
-    /// uses redis://127.0.0.1:6379).
+    /// uses redis://127.0.0.1:6379). The run's queues are deleted at exit,
+    /// on Ctrl-C too.
     #[arg(long, value_name = "URL")]
     pub redis: Option<String>,
-    /// Directory for the disk queue's file [default: a new temporary directory,
-    /// removed at exit].
+    /// Directory for the disk queue's file, kept after the run; a later run
+    /// on it delivers what this one left [default: a new temporary directory,
+    /// removed at exit, on Ctrl-C too].
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
     /// The publisher's lag limit, in batches behind a key's newest event.
@@ -129,7 +131,8 @@ pub struct Config {
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Tiny sizes, for the tests: 1.5 s, 40 subscribers, 16 keys, 1,000
-    /// changes/s, lag limit 100 (overrides those flags), no progress bar.
+    /// changes/s, lag limit at most 100 (overrides those flags), no progress
+    /// bar.
     #[arg(long)]
     pub quick: bool,
     /// Do not draw the progress bar.
@@ -140,7 +143,64 @@ pub struct Config {
     pub break_a_view: bool,
 }
 
+/// The most changes per second `--rate` accepts.
+pub const MAX_RATE: u64 = 100_000_000;
+/// The longest `--duration` accepted, in seconds: a year.
+pub const MAX_DURATION_SECS: f64 = 365.0 * 86_400.0;
+
 impl Config {
+    /// Checks the flags as given (before `--quick` replaces some): every
+    /// count the demo divides work by must be at least 1, the duration from
+    /// 0 to [`MAX_DURATION_SECS`], the rate at most [`MAX_RATE`], and
+    /// `--data-dir` only with the disk backend.
+    ///
+    /// # Errors
+    ///
+    /// The first flag that is out of range, as a [`ConfigError`].
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let zero = |flag, why| Err(ConfigError::Zero { flag, why });
+        if !(0.0..=MAX_DURATION_SECS).contains(&self.duration) {
+            return Err(ConfigError::Duration(self.duration));
+        }
+        if self.keys == 0 {
+            return zero("keys", "the store needs at least 1 key");
+        }
+        if self.rate == 0 {
+            return zero("rate", "the store must make at least 1 change per second");
+        }
+        if self.rate > MAX_RATE {
+            return Err(ConfigError::TooLarge {
+                flag: "rate",
+                value: self.rate,
+                max: MAX_RATE,
+            });
+        }
+        if self.lag_limit == 0 {
+            return zero(
+                "lag-limit",
+                "a subscriber must be allowed at least 1 batch behind, or every change \
+                 would re-snapshot every subscriber",
+            );
+        }
+        if self.nodes == 0 {
+            return zero("nodes", "the side effects need at least 1 node");
+        }
+        if self.leases_per_node == 0 {
+            return zero(
+                "leases-per-node",
+                "with no lease per node no side effect could ever run",
+            );
+        }
+        if self.workers == 0 {
+            return zero("workers", "the keyed pool needs at least 1 worker");
+        }
+        let disk = self.redis.is_none() && self.backend == BackendKind::Disk;
+        if let (Some(dir), false) = (&self.data_dir, disk) {
+            return Err(ConfigError::DataDirUnused(dir.clone()));
+        }
+        Ok(())
+    }
+
     /// The configuration with `--quick` and `--redis` applied.
     fn effective(mut self) -> Self {
         if self.quick {
@@ -154,18 +214,129 @@ impl Config {
         if self.redis.is_some() {
             self.backend = BackendKind::Redis;
         }
-        self.keys = self.keys.max(1);
-        self.nodes = self.nodes.max(1);
-        self.leases_per_node = self.leases_per_node.max(1);
-        self.workers = self.workers.max(1);
-        self.rate = self.rate.max(1);
         self
     }
 }
 
-/// Why the demo could not run at all (as opposed to running and finding a
-/// problem, which the [`Report`] says).
-pub type DemoError = Box<dyn std::error::Error + Send + Sync + 'static>;
+/// A flag the demo cannot run with. The binary exits with 2 on it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A count the demo needs at least one of is 0.
+    #[error("invalid --{flag} 0: {why}")]
+    Zero {
+        /// The flag, without its dashes.
+        flag: &'static str,
+        /// Why 0 cannot work.
+        why: &'static str,
+    },
+    /// A value above what the demo can hold in memory.
+    #[error("invalid --{flag} {value}: at most {max}")]
+    TooLarge {
+        /// The flag, without its dashes.
+        flag: &'static str,
+        /// What was given.
+        value: u64,
+        /// The largest value accepted.
+        max: u64,
+    },
+    /// `--duration` is negative, NaN, or more than a year.
+    #[error("invalid --duration {0}: must be a number of seconds from 0 to 31536000 (a year)")]
+    Duration(f64),
+    /// `--data-dir` with a backend other than disk, which would ignore it.
+    #[error("--data-dir {}: only the disk backend keeps a data directory", .0.display())]
+    DataDirUnused(PathBuf),
+}
+
+/// Why the demo could not run to its verdict (as opposed to running and
+/// finding a problem, which the [`Report`] says). The binary exits with 2,
+/// or 130 for [`DemoError::Interrupted`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DemoError {
+    /// A flag is out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// `--data-dir` names something that is not a directory.
+    #[error("--data-dir {}: exists and is not a directory", .0.display())]
+    DataDirNotADirectory(PathBuf),
+    /// `--data-dir` could not be created.
+    #[error("--data-dir {}: cannot create it", path.display())]
+    CreateDataDir {
+        /// The directory.
+        path: PathBuf,
+        /// What the file system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// No temporary directory for the disk queue.
+    #[error("cannot create a temporary directory for the disk queue")]
+    TempDir(#[source] std::io::Error),
+    /// The disk queue's file could not be opened.
+    #[error("cannot open the disk queue in {}", path.display())]
+    OpenDisk {
+        /// The file.
+        path: PathBuf,
+        /// What the disk store said.
+        #[source]
+        source: BoxError,
+    },
+    /// Redis could not be reached.
+    #[error("cannot open the work queue on Redis at {url}")]
+    Redis {
+        /// The URL.
+        url: String,
+        /// What the Redis backend said.
+        #[source]
+        source: snapstream::queue::QueueError,
+    },
+    /// `--backend redis` in a build without the `redis` feature.
+    #[error("this build has no Redis backend: run it with `--features redis`")]
+    #[cfg_attr(feature = "redis", allow(dead_code))]
+    NoRedis,
+    /// Another part of the demo could not be set up.
+    #[error("cannot set up {what}")]
+    Setup {
+        /// The part.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: BoxError,
+    },
+    /// The run was interrupted (Ctrl-C) and cleaned up after itself.
+    #[error("interrupted")]
+    Interrupted {
+        /// What was removed, deleted or kept, one line each.
+        cleanup: Vec<String>,
+    },
+}
+
+/// `error`, then each of its causes, one per line, as the binary prints them:
+///
+/// ```text
+/// replicate: --data-dir /tmp/f/x: cannot create it
+///   caused by: Not a directory (os error 20)
+/// ```
+pub fn error_text(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = format!("replicate: {error}\n");
+    let mut source = error.source();
+    while let Some(e) = source {
+        let _ = writeln!(s, "  caused by: {e}");
+        source = e.source();
+    }
+    s
+}
+
+/// `error` and its causes on one line, `: `-separated, for the report.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let _ = write!(s, ": {e}");
+        source = e.source();
+    }
+    s
+}
 
 // ---------------------------------------------------------------------------
 // The store
@@ -263,7 +434,7 @@ async fn produce(
     stop_at: Instant,
     mut rng: StdRng,
     published: Arc<AtomicU64>,
-) -> Result<u64, DemoError> {
+) -> Result<u64, String> {
     let start = Instant::now();
     let mut ticks = tokio::time::interval(Duration::from_millis(5));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -299,7 +470,7 @@ async fn produce(
             }
             publisher
                 .publish(events)
-                .map_err(|e| format!("publish failed: {e}"))?;
+                .map_err(|e| format!("publish failed: {}", chain(&e)))?;
             drop(st);
             done = due;
             published.store(done, Ordering::Relaxed);
@@ -851,12 +1022,63 @@ fn endpoint_fails(seq: u64, attempts: u32) -> bool {
     h.is_multiple_of(5)
 }
 
-#[derive(Debug, Default)]
+/// What the webhook endpoint saw.
+#[derive(Debug)]
 struct Deliveries {
+    /// This run's webhooks the endpoint accepted, by sequence number.
     delivered: Mutex<HashSet<u64>>,
     redelivered: AtomicU64,
     attempts: AtomicU64,
-    from_earlier_runs: AtomicU64,
+    /// Webhooks of earlier runs handed to the endpoint, by (run, seq).
+    earlier_seen: Mutex<HashSet<(u64, u64)>>,
+    /// Of those, the ones it accepted.
+    earlier_delivered: Mutex<HashSet<(u64, u64)>>,
+    /// How many webhooks of earlier runs are done with: accepted, or failed
+    /// for the last time (the work queue then dead-letters them).
+    earlier_done: watch::Sender<u64>,
+}
+
+impl Deliveries {
+    fn new() -> Self {
+        Deliveries {
+            delivered: Mutex::default(),
+            redelivered: AtomicU64::new(0),
+            attempts: AtomicU64::new(0),
+            earlier_seen: Mutex::default(),
+            earlier_delivered: Mutex::default(),
+            earlier_done: watch::Sender::new(0),
+        }
+    }
+
+    /// One delivery attempt of `hook`, the `attempts`-th retry; whether the
+    /// endpoint refused it.
+    fn attempt(&self, hook: &Webhook, attempts: u32, run_id: u64) -> bool {
+        self.attempts.fetch_add(1, Ordering::Relaxed);
+        let fails = endpoint_fails(hook.seq, attempts);
+        if hook.run == run_id {
+            if !fails && !lock(&self.delivered).insert(hook.seq) {
+                self.redelivered.fetch_add(1, Ordering::Relaxed);
+            }
+            return fails;
+        }
+        // Left in the queue by an earlier run: delivered like this run's,
+        // and counted apart so the end can check every one of them.
+        let id = (hook.run, hook.seq);
+        lock(&self.earlier_seen).insert(id);
+        let done = if fails {
+            attempts.saturating_add(1) >= MAX_ATTEMPTS
+        } else {
+            let first = lock(&self.earlier_delivered).insert(id);
+            if !first {
+                self.redelivered.fetch_add(1, Ordering::Relaxed);
+            }
+            first
+        };
+        if done {
+            self.earlier_done.send_modify(|n| *n += 1);
+        }
+        fails
+    }
 }
 
 /// Opens the work queue's base and dead-letter queues.
@@ -876,31 +1098,49 @@ async fn open_queues(
         BackendKind::Disk => {
             let (dir, temp) = match &cfg.data_dir {
                 Some(d) => {
-                    std::fs::create_dir_all(d)?;
+                    if let Err(source) = std::fs::create_dir_all(d) {
+                        return Err(if d.exists() && !d.is_dir() {
+                            DemoError::DataDirNotADirectory(d.clone())
+                        } else {
+                            DemoError::CreateDataDir {
+                                path: d.clone(),
+                                source,
+                            }
+                        });
+                    }
                     (d.clone(), None)
                 }
                 None => {
                     let t = tempfile::Builder::new()
                         .prefix("snapstream-demo-")
-                        .tempdir()?;
+                        .tempdir()
+                        .map_err(DemoError::TempDir)?;
                     (t.path().to_path_buf(), Some(t))
                 }
             };
             let path = dir.join("webhooks.redb");
-            let (store, base, dead) = tokio::task::spawn_blocking(move || {
-                let store = snapstream::queue::disk::DiskStore::open(&path)?;
-                let base = store.queue("webhooks", QueueOptions::default())?;
-                let dead = store.queue("webhooks.dead", QueueOptions::default())?;
-                Ok::<_, DemoError>((store, base, dead))
-            })
-            .await??;
+            let open = {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || {
+                    let store = snapstream::queue::disk::DiskStore::open(&path)?;
+                    let base = store.queue("webhooks", QueueOptions::default())?;
+                    let dead = store.queue("webhooks.dead", QueueOptions::default())?;
+                    Ok::<_, BoxError>((store, base, dead))
+                })
+            };
+            let opened = match open.await {
+                Ok(r) => r,
+                Err(e) => Err(e.into()),
+            };
+            let (store, base, dead) =
+                opened.map_err(|source| DemoError::OpenDisk { path, source })?;
             Ok((
                 Arc::new(base),
                 Arc::new(dead),
                 QueueHome::Disk {
                     dir,
                     temp,
-                    _store: store,
+                    store: Some(store),
                 },
             ))
         }
@@ -919,9 +1159,17 @@ async fn open_redis(
         .clone()
         .unwrap_or_else(|| "redis://127.0.0.1:6379".to_string());
     let name = format!("snapstream-demo-{run_id:x}");
-    let base = Arc::new(RedisQueue::connect(&url, name.clone(), QueueOptions::default()).await?);
-    let dead =
-        Arc::new(RedisQueue::connect(&url, format!("{name}.dead"), QueueOptions::default()).await?);
+    let connect = |name: String| {
+        let url = url.clone();
+        async move {
+            RedisQueue::connect(&url, name, QueueOptions::default())
+                .await
+                .map(Arc::new)
+                .map_err(|source| DemoError::Redis { url, source })
+        }
+    };
+    let base = connect(name.clone()).await?;
+    let dead = connect(format!("{name}.dead")).await?;
     Ok((
         base.clone(),
         dead.clone(),
@@ -938,16 +1186,21 @@ async fn open_redis(
     _cfg: &Config,
     _run_id: u64,
 ) -> Result<(Arc<dyn BaseQueue>, Arc<dyn BaseQueue>, QueueHome), DemoError> {
-    Err("this build has no Redis backend: run it with `--features redis`".into())
+    Err(DemoError::NoRedis)
 }
+
+/// How long the end of a run (or of an interrupted one) waits for the work
+/// queue's workers, and for Redis to delete the run's queues.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Where the queue lives (kept alive for the run, cleaned up after it).
 enum QueueHome {
     Memory,
     Disk {
         dir: PathBuf,
+        /// The temporary directory, when no `--data-dir` was given.
         temp: Option<tempfile::TempDir>,
-        _store: snapstream::queue::disk::DiskStore,
+        store: Option<snapstream::queue::disk::DiskStore>,
     },
     #[cfg(feature = "redis")]
     Redis {
@@ -971,22 +1224,111 @@ impl QueueHome {
         }
     }
 
-    /// Deletes a Redis run's queues (disk and memory clean up on drop).
-    async fn cleanup(&self) {
-        #[cfg(feature = "redis")]
-        if let QueueHome::Redis { queues, .. } = self {
-            for q in queues {
-                let _ = q.delete().await;
+    /// Removes what the run made that is not to be kept — the temporary
+    /// directory, the Redis queues — and says, one line each, what it
+    /// removed and what it kept. `left` and `dead` are the queue's items and
+    /// dead letters, when they could be read.
+    async fn clean_up(self, left: Option<u64>, dead: Option<u64>) -> Vec<String> {
+        let count = |v: Option<u64>| v.map_or("?".to_string(), thousands);
+        match self {
+            QueueHome::Memory => Vec::new(),
+            QueueHome::Disk {
+                dir,
+                temp: Some(temp),
+                mut store,
+            } => {
+                // The file closes with its last handle; the directory goes.
+                store.take();
+                match temp.close() {
+                    Ok(()) => vec![format!("removed the temporary directory {}", dir.display())],
+                    Err(e) => vec![format!(
+                        "could not remove the temporary directory {}: {}",
+                        dir.display(),
+                        chain(&e)
+                    )],
+                }
+            }
+            QueueHome::Disk {
+                dir, temp: None, ..
+            } => {
+                let mut line = format!(
+                    "kept {}: {} webhooks queued, {} dead letters",
+                    dir.join("webhooks.redb").display(),
+                    count(left),
+                    count(dead)
+                );
+                if left.unwrap_or(0) > 0 {
+                    let _ = write!(
+                        line,
+                        " (run again with --data-dir {} to deliver them)",
+                        dir.display()
+                    );
+                }
+                vec![line]
+            }
+            #[cfg(feature = "redis")]
+            QueueHome::Redis { queues, .. } => {
+                let mut deleted = Vec::new();
+                let mut lines = Vec::new();
+                for q in &queues {
+                    let name = BaseQueue::name(q.as_ref()).to_string();
+                    match tokio::time::timeout(SHUTDOWN_TIMEOUT, q.delete()).await {
+                        Ok(Ok(_)) => deleted.push(name),
+                        Ok(Err(e)) => lines.push(format!(
+                            "could not delete the Redis queue {name}: {}",
+                            chain(&e)
+                        )),
+                        Err(_) => lines.push(format!(
+                            "could not delete the Redis queue {name}: no answer within {} s",
+                            SHUTDOWN_TIMEOUT.as_secs()
+                        )),
+                    }
+                }
+                if !deleted.is_empty() {
+                    lines.insert(
+                        0,
+                        format!("deleted the Redis queues {}", deleted.join(" and ")),
+                    );
+                }
+                lines
             }
         }
+    }
+}
+
+/// The tasks of a run, aborted together when it ends or is interrupted.
+#[derive(Default)]
+struct Tasks(Mutex<tokio::task::JoinSet<()>>);
+
+impl Tasks {
+    /// Spawns `task`; its output arrives on the returned receiver (which
+    /// errs if the task panicked or was aborted).
+    fn spawn<F>(&self, task: F) -> tokio::sync::oneshot::Receiver<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        lock(&self.0).spawn(async move {
+            let _ = tx.send(task.await);
+        });
+        rx
+    }
+
+    /// Aborts every task still running and waits until each has stopped
+    /// (and dropped what it held: queue handles, the disk file).
+    async fn shutdown(&self) {
+        let mut set = std::mem::take(&mut *lock(&self.0));
+        set.shutdown().await;
     }
 }
 
 // ---------------------------------------------------------------------------
 // The report
 
-/// What the run found. [`Report::ok`] is the demo's verdict.
-#[derive(Debug)]
+/// What the run found. [`Report::ok`] is the demo's verdict, and
+/// [`Report::failures`] the reasons when it fails.
+#[derive(Debug, Default)]
 pub struct Report {
     /// Changes the store applied (and published).
     pub published: u64,
@@ -1019,15 +1361,20 @@ pub struct Report {
     pub leases: (u64, u64, u64),
     /// Work queue backend description.
     pub queue_backend: String,
+    /// The work queue's backend.
+    pub backend: Option<BackendKind>,
     /// The queue manager's listing after the final flush.
     pub manager_view: String,
-    /// Webhooks: pushed, delivered, handler attempts, retried, dead-lettered,
-    /// lost, failed pushes, from earlier runs.
+    /// Webhooks: pushed, delivered, retried, dead-lettered, lost, failed
+    /// pushes, and those earlier runs left.
     pub webhooks: WebhookFigures,
     /// Peak resident memory (VmHWM), in KiB, where the OS reports it.
     pub peak_memory_kib: Option<u64>,
-    /// Errors that stopped a part of the run.
+    /// Errors that stopped a part of the run, each with its causes.
     pub errors: Vec<String>,
+    /// What the end of the run removed (the temporary directory, the Redis
+    /// queues) or kept (`--data-dir`), one line each.
+    pub cleanup: Vec<String>,
 }
 
 /// The work queue's figures.
@@ -1041,7 +1388,7 @@ pub struct WebhookFigures {
     pub redelivered: u64,
     /// Times an item was handed back for a retry.
     pub retried: u64,
-    /// Items moved to the dead-letter queue by this run.
+    /// This run's webhooks in the dead-letter queue at the end.
     pub dead_lettered: u64,
     /// Of those, poison webhooks (they always fail).
     pub dead_poison: u64,
@@ -1049,20 +1396,122 @@ pub struct WebhookFigures {
     pub lost: u64,
     /// Pushes refused even after retries.
     pub push_failed: u64,
-    /// Items left in the queue by an earlier run and handled by this one.
-    pub from_earlier_runs: u64,
+    /// The first refused push's error, with its causes.
+    pub push_error: Option<String>,
+    /// Items in the queue at the end (`None`: it could not be read).
+    pub left: Option<u64>,
+    /// Why waiting for the last deliveries gave up, if it did.
+    pub flush_error: Option<String>,
+    /// The webhooks earlier runs left in the queue.
+    pub earlier: EarlierFigures,
+    /// Dead letters of earlier runs, in the dead-letter queue from the start
+    /// (dead letters stay until removed).
+    pub dead_kept: u64,
+}
+
+/// The webhooks found in the queue at the start, left by an earlier run (one
+/// killed mid-run, on the same `--data-dir`): each must end delivered or
+/// dead-lettered, as this run's own.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct EarlierFigures {
+    /// In the queue when it was opened.
+    pub found: u64,
+    /// Of those, accepted by the endpoint.
+    pub delivered: u64,
+    /// Of those, dead-lettered by this run.
+    pub dead_lettered: u64,
+    /// Of those, neither.
+    pub lost: u64,
 }
 
 impl Report {
-    /// Whether every view converged and no webhook was lost.
+    /// Whether every view converged and no webhook was lost (nor any of
+    /// those earlier runs left).
     pub fn ok(&self) -> bool {
-        self.views.1.is_empty()
-            && self.side_effects.1 == 0
-            && self.side_effects.2
-            && self.leases.0 <= self.leases.1
-            && self.webhooks.lost == 0
-            && self.webhooks.push_failed == 0
-            && self.errors.is_empty()
+        self.failures().is_empty()
+    }
+
+    /// Why the verdict is FAILED, one short reason each; empty when OK.
+    pub fn failures(&self) -> Vec<String> {
+        let n = |v: u64| thousands(v);
+        let mut why = Vec::new();
+        let (converged, not_converged) = &self.views;
+        if let Some(first) = not_converged.first() {
+            why.push(format!(
+                "{} of {} views did not converge (first: {first})",
+                not_converged.len(),
+                converged + not_converged.len()
+            ));
+        }
+        let (_, out_of_order, replica_matches) = self.side_effects;
+        if out_of_order > 0 {
+            why.push(format!("{} side effects ran out of order", n(out_of_order)));
+        }
+        if !replica_matches {
+            why.push("the keyed pool's replica differs from the store".to_string());
+        }
+        let (max_active, target, _) = self.leases;
+        if max_active > target {
+            why.push(format!(
+                "a node ran {max_active} side effects at once (target {target})"
+            ));
+        }
+        let w = &self.webhooks;
+        if w.push_failed > 0 {
+            let mut s = format!("{} failed pushes", n(w.push_failed));
+            if let Some(e) = &w.push_error {
+                let _ = write!(s, " ({e})");
+            }
+            why.push(s);
+        }
+        if w.lost > 0 {
+            why.push(self.lost_reason());
+        }
+        if w.earlier.lost > 0 {
+            why.push(format!(
+                "{} of the {} webhooks earlier runs left were neither delivered nor dead-lettered",
+                n(w.earlier.lost),
+                n(w.earlier.found)
+            ));
+        }
+        why.extend(self.errors.iter().cloned());
+        why
+    }
+
+    /// Where the lost webhooks went: still queued when waiting gave up, or
+    /// gone from the queue (dropped by its backend).
+    fn lost_reason(&self) -> String {
+        let w = &self.webhooks;
+        let lost = thousands(w.lost);
+        let Some(left) = w.left else {
+            return format!(
+                "{lost} lost: neither delivered nor dead-lettered (the queue could not be read)"
+            );
+        };
+        let still = left.min(w.lost);
+        let gone = w.lost - still;
+        let queued = || {
+            let mut s = "still queued".to_string();
+            if let Some(e) = &w.flush_error {
+                let _ = write!(s, " when waiting gave up ({e})");
+            }
+            s
+        };
+        let dropped = match self.backend {
+            Some(BackendKind::Redis) => "the server dropped them",
+            Some(BackendKind::Disk) => "the queue file no longer holds them",
+            Some(BackendKind::Memory) | None => "the queue no longer holds them",
+        };
+        match (still, gone) {
+            (_, 0) => format!("{lost} lost: {}", queued()),
+            (0, _) => format!("{lost} lost: {dropped}"),
+            _ => format!(
+                "{lost} lost: {} {}, {} gone ({dropped})",
+                thousands(still),
+                queued(),
+                thousands(gone)
+            ),
+        }
     }
 
     /// The summary table.
@@ -1078,7 +1527,7 @@ impl Report {
         let (subs, wild, slow, reconn) = self.subscribers;
         let views_total = self.views.0 + self.views.1.len();
         let w = &self.webhooks;
-        let rows: Vec<(&str, String)> = vec![
+        let mut rows: Vec<(&str, String)> = vec![
             (
                 "events published",
                 format!(
@@ -1172,12 +1621,25 @@ impl Report {
             (
                 "queue items lost",
                 format!(
-                    "{} ({} redelivered, {} failed pushes, {} from earlier runs)",
+                    "{} ({} redelivered, {} failed pushes)",
                     n(w.lost),
                     n(w.redelivered),
-                    n(w.push_failed),
-                    n(w.from_earlier_runs)
+                    n(w.push_failed)
                 ),
+            ),
+            (
+                "left by earlier runs",
+                if w.earlier.found == 0 {
+                    "none found at start".to_string()
+                } else {
+                    format!(
+                        "{} found at start, each checked: {} delivered, {} dead-lettered, {} lost",
+                        n(w.earlier.found),
+                        n(w.earlier.delivered),
+                        n(w.earlier.dead_lettered),
+                        n(w.earlier.lost)
+                    )
+                },
             ),
             (
                 "peak memory (VmHWM)",
@@ -1193,6 +1655,23 @@ impl Report {
                 ),
             ),
         ];
+        if w.dead_kept > 0 {
+            let at = rows
+                .iter()
+                .position(|(k, _)| *k == "left by earlier runs")
+                .map_or(rows.len(), |i| i + 1);
+            rows.insert(
+                at,
+                (
+                    "dead letters kept",
+                    format!(
+                        "{} from earlier runs, still stored: dead letters stay until removed \
+                     (the queue manager's count includes them)",
+                        n(w.dead_kept)
+                    ),
+                ),
+            );
+        }
         let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
         let _ = writeln!(s, "{:-<1$}", "", width + 50);
         for (k, v) in rows {
@@ -1205,15 +1684,12 @@ impl Report {
         for e in &self.errors {
             let _ = writeln!(s, "error: {e}");
         }
-        let _ = writeln!(
-            s,
-            "verdict: {}",
-            if self.ok() {
-                "OK - every view converged, nothing lost"
-            } else {
-                "FAILED"
-            }
-        );
+        let failures = self.failures();
+        if failures.is_empty() {
+            let _ = writeln!(s, "verdict: OK - every view converged, nothing lost");
+        } else {
+            let _ = writeln!(s, "verdict: FAILED - {}", failures.join("; "));
+        }
         s
     }
 }
@@ -1240,42 +1716,54 @@ fn peak_memory_kib() -> Option<u64> {
 // ---------------------------------------------------------------------------
 // The run
 
-/// Runs the demo. Prints a short header and a progress bar (unless
-/// `no_progress`) on stderr; returns the figures.
+/// A run whose work queue is open: [`start`] made it, [`Running::finish`]
+/// runs it to its verdict.
+pub struct Running {
+    cfg: Config,
+    run_id: u64,
+    home: QueueHome,
+    queue: WorkQueue<Webhook>,
+    manager: Manager,
+    deliveries: Arc<Deliveries>,
+    /// Webhooks in the queue when it was opened (left by earlier runs).
+    found_at_start: u64,
+    /// Dead letters in the queue when it was opened (from earlier runs).
+    dead_at_start: u64,
+    queue_backend: String,
+}
+
+/// Opens the work queue (a temporary directory, `--data-dir`, or Redis) and
+/// prints the header on stderr. Nothing is published yet.
 ///
 /// # Errors
 ///
-/// When a part cannot start: the disk queue's file cannot be opened, Redis
-/// cannot be reached. Problems found while running are in the [`Report`].
-pub async fn run(cfg: Config) -> Result<Report, DemoError> {
+/// [`DemoError::Config`] for a flag out of range (see [`Config::validate`]);
+/// otherwise when a part cannot start: the data directory or the disk
+/// queue's file cannot be opened, Redis cannot be reached. A temporary
+/// directory made before the error is removed.
+pub async fn start(cfg: Config) -> Result<Running, DemoError> {
+    cfg.validate()?;
     let cfg = cfg.effective();
-    let mut rng = StdRng::seed_from_u64(cfg.seed);
     let run_id: u64 = rand::random();
-    let keys: Arc<Vec<Arc<str>>> = Arc::new(
-        (0..cfg.keys)
-            .map(|i| Arc::from(format!("svc-{i:04}")))
-            .collect(),
-    );
-
-    // The store and its publisher.
-    let store = initial_store(&keys, &mut rng);
-    let mut builder = Publisher::<Change>::builder();
-    builder
-        .register_with_wildcard(TOPIC, snapshot_handler(store.clone()))?
-        .lag_limit(Some(cfg.lag_limit));
-    let publisher = builder.build();
-
-    // The work queue and its flaky endpoint.
     let (base, dead, home) = open_queues(&cfg, run_id).await?;
-    let queue_backend = home.describe();
-    eprintln!(
-        "replicate: {} subscribers, {} keys, {} changes/s for {:.1} s; work queue: {queue_backend}",
-        cfg.subscribers,
-        cfg.keys,
-        thousands(cfg.rate),
-        cfg.duration
-    );
-    let deliveries = Arc::new(Deliveries::default());
+    let setup = |what| {
+        move |e: snapstream::queue::QueueError| DemoError::Setup {
+            what,
+            source: Box::new(e),
+        }
+    };
+    // Read before any worker takes an item: what earlier runs left.
+    let found_at_start = base
+        .len()
+        .await
+        .map_err(setup("the work queue (reading its length)"))?
+        .total();
+    let dead_at_start = dead
+        .len()
+        .await
+        .map_err(setup("the dead-letter queue (reading its length)"))?
+        .total();
+    let deliveries = Arc::new(Deliveries::new());
     let queue = {
         let deliveries = deliveries.clone();
         let opts = WorkQueueOptions::default()
@@ -1287,346 +1775,564 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
         WorkQueue::new(base, dead, opts, move |batch: Vec<Item<Webhook>>| {
             let deliveries = deliveries.clone();
             async move {
-                let mut failed = Vec::new();
-                for item in batch {
-                    deliveries.attempts.fetch_add(1, Ordering::Relaxed);
-                    if item.run != run_id {
-                        deliveries.from_earlier_runs.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    if endpoint_fails(item.seq, item.attempts()) {
-                        failed.push(item);
-                    } else if !lock(&deliveries.delivered).insert(item.seq) {
-                        deliveries.redelivered.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                failed
+                batch
+                    .into_iter()
+                    .filter(|item| deliveries.attempt(item, item.attempts(), run_id))
+                    .collect()
             }
+        })
+        .map_err(|e| DemoError::Setup {
+            what: "the work queue",
+            source: Box::new(e),
         })?
     };
-
     let manager = Manager::new();
-    manager.add(&queue)?;
-
-    // The pusher: webhooks made by the side effects go into the work queue.
-    let (hook_tx, hook_rx) = futures::channel::mpsc::unbounded::<(String, u64, u64)>();
-    let hook_closer = hook_tx.clone();
-    let pushed: Arc<Mutex<HashSet<u64>>> = Arc::default();
-    let push_failed = Arc::new(AtomicU64::new(0));
-    let pusher = {
-        let (queue, pushed, push_failed) = (queue.clone(), pushed.clone(), push_failed.clone());
-        let seq = Arc::new(AtomicU64::new(0));
-        tokio::spawn(
-            hook_rx.for_each_concurrent(256, move |(key, index, value)| {
-                let (queue, pushed, push_failed) =
-                    (queue.clone(), pushed.clone(), push_failed.clone());
-                let seq = seq.fetch_add(1, Ordering::Relaxed);
-                async move {
-                    let mut hook = Webhook {
-                        run: run_id,
-                        seq,
-                        key,
-                        index,
-                        value,
-                    };
-                    for _ in 0..5 {
-                        match queue.push(hook).await {
-                            Ok(_) => {
-                                lock(&pushed).insert(seq);
-                                return;
-                            }
-                            Err(e) => hook = e.into_item(),
-                        }
-                    }
-                    push_failed.fetch_add(1, Ordering::Relaxed);
-                }
-            }),
-        )
-    };
-
-    // Side effects: keyed ordered pool, each under a lease of its node.
-    let leases = LeasePool::new();
-    for node in 0..cfg.nodes {
-        leases.set(node, cfg.leases_per_node);
-    }
-    let effects = Arc::new(Effects {
-        active: (0..cfg.nodes).map(|_| AtomicU64::new(0)).collect(),
-        max_active: (0..cfg.nodes).map(|_| AtomicU64::new(0)).collect(),
-        ..Effects::default()
-    });
-    let node_of: Arc<HashMap<Arc<str>, usize>> = Arc::new(
-        keys.iter()
-            .enumerate()
-            .map(|(i, k)| (k.clone(), i % cfg.nodes))
-            .collect(),
+    manager.add(&queue).map_err(|e| DemoError::Setup {
+        what: "the queue manager",
+        source: Box::new(e),
+    })?;
+    let queue_backend = home.describe();
+    eprintln!(
+        "replicate: {} subscribers, {} keys, {} changes/s for {:.1} s; work queue: {queue_backend}",
+        cfg.subscribers,
+        cfg.keys,
+        thousands(cfg.rate),
+        cfg.duration
     );
-    let pool = {
-        let (leases, effects, node_of) = (leases.clone(), effects.clone(), node_of.clone());
-        KeyedPool::builder()
-            .workers(cfg.workers)
-            .capacity(4096)
-            .build(move |key: Arc<str>, fx: SideEffect| {
-                let node = node_of.get(&key).copied().unwrap_or(0);
-                side_effect(
-                    key,
-                    fx,
-                    node,
-                    leases.clone(),
-                    effects.clone(),
-                    hook_tx.clone(),
-                )
-            })?
-    };
+    if found_at_start > 0 {
+        eprintln!(
+            "replicate: the work queue holds {} webhooks left by an earlier run: this run \
+             delivers them (or dead-letters them) with its own and checks every one",
+            thousands(found_at_start)
+        );
+    }
+    if dead_at_start > 0 {
+        eprintln!(
+            "replicate: {} dead letters of earlier runs are kept in the dead-letter queue; \
+             they stay there until removed (delete {} to start afresh)",
+            thousands(dead_at_start),
+            match &home {
+                QueueHome::Disk { dir, .. } => dir.display().to_string(),
+                _ => "the queue".to_string(),
+            }
+        );
+    }
+    Ok(Running {
+        cfg,
+        run_id,
+        home,
+        queue,
+        manager,
+        deliveries,
+        found_at_start,
+        dead_at_start,
+        queue_backend,
+    })
+}
 
-    // The end signal: the store's final state.
-    let (end_tx, end_rx) = watch::channel::<Option<Arc<Final>>>(None);
-    let counters = Arc::new(Counters::default());
-    let started = Instant::now();
-    let feed_task = tokio::spawn(feed(
-        publisher.clone(),
-        pool.clone(),
-        keys.clone(),
-        end_rx.clone(),
-        effects.clone(),
-    ));
-    let specs: Vec<Spec> = (0..cfg.subscribers).map(|i| Spec::of(i, &keys)).collect();
-    let mut tasks = Vec::with_capacity(specs.len());
-    for spec in specs {
-        let break_view = cfg.break_a_view && spec.id == 0;
-        tasks.push(tokio::spawn(subscriber(
-            spec,
-            publisher.clone(),
-            end_rx.clone(),
-            counters.clone(),
-            cfg.seed,
-            break_view,
-        )));
+/// Runs the demo: [`start`], then [`Running::finish`] with no interruption.
+/// Prints a short header and a progress bar (unless `no_progress`) on
+/// stderr; returns the figures.
+///
+/// # Errors
+///
+/// As [`start`]. Problems found while running are in the [`Report`].
+#[allow(dead_code)] // the binary uses start and finish; tests/demo_replicate.rs this
+pub async fn run(cfg: Config) -> Result<Report, DemoError> {
+    start(cfg).await?.finish(std::future::pending()).await
+}
+
+impl Running {
+    /// The temporary directory the disk queue is in, when no `--data-dir`
+    /// was given.
+    #[allow(dead_code)] // for tests/demo_replicate.rs
+    pub fn temp_dir(&self) -> Option<&std::path::Path> {
+        match &self.home {
+            QueueHome::Disk {
+                dir, temp: Some(_), ..
+            } => Some(dir),
+            _ => None,
+        }
     }
 
-    // Progress.
-    let published = Arc::new(AtomicU64::new(0));
-    let bar = if cfg.no_progress {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new((cfg.duration * 10.0) as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {wide_msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar
-    };
-    let ticker = {
-        let (bar, published, counters, queue) = (
-            bar.clone(),
-            published.clone(),
-            counters.clone(),
-            queue.clone(),
-        );
-        let deliveries = deliveries.clone();
-        let pushed = pushed.clone();
-        let duration = cfg.duration;
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                every.tick().await;
-                let t = started.elapsed().as_secs_f64();
-                bar.set_position(((t * 10.0) as u64).min(bar.length().unwrap_or(0)));
-                if t > duration {
-                    continue;
-                }
-                bar.set_message(format!(
-                    "{} events, {} deliveries, webhooks: {} ok of {}, {} retried, {} dead",
-                    thousands(published.load(Ordering::Relaxed)),
-                    thousands(counters.deliveries.load(Ordering::Relaxed)),
-                    thousands(lock(&deliveries.delivered).len() as u64),
-                    thousands(lock(&pushed).len() as u64),
-                    thousands(queue.retries()),
-                    thousands(queue.dead_lettered()),
-                ));
-            }
-        })
-    };
-
-    // Run the store.
-    let stop_at = started + Duration::from_secs_f64(cfg.duration.max(0.0));
-    let mut errors = Vec::new();
-    let produced = produce(
-        store.clone(),
-        publisher.clone(),
-        keys.clone(),
-        cfg.rate,
-        stop_at,
-        StdRng::seed_from_u64(cfg.seed.wrapping_add(1)),
-        published.clone(),
-    )
-    .await;
-    let produce_secs = started.elapsed().as_secs_f64();
-    let published_count = match produced {
-        Ok(n) => n,
-        Err(e) => {
-            errors.push(e.to_string());
-            published.load(Ordering::Relaxed)
+    /// The names of the run's Redis queues (empty on other backends).
+    #[allow(dead_code)] // for tests/demo_replicate.rs
+    pub fn redis_queues(&self) -> Vec<String> {
+        match &self.home {
+            #[cfg(feature = "redis")]
+            QueueHome::Redis { name, .. } => vec![name.clone(), format!("{name}.dead")],
+            _ => Vec::new(),
         }
-    };
-    let fin = Arc::new(Final::of(&store));
-    let _ = end_tx.send(Some(fin.clone()));
-    bar.set_message("converging: every view reads up to the final index");
+    }
 
-    // Every view reads up to the final index, then is compared.
-    let mut hist = Hist::new();
-    let mut slow_hist = Hist::new();
-    let mut converged = 0;
-    let mut not_converged = Vec::new();
-    let (mut wild, mut slow, mut reconn) = (0, 0, 0);
-    for t in tasks {
-        match t.await {
-            Ok(r) => {
-                wild += usize::from(r.spec.subject.is_wildcard());
-                slow += usize::from(r.spec.role == Role::Slow);
-                reconn += usize::from(r.spec.role == Role::Reconnecting);
-                if r.spec.role == Role::Slow {
-                    slow_hist.merge(&r.hist);
-                } else {
-                    hist.merge(&r.hist);
-                }
-                if r.converged {
-                    converged += 1;
-                } else {
-                    not_converged.push(format!(
-                        "subscriber {} ({:?}, {}): {}",
-                        r.spec.id,
-                        r.spec.role,
-                        r.spec.subject,
-                        r.reason.unwrap_or_default()
+    /// Runs the store, the subscribers, the side effects and the webhooks to
+    /// the verdict, unless `stop` completes first (the binary passes Ctrl-C).
+    /// Either way it then cleans up: removes the temporary directory, deletes
+    /// the Redis queues, or keeps `--data-dir` (and says so in
+    /// [`Report::cleanup`] or [`DemoError::Interrupted`]).
+    ///
+    /// # Errors
+    ///
+    /// [`DemoError::Interrupted`] when `stop` completed first.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: dropped midway, it leaves the temporary directory or
+    /// Redis queues behind. Pass the cancellation as `stop` instead.
+    pub async fn finish(
+        self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Report, DemoError> {
+        let tasks = Tasks::default();
+        let leases = LeasePool::new();
+        let bar = if self.cfg.no_progress {
+            ProgressBar::hidden()
+        } else {
+            let bar = ProgressBar::new((self.cfg.duration * 10.0) as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} {elapsed:>3} [{bar:30}] {wide_msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar
+        };
+        let outcome = {
+            let body = self.body(&tasks, &leases, &bar);
+            tokio::pin!(stop);
+            tokio::select! {
+                biased;
+                report = body => Some(report),
+                () = &mut stop => None,
+            }
+        };
+        // Interrupted or not, nothing of the run keeps going.
+        leases.stop();
+        tasks.shutdown().await;
+        bar.finish_and_clear();
+        match outcome {
+            Some(mut report) => {
+                report.cleanup = self.clean_up().await;
+                Ok(report)
+            }
+            None => {
+                self.manager.shutdown_all(SHUTDOWN_TIMEOUT).await;
+                Err(DemoError::Interrupted {
+                    cleanup: self.clean_up().await,
+                })
+            }
+        }
+    }
+
+    /// Counts what the queue keeps, closes it, and cleans up its home.
+    async fn clean_up(self) -> Vec<String> {
+        let Running {
+            queue,
+            manager,
+            home,
+            ..
+        } = self;
+        let left = queue.len().await.ok().map(|l| l.total());
+        let dead = queue.dead_letter_count().await.ok();
+        drop(manager);
+        drop(queue);
+        home.clean_up(left, dead).await
+    }
+
+    /// The run itself; `finish` races it against `stop`.
+    async fn body(&self, tasks: &Tasks, leases: &LeasePool<usize>, bar: &ProgressBar) -> Report {
+        let cfg = &self.cfg;
+        let run_id = self.run_id;
+        let queue = &self.queue;
+        let mut errors = Vec::new();
+        let mut rng = StdRng::seed_from_u64(cfg.seed);
+        let keys: Arc<Vec<Arc<str>>> = Arc::new(
+            (0..cfg.keys)
+                .map(|i| Arc::from(format!("svc-{i:04}")))
+                .collect(),
+        );
+
+        // The store and its publisher.
+        let store = initial_store(&keys, &mut rng);
+        let mut builder = Publisher::<Change>::builder();
+        builder.lag_limit(Some(cfg.lag_limit));
+        if let Err(e) = builder.register_with_wildcard(TOPIC, snapshot_handler(store.clone())) {
+            errors.push(format!("registering the store's topic: {}", chain(&e)));
+        }
+        let publisher = builder.build();
+
+        // The pusher: webhooks made by the side effects go into the work queue.
+        let (hook_tx, hook_rx) = futures::channel::mpsc::unbounded::<(String, u64, u64)>();
+        let hook_closer = hook_tx.clone();
+        let pushed: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let push_failed = Arc::new(AtomicU64::new(0));
+        let push_error: Arc<Mutex<Option<String>>> = Arc::default();
+        let pusher = {
+            let (queue, pushed, push_failed, push_error) = (
+                queue.clone(),
+                pushed.clone(),
+                push_failed.clone(),
+                push_error.clone(),
+            );
+            let seq = Arc::new(AtomicU64::new(0));
+            tasks.spawn(
+                hook_rx.for_each_concurrent(256, move |(key, index, value)| {
+                    let (queue, pushed, push_failed, push_error) = (
+                        queue.clone(),
+                        pushed.clone(),
+                        push_failed.clone(),
+                        push_error.clone(),
+                    );
+                    let seq = seq.fetch_add(1, Ordering::Relaxed);
+                    async move {
+                        let mut hook = Webhook {
+                            run: run_id,
+                            seq,
+                            key,
+                            index,
+                            value,
+                        };
+                        for attempt in 0..5 {
+                            match queue.push(hook).await {
+                                Ok(_) => {
+                                    lock(&pushed).insert(seq);
+                                    return;
+                                }
+                                Err(e) => {
+                                    if attempt == 4 {
+                                        lock(&push_error).get_or_insert_with(|| chain(&e));
+                                    }
+                                    hook = e.into_item();
+                                }
+                            }
+                        }
+                        push_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }),
+            )
+        };
+
+        // Side effects: keyed ordered pool, each under a lease of its node.
+        for node in 0..cfg.nodes {
+            leases.set(node, cfg.leases_per_node);
+        }
+        let effects = Arc::new(Effects {
+            active: (0..cfg.nodes).map(|_| AtomicU64::new(0)).collect(),
+            max_active: (0..cfg.nodes).map(|_| AtomicU64::new(0)).collect(),
+            ..Effects::default()
+        });
+        let node_of: Arc<HashMap<Arc<str>, usize>> = Arc::new(
+            keys.iter()
+                .enumerate()
+                .map(|(i, k)| (k.clone(), i % cfg.nodes))
+                .collect(),
+        );
+        let pool = {
+            let (leases, effects, node_of) = (leases.clone(), effects.clone(), node_of.clone());
+            KeyedPool::builder()
+                .workers(cfg.workers)
+                .capacity(4096)
+                .build(move |key: Arc<str>, fx: SideEffect| {
+                    let node = node_of.get(&key).copied().unwrap_or(0);
+                    side_effect(
+                        key,
+                        fx,
+                        node,
+                        leases.clone(),
+                        effects.clone(),
+                        hook_tx.clone(),
+                    )
+                })
+        };
+        let pool = match pool {
+            Ok(pool) => Some(pool),
+            Err(e) => {
+                errors.push(format!("building the keyed pool: {}", chain(&e)));
+                None
+            }
+        };
+
+        // The end signal: the store's final state.
+        let (end_tx, end_rx) = watch::channel::<Option<Arc<Final>>>(None);
+        let counters = Arc::new(Counters::default());
+        let started = Instant::now();
+        let feed_task = pool.clone().map(|pool| {
+            tasks.spawn(feed(
+                publisher.clone(),
+                pool,
+                keys.clone(),
+                end_rx.clone(),
+                effects.clone(),
+            ))
+        });
+        let specs: Vec<Spec> = (0..cfg.subscribers).map(|i| Spec::of(i, &keys)).collect();
+        let mut subscribers = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let break_view = cfg.break_a_view && spec.id == 0;
+            subscribers.push(tasks.spawn(subscriber(
+                spec,
+                publisher.clone(),
+                end_rx.clone(),
+                counters.clone(),
+                cfg.seed,
+                break_view,
+            )));
+        }
+
+        // Progress.
+        let published = Arc::new(AtomicU64::new(0));
+        let ticker = {
+            let (bar, published, counters, queue) = (
+                bar.clone(),
+                published.clone(),
+                counters.clone(),
+                queue.clone(),
+            );
+            let deliveries = self.deliveries.clone();
+            let pushed = pushed.clone();
+            let duration = cfg.duration;
+            tasks.spawn(async move {
+                let mut every = tokio::time::interval(Duration::from_millis(100));
+                loop {
+                    every.tick().await;
+                    let t = started.elapsed().as_secs_f64();
+                    bar.set_position(((t * 10.0) as u64).min(bar.length().unwrap_or(0)));
+                    if t > duration {
+                        continue;
+                    }
+                    bar.set_message(format!(
+                        "{} events, {} deliveries, webhooks: {} ok of {}, {} retried, {} dead",
+                        thousands(published.load(Ordering::Relaxed)),
+                        thousands(counters.deliveries.load(Ordering::Relaxed)),
+                        thousands(lock(&deliveries.delivered).len() as u64),
+                        thousands(lock(&pushed).len() as u64),
+                        thousands(queue.retries()),
+                        thousands(queue.dead_lettered()),
                     ));
                 }
+            })
+        };
+
+        // Run the store.
+        let stop_at = started + Duration::from_secs_f64(cfg.duration);
+        let produced = produce(
+            store.clone(),
+            publisher.clone(),
+            keys.clone(),
+            cfg.rate,
+            stop_at,
+            StdRng::seed_from_u64(cfg.seed.wrapping_add(1)),
+            published.clone(),
+        )
+        .await;
+        let produce_secs = started.elapsed().as_secs_f64();
+        let published_count = match produced {
+            Ok(n) => n,
+            Err(e) => {
+                errors.push(e);
+                published.load(Ordering::Relaxed)
             }
-            Err(e) => not_converged.push(format!("a subscriber task failed: {e}")),
-        }
-    }
-    let total_secs = started.elapsed().as_secs_f64();
+        };
+        let fin = Arc::new(Final::of(&store));
+        let _ = end_tx.send(Some(fin.clone()));
+        bar.set_message("converging: every view reads up to the final index");
 
-    // The side effects: the feed reaches the final index, the pool drains.
-    match feed_task.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => errors.push(e),
-        Err(e) => errors.push(format!("the side-effect feed failed: {e}")),
-    }
-    pool.stop(StopMode::Drain).await;
-    let pool_stats = pool.stats();
-    if pool_stats.panicked > 0 {
-        errors.push(format!("{} side effects panicked", pool_stats.panicked));
-    }
-    drop(pool);
-    hook_closer.close_channel(); // the pusher ends once it pushed what is buffered
-    let replica_matches = {
-        let replica = lock(&effects.replica);
-        let present: HashMap<Arc<str>, u64> = replica
-            .iter()
-            .filter_map(|(k, (v, _))| v.map(|v| (k.clone(), v)))
-            .collect();
-        present == fin.entries
-    };
-    leases.stop();
-
-    // The webhooks: every push in, then everything delivered or dead.
-    bar.set_message("delivering the last webhooks");
-    if let Err(e) = pusher.await {
-        errors.push(format!("the webhook pusher failed: {e}"));
-    }
-    if let Err(e) = manager.flush_all(FLUSH_TIMEOUT).await {
-        errors.push(format!("work queue flush: {e}"));
-    }
-    let manager_view = manager
-        .queues()
-        .await
-        .into_iter()
-        .map(|q| {
-            let left = q.length.map_or("?".to_string(), |l| thousands(l.total()));
-            let dead = q.dead_letters.map_or("?".to_string(), thousands);
-            format!(
-                "{} ({}): {left} left, {dead} dead letters stored, {} workers of max {}",
-                q.name, q.backend, q.workers, q.max_workers
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ");
-    let mut dead_seqs = HashSet::new();
-    match queue.dead_letters().await {
-        Ok(letters) => {
-            for l in letters {
-                if let Ok(h) = serde_json::from_slice::<Webhook>(&l.payload) {
-                    if h.run == run_id {
-                        dead_seqs.insert(h.seq);
+        // Every view reads up to the final index, then is compared.
+        let mut hist = Hist::new();
+        let mut slow_hist = Hist::new();
+        let mut converged = 0;
+        let mut not_converged = Vec::new();
+        let (mut wild, mut slow, mut reconn) = (0, 0, 0);
+        for t in subscribers {
+            match t.await {
+                Ok(r) => {
+                    wild += usize::from(r.spec.subject.is_wildcard());
+                    slow += usize::from(r.spec.role == Role::Slow);
+                    reconn += usize::from(r.spec.role == Role::Reconnecting);
+                    if r.spec.role == Role::Slow {
+                        slow_hist.merge(&r.hist);
+                    } else {
+                        hist.merge(&r.hist);
+                    }
+                    if r.converged {
+                        converged += 1;
+                    } else {
+                        not_converged.push(format!(
+                            "subscriber {} ({:?}, {}): {}",
+                            r.spec.id,
+                            r.spec.role,
+                            r.spec.subject,
+                            r.reason.unwrap_or_default()
+                        ));
                     }
                 }
+                Err(_) => not_converged.push("a subscriber task panicked".to_string()),
             }
         }
-        Err(e) => errors.push(format!("listing dead letters: {e}")),
-    }
-    let retried = queue.retries();
-    let dead_lettered = queue.dead_lettered();
-    manager.shutdown_all(Duration::from_secs(5)).await;
-    home.cleanup().await;
-    ticker.abort();
-    bar.finish_and_clear();
+        let total_secs = started.elapsed().as_secs_f64();
 
-    let pushed = std::mem::take(&mut *lock(&pushed));
-    let delivered = lock(&deliveries.delivered).clone();
-    let lost = pushed
-        .iter()
-        .filter(|s| !delivered.contains(s) && !dead_seqs.contains(s))
-        .count() as u64;
-    let webhooks = WebhookFigures {
-        pushed: pushed.len() as u64,
-        delivered: delivered.len() as u64,
-        redelivered: deliveries.redelivered.load(Ordering::Relaxed),
-        retried,
-        dead_lettered,
-        dead_poison: dead_seqs.iter().filter(|s| *s % POISON_EVERY == 7).count() as u64,
-        lost,
-        push_failed: push_failed.load(Ordering::Relaxed),
-        from_earlier_runs: deliveries.from_earlier_runs.load(Ordering::Relaxed),
-    };
-    let stats = publisher.stats();
-    let max_active = effects
-        .max_active
-        .iter()
-        .map(|a| a.load(Ordering::Relaxed))
-        .max()
-        .unwrap_or(0);
-    let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    Ok(Report {
-        published: published_count,
-        produce_secs,
-        total_secs,
-        subscribers: (cfg.subscribers, wild, slow, reconn),
-        deliveries: c(&counters.deliveries),
-        latency: (hist.quantile(0.5), hist.quantile(0.99)),
-        slow_latency: (slow_hist.quantile(0.5), slow_hist.quantile(0.99)),
-        snapshots: (stats.cache_misses, stats.cache_hits),
-        lag: (
-            c(&counters.lag_resnapshots) + c(&effects.feed_resnapshots),
-            c(&counters.lagged_errors),
-        ),
-        resumes: (
-            c(&counters.reconnects),
-            c(&counters.resumed_live),
-            c(&counters.resumed_snapshot),
-            c(&counters.restarted),
-        ),
-        views: (converged, not_converged),
-        side_effects: (
-            c(&effects.applied),
-            c(&effects.order_violations),
-            replica_matches,
-        ),
-        leases: (max_active, cfg.leases_per_node, c(&effects.lease_waits)),
-        queue_backend,
-        manager_view,
-        webhooks,
-        peak_memory_kib: peak_memory_kib(),
-        errors,
-    })
+        // The side effects: the feed reaches the final index, the pool drains.
+        if let Some(feed_task) = feed_task {
+            match feed_task.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(e),
+                Err(_) => errors.push("the side-effect feed panicked".to_string()),
+            }
+        }
+        if let Some(pool) = pool {
+            pool.stop(StopMode::Drain).await;
+            let pool_stats = pool.stats();
+            if pool_stats.panicked > 0 {
+                errors.push(format!("{} side effects panicked", pool_stats.panicked));
+            }
+        }
+        hook_closer.close_channel(); // the pusher ends once it pushed what is buffered
+        let replica_matches = {
+            let replica = lock(&effects.replica);
+            let present: HashMap<Arc<str>, u64> = replica
+                .iter()
+                .filter_map(|(k, (v, _))| v.map(|v| (k.clone(), v)))
+                .collect();
+            present == fin.entries
+        };
+
+        // The webhooks: every push in, then everything delivered or dead,
+        // this run's and those earlier runs left.
+        bar.set_message("delivering the last webhooks");
+        if pusher.await.is_err() {
+            errors.push("the webhook pusher panicked".to_string());
+        }
+        let mut flush_error = None;
+        if let Err(e) = self.manager.flush_all(FLUSH_TIMEOUT).await {
+            flush_error = Some(chain(&e));
+        }
+        if self.found_at_start > 0 {
+            bar.set_message("delivering the webhooks earlier runs left");
+            let mut done = self.deliveries.earlier_done.subscribe();
+            let found = self.found_at_start;
+            let wait = done.wait_for(|n| *n >= found);
+            if tokio::time::timeout(FLUSH_TIMEOUT, wait).await.is_err() {
+                flush_error.get_or_insert_with(|| {
+                    format!(
+                        "the webhooks earlier runs left were not all handled within {} s",
+                        FLUSH_TIMEOUT.as_secs()
+                    )
+                });
+            }
+        }
+        let manager_view = self
+            .manager
+            .queues()
+            .await
+            .into_iter()
+            .map(|q| {
+                let left = q.length.map_or("?".to_string(), |l| thousands(l.total()));
+                let dead = q.dead_letters.map_or("?".to_string(), thousands);
+                format!(
+                    "{} ({}): {left} left, {dead} dead letters stored, {} workers of max {}",
+                    q.name, q.backend, q.workers, q.max_workers
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        let retried = queue.retries();
+        // Every worker gone, every dead letter written: then list them.
+        self.manager.shutdown_all(SHUTDOWN_TIMEOUT).await;
+        let left = queue.len().await.ok().map(|l| l.total());
+        let mut dead_seqs = HashSet::new();
+        let mut earlier_dead = HashSet::new();
+        {
+            let earlier_seen = lock(&self.deliveries.earlier_seen).clone();
+            match queue.dead_letters().await {
+                Ok(letters) => {
+                    for l in letters {
+                        let Ok(h) = serde_json::from_slice::<Webhook>(&l.payload) else {
+                            continue;
+                        };
+                        if h.run == run_id {
+                            dead_seqs.insert(h.seq);
+                        } else if earlier_seen.contains(&(h.run, h.seq)) {
+                            earlier_dead.insert((h.run, h.seq));
+                        }
+                    }
+                }
+                Err(e) => errors.push(format!("listing dead letters: {}", chain(&e))),
+            }
+        }
+        tasks.shutdown().await; // the ticker
+        drop(ticker);
+
+        let pushed = std::mem::take(&mut *lock(&pushed));
+        let delivered = lock(&self.deliveries.delivered).clone();
+        let lost = pushed
+            .iter()
+            .filter(|s| !delivered.contains(s) && !dead_seqs.contains(s))
+            .count() as u64;
+        let earlier = {
+            let delivered = lock(&self.deliveries.earlier_delivered).clone();
+            let handled = delivered.union(&earlier_dead).count() as u64;
+            EarlierFigures {
+                found: self.found_at_start,
+                delivered: delivered.len() as u64,
+                dead_lettered: earlier_dead.len() as u64,
+                lost: self.found_at_start.saturating_sub(handled),
+            }
+        };
+        let webhooks = WebhookFigures {
+            pushed: pushed.len() as u64,
+            delivered: delivered.len() as u64,
+            redelivered: self.deliveries.redelivered.load(Ordering::Relaxed),
+            retried,
+            dead_lettered: dead_seqs.len() as u64,
+            dead_poison: dead_seqs.iter().filter(|s| *s % POISON_EVERY == 7).count() as u64,
+            lost,
+            push_failed: push_failed.load(Ordering::Relaxed),
+            push_error: lock(&push_error).take(),
+            left,
+            flush_error,
+            earlier,
+            dead_kept: self.dead_at_start,
+        };
+        let stats = publisher.stats();
+        let max_active = effects
+            .max_active
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Report {
+            published: published_count,
+            produce_secs,
+            total_secs,
+            subscribers: (cfg.subscribers, wild, slow, reconn),
+            deliveries: c(&counters.deliveries),
+            latency: (hist.quantile(0.5), hist.quantile(0.99)),
+            slow_latency: (slow_hist.quantile(0.5), slow_hist.quantile(0.99)),
+            snapshots: (stats.cache_misses, stats.cache_hits),
+            lag: (
+                c(&counters.lag_resnapshots) + c(&effects.feed_resnapshots),
+                c(&counters.lagged_errors),
+            ),
+            resumes: (
+                c(&counters.reconnects),
+                c(&counters.resumed_live),
+                c(&counters.resumed_snapshot),
+                c(&counters.restarted),
+            ),
+            views: (converged, not_converged),
+            side_effects: (
+                c(&effects.applied),
+                c(&effects.order_violations),
+                replica_matches,
+            ),
+            leases: (max_active, cfg.leases_per_node, c(&effects.lease_waits)),
+            queue_backend: self.queue_backend.clone(),
+            backend: Some(cfg.backend),
+            manager_view,
+            webhooks,
+            peak_memory_kib: peak_memory_kib(),
+            errors,
+            cleanup: Vec::new(),
+        }
+    }
 }

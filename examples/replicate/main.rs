@@ -10,33 +10,104 @@
 //! ```text
 //! cargo run --release --example replicate                 # disk queue in a temp dir
 //! cargo run --release --example replicate -- --help
-//! cargo run --release --example replicate -- --data-dir ./demo-data
+//! cargo run --release --example replicate -- --data-dir /tmp/snapstream-demo-data
 //! cargo run --release --features redis --example replicate -- --redis redis://127.0.0.1:6379
 //! ```
 //!
 //! Exits with 0 when every view converged and no webhook was lost, 1 when
-//! not, 2 when the demo could not start.
+//! not (the verdict line says why), 2 when the demo could not start (a bad
+//! flag, an unusable `--data-dir`, no Redis: stderr says why, with the
+//! causes), 130 when interrupted by Ctrl-C (or SIGTERM) — after removing its
+//! temporary directory or Redis queues, and saying what `--data-dir` keeps.
+//! A second Ctrl-C exits at once, without cleaning up.
 
 mod demo;
+
+use std::future::Future;
 
 use clap::Parser;
 
 #[tokio::main]
 async fn main() {
     let cfg = demo::Config::parse();
-    match demo::run(cfg).await {
+    // Installed before anything is made, so no Ctrl-C escapes the clean-up.
+    let stop = match interrupted() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprint!("{}", demo::error_text(&e));
+            std::process::exit(2);
+        }
+    };
+    tokio::pin!(stop);
+    let started = tokio::select! {
+        started = demo::start(cfg) => started,
+        // Dropping `start` removes a temporary directory it made; Redis
+        // queues hold nothing before the first push.
+        () = &mut stop => {
+            eprintln!("replicate: interrupted while starting");
+            std::process::exit(130);
+        }
+    };
+    let result = match started {
+        Ok(running) => running.finish(stop).await,
+        Err(e) => Err(e),
+    };
+    match result {
         Ok(report) => {
             print!("{}", report.summary());
+            for line in &report.cleanup {
+                eprintln!("replicate: {line}");
+            }
             std::process::exit(if report.ok() { 0 } else { 1 });
         }
-        Err(e) => {
-            eprintln!("replicate: {e}");
-            let mut source = e.source();
-            while let Some(s) = source {
-                eprintln!("  caused by: {s}");
-                source = s.source();
+        Err(demo::DemoError::Interrupted { cleanup }) => {
+            eprintln!("replicate: interrupted");
+            for line in &cleanup {
+                eprintln!("replicate: {line}");
             }
+            std::process::exit(130);
+        }
+        Err(e) => {
+            eprint!("{}", demo::error_text(&e));
             std::process::exit(2);
         }
     }
+}
+
+/// Completes on the first Ctrl-C (or SIGTERM); a second one exits at once.
+fn interrupted() -> std::io::Result<impl Future<Output = ()>> {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        // Registered here, not when first polled.
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::spawn(async move {
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            let _ = tx.send(());
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            eprintln!("replicate: interrupted again: exiting without cleaning up");
+            std::process::exit(130);
+        });
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_err() {
+                return;
+            }
+            let _ = tx.send(());
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("replicate: interrupted again: exiting without cleaning up");
+                std::process::exit(130);
+            }
+        });
+    }
+    Ok(async move {
+        if rx.await.is_err() {
+            // No signal can arrive any more: never interrupted.
+            std::future::pending::<()>().await;
+        }
+    })
 }
