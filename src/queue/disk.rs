@@ -131,13 +131,15 @@ pub enum DiskError {
     /// A read, write or commit failed.
     #[error("database operation failed")]
     Storage(#[source] Arc<redb::Error>),
-    /// A stored record could not be decoded.
-    #[error("stored item {id} of queue {queue:?} is corrupt")]
+    /// The database file is damaged: redb found a bad page or checksum, redb
+    /// panicked on it, or a stored record does not decode.
+    #[error("database file is corrupt: {}", path.display())]
     Corrupt {
-        /// The queue holding the record.
-        queue: String,
-        /// The record's item id.
-        id: u64,
+        /// The damaged file.
+        path: PathBuf,
+        /// What is damaged: what redb said, or which record.
+        #[source]
+        damage: Damage,
     },
     /// The queue is already open in this store with different options.
     #[error("queue {name:?} is already open with other options")]
@@ -156,6 +158,32 @@ pub enum DiskError {
     Stopped,
 }
 
+/// What is damaged in a [corrupt](DiskError::Corrupt) database file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Damage {
+    /// redb reported the file's structure damaged (a page, a checksum, a
+    /// commit slot); its message.
+    #[error(transparent)]
+    Redb(Arc<redb::Error>),
+    /// redb panicked while reading or writing the file, which it does on some
+    /// damaged pages instead of returning an error. The store stops writing to
+    /// the file: every later operation gets this error too.
+    #[error("redb panicked: {message}")]
+    Panic {
+        /// The panic's message.
+        message: String,
+    },
+    /// A stored record of a queue does not decode.
+    #[error("stored item {id} of queue {queue:?} does not decode")]
+    Record {
+        /// The queue holding the record.
+        queue: String,
+        /// The record's item id.
+        id: u64,
+    },
+}
+
 impl From<redb::Error> for DiskError {
     fn from(e: redb::Error) -> Self {
         DiskError::Storage(Arc::new(e))
@@ -164,6 +192,43 @@ impl From<redb::Error> for DiskError {
 
 fn storage(e: impl Into<redb::Error>) -> DiskError {
     DiskError::from(e.into())
+}
+
+/// Reports redb's "corrupted" errors as [`DiskError::Corrupt`] of `path`.
+fn classify(path: &Path, e: DiskError) -> DiskError {
+    match e {
+        DiskError::Storage(source) if matches!(*source, redb::Error::Corrupted(_)) => {
+            DiskError::Corrupt {
+                path: path.to_path_buf(),
+                damage: Damage::Redb(source),
+            }
+        }
+        e => e,
+    }
+}
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+/// Runs `f`, turning a panic (redb panics on some damaged pages) into
+/// [`Damage::Panic`]. `Err` is the panic; `Ok` holds what `f` returned.
+fn catch_redb_panic<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T, DiskError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = panic_message(payload.as_ref());
+        tracing::error!(path = %path.display(), %message, "snapstream disk queue: redb panicked");
+        DiskError::Corrupt {
+            path: path.to_path_buf(),
+            damage: Damage::Panic { message },
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -324,7 +389,56 @@ struct Loaded {
     records: Vec<(u64, Vec<u8>)>,
 }
 
-fn committer(db: Database, rx: std_mpsc::Receiver<Op>) {
+/// The committer thread's database and what it has learnt about it.
+struct Committer {
+    db: Option<Database>,
+    path: PathBuf,
+    /// Set when redb panicked: the database is not touched again and every
+    /// later operation gets this error.
+    failed: Option<DiskError>,
+}
+
+impl Committer {
+    /// Runs `f` on the database unless an earlier panic stopped it; reports
+    /// redb's corruption errors and panics as [`DiskError::Corrupt`].
+    fn run<T>(
+        &mut self,
+        f: impl FnOnce(&Database) -> Result<T, DiskError>,
+    ) -> Result<T, DiskError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let Some(db) = &self.db else {
+            return Err(DiskError::Stopped);
+        };
+        match catch_redb_panic(&self.path, || f(db)) {
+            Ok(result) => result.map_err(|e| classify(&self.path, e)),
+            Err(panicked) => {
+                self.failed = Some(panicked.clone());
+                // The handle may be inconsistent now; closing it may panic too.
+                if let Some(db) = self.db.take() {
+                    let _ = catch_redb_panic(&self.path, || drop(db));
+                }
+                Err(panicked)
+            }
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            let _ = catch_redb_panic(&self.path, || drop(db));
+        }
+    }
+}
+
+fn committer(db: Database, path: PathBuf, rx: std_mpsc::Receiver<Op>) {
+    let mut c = Committer {
+        db: Some(db),
+        path,
+        failed: None,
+    };
     let mut batch: Vec<Op> = Vec::new();
     loop {
         let Ok(first) = rx.recv() else { return };
@@ -339,26 +453,27 @@ fn committer(db: Database, rx: std_mpsc::Receiver<Op>) {
         for op in batch.drain(..) {
             match op {
                 Op::Shutdown => {
-                    commit_group(&db, std::mem::take(&mut group));
+                    commit_group(&mut c, std::mem::take(&mut group));
                     return;
                 }
                 Op::Load { name, reply } => {
-                    commit_group(&db, std::mem::take(&mut group));
-                    let _ = reply.send(load(&db, &name));
+                    commit_group(&mut c, std::mem::take(&mut group));
+                    let path = c.path.clone();
+                    let _ = reply.send(c.run(|db| load(db, &path, &name)));
                 }
                 op => group.push(op),
             }
         }
-        commit_group(&db, group);
+        commit_group(&mut c, group);
     }
 }
 
 /// Applies `ops` in one durable transaction, then completes them.
-fn commit_group(db: &Database, ops: Vec<Op>) {
+fn commit_group(c: &mut Committer, ops: Vec<Op>) {
     if ops.is_empty() {
         return;
     }
-    let result = apply(db, &ops);
+    let result = c.run(|db| apply(db, &ops));
     if let Err(e) = &result {
         tracing::warn!(error = %e, ops = ops.len(), "snapstream disk queue: group commit failed");
     }
@@ -461,7 +576,17 @@ fn apply(db: &Database, ops: &[Op]) -> Result<(), DiskError> {
     Ok(())
 }
 
-fn load(db: &Database, name: &str) -> Result<Loaded, DiskError> {
+fn record_damage(path: &Path, queue: &str, id: u64) -> DiskError {
+    DiskError::Corrupt {
+        path: path.to_path_buf(),
+        damage: Damage::Record {
+            queue: queue.to_owned(),
+            id,
+        },
+    }
+}
+
+fn load(db: &Database, path: &Path, name: &str) -> Result<Loaded, DiskError> {
     let txn = db.begin_write().map_err(storage)?;
     let mut records = Vec::new();
     let next_id;
@@ -477,10 +602,7 @@ fn load(db: &Database, name: &str) -> Result<Loaded, DiskError> {
             let id = id.value();
             let mut record = value.value().to_vec();
             let Some(decoded) = decode(&record) else {
-                return Err(DiskError::Corrupt {
-                    queue: name.to_owned(),
-                    id,
-                });
+                return Err(record_damage(path, name, id));
             };
             if decoded.header.state == STATE_LEASED {
                 // Leased by a process that is gone: ready again, at its old place.
@@ -570,14 +692,21 @@ impl DiskStore {
     /// Opens (or creates) the database file at `path` and starts its
     /// committer thread.
     ///
-    /// This is a blocking call (it opens and, after a crash, may repair the
-    /// file); call it from `spawn_blocking` when that matters.
+    /// Every open verifies the whole file (redb's integrity check: the
+    /// checksum of every page of every table) so that a damaged file is
+    /// refused here, with a typed error, instead of failing (or making redb
+    /// panic) in the middle of a later commit. After a crash the check also
+    /// rolls back a commit that was not completely written. This is a blocking
+    /// call that reads the whole file; call it from `spawn_blocking` when that
+    /// matters.
     ///
     /// # Errors
     /// [`DiskError::AlreadyOpen`] when another process or store holds the
-    /// file (returned at once, without waiting); [`DiskError::Thread`] when
-    /// the committer thread cannot be started; [`DiskError::Open`] for any
-    /// other failure.
+    /// file (returned at once, without waiting); [`DiskError::Corrupt`] when
+    /// the file is damaged, with the path and what redb said;
+    /// [`DiskError::Thread`] when the committer thread cannot be started;
+    /// [`DiskError::Open`] for any other failure (including a file that is
+    /// not a redb database at all).
     ///
     /// # Examples
     ///
@@ -594,7 +723,7 @@ impl DiskStore {
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<DiskStore, DiskError> {
         let path = path.as_ref().to_path_buf();
-        let db = Database::create(&path).map_err(|e| map_open_error(&path, e))?;
+        let db = open_database(&path, |b| b.create(&path))?;
         Self::start(db, path)
     }
 
@@ -604,9 +733,7 @@ impl DiskStore {
         backend: impl redb::StorageBackend,
         path: PathBuf,
     ) -> Result<DiskStore, DiskError> {
-        let db = Database::builder()
-            .create_with_backend(backend)
-            .map_err(|e| map_open_error(&path, e))?;
+        let db = open_database(&path, |b| b.create_with_backend(backend))?;
         Self::start(db, path)
     }
 
@@ -614,7 +741,10 @@ impl DiskStore {
         let (tx, rx) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("snapstream-disk-commit".into())
-            .spawn(move || committer(db, rx))
+            .spawn({
+                let path = path.clone();
+                move || committer(db, path, rx)
+            })
             .map_err(|e| DiskError::Thread(Arc::new(e)))?;
         Ok(DiskStore {
             inner: Arc::new(StoreInner {
@@ -693,7 +823,7 @@ impl DiskStore {
             .recv()
             .map_err(|_| backend(DiskError::Stopped))?
             .map_err(backend)?;
-        let state = State::from_loaded(name, &opts, loaded).map_err(backend)?;
+        let state = State::from_loaded(&self.inner.path, name, &opts, loaded).map_err(backend)?;
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             opts,
@@ -710,10 +840,25 @@ impl DiskStore {
     }
 }
 
+/// Opens the file with redb's integrity check, reporting damage (an error or
+/// a panic of redb's) as [`DiskError::Corrupt`].
+fn open_database(
+    path: &Path,
+    open: impl FnOnce(&redb::Builder) -> Result<Database, redb::DatabaseError>,
+) -> Result<Database, DiskError> {
+    let mut builder = Database::builder();
+    builder.set_check_integrity_on_open(true);
+    catch_redb_panic(path, || open(&builder))?.map_err(|e| map_open_error(path, e))
+}
+
 fn map_open_error(path: &Path, e: redb::DatabaseError) -> DiskError {
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => DiskError::AlreadyOpen {
             path: path.to_path_buf(),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => DiskError::Corrupt {
+            path: path.to_path_buf(),
+            damage: Damage::Redb(Arc::new(e.into())),
         },
         e => DiskError::Open {
             path: path.to_path_buf(),
@@ -763,7 +908,12 @@ struct State {
 }
 
 impl State {
-    fn from_loaded(name: &str, opts: &QueueOptions, loaded: Loaded) -> Result<State, DiskError> {
+    fn from_loaded(
+        path: &Path,
+        name: &str,
+        opts: &QueueOptions,
+        loaded: Loaded,
+    ) -> Result<State, DiskError> {
         let mut st = State {
             next_id: loaded.next_id.max(1),
             ..State::default()
@@ -772,10 +922,7 @@ impl State {
         let now_ms = unix_ms_now();
         for (id, record) in loaded.records {
             let Some(d) = decode(&record) else {
-                return Err(DiskError::Corrupt {
-                    queue: name.to_owned(),
-                    id,
-                });
+                return Err(record_damage(path, name, id));
             };
             st.next_id = st.next_id.max(id + 1).max(d.header.seq + 1);
             if opts.unique {
@@ -1563,21 +1710,40 @@ mod tests {
         assert!(s.queue("q", QueueOptions::default()).is_ok());
     }
 
-    /// A file backend whose writes and syncs fail while `fail` is set.
+    /// A file backend whose writes and syncs fail (or panic, with `panic`
+    /// set) while `fail` is set.
     #[derive(Debug)]
     struct FaultyBackend {
         inner: redb::backends::FileBackend,
         fail: Arc<AtomicBool>,
+        panic: bool,
     }
 
     impl FaultyBackend {
         fn check(&self) -> io::Result<()> {
             if self.fail.load(Ordering::SeqCst) {
+                assert!(!self.panic, "injected panic");
                 Err(io::Error::other("injected I/O fault"))
             } else {
                 Ok(())
             }
         }
+    }
+
+    fn faulty_store(path: &Path, fail: &Arc<AtomicBool>, panic: bool) -> DiskStore {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        let backend = FaultyBackend {
+            inner: redb::backends::FileBackend::new(file).unwrap(),
+            fail: Arc::clone(fail),
+            panic,
+        };
+        DiskStore::open_with_backend(backend, path.to_path_buf()).unwrap()
     }
 
     impl redb::StorageBackend for FaultyBackend {
@@ -1628,18 +1794,7 @@ mod tests {
         let path = dir.path().join("q.redb");
         let fail = Arc::new(AtomicBool::new(false));
         {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .unwrap();
-            let backend = FaultyBackend {
-                inner: redb::backends::FileBackend::new(file).unwrap(),
-                fail: Arc::clone(&fail),
-            };
-            let s = DiskStore::open_with_backend(backend, path.clone()).unwrap();
+            let s = faulty_store(&path, &fail, false);
             let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
             for i in 0..10u8 {
                 q.push(NewItem::new([i]), T).await.unwrap();
@@ -1663,5 +1818,54 @@ mod tests {
         let got = q.pop(100, T).await.unwrap();
         let payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
         assert_eq!(payloads, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+
+    /// Regression: a panic inside redb killed the committer thread, and every
+    /// later operation only said "disk store has stopped".
+    #[tokio::test]
+    async fn redb_panic_in_the_committer_is_a_typed_error_not_a_dead_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let fail = Arc::new(AtomicBool::new(false));
+        let s = faulty_store(&path, &fail, true);
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        q.push(NewItem::new("kept"), T).await.unwrap();
+        fail.store(true, Ordering::SeqCst);
+        let panicked = |e: &DiskError| {
+            matches!(
+                e,
+                DiskError::Corrupt { path: p, damage: Damage::Panic { message } }
+                    if p == &path && message.contains("injected panic")
+            )
+        };
+        match q.push(NewItem::new("x"), T).await {
+            Err(PushError::Backend { item, source }) => {
+                assert_eq!(item.payload, b"x", "the item is handed back");
+                let e = source.downcast_ref::<DiskError>().unwrap();
+                assert!(panicked(e), "got {e:?}");
+            }
+            other => panic!("expected a backend error, got {other:?}"),
+        }
+        // The thread is alive and keeps reporting the cause, even once the
+        // backend behaves again (the handle is not trusted after a panic).
+        fail.store(false, Ordering::SeqCst);
+        let got = q.pop(1, T).await.unwrap();
+        let QueueError::Backend(source) = q.ack(&[got[0].id]).await.unwrap_err() else {
+            panic!("expected a backend error")
+        };
+        assert!(panicked(source.downcast_ref::<DiskError>().unwrap()));
+        let QueueError::Backend(source) = s.queue("other", QueueOptions::default()).unwrap_err()
+        else {
+            panic!("expected a backend error")
+        };
+        assert!(panicked(source.downcast_ref::<DiskError>().unwrap()));
+        drop(q);
+        drop(s);
+        // What was committed before the panic is in the file.
+        let s = DiskStore::open(&path).unwrap();
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        let got = q.pop(10, T).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"kept");
     }
 }
