@@ -56,6 +56,27 @@
 //! redb locks the file: a second process (or a second [`DiskStore`] in this
 //! process) opening it fails at once with [`DiskError::AlreadyOpen`].
 //!
+//! # Damaged files
+//!
+//! Every [`open`](DiskStore::open) verifies the checksum of every page (redb's
+//! integrity check), so a file damaged outside the store (bytes overwritten,
+//! a bad sector) is refused with [`DiskError::Corrupt`], carrying the path and
+//! what redb said, instead of failing later in a commit. Should redb still
+//! panic, the panic is caught: the operations get [`Damage::Panic`] and the
+//! store stops writing to the file.
+//!
+//! [`DiskStore::repair`] then keeps every intact item: redb's own repair
+//! first; if redb refuses the file, a rebuild from every page whose checksum
+//! verifies. Records that do not decode or were read from a damaged page go
+//! to the queue's quarantine ([`DiskStore::quarantined`]); what lay under a
+//! destroyed page is counted as lost in the [`RepairReport`]. The damaged
+//! original is kept beside the file.
+//!
+//! One limit comes with redb's one-fsync commits: after a crash, damage to a
+//! page that only the last commit wrote looks like that commit was torn by
+//! the crash, and redb rolls back to the commit before without an error. That
+//! commit's pushes are gone and its acked items are delivered again.
+//!
 //! # Examples
 //!
 //! ```
@@ -88,7 +109,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
@@ -99,11 +120,22 @@ use super::base::{
 /// Most operations the committer folds into one transaction.
 const MAX_BATCH: usize = 16 * 1024;
 
+mod salvage;
+
 /// `queue name -> next id`, shared by every queue of a store.
-const META: TableDefinition<'static, &str, u64> = TableDefinition::new("snapstream.queue.meta");
+const META_NAME: &str = "snapstream.queue.meta";
+const META: TableDefinition<'static, &str, u64> = TableDefinition::new(META_NAME);
+const ITEMS_PREFIX: &str = "snapstream.queue.items/";
+const QUARANTINE_PREFIX: &str = "snapstream.queue.quarantine/";
 
 fn items_table_name(queue: &str) -> String {
-    format!("snapstream.queue.items/{queue}")
+    format!("{ITEMS_PREFIX}{queue}")
+}
+
+/// `n -> original id (u64 LE, u64::MAX if unknown) | record bytes`: what a
+/// repair took out of a queue.
+fn quarantine_table_name(queue: &str) -> String {
+    format!("{QUARANTINE_PREFIX}{queue}")
 }
 
 /// Why the disk store or one of its queues failed.
@@ -131,13 +163,17 @@ pub enum DiskError {
     /// A read, write or commit failed.
     #[error("database operation failed")]
     Storage(#[source] Arc<redb::Error>),
-    /// A stored record could not be decoded.
-    #[error("stored item {id} of queue {queue:?} is corrupt")]
+    /// The database file is damaged: redb found a bad page or checksum, redb
+    /// panicked on it, or a stored record does not decode.
+    ///
+    /// [`DiskStore::repair`] recovers every intact item of such a file.
+    #[error("database file is corrupt: {}", path.display())]
     Corrupt {
-        /// The queue holding the record.
-        queue: String,
-        /// The record's item id.
-        id: u64,
+        /// The damaged file.
+        path: PathBuf,
+        /// What is damaged: what redb said, or which record.
+        #[source]
+        damage: Damage,
     },
     /// The queue is already open in this store with different options.
     #[error("queue {name:?} is already open with other options")]
@@ -156,6 +192,39 @@ pub enum DiskError {
     Stopped,
 }
 
+/// What is damaged in a [corrupt](DiskError::Corrupt) database file.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Damage {
+    /// redb reported the file's structure damaged (a page, a checksum, a
+    /// commit slot); its message.
+    #[error(transparent)]
+    Redb(Arc<redb::Error>),
+    /// redb panicked while reading or writing the file, which it does on some
+    /// damaged pages instead of returning an error. The store stops writing to
+    /// the file: every later operation gets this error too.
+    #[error("redb panicked: {message}")]
+    Panic {
+        /// The panic's message.
+        message: String,
+    },
+    /// A stored record of a queue does not decode.
+    #[error("stored item {id} of queue {queue:?} does not decode")]
+    Record {
+        /// The queue holding the record.
+        queue: String,
+        /// The record's item id.
+        id: u64,
+    },
+    /// [`DiskStore::repair`] could read nothing from the file (its header or
+    /// both commit slots are destroyed).
+    #[error("nothing in the file is readable: {reason}")]
+    Unreadable {
+        /// What is destroyed.
+        reason: String,
+    },
+}
+
 impl From<redb::Error> for DiskError {
     fn from(e: redb::Error) -> Self {
         DiskError::Storage(Arc::new(e))
@@ -164,6 +233,43 @@ impl From<redb::Error> for DiskError {
 
 fn storage(e: impl Into<redb::Error>) -> DiskError {
     DiskError::from(e.into())
+}
+
+/// Reports redb's "corrupted" errors as [`DiskError::Corrupt`] of `path`.
+fn classify(path: &Path, e: DiskError) -> DiskError {
+    match e {
+        DiskError::Storage(source) if matches!(*source, redb::Error::Corrupted(_)) => {
+            DiskError::Corrupt {
+                path: path.to_path_buf(),
+                damage: Damage::Redb(source),
+            }
+        }
+        e => e,
+    }
+}
+
+/// The text of a caught panic.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "unknown panic payload".to_owned()
+    }
+}
+
+/// Runs `f`, turning a panic (redb panics on some damaged pages) into
+/// [`Damage::Panic`]. `Err` is the panic; `Ok` holds what `f` returned.
+fn catch_redb_panic<T>(path: &Path, f: impl FnOnce() -> T) -> Result<T, DiskError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|payload| {
+        let message = panic_message(payload.as_ref());
+        tracing::error!(path = %path.display(), %message, "snapstream disk queue: redb panicked");
+        DiskError::Corrupt {
+            path: path.to_path_buf(),
+            damage: Damage::Panic { message },
+        }
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -304,6 +410,11 @@ enum Op {
         name: String,
         reply: std_mpsc::Sender<Result<Loaded, DiskError>>,
     },
+    /// Read a queue's quarantine table.
+    Quarantine {
+        name: String,
+        reply: std_mpsc::Sender<Result<Vec<Quarantined>, DiskError>>,
+    },
     Shutdown,
 }
 
@@ -314,7 +425,7 @@ impl Op {
             | Op::Patch { q, .. }
             | Op::Delete { q, .. }
             | Op::Clear { q, .. } => Some(&q.name),
-            Op::Load { .. } | Op::Shutdown => None,
+            Op::Load { .. } | Op::Quarantine { .. } | Op::Shutdown => None,
         }
     }
 }
@@ -324,7 +435,56 @@ struct Loaded {
     records: Vec<(u64, Vec<u8>)>,
 }
 
-fn committer(db: Database, rx: std_mpsc::Receiver<Op>) {
+/// The committer thread's database and what it has learnt about it.
+struct Committer {
+    db: Option<Database>,
+    path: PathBuf,
+    /// Set when redb panicked: the database is not touched again and every
+    /// later operation gets this error.
+    failed: Option<DiskError>,
+}
+
+impl Committer {
+    /// Runs `f` on the database unless an earlier panic stopped it; reports
+    /// redb's corruption errors and panics as [`DiskError::Corrupt`].
+    fn run<T>(
+        &mut self,
+        f: impl FnOnce(&Database) -> Result<T, DiskError>,
+    ) -> Result<T, DiskError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let Some(db) = &self.db else {
+            return Err(DiskError::Stopped);
+        };
+        match catch_redb_panic(&self.path, || f(db)) {
+            Ok(result) => result.map_err(|e| classify(&self.path, e)),
+            Err(panicked) => {
+                self.failed = Some(panicked.clone());
+                // The handle may be inconsistent now; closing it may panic too.
+                if let Some(db) = self.db.take() {
+                    let _ = catch_redb_panic(&self.path, || drop(db));
+                }
+                Err(panicked)
+            }
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        if let Some(db) = self.db.take() {
+            let _ = catch_redb_panic(&self.path, || drop(db));
+        }
+    }
+}
+
+fn committer(db: Database, path: PathBuf, rx: std_mpsc::Receiver<Op>) {
+    let mut c = Committer {
+        db: Some(db),
+        path,
+        failed: None,
+    };
     let mut batch: Vec<Op> = Vec::new();
     loop {
         let Ok(first) = rx.recv() else { return };
@@ -339,26 +499,31 @@ fn committer(db: Database, rx: std_mpsc::Receiver<Op>) {
         for op in batch.drain(..) {
             match op {
                 Op::Shutdown => {
-                    commit_group(&db, std::mem::take(&mut group));
+                    commit_group(&mut c, std::mem::take(&mut group));
                     return;
                 }
                 Op::Load { name, reply } => {
-                    commit_group(&db, std::mem::take(&mut group));
-                    let _ = reply.send(load(&db, &name));
+                    commit_group(&mut c, std::mem::take(&mut group));
+                    let path = c.path.clone();
+                    let _ = reply.send(c.run(|db| load(db, &path, &name)));
+                }
+                Op::Quarantine { name, reply } => {
+                    commit_group(&mut c, std::mem::take(&mut group));
+                    let _ = reply.send(c.run(|db| read_quarantine(db, &name)));
                 }
                 op => group.push(op),
             }
         }
-        commit_group(&db, group);
+        commit_group(&mut c, group);
     }
 }
 
 /// Applies `ops` in one durable transaction, then completes them.
-fn commit_group(db: &Database, ops: Vec<Op>) {
+fn commit_group(c: &mut Committer, ops: Vec<Op>) {
     if ops.is_empty() {
         return;
     }
-    let result = apply(db, &ops);
+    let result = c.run(|db| apply(db, &ops));
     if let Err(e) = &result {
         tracing::warn!(error = %e, ops = ops.len(), "snapstream disk queue: group commit failed");
     }
@@ -399,7 +564,7 @@ fn commit_group(db: &Database, ops: Vec<Op>) {
             Op::Delete { reply, .. } | Op::Clear { reply, .. } => {
                 let _ = reply.send(outcome);
             }
-            Op::Load { .. } | Op::Shutdown => {}
+            Op::Load { .. } | Op::Quarantine { .. } | Op::Shutdown => {}
         }
     }
 }
@@ -446,7 +611,7 @@ fn apply(db: &Database, ops: &[Op]) -> Result<(), DiskError> {
                     Op::Clear { below, .. } => {
                         items.retain_in(..*below, |_, _| false).map_err(storage)?;
                     }
-                    Op::Load { .. } | Op::Shutdown => {}
+                    Op::Load { .. } | Op::Quarantine { .. } | Op::Shutdown => {}
                 }
             }
             if let Some(max_id) = max_id {
@@ -461,7 +626,17 @@ fn apply(db: &Database, ops: &[Op]) -> Result<(), DiskError> {
     Ok(())
 }
 
-fn load(db: &Database, name: &str) -> Result<Loaded, DiskError> {
+fn record_damage(path: &Path, queue: &str, id: u64) -> DiskError {
+    DiskError::Corrupt {
+        path: path.to_path_buf(),
+        damage: Damage::Record {
+            queue: queue.to_owned(),
+            id,
+        },
+    }
+}
+
+fn load(db: &Database, path: &Path, name: &str) -> Result<Loaded, DiskError> {
     let txn = db.begin_write().map_err(storage)?;
     let mut records = Vec::new();
     let next_id;
@@ -477,10 +652,7 @@ fn load(db: &Database, name: &str) -> Result<Loaded, DiskError> {
             let id = id.value();
             let mut record = value.value().to_vec();
             let Some(decoded) = decode(&record) else {
-                return Err(DiskError::Corrupt {
-                    queue: name.to_owned(),
-                    id,
-                });
+                return Err(record_damage(path, name, id));
             };
             if decoded.header.state == STATE_LEASED {
                 // Leased by a process that is gone: ready again, at its old place.
@@ -500,6 +672,352 @@ fn load(db: &Database, name: &str) -> Result<Loaded, DiskError> {
     }
     txn.commit().map_err(storage)?;
     Ok(Loaded { next_id, records })
+}
+
+// ---------------------------------------------------------------------------
+// Repair
+// ---------------------------------------------------------------------------
+
+/// What [`DiskStore::repair`] did to a file.
+///
+/// Every item the file held before the damage is accounted for: it is in its
+/// queue again (`kept`), in the queue's quarantine (`quarantined`, see
+/// [`DiskStore::quarantined`]), or counted as destroyed (`lost`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RepairReport {
+    /// Where the damaged original was moved when the file had to be rebuilt
+    /// (it is kept, never deleted); `None` when redb's own check passed and
+    /// the file was repaired in place.
+    pub damaged_original: Option<PathBuf>,
+    /// The latest commit's root page was destroyed, so the file was rebuilt
+    /// from the commit before it: the last commit's pushes are missing (not
+    /// counted in `lost`) and items it acked are back (delivered again, as
+    /// after a crash).
+    pub from_previous_commit: bool,
+    /// Tables whose definition could not be read at all, so even their
+    /// queue's name is unknown; `None` when that count was damaged too.
+    pub unreadable_tables: Option<u64>,
+    /// One entry per queue found, by name.
+    pub queues: Vec<QueueRepair>,
+}
+
+impl RepairReport {
+    /// Whether nothing was quarantined or lost (the file may still have been
+    /// rebuilt, for damage outside the queues' items).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::disk::DiskStore;
+    ///
+    /// # let dir = tempfile::tempdir()?;
+    /// let path = dir.path().join("q.redb");
+    /// drop(DiskStore::open(&path)?);
+    /// let report = DiskStore::repair(&path)?;
+    /// assert!(report.is_lossless());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn is_lossless(&self) -> bool {
+        !self.from_previous_commit
+            && self.unreadable_tables == Some(0)
+            && self
+                .queues
+                .iter()
+                .all(|q| q.quarantined == 0 && q.lost == Some(0))
+    }
+}
+
+/// What [`DiskStore::repair`] found in one queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct QueueRepair {
+    /// The queue's name.
+    pub name: String,
+    /// Items that are intact and in the queue again.
+    pub kept: u64,
+    /// Records moved to the queue's quarantine by this repair: they do not
+    /// decode, or were read from a damaged page (their bytes are kept as
+    /// found; [`DiskStore::quarantined`] lists them).
+    pub quarantined: u64,
+    /// Items destroyed by the damage: how many the file recorded for the
+    /// queue minus how many were found. `None` when that record itself is
+    /// destroyed (then any number may be lost).
+    pub lost: Option<u64>,
+}
+
+/// A record [`DiskStore::repair`] took out of a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Quarantined {
+    /// The item's id, when its key was readable.
+    pub id: Option<ItemId>,
+    /// The stored record as it was found (snapstream's encoding: a 21-byte
+    /// header, the key, then the payload).
+    pub record: Vec<u8>,
+}
+
+fn quarantine_value(id: Option<u64>, record: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + record.len());
+    v.extend_from_slice(&id.unwrap_or(u64::MAX).to_le_bytes());
+    v.extend_from_slice(record);
+    v
+}
+
+fn read_quarantine(db: &Database, name: &str) -> Result<Vec<Quarantined>, DiskError> {
+    let txn = db.begin_read().map_err(storage)?;
+    let table_name = quarantine_table_name(name);
+    let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+    let table = match txn.open_table(def) {
+        Ok(t) => t,
+        Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+        Err(e) => return Err(storage(e)),
+    };
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(storage)? {
+        let (_, value) = entry.map_err(storage)?;
+        let v = value.value();
+        let id = v
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .filter(|&id| id != u64::MAX)
+            .map(ItemId);
+        out.push(Quarantined {
+            id,
+            record: v.get(8..).unwrap_or_default().to_vec(),
+        });
+    }
+    Ok(out)
+}
+
+/// A record on its way to quarantine: its id when readable, its bytes.
+type Suspect = (Option<u64>, Vec<u8>);
+
+/// Appends `records` to the quarantine table of `queue` in `txn`.
+fn quarantine(
+    txn: &redb::WriteTransaction,
+    queue: &str,
+    records: &[Suspect],
+) -> Result<(), DiskError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let table_name = quarantine_table_name(queue);
+    let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+    let mut table = txn.open_table(def).map_err(storage)?;
+    let first = table
+        .last()
+        .map_err(storage)?
+        .map_or(0, |(k, _)| k.value() + 1);
+    for (n, (id, record)) in (first..).zip(records) {
+        table
+            .insert(n, quarantine_value(*id, record).as_slice())
+            .map_err(storage)?;
+    }
+    Ok(())
+}
+
+/// The file opens: moves every record that does not decode to quarantine.
+fn repair_in_place(db: &Database) -> Result<RepairReport, DiskError> {
+    let txn = db.begin_write().map_err(storage)?;
+    let mut queues = Vec::new();
+    let names: Vec<String> = txn
+        .list_tables()
+        .map_err(storage)?
+        .filter_map(|t| t.name().strip_prefix(ITEMS_PREFIX).map(str::to_owned))
+        .collect();
+    for name in names {
+        let table_name = items_table_name(&name);
+        let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+        let mut items = txn.open_table(def).map_err(storage)?;
+        let mut bad = Vec::new();
+        let mut kept = 0;
+        for entry in items.iter().map_err(storage)? {
+            let (id, value) = entry.map_err(storage)?;
+            if decode(value.value()).is_some() {
+                kept += 1;
+            } else {
+                bad.push((Some(id.value()), value.value().to_vec()));
+            }
+        }
+        for (id, _) in &bad {
+            items
+                .remove(id.expect("read with its key"))
+                .map_err(storage)?;
+        }
+        drop(items);
+        quarantine(&txn, &name, &bad)?;
+        queues.push(QueueRepair {
+            name,
+            kept,
+            quarantined: bad.len() as u64,
+            lost: Some(0),
+        });
+    }
+    txn.commit().map_err(storage)?;
+    queues.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(RepairReport {
+        damaged_original: None,
+        from_previous_commit: false,
+        unreadable_tables: Some(0),
+        queues,
+    })
+}
+
+/// A free name next to `path` with `suffix` appended.
+fn sibling(path: &Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(suffix);
+    let first = path.with_file_name(&name);
+    if !first.exists() {
+        return first;
+    }
+    (1u32..)
+        .map(|n| {
+            let mut numbered = name.clone();
+            numbered.push(format!(".{n}"));
+            path.with_file_name(numbered)
+        })
+        .find(|p| !p.exists())
+        .expect("some number is free")
+}
+
+/// redb refuses the file: reads what verifies into a new file, which then
+/// takes the damaged file's place (the original is moved aside, not deleted).
+fn rebuild(path: &Path) -> Result<RepairReport, DiskError> {
+    let unreadable = |reason: String| DiskError::Corrupt {
+        path: path.to_path_buf(),
+        damage: Damage::Unreadable { reason },
+    };
+    let io = |e: std::io::Error| DiskError::Open {
+        path: path.to_path_buf(),
+        source: Arc::new(redb::DatabaseError::Storage(redb::StorageError::Io(e))),
+    };
+    let found = salvage::read(path).map_err(unreadable)?;
+
+    let mut next_ids: BTreeMap<String, u64> = BTreeMap::new();
+    let mut queues: BTreeMap<String, QueueRepair> = BTreeMap::new();
+    let mut kept_items: BTreeMap<String, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+    let mut quarantined: BTreeMap<String, Vec<Suspect>> = BTreeMap::new();
+    // Quarantine tables of earlier repairs are carried over first, so their
+    // entries keep coming first.
+    let mut earlier: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    for table in found.tables {
+        if table.name == META_NAME {
+            for e in table.entries.iter().filter(|e| e.trusted) {
+                if let (Ok(name), Ok(next)) = (
+                    String::from_utf8(e.key.clone()),
+                    <[u8; 8]>::try_from(e.value.as_slice()),
+                ) {
+                    next_ids.insert(name, u64::from_le_bytes(next));
+                }
+            }
+        } else if let Some(name) = table.name.strip_prefix(QUARANTINE_PREFIX) {
+            let values = table.entries.into_iter().map(|e| e.value).collect();
+            earlier.insert(name.to_owned(), values);
+        } else if let Some(name) = table.name.strip_prefix(ITEMS_PREFIX) {
+            let found = table.entries.len() as u64;
+            let (mut kept, mut bad) = (Vec::new(), Vec::new());
+            for e in table.entries {
+                let id = <[u8; 8]>::try_from(e.key.as_slice())
+                    .ok()
+                    .map(u64::from_le_bytes);
+                match id {
+                    Some(id) if e.trusted && decode(&e.value).is_some() => kept.push((id, e.value)),
+                    _ => bad.push((id, e.value)),
+                }
+            }
+            queues.insert(
+                name.to_owned(),
+                QueueRepair {
+                    name: name.to_owned(),
+                    kept: kept.len() as u64,
+                    quarantined: bad.len() as u64,
+                    lost: table.expected.map(|n| n.saturating_sub(found)),
+                },
+            );
+            kept_items.insert(name.to_owned(), kept);
+            quarantined.insert(name.to_owned(), bad);
+        }
+    }
+    // A queue known only from its next id lost its whole items table.
+    for name in next_ids.keys() {
+        queues.entry(name.clone()).or_insert_with(|| QueueRepair {
+            name: name.clone(),
+            kept: 0,
+            quarantined: 0,
+            lost: None,
+        });
+    }
+
+    let rebuilt = sibling(path, ".rebuilding");
+    let db = Database::create(&rebuilt).map_err(|e| map_open_error(&rebuilt, e))?;
+    let mut write = || -> Result<(), DiskError> {
+        let txn = db.begin_write().map_err(storage)?;
+        {
+            let mut meta = txn.open_table(META).map_err(storage)?;
+            for name in queues.keys() {
+                let items = kept_items.remove(name).unwrap_or_default();
+                let bad = quarantined.remove(name).unwrap_or_default();
+                // Ids read from damaged pages may be garbage: only kept ones count.
+                let max_id = items.iter().map(|(id, _)| *id).max();
+                let next = next_ids
+                    .get(name)
+                    .copied()
+                    .unwrap_or(1)
+                    .max(max_id.map_or(1, |m| m.saturating_add(1)));
+                meta.insert(name.as_str(), next).map_err(storage)?;
+                let table_name = items_table_name(name);
+                let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+                let mut table = txn.open_table(def).map_err(storage)?;
+                for (id, record) in &items {
+                    table.insert(*id, record.as_slice()).map_err(storage)?;
+                }
+                drop(table);
+                if let Some(values) = earlier.remove(name) {
+                    let table_name = quarantine_table_name(name);
+                    let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+                    let mut table = txn.open_table(def).map_err(storage)?;
+                    for (n, value) in values.iter().enumerate() {
+                        table.insert(n as u64, value.as_slice()).map_err(storage)?;
+                    }
+                }
+                quarantine(&txn, name, &bad)?;
+            }
+            // Quarantines of queues whose items table is gone.
+            for (name, values) in std::mem::take(&mut earlier) {
+                let table_name = quarantine_table_name(&name);
+                let def: TableDefinition<'_, u64, &[u8]> = TableDefinition::new(&table_name);
+                let mut table = txn.open_table(def).map_err(storage)?;
+                for (n, value) in values.iter().enumerate() {
+                    table.insert(n as u64, value.as_slice()).map_err(storage)?;
+                }
+            }
+        }
+        txn.commit().map_err(storage)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        drop(db);
+        let _ = std::fs::remove_file(&rebuilt);
+        return Err(e);
+    }
+    drop(db);
+    let damaged = sibling(path, ".damaged");
+    std::fs::rename(path, &damaged).map_err(io)?;
+    std::fs::rename(&rebuilt, path).map_err(io)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // Make the renames durable where the platform allows it.
+        if let Ok(dir) = std::fs::File::open(dir) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(RepairReport {
+        damaged_original: Some(damaged),
+        from_previous_commit: found.from_previous_commit,
+        unreadable_tables: found.tables_missing,
+        queues: queues.into_values().collect(),
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -570,14 +1088,22 @@ impl DiskStore {
     /// Opens (or creates) the database file at `path` and starts its
     /// committer thread.
     ///
-    /// This is a blocking call (it opens and, after a crash, may repair the
-    /// file); call it from `spawn_blocking` when that matters.
+    /// Every open verifies the whole file (redb's integrity check: the
+    /// checksum of every page of every table) so that a damaged file is
+    /// refused here, with a typed error, instead of failing (or making redb
+    /// panic) in the middle of a later commit. After a crash the check also
+    /// rolls back a commit that was not completely written. This is a blocking
+    /// call that reads the whole file; call it from `spawn_blocking` when that
+    /// matters.
     ///
     /// # Errors
     /// [`DiskError::AlreadyOpen`] when another process or store holds the
-    /// file (returned at once, without waiting); [`DiskError::Thread`] when
-    /// the committer thread cannot be started; [`DiskError::Open`] for any
-    /// other failure.
+    /// file (returned at once, without waiting); [`DiskError::Corrupt`] when
+    /// the file is damaged, with the path and what redb said: run
+    /// [`DiskStore::repair`] on it, then open it again;
+    /// [`DiskError::Thread`] when the committer thread cannot be started;
+    /// [`DiskError::Open`] for any other failure (including a file that is
+    /// not a redb database at all).
     ///
     /// # Examples
     ///
@@ -594,8 +1120,110 @@ impl DiskStore {
     /// ```
     pub fn open(path: impl AsRef<Path>) -> Result<DiskStore, DiskError> {
         let path = path.as_ref().to_path_buf();
-        let db = Database::create(&path).map_err(|e| map_open_error(&path, e))?;
+        let db = open_database(&path, |b| b.create(&path))?;
         Self::start(db, path)
+    }
+
+    /// Repairs a damaged file (one [`open`](Self::open) reports
+    /// [`DiskError::Corrupt`]) so that it opens again, keeping every intact
+    /// item.
+    ///
+    /// 1. redb's repair: the file is opened with redb's integrity check,
+    ///    which rolls back a commit a crash left half-written. If the file
+    ///    passes, it is repaired in place: every record that does not decode
+    ///    is moved from its queue to the queue's quarantine.
+    /// 2. If redb refuses the file (a page is damaged: redb can only roll
+    ///    back, and a damaged page is shared by every commit), the file is
+    ///    rebuilt: its B-trees are read page by page, following redb's
+    ///    documented file format, and a page is trusted only when its
+    ///    XXH3-128 checksum (stored in its parent) matches. Every record of a
+    ///    trusted page that decodes is kept; records of a damaged page whose
+    ///    parent is intact, and records that do not decode, go to quarantine;
+    ///    what lay under a destroyed page is counted as lost. The new file
+    ///    takes the old one's place; the damaged original is moved aside (to
+    ///    `<file>.damaged`), never deleted.
+    ///
+    /// The report says, per queue, how many items were kept, quarantined and
+    /// lost. Quarantined records can be read with
+    /// [`quarantined`](Self::quarantined). Leased items become ready again,
+    /// as on every open. The file must not be in use; this is a blocking call
+    /// that reads the whole file.
+    ///
+    /// # Errors
+    /// [`DiskError::AlreadyOpen`] when a store has the file open;
+    /// [`DiskError::Corrupt`] with [`Damage::Unreadable`] when nothing can be
+    /// read (the file header or both commit slots are destroyed);
+    /// [`DiskError::Open`] when the file is missing, is not a redb file, or
+    /// cannot be read or replaced; [`DiskError::Storage`] when writing the
+    /// repaired file fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::queue::disk::{DiskError, DiskStore};
+    ///
+    /// # let dir = tempfile::tempdir()?;
+    /// # let path = dir.path().join("q.redb");
+    /// # drop(DiskStore::open(&path)?);
+    /// let store = match DiskStore::open(&path) {
+    ///     Err(DiskError::Corrupt { .. }) => {
+    ///         let report = DiskStore::repair(&path)?;
+    ///         for q in &report.queues {
+    ///             eprintln!("{}: {} kept, {} quarantined, {:?} lost", q.name, q.kept, q.quarantined, q.lost);
+    ///         }
+    ///         DiskStore::open(&path)?
+    ///     }
+    ///     other => other?,
+    /// };
+    /// # drop(store);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn repair(path: impl AsRef<Path>) -> Result<RepairReport, DiskError> {
+        let path = path.as_ref();
+        match open_database(path, |b| b.open(path)) {
+            Ok(db) => {
+                let report = catch_redb_panic(path, || repair_in_place(&db))
+                    .and_then(|r| r.map_err(|e| classify(path, e)));
+                let _ = catch_redb_panic(path, || drop(db));
+                match report {
+                    // Damage redb's check did not cover (it verifies pages,
+                    // not their contents): rebuild from what verifies.
+                    Err(DiskError::Corrupt {
+                        damage: Damage::Redb(_) | Damage::Panic { .. },
+                        ..
+                    }) => rebuild(path),
+                    report => report,
+                }
+            }
+            Err(DiskError::Corrupt { .. }) => rebuild(path),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The records [`repair`](Self::repair) moved out of the queue `name`,
+    /// oldest repair first. They stay until the file is deleted; nothing
+    /// reads them but this.
+    ///
+    /// # Errors
+    /// [`DiskError::Stopped`] when the committer is gone, or the error that
+    /// stopped it; [`DiskError::Storage`] / [`DiskError::Corrupt`] when the
+    /// read fails.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # let dir = tempfile::tempdir()?;
+    /// let store = snapstream::queue::disk::DiskStore::open(dir.path().join("q.redb"))?;
+    /// assert!(store.quarantined("jobs")?.is_empty());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn quarantined(&self, name: &str) -> Result<Vec<Quarantined>, DiskError> {
+        let (tx, rx) = std_mpsc::channel();
+        self.inner.send(Op::Quarantine {
+            name: name.to_owned(),
+            reply: tx,
+        })?;
+        rx.recv().map_err(|_| DiskError::Stopped)?
     }
 
     /// Opens a store on any redb storage backend (tests inject I/O faults).
@@ -604,9 +1232,7 @@ impl DiskStore {
         backend: impl redb::StorageBackend,
         path: PathBuf,
     ) -> Result<DiskStore, DiskError> {
-        let db = Database::builder()
-            .create_with_backend(backend)
-            .map_err(|e| map_open_error(&path, e))?;
+        let db = open_database(&path, |b| b.create_with_backend(backend))?;
         Self::start(db, path)
     }
 
@@ -614,7 +1240,10 @@ impl DiskStore {
         let (tx, rx) = std_mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("snapstream-disk-commit".into())
-            .spawn(move || committer(db, rx))
+            .spawn({
+                let path = path.clone();
+                move || committer(db, path, rx)
+            })
             .map_err(|e| DiskError::Thread(Arc::new(e)))?;
         Ok(DiskStore {
             inner: Arc::new(StoreInner {
@@ -696,7 +1325,7 @@ impl DiskStore {
             .recv()
             .map_err(|_| backend(DiskError::Stopped))?
             .map_err(backend)?;
-        let state = State::from_loaded(name, &opts, loaded).map_err(backend)?;
+        let state = State::from_loaded(&self.inner.path, name, &opts, loaded).map_err(backend)?;
         let shared = Arc::new(Shared {
             name: name.to_owned(),
             opts,
@@ -713,10 +1342,25 @@ impl DiskStore {
     }
 }
 
+/// Opens the file with redb's integrity check, reporting damage (an error or
+/// a panic of redb's) as [`DiskError::Corrupt`].
+fn open_database(
+    path: &Path,
+    open: impl FnOnce(&redb::Builder) -> Result<Database, redb::DatabaseError>,
+) -> Result<Database, DiskError> {
+    let mut builder = Database::builder();
+    builder.set_check_integrity_on_open(true);
+    catch_redb_panic(path, || open(&builder))?.map_err(|e| map_open_error(path, e))
+}
+
 fn map_open_error(path: &Path, e: redb::DatabaseError) -> DiskError {
     match e {
         redb::DatabaseError::DatabaseAlreadyOpen => DiskError::AlreadyOpen {
             path: path.to_path_buf(),
+        },
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(_)) => DiskError::Corrupt {
+            path: path.to_path_buf(),
+            damage: Damage::Redb(Arc::new(e.into())),
         },
         e => DiskError::Open {
             path: path.to_path_buf(),
@@ -766,7 +1410,12 @@ struct State {
 }
 
 impl State {
-    fn from_loaded(name: &str, opts: &QueueOptions, loaded: Loaded) -> Result<State, DiskError> {
+    fn from_loaded(
+        path: &Path,
+        name: &str,
+        opts: &QueueOptions,
+        loaded: Loaded,
+    ) -> Result<State, DiskError> {
         let mut st = State {
             next_id: loaded.next_id.max(1),
             ..State::default()
@@ -775,10 +1424,7 @@ impl State {
         let now_ms = unix_ms_now();
         for (id, record) in loaded.records {
             let Some(d) = decode(&record) else {
-                return Err(DiskError::Corrupt {
-                    queue: name.to_owned(),
-                    id,
-                });
+                return Err(record_damage(path, name, id));
             };
             st.next_id = st.next_id.max(id + 1).max(d.header.seq + 1);
             if opts.unique {
@@ -1567,21 +2213,40 @@ mod tests {
         assert!(s.queue("q", QueueOptions::default()).is_ok());
     }
 
-    /// A file backend whose writes and syncs fail while `fail` is set.
+    /// A file backend whose writes and syncs fail (or panic, with `panic`
+    /// set) while `fail` is set.
     #[derive(Debug)]
     struct FaultyBackend {
         inner: redb::backends::FileBackend,
         fail: Arc<AtomicBool>,
+        panic: bool,
     }
 
     impl FaultyBackend {
         fn check(&self) -> io::Result<()> {
             if self.fail.load(Ordering::SeqCst) {
+                assert!(!self.panic, "injected panic");
                 Err(io::Error::other("injected I/O fault"))
             } else {
                 Ok(())
             }
         }
+    }
+
+    fn faulty_store(path: &Path, fail: &Arc<AtomicBool>, panic: bool) -> DiskStore {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .unwrap();
+        let backend = FaultyBackend {
+            inner: redb::backends::FileBackend::new(file).unwrap(),
+            fail: Arc::clone(fail),
+            panic,
+        };
+        DiskStore::open_with_backend(backend, path.to_path_buf()).unwrap()
     }
 
     impl redb::StorageBackend for FaultyBackend {
@@ -1632,18 +2297,7 @@ mod tests {
         let path = dir.path().join("q.redb");
         let fail = Arc::new(AtomicBool::new(false));
         {
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .unwrap();
-            let backend = FaultyBackend {
-                inner: redb::backends::FileBackend::new(file).unwrap(),
-                fail: Arc::clone(&fail),
-            };
-            let s = DiskStore::open_with_backend(backend, path.clone()).unwrap();
+            let s = faulty_store(&path, &fail, false);
             let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
             for i in 0..10u8 {
                 q.push(NewItem::new([i]), T).await.unwrap();
@@ -1667,5 +2321,54 @@ mod tests {
         let got = q.pop(100, T).await.unwrap();
         let payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
         assert_eq!(payloads, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+
+    /// Regression: a panic inside redb killed the committer thread, and every
+    /// later operation only said "disk store has stopped".
+    #[tokio::test]
+    async fn redb_panic_in_the_committer_is_a_typed_error_not_a_dead_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let fail = Arc::new(AtomicBool::new(false));
+        let s = faulty_store(&path, &fail, true);
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        q.push(NewItem::new("kept"), T).await.unwrap();
+        fail.store(true, Ordering::SeqCst);
+        let panicked = |e: &DiskError| {
+            matches!(
+                e,
+                DiskError::Corrupt { path: p, damage: Damage::Panic { message } }
+                    if p == &path && message.contains("injected panic")
+            )
+        };
+        match q.push(NewItem::new("x"), T).await {
+            Err(PushError::Backend { item, source }) => {
+                assert_eq!(item.payload, b"x", "the item is handed back");
+                let e = source.downcast_ref::<DiskError>().unwrap();
+                assert!(panicked(e), "got {e:?}");
+            }
+            other => panic!("expected a backend error, got {other:?}"),
+        }
+        // The thread is alive and keeps reporting the cause, even once the
+        // backend behaves again (the handle is not trusted after a panic).
+        fail.store(false, Ordering::SeqCst);
+        let got = q.pop(1, T).await.unwrap();
+        let QueueError::Backend(source) = q.ack(&[got[0].id]).await.unwrap_err() else {
+            panic!("expected a backend error")
+        };
+        assert!(panicked(source.downcast_ref::<DiskError>().unwrap()));
+        let QueueError::Backend(source) = s.queue("other", QueueOptions::default()).unwrap_err()
+        else {
+            panic!("expected a backend error")
+        };
+        assert!(panicked(source.downcast_ref::<DiskError>().unwrap()));
+        drop(q);
+        drop(s);
+        // What was committed before the panic is in the file.
+        let s = DiskStore::open(&path).unwrap();
+        let q = s.queue("q", QueueOptions::default()).unwrap();
+        let got = q.pop(10, T).await.unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].payload, b"kept");
     }
 }
