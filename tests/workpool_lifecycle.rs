@@ -579,3 +579,35 @@ async fn abort_from_inside_a_handler_leaves_the_rest_for_the_next_stop() {
     assert_eq!(left, [(7, 2), (7, 3), (7, 4), (7, 5)]);
     assert_eq!(pool.stats().handled, 1);
 }
+
+// Issue #10: `stop(Abort)` given up on (its future dropped) while a handler
+// is stuck must leave every item that did not start for a later `stop`.
+
+#[tokio::test(start_paused = true)]
+async fn abandoned_abort_stop_keeps_the_items_for_the_next_stop() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder().workers(1).build(handler).unwrap();
+    // Queued before the worker first runs: it takes all three keys at once;
+    // key 1's handler waits, so keys 2 and 3 go back to the queue.
+    for k in 1..=3 {
+        pool.try_add(k, 0).unwrap();
+    }
+    assert_eq!(started.recv().await, Some((1, 0)));
+    // The handler is stuck: the stop cannot finish, the caller gives up.
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), pool.stop(StopMode::Abort)).await;
+    assert!(gave_up.is_err(), "the stuck handler keeps the worker");
+    let stats = pool.stats();
+    assert_eq!((stats.aborted, stats.pending, stats.in_flight), (2, 0, 1));
+    gate.add_permits(1);
+    let left = pool.stop(StopMode::Abort).await;
+    assert_eq!(
+        left,
+        [(2, 0), (3, 0)],
+        "nothing vanished with the dropped stop"
+    );
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.handled, stats.pending, stats.aborted, stats.workers),
+        (1, 0, 0, 0)
+    );
+}

@@ -79,6 +79,11 @@
 //! order per key), and only waits for the items already in flight. Dropping
 //! the last [`KeyedPool`] handle starts a drain without waiting for it.
 //!
+//! An accepted item never vanishes on the way out. What an abort takes out
+//! stays in the pool until a `stop` returns it: a `stop` given up on (its
+//! future dropped, say by a timeout) leaves the items for the next `stop`,
+//! and [`Stats::aborted`] counts them meanwhile.
+//!
 //! # Feeding from a stream
 //!
 //! [`run`](KeyedPool::run) adds every `(key, item)` a [`Stream`] yields, with
@@ -159,6 +164,15 @@ pub enum StopMode {
     Abort,
 }
 
+impl From<StopMode> for Closing {
+    fn from(mode: StopMode) -> Self {
+        match mode {
+            StopMode::Drain => Closing::Drain,
+            StopMode::Abort => Closing::Abort,
+        }
+    }
+}
+
 /// A handler panic, as given to the [`on_panic`](Builder::on_panic) callback.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -185,6 +199,10 @@ pub struct Stats {
     pub in_flight: usize,
     /// Keys with pending or in-flight items (the per-key entries held in memory).
     pub keys: usize,
+    /// Items [`StopMode::Abort`] took out of the pool (they never started)
+    /// that no [`stop`](KeyedPool::stop) has returned yet: a `stop` given up
+    /// on (its future dropped) leaves them for the next one.
+    pub aborted: usize,
     /// Items whose handler returned.
     pub handled: u64,
     /// Items whose handler panicked.
@@ -284,17 +302,25 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         wakes.wake();
     }
 
-    fn close(&self, how: Closing) -> Vec<(u64, K, T)> {
+    fn close(&self, how: Closing) {
         let mut wakes = Wakeups::default();
-        let out = {
+        {
             let mut st = self.state.lock();
             if how == Closing::Abort {
                 self.aborting.store(true, Ordering::Relaxed);
             }
-            st.close(how, &mut wakes)
-        };
+            st.close(how, &mut wakes);
+        }
         wakes.wake();
-        out
+    }
+
+    /// The items an abort took out, in add order (see [`State::take_returned`]).
+    fn take_returned(&self) -> Vec<(K, T)> {
+        let returned = self.state.lock().take_returned();
+        returned
+            .into_iter()
+            .map(|(_, key, item)| (key, item))
+            .collect()
     }
 
     async fn wait_stopped(&self) {
@@ -323,6 +349,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             pending: st.pending(),
             in_flight: st.in_flight(),
             keys: st.keys(),
+            aborted: st.aborted(),
             handled: st.handled,
             panicked: st.panicked,
             workers: st.workers_live,
@@ -774,8 +801,7 @@ impl<K: Hash + Eq + Clone, T> Drop for KeyedPool<K, T> {
     fn drop(&mut self) {
         if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The last handle: close intake, pending items still run.
-            let left = self.shared.close(Closing::Drain);
-            debug_assert!(left.is_empty());
+            self.shared.close(Closing::Drain);
         }
     }
 }
@@ -909,9 +935,12 @@ where
     ///
     /// # Cancel safety
     ///
-    /// Cancel safe: intake is closed (and, with `Abort`, the items taken out)
-    /// at the first poll; dropping the future afterwards only stops the wait,
-    /// and items taken out are then dropped with it.
+    /// Cancel safe: intake is closed (and, with `Abort`, the pending items
+    /// taken out) at the first poll. If the future is dropped before it
+    /// completes, nothing is lost: the items taken out stay in the pool
+    /// ([`Stats::aborted`] counts them) and the next `stop` returns them,
+    /// like a message `tokio::sync::mpsc::Receiver::recv` did not return.
+    /// Only dropping the last handle drops them.
     ///
     /// # Examples
     ///
@@ -927,20 +956,11 @@ where
     /// # }
     /// ```
     pub async fn stop(&self, mode: StopMode) -> Vec<(K, T)> {
-        let mut out = self.shared.close(match mode {
-            StopMode::Drain => Closing::Drain,
-            StopMode::Abort => Closing::Abort,
-        });
+        self.shared.close(mode.into());
         if !self.shared.in_own_handler() {
             self.shared.wait_stopped().await;
         }
-        // Items workers had taken but not started when the abort came.
-        let returned = self.shared.state.lock().take_returned();
-        if !returned.is_empty() {
-            out.extend(returned);
-            out.sort_unstable_by_key(|(seq, _, _)| *seq);
-        }
-        out.into_iter().map(|(_, key, item)| (key, item)).collect()
+        self.shared.take_returned()
     }
 
     /// Changes the number of workers at run time.

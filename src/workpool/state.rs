@@ -91,8 +91,10 @@ struct KeyQueue<T> {
 pub(crate) struct State<K, T> {
     keys: HashMap<K, KeyQueue<T>>,
     ready: VecDeque<K>,
-    /// Items workers handed back after an abort closed the queues, with
-    /// their add order; [`State::take_returned`] collects them.
+    /// Items an abort took out of the pool, with their add order: the
+    /// queued ones (taken by [`close`](State::close)) and those workers hand
+    /// back afterwards. They stay here until [`State::take_returned`]
+    /// collects them, so a `stop` given up on loses none.
     returned: Vec<(u64, K, T)>,
     /// Empty per-key queues kept for reuse.
     spare: Vec<VecDeque<(u64, T)>>,
@@ -146,6 +148,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
 
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Items an abort took out that no `stop` has collected yet.
+    pub(crate) fn aborted(&self) -> usize {
+        self.returned.len()
     }
 
     /// Live per-key entries (keys with queued or in-flight items).
@@ -410,9 +417,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
-    /// Items workers handed back after an abort, in add order.
+    /// Collects the items an abort took out, in add order.
     pub(crate) fn take_returned(&mut self) -> Vec<(u64, K, T)> {
-        std::mem::take(&mut self.returned)
+        let mut out = std::mem::take(&mut self.returned);
+        out.sort_unstable_by_key(|(seq, _, _)| *seq);
+        out
     }
 
     /// Keeps a few small empty queues so a new key costs no allocation.
@@ -436,18 +445,19 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
-    /// Closes intake. With `Abort`, hands back every pending item in the
-    /// queues with its add order, sorted by it (hence in order per key).
-    /// Items workers took but had not started come back later, through
-    /// [`finish`](Self::finish) and [`take_returned`](Self::take_returned).
-    pub(crate) fn close(&mut self, how: Closing, wakes: &mut Wakeups) -> Vec<(u64, K, T)> {
-        let mut out = Vec::new();
+    /// Closes intake. With `Abort`, takes every pending item out of the
+    /// queues, to the items handed back; items workers took but had not
+    /// started join them later (through [`finish`](Self::finish)). Nothing
+    /// leaves the pool before [`take_returned`](Self::take_returned).
+    pub(crate) fn close(&mut self, how: Closing, wakes: &mut Wakeups) {
         match (self.closing, how) {
             (Some(Closing::Abort), _) => {}
             (_, Closing::Drain) => self.closing = Some(Closing::Drain),
             (_, Closing::Abort) => {
                 self.closing = Some(Closing::Abort);
-                let mut taken: Vec<(u64, K, T)> = Vec::with_capacity(self.pending);
+                let before = self.returned.len();
+                let taken = &mut self.returned;
+                taken.reserve(self.pending);
                 self.keys.retain(|key, entry| {
                     for (seq, item) in entry.items.drain(..) {
                         taken.push((seq, key.clone(), item));
@@ -457,9 +467,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 });
                 self.ready.clear();
                 // Items in workers' batches stay pending until handed back.
-                self.pending -= taken.len();
-                taken.sort_unstable_by_key(|(seq, _, _)| *seq);
-                out = taken;
+                self.pending -= self.returned.len() - before;
                 self.maybe_shrink();
             }
         }
@@ -470,7 +478,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         if self.workers_live == 0 {
             wakes.extend(self.done.take_all());
         }
-        out
     }
 
     /// Changes the number of workers; returns how many new ones to spawn.
@@ -673,37 +680,33 @@ mod model_tests {
                     Op::Finish(..) => {}
                     Op::Close(abort) => {
                         let how = if abort { Closing::Abort } else { Closing::Drain };
-                        let out = st.close(how, &mut wakes);
-                        prop_assert!(out.windows(2).all(|w| w[0].0 < w[1].0), "in add order");
-                        let out: Vec<(u8, u32)> = out.into_iter().map(|(_, k, i)| (k, i)).collect();
+                        st.close(how, &mut wakes);
                         if abort || model.closing == Some(Closing::Abort) {
-                            let was_abort = model.closing == Some(Closing::Abort);
+                            // The queues are empty after the first abort.
                             model.closing = Some(Closing::Abort);
-                            let mut expected: Vec<(u8, u32)> = Vec::new();
                             for (k, q) in model.queues.iter_mut() {
-                                expected.extend(q.drain(..).map(|i| (*k, i)));
-                            }
-                            expected.sort_unstable_by_key(|(_, i)| *i);
-                            if was_abort {
-                                prop_assert!(out.is_empty());
-                            } else {
-                                prop_assert_eq!(out, expected, "abort hands back in add order");
+                                model.returned.extend(q.drain(..).map(|i| (*k, i)));
                             }
                         } else {
                             model.closing = Some(Closing::Drain);
-                            prop_assert!(out.is_empty());
                         }
                     }
                 }
                 prop_assert_eq!(st.pending(), model.pending());
+                prop_assert_eq!(st.aborted(), model.returned.len(), "abort keeps what it took");
                 prop_assert_eq!(st.in_flight(), model.jobs.len());
                 prop_assert_eq!(st.keys(), model.keys(), "entries only for keys with work");
                 prop_assert_eq!(st.handled, handled);
                 prop_assert_eq!(st.panicked, panicked);
             }
-            let returned: Vec<(u8, u32)> =
-                st.take_returned().into_iter().map(|(_, k, i)| (k, i)).collect();
-            prop_assert_eq!(returned, std::mem::take(&mut model.returned));
+            let returned = st.take_returned();
+            prop_assert!(returned.windows(2).all(|w| w[0].0 < w[1].0), "in add order");
+            let returned: Vec<(u8, u32)> = returned.into_iter().map(|(_, k, i)| (k, i)).collect();
+            // Items are numbered in add order.
+            let mut expected = std::mem::take(&mut model.returned);
+            expected.sort_unstable_by_key(|(_, i)| *i);
+            prop_assert_eq!(returned, expected);
+            prop_assert_eq!(st.aborted(), 0);
         }
     }
 }
