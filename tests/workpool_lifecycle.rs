@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use snapstream::workpool::{BuildError, KeyedPool, StopMode, TryAddError};
+use snapstream::workpool::{BuildError, KeyedPool, StopMode, StopTimeoutError, TryAddError};
 use tokio::sync::{mpsc, Semaphore};
 
 type Started = mpsc::UnboundedReceiver<(u32, u32)>;
@@ -385,7 +385,10 @@ fn handles_and_futures_are_send_and_sync() {
     send(&pool.add(String::new(), vec![]));
     send(&pool.adder().add(String::new(), vec![]));
     send(&pool.stop(StopMode::Drain));
+    send(&pool.stop_timeout(StopMode::Drain, Duration::from_secs(1)));
     send(&pool.run(futures::stream::empty()));
+    fn error<E: std::error::Error + Send + Sync + 'static>() {}
+    error::<StopTimeoutError<String, Vec<u8>>>();
 }
 
 /// Regression: waking blocked producers only in batches (once 1/16 of the
@@ -578,4 +581,192 @@ async fn abort_from_inside_a_handler_leaves_the_rest_for_the_next_stop() {
     let left = pool.stop(StopMode::Abort).await;
     assert_eq!(left, [(7, 2), (7, 3), (7, 4), (7, 5)]);
     assert_eq!(pool.stats().handled, 1);
+}
+
+// Issue #10: `stop(Abort)` given up on (its future dropped) while a handler
+// is stuck must leave every item that did not start for a later `stop`.
+
+#[tokio::test(start_paused = true)]
+async fn abandoned_abort_stop_keeps_the_items_for_the_next_stop() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder().workers(1).build(handler).unwrap();
+    // Queued before the worker first runs: it takes all three keys at once;
+    // key 1's handler waits, so keys 2 and 3 go back to the queue.
+    for k in 1..=3 {
+        pool.try_add(k, 0).unwrap();
+    }
+    assert_eq!(started.recv().await, Some((1, 0)));
+    // The handler is stuck: the stop cannot finish, the caller gives up.
+    let gave_up = tokio::time::timeout(Duration::from_secs(1), pool.stop(StopMode::Abort)).await;
+    assert!(gave_up.is_err(), "the stuck handler keeps the worker");
+    let stats = pool.stats();
+    assert_eq!((stats.aborted, stats.pending, stats.in_flight), (2, 0, 1));
+    gate.add_permits(1);
+    let left = pool.stop(StopMode::Abort).await;
+    assert_eq!(
+        left,
+        [(2, 0), (3, 0)],
+        "nothing vanished with the dropped stop"
+    );
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.handled, stats.pending, stats.aborted, stats.workers),
+        (1, 0, 0, 0)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_timeout_returns_every_unstarted_item_while_a_handler_is_stuck() {
+    let (gate, mut started, handler) = gated();
+    let pool = KeyedPool::builder().workers(1).build(handler).unwrap();
+    // One batch: key 7's three items and key 8's one. The handler of (7, 1)
+    // never returns (the gate stays shut until the end).
+    for i in 1..=3 {
+        pool.try_add(7, i).unwrap();
+    }
+    pool.try_add(8, 0).unwrap();
+    assert_eq!(started.recv().await, Some((7, 1)));
+    let err = pool
+        .stop_timeout(StopMode::Abort, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    let StopTimeoutError::TimedOut {
+        items, in_flight, ..
+    } = err
+    else {
+        panic!("timed out");
+    };
+    assert_eq!(
+        items,
+        [(7, 2), (7, 3), (8, 0)],
+        "the stuck handler's key held back nothing"
+    );
+    assert_eq!(in_flight, 1);
+    let stats = pool.stats();
+    assert_eq!(
+        (stats.pending, stats.aborted, stats.in_flight, stats.handled),
+        (0, 0, 1, 0)
+    );
+    // The handler returns late: its worker exits, nothing more comes back.
+    gate.add_permits(1);
+    assert!(pool.stop(StopMode::Abort).await.is_empty());
+    let stats = pool.stats();
+    assert_eq!((stats.handled, stats.keys, stats.workers), (1, 0, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_timeout_drains_until_the_deadline_then_hands_back_the_rest() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let pool = KeyedPool::builder()
+        .workers(2)
+        .build({
+            let gate = gate.clone();
+            move |k: u32, i: u32| {
+                let (gate, tx) = (gate.clone(), tx.clone());
+                async move {
+                    let _ = tx.send((k, i));
+                    if (k, i) == (1, 1) {
+                        gate.acquire().await.unwrap().forget();
+                    }
+                }
+            }
+        })
+        .unwrap();
+    // Key 1 is stuck behind its first item; key 2 runs freely.
+    for i in 1..=3 {
+        pool.try_add(1, i).unwrap();
+    }
+    for i in 1..=5 {
+        pool.try_add(2, i).unwrap();
+    }
+    assert_eq!(started.recv().await, Some((1, 1)));
+    let err = pool
+        .stop_timeout(StopMode::Drain, Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(err.into_items(), [(1, 2), (1, 3)]);
+    let stats = pool.stats();
+    assert_eq!((stats.handled, stats.pending, stats.in_flight), (5, 0, 1));
+    gate.add_permits(1);
+    let left = pool
+        .stop_timeout(StopMode::Drain, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(left.is_empty());
+    assert_eq!((pool.stats().handled, pool.stats().workers), (6, 0));
+}
+
+/// After the deadline `stop_timeout` waits for a worker that is running a
+/// batch (here blocked inside one of its handlers) to hand back the rest of
+/// it, so those items are in the error too, not left for a later `stop`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_timeout_waits_for_a_busy_worker_to_hand_back_its_batch() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (tx, mut started) = mpsc::unbounded_channel();
+    let (release5, wait5) = std::sync::mpsc::channel::<()>();
+    let (release9, wait9) = std::sync::mpsc::channel::<()>();
+    let (wait5, wait9) = (Arc::new(Mutex::new(wait5)), Arc::new(Mutex::new(wait9)));
+    let pool = KeyedPool::builder()
+        .workers(2)
+        .build({
+            let gate = gate.clone();
+            move |k: u32, i: u32| {
+                let (gate, tx, wait5, wait9) =
+                    (gate.clone(), tx.clone(), wait5.clone(), wait9.clone());
+                async move {
+                    let _ = tx.send((k, i));
+                    match (k, i) {
+                        (1, 1) => gate.acquire().await.unwrap().forget(),
+                        // These block their worker's thread until released.
+                        (5, 0) => drop(wait5.lock().unwrap().recv()),
+                        (9, 0) => drop(wait9.lock().unwrap().recv()),
+                        _ => {}
+                    }
+                }
+                .boxed()
+            }
+        })
+        .unwrap();
+    // One worker waits on key 1 (its other item back in the queue), the
+    // other is blocked in key 5: key 9's items queue up for it.
+    pool.try_add(1, 1).unwrap();
+    assert_eq!(started.recv().await, Some((1, 1)));
+    pool.try_add(1, 2).unwrap();
+    pool.try_add(5, 0).unwrap();
+    assert_eq!(started.recv().await, Some((5, 0)));
+    for i in 0..3 {
+        pool.try_add(9, i).unwrap();
+    }
+    // Key 5's handler returns without waiting, so its worker takes all of
+    // key 9 at once, and blocks in the first of them.
+    release5.send(()).unwrap();
+    assert_eq!(started.recv().await, Some((9, 0)));
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let stop = async {
+        let res = pool
+            .stop_timeout(StopMode::Drain, Duration::from_millis(10))
+            .await;
+        stopped.store(true, Ordering::SeqCst);
+        res
+    };
+    let watch = async {
+        // The deadline passed once the abort took key 1's queued item out;
+        // only then does the busy worker go on (or once the stop returned,
+        // so a stop that does not wait fails the test instead of hanging it).
+        while pool.stats().aborted == 0 && !stopped.load(Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        release9.send(()).unwrap();
+    };
+    let (res, ()) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(stop, watch) })
+            .await
+            .expect("the stop returns once the busy worker handed back");
+    assert_eq!(res.unwrap_err().into_items(), [(1, 2), (9, 1), (9, 2)]);
+    let stats = pool.stats();
+    assert_eq!((stats.handled, stats.aborted, stats.in_flight), (2, 0, 1));
+    gate.add_permits(1);
+    assert!(pool.stop(StopMode::Drain).await.is_empty());
+    assert_eq!(pool.stats().handled, 3);
 }

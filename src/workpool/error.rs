@@ -108,6 +108,95 @@ impl<K, T> fmt::Debug for StoppedError<K, T> {
     }
 }
 
+/// [`stop_timeout`](super::KeyedPool::stop_timeout) gave up waiting for the
+/// workers; the items that did not start are handed back.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use snapstream::workpool::{KeyedPool, StopMode, StopTimeoutError};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// // Every handler tells it started, then never returns.
+/// let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+/// let pool = KeyedPool::builder()
+///     .workers(1)
+///     .build(move |_key: u8, item: u8| {
+///         let _ = tx.send(item);
+///         std::future::pending::<()>()
+///     })
+///     .unwrap();
+/// pool.try_add(1, 1).unwrap();
+/// pool.try_add(1, 2).unwrap();
+/// assert_eq!(started.recv().await, Some(1));
+/// let err = pool.stop_timeout(StopMode::Drain, Duration::from_secs(5)).await.unwrap_err();
+/// assert_eq!(err.to_string(), "pool did not stop in time: 1 handler(s) still running");
+/// let StopTimeoutError::TimedOut { items, in_flight, .. } = err else { unreachable!() };
+/// assert_eq!((items, in_flight), (vec![(1, 2)], 1));
+/// # }
+/// ```
+#[derive(thiserror::Error)]
+#[non_exhaustive]
+pub enum StopTimeoutError<K, T> {
+    /// The workers were still running at the deadline; the pool was aborted.
+    #[error("pool did not stop in time: {in_flight} handler(s) still running")]
+    #[non_exhaustive]
+    TimedOut {
+        /// Every item that had not started, in add order (in order per key).
+        items: Vec<(K, T)>,
+        /// Handlers still running when the wait ended (keys in flight, as
+        /// in [`Stats::in_flight`](super::Stats::in_flight)); their workers
+        /// exit when they return.
+        in_flight: usize,
+    },
+}
+
+impl<K, T> StopTimeoutError<K, T> {
+    /// The items that were handed back.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use snapstream::workpool::{KeyedPool, StopMode};
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    /// let pool = KeyedPool::builder()
+    ///     .workers(1)
+    ///     .build(move |_key: u8, item: u8| {
+    ///         let _ = tx.send(item);
+    ///         std::future::pending::<()>()
+    ///     })
+    ///     .unwrap();
+    /// pool.try_add(1, 1).unwrap();
+    /// pool.try_add(1, 2).unwrap();
+    /// assert_eq!(started.recv().await, Some(1)); // and never returns
+    /// let err = pool.stop_timeout(StopMode::Abort, Duration::from_secs(5)).await.unwrap_err();
+    /// assert_eq!(err.into_items(), [(1, 2)]);
+    /// # }
+    /// ```
+    pub fn into_items(self) -> Vec<(K, T)> {
+        match self {
+            StopTimeoutError::TimedOut { items, .. } => items,
+        }
+    }
+}
+
+impl<K, T> fmt::Debug for StopTimeoutError<K, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StopTimeoutError::TimedOut { items, in_flight } => f
+                .debug_struct("TimedOut")
+                .field("items", &items.len())
+                .field("in_flight", in_flight)
+                .finish(),
+        }
+    }
+}
+
 /// The pool could not be built or resized.
 ///
 /// # Examples

@@ -39,8 +39,13 @@
 //!   back to the front of its queue, the key to the back of the ready keys,
 //!   so a key with a long queue takes turns with the others.
 //! * **Waiting hands back.** When a handler has to wait, the worker first
-//!   reports the keys it finished and hands back the keys it had not started,
-//!   so no key ever waits on another key's handler.
+//!   reports the keys it finished and hands back every item it had not
+//!   started: the keys it had not reached, so no key ever waits on another
+//!   key's handler, and the rest of the waiting handler's own key (back to
+//!   the front of its queue; the key stays busy until the handler returns),
+//!   so a stuck handler holds nothing but its own item. Until one of its
+//!   handlers finishes without waiting, the worker then takes one item at a
+//!   time.
 //! * **Abort hands back.** After [`StopMode::Abort`] a worker starts nothing
 //!   more from its batch and the rest is returned by [`KeyedPool::stop`].
 //!
@@ -78,6 +83,15 @@
 //! first; [`StopMode::Abort`] returns what is pending, in add order (hence in
 //! order per key), and only waits for the items already in flight. Dropping
 //! the last [`KeyedPool`] handle starts a drain without waiting for it.
+//!
+//! An accepted item never vanishes on the way out. What an abort takes out
+//! stays in the pool until a `stop` returns it: a `stop` given up on (its
+//! future dropped, say by a timeout) leaves the items for the next `stop`,
+//! and [`Stats::aborted`] counts them meanwhile. A handler that never
+//! returns keeps `stop` waiting; [`stop_timeout`](KeyedPool::stop_timeout)
+//! bounds the wait, aborting at the deadline and returning every item that
+//! has not started (a stuck handler holds only its own item, see
+//! [Dispatch](self#dispatch)).
 //!
 //! # Feeding from a stream
 //!
@@ -126,10 +140,11 @@ use std::hash::Hash;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::task::Poll;
+use std::time::Duration;
 
 use futures::{FutureExt, Stream, StreamExt};
 
-pub use error::{BuildError, StoppedError, TryAddError};
+pub use error::{BuildError, StopTimeoutError, StoppedError, TryAddError};
 
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 use state::{Batch, Closing, Done, Refused, Run, State, Take};
@@ -159,6 +174,15 @@ pub enum StopMode {
     Abort,
 }
 
+impl From<StopMode> for Closing {
+    fn from(mode: StopMode) -> Self {
+        match mode {
+            StopMode::Drain => Closing::Drain,
+            StopMode::Abort => Closing::Abort,
+        }
+    }
+}
+
 /// A handler panic, as given to the [`on_panic`](Builder::on_panic) callback.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -181,10 +205,14 @@ pub struct Stats {
     pub pending: usize,
     /// Keys a worker has taken items of and not yet reported (one per item
     /// with a per-key concurrency above 1). While a handler waits, its
-    /// worker holds only that handler's key.
+    /// worker holds only that handler's key and item.
     pub in_flight: usize,
     /// Keys with pending or in-flight items (the per-key entries held in memory).
     pub keys: usize,
+    /// Items [`StopMode::Abort`] took out of the pool (they never started)
+    /// that no [`stop`](KeyedPool::stop) has returned yet: a `stop` given up
+    /// on (its future dropped) leaves them for the next one.
+    pub aborted: usize,
     /// Items whose handler returned.
     pub handled: u64,
     /// Items whose handler panicked.
@@ -277,34 +305,76 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         .await
     }
 
-    /// Takes a worker's report outside its usual take (see [`State::finish`]).
-    fn finish(&self, dones: &mut Vec<Done<K>>, items: &mut Batch<T>) {
+    /// A worker's handler has to wait: takes the report of the runs done
+    /// and not started (`dones`, with the latter's items in `left`) and the
+    /// items of the waiting handler's run after it (`rest`), and releases
+    /// the batch, all under one lock (see [`State::finish`],
+    /// [`State::hand_back_rest`], [`State::release`]).
+    fn hand_back(
+        &self,
+        dones: &mut Vec<Done<K>>,
+        left: &mut Batch<T>,
+        key: &K,
+        rest: &mut Batch<T>,
+    ) {
         let mut wakes = Wakeups::default();
-        self.state.lock().finish(dones, items, &mut wakes);
+        {
+            let mut st = self.state.lock();
+            if !dones.is_empty() {
+                st.finish(dones, left, &mut wakes);
+            }
+            st.hand_back_rest(key, rest);
+            st.release(&mut wakes);
+        }
         wakes.wake();
     }
 
-    fn close(&self, how: Closing) -> Vec<(u64, K, T)> {
+    fn close(&self, how: Closing) {
         let mut wakes = Wakeups::default();
-        let out = {
+        {
             let mut st = self.state.lock();
             if how == Closing::Abort {
                 self.aborting.store(true, Ordering::Relaxed);
             }
-            st.close(how, &mut wakes)
-        };
+            st.close(how, &mut wakes);
+        }
         wakes.wake();
-        out
     }
 
+    /// The items an abort took out, in add order (see [`State::take_returned`]).
+    fn take_returned(&self) -> Vec<(K, T)> {
+        let returned = self.state.lock().take_returned();
+        returned
+            .into_iter()
+            .map(|(_, key, item)| (key, item))
+            .collect()
+    }
+
+    /// Waits until every worker exited.
     async fn wait_stopped(&self) {
+        self.wait_for(|st| st.workers_live == 0).await;
+    }
+
+    /// Waits until no worker holds items it has not started (or every worker
+    /// exited). Only after an abort is this bound to happen soon: a worker
+    /// stops its batch after its current item, or hands the rest back when
+    /// a handler waits.
+    async fn wait_handed_back(&self) {
+        self.wait_for(|st| st.workers_live == 0 || !st.holding())
+            .await;
+    }
+
+    /// Waits on the `done` list until `cond` holds. It is woken when the
+    /// last worker exits, and after an abort when the last batch held is
+    /// released.
+    async fn wait_for(&self, cond: impl Fn(&State<K, T>) -> bool) {
         let mut guard = DoneWaiter {
             shared: self,
             id: None,
         };
         poll_fn(|cx| {
             let mut st = self.state.lock();
-            if st.workers_live == 0 {
+            if cond(&st) {
                 if let Some(id) = guard.id.take() {
                     st.done.remove(id);
                 }
@@ -323,6 +393,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             pending: st.pending(),
             in_flight: st.in_flight(),
             keys: st.keys(),
+            aborted: st.aborted(),
             handled: st.handled,
             panicked: st.panicked,
             workers: st.workers_live,
@@ -416,10 +487,13 @@ where
     let mut dones: Vec<Done<K>> = Vec::new();
     let mut left: Batch<T> = Batch::new();
     let mut waiter: Option<u64> = None;
-    // Take several keys at once only while handlers complete without
-    // waiting: a handler that waits makes the worker hand the other keys
-    // back first, so taking them was wasted work.
+    // Take several items at once only while handlers complete without
+    // waiting: a handler that waits makes the worker hand the rest of the
+    // batch back first, so taking it was wasted work.
     let mut many = true;
+    // Whether the batch taken holds items not started (more than one item)
+    // that the worker has not handed back yet (see `State::release`).
+    let mut held = false;
     loop {
         let job = poll_fn(|cx| {
             let mut wakes = Wakeups::default();
@@ -427,6 +501,9 @@ where
             st.worker_polled(&mut waiter);
             if !dones.is_empty() {
                 st.finish(&mut dones, &mut left, &mut wakes);
+            }
+            if std::mem::take(&mut held) {
+                st.release(&mut wakes);
             }
             let res = match st.take(&mut runs, &mut items, many, &mut wakes) {
                 Take::Job => Poll::Ready(true),
@@ -445,11 +522,12 @@ where
             return;
         }
         many = true;
+        held = items.len() > 1;
         #[cfg(not(loom))]
         let (mut started, mut count) = (None::<std::time::Instant>, 0u32);
         let mut stop = false;
         let mut runs_iter = std::mem::take(&mut runs).into_iter();
-        while let Some(Run { key, len }) = runs_iter.next() {
+        while let Some(Run { key, mut len }) = runs_iter.next() {
             let (mut handled, mut panicked) = (0, 0);
             let mut ran = 0;
             while ran < len && !stop {
@@ -466,10 +544,12 @@ where
                                 Poll::Pending => {
                                     many = false;
                                     // About to wait: first report the keys done
-                                    // so far and hand back the ones not started,
-                                    // so no key waits on this handler.
-                                    let rest = runs_iter.as_slice();
-                                    if !dones.is_empty() || !rest.is_empty() {
+                                    // so far and hand back every item not
+                                    // started (the other keys', and this key's
+                                    // after this one), so no key waits on this
+                                    // handler and an abort finds them all.
+                                    if std::mem::take(&mut held) {
+                                        let rest = runs_iter.as_slice();
                                         let rest_len: usize = rest.iter().map(|r| r.len).sum();
                                         left.extend(items.drain(items.len() - rest_len..));
                                         dones.extend(runs_iter.by_ref().map(|Run { key, len }| {
@@ -480,7 +560,9 @@ where
                                                 left: len,
                                             }
                                         }));
-                                        shared.finish(&mut dones, &mut left);
+                                        // What is left in `items` is this run's rest.
+                                        shared.hand_back(&mut dones, &mut left, &key, &mut items);
+                                        len = ran;
                                     }
                                     fut.await
                                 }
@@ -774,8 +856,7 @@ impl<K: Hash + Eq + Clone, T> Drop for KeyedPool<K, T> {
     fn drop(&mut self) {
         if self.shared.handles.fetch_sub(1, Ordering::AcqRel) == 1 {
             // The last handle: close intake, pending items still run.
-            let left = self.shared.close(Closing::Drain);
-            debug_assert!(left.is_empty());
+            self.shared.close(Closing::Drain);
         }
     }
 }
@@ -907,11 +988,19 @@ where
     /// items a worker hands back after such an abort (the rest of its batch,
     /// see [Dispatch](self#dispatch)) are returned by the next call.
     ///
+    /// A handler that never returns keeps this waiting forever: bound the
+    /// wait with [`stop_timeout`](Self::stop_timeout), or drop this future
+    /// (see below) and call `stop` again later.
+    ///
     /// # Cancel safety
     ///
-    /// Cancel safe: intake is closed (and, with `Abort`, the items taken out)
-    /// at the first poll; dropping the future afterwards only stops the wait,
-    /// and items taken out are then dropped with it.
+    /// Cancel safe: intake is closed (and, with `Abort`, the pending items
+    /// taken out) at the first poll. If the future is dropped before it
+    /// completes, nothing is lost: the items taken out stay in the pool
+    /// ([`Stats::aborted`] counts them) and the next `stop` (or
+    /// `stop_timeout`) returns them, like a message
+    /// `tokio::sync::mpsc::Receiver::recv` did not return. Only dropping the
+    /// last handle drops them.
     ///
     /// # Examples
     ///
@@ -927,20 +1016,96 @@ where
     /// # }
     /// ```
     pub async fn stop(&self, mode: StopMode) -> Vec<(K, T)> {
-        let mut out = self.shared.close(match mode {
-            StopMode::Drain => Closing::Drain,
-            StopMode::Abort => Closing::Abort,
-        });
+        self.shared.close(mode.into());
         if !self.shared.in_own_handler() {
             self.shared.wait_stopped().await;
         }
-        // Items workers had taken but not started when the abort came.
-        let returned = self.shared.state.lock().take_returned();
-        if !returned.is_empty() {
-            out.extend(returned);
-            out.sort_unstable_by_key(|(seq, _, _)| *seq);
+        self.shared.take_returned()
+    }
+
+    /// Stops the pool as [`stop`](Self::stop) does, but waits at most
+    /// `timeout` for the workers to exit.
+    ///
+    /// If they have not exited by then (a handler is stuck, or, with
+    /// [`StopMode::Drain`], too much is pending), the pool is aborted: every
+    /// item that has not started is taken out, those a worker was about to
+    /// run included, and returned in [`StopTimeoutError::TimedOut`], in add
+    /// order. The handlers still running are not cancelled; they finish in
+    /// the background, and their workers exit when they return (a later
+    /// `stop` waits for that). Waiting for a drain without aborting the rest
+    /// is `tokio::time::timeout(d, pool.stop(StopMode::Drain))`.
+    ///
+    /// After the deadline this waits only until every worker has handed back
+    /// what it had not started: at once for a worker whose handler waits,
+    /// and after the current item for one whose handlers run without waiting
+    /// (a handler that blocks its thread is bounded by nothing).
+    ///
+    /// Called from one of the pool's own handlers it closes intake and
+    /// returns at once, as `stop` does.
+    ///
+    /// # Errors
+    ///
+    /// [`StopTimeoutError::TimedOut`], with every item not started, when the
+    /// workers were still running at the deadline.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`stop`](Self::stop): cancel safe; items taken out stay in the pool
+    /// for the next `stop` if the future is dropped.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use snapstream::workpool::{KeyedPool, StopMode, StopTimeoutError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// // The handler of item 0 never returns.
+    /// let (tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    /// let pool = KeyedPool::builder()
+    ///     .workers(1)
+    ///     .build(move |_key: &str, i: u32| {
+    ///         let tx = tx.clone();
+    ///         async move {
+    ///             let _ = tx.send(i);
+    ///             if i == 0 {
+    ///                 std::future::pending::<()>().await;
+    ///             }
+    ///         }
+    ///     })
+    ///     .unwrap();
+    /// for i in 0..3 {
+    ///     pool.try_add("stuck", i).unwrap();
+    /// }
+    /// assert_eq!(started.recv().await, Some(0));
+    /// match pool.stop_timeout(StopMode::Abort, Duration::from_secs(1)).await {
+    ///     Err(StopTimeoutError::TimedOut { items, in_flight, .. }) => {
+    ///         assert_eq!(items, [("stuck", 1), ("stuck", 2)]);
+    ///         assert_eq!(in_flight, 1);
+    ///     }
+    ///     other => panic!("expected a timeout, got {other:?}"),
+    /// }
+    /// # }
+    /// ```
+    pub async fn stop_timeout(
+        &self,
+        mode: StopMode,
+        timeout: Duration,
+    ) -> Result<Vec<(K, T)>, StopTimeoutError<K, T>> {
+        self.shared.close(mode.into());
+        if self.shared.in_own_handler()
+            || tokio::time::timeout(timeout, self.shared.wait_stopped())
+                .await
+                .is_ok()
+        {
+            return Ok(self.shared.take_returned());
         }
-        out.into_iter().map(|(_, key, item)| (key, item)).collect()
+        self.shared.close(Closing::Abort);
+        self.shared.wait_handed_back().await;
+        let items = self.shared.take_returned();
+        let in_flight = self.shared.state.lock().in_flight();
+        Err(StopTimeoutError::TimedOut { items, in_flight })
     }
 
     /// Changes the number of workers at run time.

@@ -91,13 +91,19 @@ struct KeyQueue<T> {
 pub(crate) struct State<K, T> {
     keys: HashMap<K, KeyQueue<T>>,
     ready: VecDeque<K>,
-    /// Items workers handed back after an abort closed the queues, with
-    /// their add order; [`State::take_returned`] collects them.
+    /// Items an abort took out of the pool, with their add order: the
+    /// queued ones (taken by [`close`](State::close)) and those workers hand
+    /// back afterwards. They stay here until [`State::take_returned`]
+    /// collects them, so a `stop` given up on loses none.
     returned: Vec<(u64, K, T)>,
     /// Empty per-key queues kept for reuse.
     spare: Vec<VecDeque<(u64, T)>>,
     pending: usize,
     in_flight: usize,
+    /// Workers holding items of their batch they have not started (a batch
+    /// of more than one item, until the worker reports or hands the rest
+    /// back because a handler waits).
+    holding: usize,
     capacity: usize,
     per_key: usize,
     seq: u64,
@@ -125,6 +131,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             spare: Vec::new(),
             pending: 0,
             in_flight: 0,
+            holding: 0,
             capacity,
             per_key,
             seq: 0,
@@ -146,6 +153,16 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
 
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
+    }
+
+    /// Items an abort took out that no `stop` has collected yet.
+    pub(crate) fn aborted(&self) -> usize {
+        self.returned.len()
+    }
+
+    /// Whether some worker holds items of its batch it has not started.
+    pub(crate) fn holding(&self) -> bool {
+        self.holding > 0
     }
 
     /// Live per-key entries (keys with queued or in-flight items).
@@ -208,15 +225,18 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// Hands the next job to a worker, or tells it to wait or exit.
     ///
     /// A job is a batch: the next ready keys (one [`Run`] each, in `runs`)
-    /// with their items in order (in `items`). With per-key concurrency 1 a
-    /// run holds up to all of the key's queued items, and with `many` a
-    /// batch holds up to [`MAX_KEYS`] keys, leaving one ready key for each
-    /// worker already woken, all within [`MAX_BATCH`] items. With a per-key
-    /// concurrency above 1 a batch is a single item, so items of a key still
-    /// start in order.
+    /// with their items in order (in `items`). With per-key concurrency 1
+    /// and `many` a run holds up to all of the key's queued items and a
+    /// batch up to [`MAX_KEYS`] keys, leaving one ready key for each worker
+    /// already woken, all within [`MAX_BATCH`] items. Without `many` (the
+    /// worker's last handler had to wait), or with a per-key concurrency
+    /// above 1, a batch is a single item, so items of a key still start in
+    /// order.
     ///
     /// Each run counts as one item in flight; its other items stay *pending*
-    /// until the worker reports with [`finish`](Self::finish).
+    /// until the worker reports with [`finish`](Self::finish). A batch of
+    /// more than one item counts as *holding* until the worker reports it
+    /// [`released`](Self::release).
     pub(crate) fn take(
         &mut self,
         runs: &mut Vec<Run<K>>,
@@ -248,7 +268,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 break;
             };
             let entry = self.keys.get_mut(&key).expect("ready key has an entry");
-            let n = if per_key == 1 {
+            let n = if per_key == 1 && many {
                 entry.items.len().min(MAX_BATCH - items.len())
             } else {
                 1
@@ -268,7 +288,44 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             self.wake_producers(wakes);
             runs.push(Run { key, len: n });
         }
+        if items.len() > 1 {
+            self.holding += 1;
+        }
         Take::Job
+    }
+
+    /// A worker that took a batch of more than one item holds none of it
+    /// unstarted any more: it reported the batch, or handed back the rest
+    /// because a handler has to wait. After an abort, the last one to do so
+    /// wakes the `stop` callers waiting for every unstarted item.
+    pub(crate) fn release(&mut self, wakes: &mut Wakeups) {
+        debug_assert!(self.holding > 0, "released a batch not held");
+        self.holding -= 1;
+        if self.holding == 0 && self.closing == Some(Closing::Abort) {
+            wakes.extend(self.done.take_all());
+        }
+    }
+
+    /// A handler has to wait: the items of its run after it (`rest`, in
+    /// order) go back to the front of its key's queue, or after an abort to
+    /// the items handed back. The key stays in flight until the worker
+    /// reports the run (with the items that ran, `left` 0), so no other
+    /// worker starts them before the waiting one finishes.
+    pub(crate) fn hand_back_rest(&mut self, key: &K, rest: &mut Batch<T>) {
+        if rest.is_empty() {
+            return;
+        }
+        if self.closing == Some(Closing::Abort) {
+            self.pending -= rest.len();
+            self.returned
+                .extend(rest.drain(..).map(|(seq, item)| (seq, key.clone(), item)));
+        } else {
+            let entry = self.keys.get_mut(key).expect("in-flight key has an entry");
+            debug_assert!(entry.in_flight > 0 && !entry.in_ready);
+            for x in rest.drain(..).rev() {
+                entry.items.push_front(x);
+            }
+        }
     }
 
     /// Wakes an idle worker for a ready key, unless enough workers were
@@ -410,9 +467,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
-    /// Items workers handed back after an abort, in add order.
+    /// Collects the items an abort took out, in add order.
     pub(crate) fn take_returned(&mut self) -> Vec<(u64, K, T)> {
-        std::mem::take(&mut self.returned)
+        let mut out = std::mem::take(&mut self.returned);
+        out.sort_unstable_by_key(|(seq, _, _)| *seq);
+        out
     }
 
     /// Keeps a few small empty queues so a new key costs no allocation.
@@ -436,18 +495,20 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
-    /// Closes intake. With `Abort`, hands back every pending item in the
-    /// queues with its add order, sorted by it (hence in order per key).
-    /// Items workers took but had not started come back later, through
-    /// [`finish`](Self::finish) and [`take_returned`](Self::take_returned).
-    pub(crate) fn close(&mut self, how: Closing, wakes: &mut Wakeups) -> Vec<(u64, K, T)> {
-        let mut out = Vec::new();
+    /// Closes intake. With `Abort`, takes every pending item out of the
+    /// queues, to the items handed back; items workers took but had not
+    /// started join them later (through [`finish`](Self::finish) and
+    /// [`hand_back_rest`](Self::hand_back_rest)). Nothing leaves the pool
+    /// before [`take_returned`](Self::take_returned).
+    pub(crate) fn close(&mut self, how: Closing, wakes: &mut Wakeups) {
         match (self.closing, how) {
             (Some(Closing::Abort), _) => {}
             (_, Closing::Drain) => self.closing = Some(Closing::Drain),
             (_, Closing::Abort) => {
                 self.closing = Some(Closing::Abort);
-                let mut taken: Vec<(u64, K, T)> = Vec::with_capacity(self.pending);
+                let before = self.returned.len();
+                let taken = &mut self.returned;
+                taken.reserve(self.pending);
                 self.keys.retain(|key, entry| {
                     for (seq, item) in entry.items.drain(..) {
                         taken.push((seq, key.clone(), item));
@@ -457,9 +518,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 });
                 self.ready.clear();
                 // Items in workers' batches stay pending until handed back.
-                self.pending -= taken.len();
-                taken.sort_unstable_by_key(|(seq, _, _)| *seq);
-                out = taken;
+                self.pending -= self.returned.len() - before;
                 self.maybe_shrink();
             }
         }
@@ -467,10 +526,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         if self.pending == 0 && self.in_flight == 0 {
             self.wake_all_workers(wakes);
         }
-        if self.workers_live == 0 {
+        if self.workers_live == 0 || (how == Closing::Abort && self.holding == 0) {
             wakes.extend(self.done.take_all());
         }
-        out
     }
 
     /// Changes the number of workers; returns how many new ones to spawn.
@@ -511,6 +569,10 @@ mod model_tests {
         /// Finish run `.0`: run `.1 % (len + 1)` items of it, the first one
         /// panicking when `.2`, and hand the rest back.
         Finish(usize, usize, bool),
+        /// The handler of item `1 + .1 % len` of run `.0` waits: the items
+        /// after it go back ([`State::hand_back_rest`]); the run then
+        /// finishes only with all its remaining items run.
+        Wait(usize, usize),
         Close(bool),
     }
 
@@ -520,17 +582,23 @@ mod model_tests {
             4 => any::<bool>().prop_map(Op::Take),
             4 => (any::<usize>(), any::<usize>(), proptest::bool::weighted(0.1))
                 .prop_map(|(i, r, p)| Op::Finish(i, r, p)),
+            3 => (any::<usize>(), any::<usize>()).prop_map(|(i, r)| Op::Wait(i, r)),
             1 => any::<bool>().prop_map(Op::Close),
         ]
     }
+
+    /// A taken run in the model: key, items with their add order (the first
+    /// counts as started), and whether its handler waited.
+    type Job = (u8, Vec<(u64, u32)>, bool);
 
     #[derive(Default)]
     struct Model {
         queues: BTreeMap<u8, VecDeque<u32>>,
         in_flight: BTreeMap<u8, usize>,
         /// Taken batches: key, items and their add order (the first one
-        /// counts as started).
-        jobs: Vec<(u8, Vec<(u64, u32)>)>,
+        /// counts as started), and whether a handler waited (so all of
+        /// them run).
+        jobs: Vec<Job>,
         /// Items handed back after an abort, not yet collected.
         returned: Vec<(u8, u32)>,
         closing: Option<Closing>,
@@ -539,7 +607,7 @@ mod model_tests {
     impl Model {
         fn pending(&self) -> usize {
             let queued: usize = self.queues.values().map(VecDeque::len).sum();
-            let reserved: usize = self.jobs.iter().map(|(_, b)| b.len() - 1).sum();
+            let reserved: usize = self.jobs.iter().map(|(_, b, _)| b.len() - 1).sum();
             queued + reserved
         }
         fn keys(&self) -> usize {
@@ -611,7 +679,7 @@ mod model_tests {
                         match st.take(&mut runs, &mut batch, many, &mut wakes) {
                             Take::Job => {
                                 prop_assert!(!runs.is_empty());
-                                prop_assert!(many || runs.len() == 1);
+                                prop_assert!(many || (runs.len() == 1 && batch.len() == 1));
                                 prop_assert!(batch.len() <= MAX_BATCH && runs.len() <= MAX_KEYS);
                                 prop_assert!(batch.iter().zip(batch.iter().skip(1)).all(|(a, b)| a.0 != b.0));
                                 for Run { key: k, len } in runs {
@@ -628,7 +696,7 @@ mod model_tests {
                                     let n = model.in_flight.entry(k).or_default();
                                     *n += 1;
                                     prop_assert!(*n <= per_key);
-                                    model.jobs.push((k, taken));
+                                    model.jobs.push((k, taken, false));
                                 }
                                 prop_assert!(batch.is_empty());
                             }
@@ -645,9 +713,9 @@ mod model_tests {
                         }
                     }
                     Op::Finish(i, r, first_panics) if !model.jobs.is_empty() => {
-                        let (k, items) = model.jobs.swap_remove(i % model.jobs.len());
+                        let (k, items, waited) = model.jobs.swap_remove(i % model.jobs.len());
                         // 0..=len items ran; 0 hands the whole run back.
-                        let ran = r % (items.len() + 1);
+                        let ran = if waited { items.len() } else { r % (items.len() + 1) };
                         let p = u64::from(first_panics && ran > 0);
                         let mut left: Batch<u32> = items[ran..].iter().copied().collect();
                         let mut dones = vec![Done {
@@ -671,39 +739,56 @@ mod model_tests {
                         }
                     }
                     Op::Finish(..) => {}
+                    Op::Wait(i, r) if !model.jobs.is_empty() => {
+                        let i = i % model.jobs.len();
+                        let (k, items, waited) = &mut model.jobs[i];
+                        if !*waited {
+                            *waited = true;
+                            let started = 1 + r % items.len();
+                            let rest_items = items.split_off(started);
+                            let mut rest: Batch<u32> = rest_items.iter().copied().collect();
+                            st.hand_back_rest(k, &mut rest);
+                            prop_assert!(rest.is_empty(), "hand_back_rest takes everything");
+                            if model.closing == Some(Closing::Abort) {
+                                model.returned.extend(rest_items.iter().map(|(_, i)| (*k, *i)));
+                            } else {
+                                let q = model.queues.entry(*k).or_default();
+                                for (_, i) in rest_items.iter().rev() {
+                                    q.push_front(*i);
+                                }
+                            }
+                        }
+                    }
+                    Op::Wait(..) => {}
                     Op::Close(abort) => {
                         let how = if abort { Closing::Abort } else { Closing::Drain };
-                        let out = st.close(how, &mut wakes);
-                        prop_assert!(out.windows(2).all(|w| w[0].0 < w[1].0), "in add order");
-                        let out: Vec<(u8, u32)> = out.into_iter().map(|(_, k, i)| (k, i)).collect();
+                        st.close(how, &mut wakes);
                         if abort || model.closing == Some(Closing::Abort) {
-                            let was_abort = model.closing == Some(Closing::Abort);
+                            // The queues are empty after the first abort.
                             model.closing = Some(Closing::Abort);
-                            let mut expected: Vec<(u8, u32)> = Vec::new();
                             for (k, q) in model.queues.iter_mut() {
-                                expected.extend(q.drain(..).map(|i| (*k, i)));
-                            }
-                            expected.sort_unstable_by_key(|(_, i)| *i);
-                            if was_abort {
-                                prop_assert!(out.is_empty());
-                            } else {
-                                prop_assert_eq!(out, expected, "abort hands back in add order");
+                                model.returned.extend(q.drain(..).map(|i| (*k, i)));
                             }
                         } else {
                             model.closing = Some(Closing::Drain);
-                            prop_assert!(out.is_empty());
                         }
                     }
                 }
                 prop_assert_eq!(st.pending(), model.pending());
+                prop_assert_eq!(st.aborted(), model.returned.len(), "abort keeps what it took");
                 prop_assert_eq!(st.in_flight(), model.jobs.len());
                 prop_assert_eq!(st.keys(), model.keys(), "entries only for keys with work");
                 prop_assert_eq!(st.handled, handled);
                 prop_assert_eq!(st.panicked, panicked);
             }
-            let returned: Vec<(u8, u32)> =
-                st.take_returned().into_iter().map(|(_, k, i)| (k, i)).collect();
-            prop_assert_eq!(returned, std::mem::take(&mut model.returned));
+            let returned = st.take_returned();
+            prop_assert!(returned.windows(2).all(|w| w[0].0 < w[1].0), "in add order");
+            let returned: Vec<(u8, u32)> = returned.into_iter().map(|(_, k, i)| (k, i)).collect();
+            // Items are numbered in add order.
+            let mut expected = std::mem::take(&mut model.returned);
+            expected.sort_unstable_by_key(|(_, i)| *i);
+            prop_assert_eq!(returned, expected);
+            prop_assert_eq!(st.aborted(), 0);
         }
     }
 }

@@ -81,22 +81,18 @@ fn loom_dispatch_batches_two_keys_two_workers_abort() {
         for (key, item) in [(0, 1), (1, 2), (0, 3)] {
             assert!(shared.try_add(key, item).is_ok());
         }
-        let mut left: Vec<(u8, u32)> = shared
-            .close(Closing::Abort)
-            .into_iter()
-            .map(|(_, k, i)| (k, i))
-            .collect();
+        shared.close(Closing::Abort);
         for w in workers {
             w.join().unwrap();
         }
-        left.extend(
-            shared
-                .state
-                .lock()
-                .take_returned()
-                .into_iter()
-                .map(|(_, k, i)| (k, i)),
-        );
+        // The queued items the abort took and those workers handed back.
+        let left: Vec<(u8, u32)> = shared
+            .state
+            .lock()
+            .take_returned()
+            .into_iter()
+            .map(|(_, k, i)| (k, i))
+            .collect();
         let log = log.lock().unwrap();
         let mut all: Vec<(u8, u32)> = log.iter().copied().chain(left.iter().copied()).collect();
         all.sort_unstable();
