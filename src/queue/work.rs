@@ -425,6 +425,10 @@ struct Inner<T> {
     stop: watch::Sender<u8>,
     retries: AtomicU64,
     dead_lettered: AtomicU64,
+    /// Items this work queue stored in the base queue (pushes and requeues).
+    pushed: AtomicU64,
+    /// Items acknowledged as handled.
+    acked: AtomicU64,
     /// The generation of the next push to start. An atomic, so that a push
     /// locks `pending` once (when it ends), not also when it starts.
     push_gen: AtomicU64,
@@ -608,6 +612,8 @@ where
             stop: stop.clone(),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
             push_gen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             dispatcher: Mutex::new(None),
@@ -1025,6 +1031,17 @@ impl<T> WorkQueue<T> {
         // Pending flushes end with `Shutdown`.
         p.waiters.clear();
     }
+
+    /// How many items this work queue stored in the base queue (pushes and
+    /// requeued dead letters).
+    pub fn pushed(&self) -> u64 {
+        self.inner.pushed.load(Ordering::Relaxed)
+    }
+
+    /// How many items this work queue acknowledged as handled.
+    pub fn acked(&self) -> u64 {
+        self.inner.acked.load(Ordering::Relaxed)
+    }
 }
 
 fn to_dead_letter(d: Delivery) -> DeadLetter {
@@ -1087,6 +1104,7 @@ impl<T> Inner<T> {
         let gen = self.push_gen.fetch_add(1, Ordering::SeqCst);
         let mut guard = Pushing(&self.pending, gen, None);
         let id = self.base.push(item, timeout).await?;
+        self.pushed.fetch_add(1, Ordering::Relaxed);
         guard.2 = Some(id);
         Ok(id)
     }
@@ -1374,7 +1392,10 @@ where
         if !handled.is_empty() {
             let ids: Vec<ItemId> = handled.iter().map(|d| d.id).collect();
             match self.base.ack(&ids).await {
-                Ok(()) => self.resolve(&ids),
+                Ok(()) => {
+                    self.acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    self.resolve(&ids)
+                }
                 Err(e) => {
                     tracing::warn!(queue = %self.name, error = %e, "ack failed; items will be handled again")
                 }
