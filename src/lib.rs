@@ -67,6 +67,8 @@
 
 pub(crate) mod sync;
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod buffer;
 pub mod event;
 pub mod lease;
