@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::base::{
     Backend, BackendError, BaseQueue, Delivery, ItemId, NewItem, PushError, QueueError, QueueLen,
@@ -1290,7 +1291,8 @@ where
     async fn worker(self: Arc<Self>, mut batch: Vec<Delivery>) {
         let mut stop = self.stop.subscribe();
         loop {
-            self.process(batch, &mut stop).await;
+            let span = tracing::debug_span!("queue_batch", queue = %self.name, items = batch.len());
+            self.process(batch, &mut stop).instrument(span).await;
             let retire = {
                 let mut pool = lock(&self.pool);
                 pool.active -= 1;
