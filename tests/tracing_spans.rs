@@ -82,9 +82,12 @@ fn run_at(level: Level) -> Vec<String> {
 
             let base = Arc::new(MemoryQueue::new("mail", QueueOptions::default()));
             let dead = Arc::new(MemoryQueue::new("mail.dead", QueueOptions::default()));
-            let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<Item<u32>>| async {
-                Vec::new()
-            })
+            let q = WorkQueue::new(
+                base,
+                dead,
+                WorkQueueOptions::default(),
+                |_b: Vec<Item<u32>>| async { Vec::new() },
+            )
             .unwrap();
             q.push(1).await.unwrap();
             q.flush(Duration::from_secs(5)).await.unwrap();
@@ -99,8 +102,14 @@ fn run_at(level: Level) -> Vec<String> {
 fn spans_at_debug_name_their_topic_key_and_queue() {
     let seen = run_at(Level::DEBUG);
     let has = |prefix: &str| seen.iter().any(|s| s.starts_with(prefix));
-    assert!(has(&format!("span subscribe topic={TOPIC} subject=a")), "{seen:#?}");
-    assert!(has(&format!("span snapshot topic={TOPIC} subject=a")), "{seen:#?}");
+    assert!(
+        has(&format!("span subscribe topic={TOPIC} subject=a")),
+        "{seen:#?}"
+    );
+    assert!(
+        has(&format!("span snapshot topic={TOPIC} subject=a")),
+        "{seen:#?}"
+    );
     assert!(has("span splice"), "{seen:#?}");
     assert!(has("span queue_batch queue=mail items=1"), "{seen:#?}");
 }

@@ -25,6 +25,9 @@
 //! index and is compared with the store; the pool's own replica too; every
 //! webhook pushed must have been delivered or dead-lettered.
 
+#[path = "admin.rs"]
+mod admin;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -138,6 +141,10 @@ pub struct Config {
     /// Corrupt one view before the check (proves the check can fail).
     #[arg(long, hide = true)]
     pub break_a_view: bool,
+    /// Serve the admin page (topics, pools, queues, dead letters, /metrics)
+    /// on this address during the run; needs the `admin` feature.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 impl Config {
@@ -1375,6 +1382,11 @@ pub async fn run(cfg: Config) -> Result<Report, DemoError> {
                 )
             })?
     };
+
+    // The operator's view, when asked for.
+    if let Some(addr) = cfg.admin {
+        admin::serve(addr, &publisher, &pool, &leases, cfg.nodes, &queue).await?;
+    }
 
     // The end signal: the store's final state.
     let (end_tx, end_rx) = watch::channel::<Option<Arc<Final>>>(None);
