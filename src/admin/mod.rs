@@ -34,8 +34,8 @@
 //! | `topic_published_batches_total` | counter | `topic` | batches appended to watched keys, as seen by the scrapes |
 //! | `snapshot_builds_total` | counter | | snapshot builds started (cache misses) |
 //! | `snapshot_cache_hits_total` | counter | | subscribers served without a build |
-//! | `pool_pending`, `pool_in_flight`, `pool_keys`, `pool_workers` | gauge | `pool` | [`workpool::Stats`] |
-//! | `pool_handled_total`, `pool_panics_total` | counter | `pool` | [`workpool::Stats`] |
+//! | `pool_pending`, `pool_in_flight`, `pool_keys`, `pool_workers` | gauge | `pool` | [`workpool::Stats`](crate::workpool::Stats) |
+//! | `pool_handled_total`, `pool_panics_total` | counter | `pool` | [`workpool::Stats`](crate::workpool::Stats) |
 //! | `lease_keys` | gauge | `pool` | [`LeasePool::keys`] |
 //! | `lease_target`, `lease_active` | gauge | `pool`, `key` | [`LeasePool::get`] for the watched keys |
 //! | `queue_ready`, `queue_delayed`, `queue_leased` | gauge | `queue` | [`WorkQueue::len`] |
