@@ -44,6 +44,33 @@
 //! | `queue_pushes_total`, `queue_acks_total` | counter | `queue` | [`WorkQueue::pushed`], [`WorkQueue::acked`] |
 //! | `queue_retries_total`, `queue_dead_lettered_total` | counter | `queue` | [`WorkQueue::retries`], [`WorkQueue::dead_lettered`] |
 //!
+//! # Endpoints
+//!
+//! Paths are relative to where the router is mounted. Lists take
+//! `?offset=N&limit=N` (limit 1 to 1000, default 50) and answer
+//! `{"total", "offset", "limit", "items"}`.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /` | the HTML page (live over `api/events`) |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /api/overview` | [`Overview`] |
+//! | `GET /api/events` | server-sent `overview` events: the overview and each queue's first 50 dead letters |
+//! | `GET /api/topics`, `GET /api/topics/{topic}` | [`TopicView`]s; one with its keys (`key_list`, paged) |
+//! | `GET /api/pools` | `{"keyed": [PoolView], "lease": [LeasePoolView]}` |
+//! | `GET /api/queues`, `GET /api/queues/{name}` | [`QueueView`]s |
+//! | `GET /api/queues/{name}/dead` | its dead letters, oldest first, paged, each decoded as the item type |
+//! | `GET /api/queues/{name}/dead/{id}` | one dead letter |
+//! | `POST /api/queues/{name}/dead/{id}/requeue`, `POST .../dead/requeue` | requeue one / all: `{"count"}` |
+//! | `DELETE /api/queues/{name}/dead/{id}`, `DELETE .../dead` | delete one / all: `{"count"}` |
+//! | `POST /api/queues/{name}/flush` | body `{"timeout_ms"}` (optional, at most 60000): waits for the queue's pushes |
+//! | `PUT /api/queues/{name}/max_workers` | body `{"max_workers"}` (at most 65536) |
+//! | `DELETE /api/queues/{name}/items` | deletes every item of the base queue: `{"count"}` |
+//!
+//! Listing, requeueing and deleting dead letters lease all of a queue's dead
+//! letters for a moment (as [`WorkQueue::dead_letters`] does); the admin runs
+//! them one at a time per queue.
+//!
 //! # Access
 //!
 //! Reading is open to whoever reaches the router (mount it behind the
@@ -169,18 +196,40 @@ impl AdminBuilder {
 
     /// The bearer token mutating endpoints need. Without one the admin is
     /// read-only.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// let admin = snapstream::admin::Admin::builder().token("s3cret").build().unwrap();
+    /// assert!(!admin.is_read_only());
+    /// ```
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(token.into());
         self
     }
 
     /// The largest request body accepted, in bytes (larger ones get `413`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::admin::{Admin, AdminBuildError};
+    /// assert_eq!(Admin::builder().body_limit(0).build().unwrap_err(), AdminBuildError::ZeroBodyLimit);
+    /// ```
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
         self
     }
 
     /// How often the live event stream (`api/events`) sends the figures.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let admin = snapstream::admin::Admin::builder().refresh(Duration::from_millis(250)).build();
+    /// assert!(admin.is_ok());
+    /// ```
     pub fn refresh(mut self, every: Duration) -> Self {
         self.refresh = every;
         self
@@ -190,18 +239,46 @@ impl AdminBuilder {
     /// installed globally) after recording through the global recorder.
     /// Without it, `/metrics` records into an exporter of the admin's own,
     /// and the global recorder only sees [`Admin::collect`].
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+    ///     .install_recorder()
+    ///     .unwrap();
+    /// let admin = snapstream::admin::Admin::builder().prometheus(handle).build().unwrap();
+    /// # let _ = admin;
+    /// ```
     pub fn prometheus(mut self, handle: PrometheusHandle) -> Self {
         self.prometheus = Some(handle);
         self
     }
 
-    /// Watches `publisher`'s topics.
+    /// Watches `publisher`'s topics. The admin keeps a handle to it (as to
+    /// every part it watches): stop or shut the parts down explicitly.
+    ///
+    /// # Examples
+    ///
+    /// See the [module docs](self).
     pub fn publisher<P: Send + Sync + 'static>(mut self, publisher: &Publisher<P>) -> Self {
         self.publisher = Some(Arc::new(publisher.clone()));
         self
     }
 
     /// Watches a keyed pool under `name`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::admin::{Admin, AdminBuildError};
+    /// use snapstream::workpool::KeyedPool;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let pool = KeyedPool::builder().build(|_k: u8, _v: u8| async {}).unwrap();
+    /// let err = Admin::builder().keyed_pool("p", &pool).keyed_pool("p", &pool).build().unwrap_err();
+    /// assert_eq!(err, AdminBuildError::DuplicatePool("p".into()));
+    /// # });
+    /// ```
     pub fn keyed_pool<K, T>(mut self, name: impl Into<String>, pool: &KeyedPool<K, T>) -> Self
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
@@ -213,6 +290,18 @@ impl AdminBuilder {
     }
 
     /// Watches a lease pool under `name`, with the counts of `keys`.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let leases = snapstream::lease::LeasePool::new();
+    /// leases.set("db", 2);
+    /// let admin = snapstream::admin::Admin::builder().lease_pool("conns", &leases, ["db"]).build().unwrap();
+    /// let view = admin.overview().await;
+    /// assert_eq!((view.lease_pools[0].watched[0].target, view.lease_pools[0].watched[0].active), (2, 0));
+    /// # });
+    /// ```
     pub fn lease_pool<K>(
         mut self,
         name: impl Into<String>,
@@ -231,6 +320,10 @@ impl AdminBuilder {
     }
 
     /// Watches a work queue and its dead letters (under its name).
+    ///
+    /// # Examples
+    ///
+    /// See the [module docs](self).
     pub fn queue<T>(mut self, queue: &WorkQueue<T>) -> Self
     where
         T: Serialize + DeserializeOwned + Send + 'static,
@@ -244,6 +337,13 @@ impl AdminBuilder {
     ///
     /// # Errors
     /// See [`AdminBuildError`].
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::admin::{Admin, AdminBuildError};
+    /// assert_eq!(Admin::builder().token("").build().unwrap_err(), AdminBuildError::EmptyToken);
+    /// ```
     pub fn build(self) -> Result<Admin, AdminBuildError> {
         if self.token.as_deref() == Some("") {
             return Err(AdminBuildError::EmptyToken);
@@ -355,6 +455,10 @@ impl Admin {
     }
 
     /// Whether no token was configured (mutating endpoints answer `403`).
+    ///
+    /// # Examples
+    ///
+    /// See [`Admin::builder`].
     pub fn is_read_only(&self) -> bool {
         self.inner.token.is_none()
     }
@@ -363,6 +467,10 @@ impl Admin {
     ///
     /// # Cancel safety
     /// Cancel safe: it only reads.
+    ///
+    /// # Examples
+    ///
+    /// See [`AdminBuilder::lease_pool`].
     pub async fn overview(&self) -> Overview {
         collect::overview(&self.inner).await
     }
@@ -372,6 +480,15 @@ impl Admin {
     ///
     /// # Cancel safety
     /// Cancel safe: it only reads and records.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// // Without a recorder installed this records nothing, at no cost.
+    /// snapstream::admin::Admin::builder().build().unwrap().collect().await;
+    /// # });
+    /// ```
     pub async fn collect(&self) {
         let view = self.overview().await;
         collect::record(&self.inner, &view);
@@ -401,6 +518,10 @@ impl Admin {
 
     /// The router: the page at `/`, `GET /metrics`, and the JSON API under
     /// `api/` (see the [module docs](self)).
+    ///
+    /// # Examples
+    ///
+    /// See the [module docs](self).
     pub fn router(&self) -> axum::Router {
         http::router(self.clone())
     }
