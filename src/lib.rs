@@ -60,6 +60,7 @@
 //! |---|---|---|
 //! | `disk` | yes | `queue::disk`: the embedded, crash-safe base queue (redb) |
 //! | `redis` | no | `queue::redis`: the Redis base queue, shared by many processes |
+//! | `admin` | no | `admin`: metrics through the `metrics` facade, `/metrics`, an axum admin router and live page |
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -67,6 +68,8 @@
 
 pub(crate) mod sync;
 
+#[cfg(feature = "admin")]
+pub mod admin;
 pub mod buffer;
 pub mod event;
 pub mod lease;

@@ -25,6 +25,9 @@
 //! index and is compared with the store; the pool's own replica too; every
 //! webhook pushed must have been delivered or dead-lettered.
 
+#[path = "admin.rs"]
+mod admin;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -141,6 +144,10 @@ pub struct Config {
     /// Corrupt one view before the check (proves the check can fail).
     #[arg(long, hide = true)]
     pub break_a_view: bool,
+    /// Serve the admin page (topics, pools, queues, dead letters, /metrics)
+    /// on this address during the run; needs the `admin` feature.
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// The most changes per second `--rate` accepts.
@@ -198,6 +205,9 @@ impl Config {
         if let (Some(dir), false) = (&self.data_dir, disk) {
             return Err(ConfigError::DataDirUnused(dir.clone()));
         }
+        if self.admin.is_some() && !cfg!(feature = "admin") {
+            return Err(ConfigError::NoAdmin);
+        }
         Ok(())
     }
 
@@ -246,6 +256,12 @@ pub enum ConfigError {
     /// `--data-dir` with a backend other than disk, which would ignore it.
     #[error("--data-dir {}: only the disk backend keeps a data directory", .0.display())]
     DataDirUnused(PathBuf),
+    /// `--admin` in a build without the `admin` feature.
+    #[error(
+        "--admin needs the admin feature: \
+         cargo run --release --features admin --example replicate -- --admin 127.0.0.1:8080"
+    )]
+    NoAdmin,
 }
 
 /// Why the demo could not run to its verdict (as opposed to running and
@@ -283,6 +299,7 @@ pub enum DemoError {
     },
     /// Redis could not be reached.
     #[error("cannot open the work queue on Redis at {url}")]
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     Redis {
         /// The URL.
         url: String,
@@ -2050,6 +2067,14 @@ impl Running {
                 None
             }
         };
+
+        // The operator's view, when asked for.
+        if let (Some(addr), Some(pool)) = (cfg.admin, &pool) {
+            let served = admin::serve(addr, &publisher, pool, leases, cfg.nodes, queue).await;
+            if let Err(e) = served {
+                errors.push(format!("serving the admin page on {addr}: {}", chain(&*e)));
+            }
+        }
 
         // The end signal: the store's final state.
         let (end_tx, end_rx) = watch::channel::<Option<Arc<Final>>>(None);

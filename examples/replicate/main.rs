@@ -11,6 +11,7 @@
 //! cargo run --release --example replicate                 # disk queue in a temp dir
 //! cargo run --release --example replicate -- --help
 //! cargo run --release --example replicate -- --data-dir /tmp/snapstream-demo-data
+//! cargo run --release --features admin --example replicate -- --admin 127.0.0.1:8080
 //! cargo run --release --features redis --example replicate -- --redis redis://127.0.0.1:6379
 //! ```
 //!

@@ -792,6 +792,8 @@ impl<P: Send + Sync + 'static> Inner<P> {
         self: &Arc<Self>,
         req: SubscribeRequest,
     ) -> Result<Subscription<P>, SubscribeError> {
+        let _span =
+            tracing::debug_span!("subscribe", topic = %req.topic, subject = %req.subject).entered();
         if self.shutdown.load(Ordering::Acquire) {
             return Err(SubscribeError::ShutDown);
         }

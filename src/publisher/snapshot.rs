@@ -239,7 +239,7 @@ pub(crate) async fn build<P: Send + Sync + 'static>(
             Ok(index) => {
                 snap.append_one(Item::EndOfSnapshot(index));
                 // The live buffer is always older than the snapshot buffer.
-                if let Err(e) = snap.splice(&live_pos) {
+                if let Err(e) = tracing::debug_span!("splice").in_scope(|| snap.splice(&live_pos)) {
                     tracing::error!("snapshot spliced onto a newer buffer");
                     e.0.fail(SnapshotError::new(
                         "snapshot spliced onto a newer buffer".into(),

@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::base::{
     Backend, BackendError, BaseQueue, Delivery, InvalidOption, ItemId, NewItem, PushError,
@@ -485,6 +486,10 @@ struct Inner<T> {
     stop: watch::Sender<u8>,
     retries: AtomicU64,
     dead_lettered: AtomicU64,
+    /// Items this work queue stored in the base queue (pushes and requeues).
+    pushed: AtomicU64,
+    /// Items acknowledged as handled.
+    acked: AtomicU64,
     /// The generation of the next push to start. An atomic, so that a push
     /// locks `pending` once (when it ends), not also when it starts.
     push_gen: AtomicU64,
@@ -682,6 +687,8 @@ where
             stop: stop.clone(),
             retries: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            pushed: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
             push_gen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             dispatcher: Mutex::new(None),
@@ -1189,6 +1196,17 @@ impl<T> WorkQueue<T> {
         // Pending flushes end with `Shutdown`.
         p.waiters.clear();
     }
+
+    /// How many items this work queue stored in the base queue (pushes and
+    /// requeued dead letters).
+    pub fn pushed(&self) -> u64 {
+        self.inner.pushed.load(Ordering::Relaxed)
+    }
+
+    /// How many items this work queue acknowledged as handled.
+    pub fn acked(&self) -> u64 {
+        self.inner.acked.load(Ordering::Relaxed)
+    }
 }
 
 fn to_dead_letter(d: Delivery) -> DeadLetter {
@@ -1251,6 +1269,7 @@ impl<T> Inner<T> {
         let gen = self.push_gen.fetch_add(1, Ordering::SeqCst);
         let mut guard = Pushing(&self.pending, gen, None);
         let id = self.base.push(item, timeout).await?;
+        self.pushed.fetch_add(1, Ordering::Relaxed);
         guard.2 = Some(id);
         Ok(id)
     }
@@ -1443,7 +1462,8 @@ where
     async fn worker(self: Arc<Self>, mut batch: Vec<Delivery>) {
         let mut stop = self.stop.subscribe();
         loop {
-            self.process(batch, &mut stop).await;
+            let span = tracing::debug_span!("queue_batch", queue = %self.name, items = batch.len());
+            self.process(batch, &mut stop).instrument(span).await;
             self.settle();
             let retire = {
                 let mut pool = lock(&self.pool);
@@ -1546,7 +1566,10 @@ where
         if !handled.is_empty() {
             let ids: Vec<ItemId> = handled.iter().map(|d| d.id).collect();
             match self.base.ack(&ids).await {
-                Ok(()) => self.resolve(&ids),
+                Ok(()) => {
+                    self.acked.fetch_add(ids.len() as u64, Ordering::Relaxed);
+                    self.resolve(&ids)
+                }
                 Err(e) => {
                     tracing::warn!(queue = %self.name, error = %e, "ack failed; items will be handled again")
                 }

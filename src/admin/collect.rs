@@ -1,0 +1,460 @@
+//! Reading every figure ([`overview`]) and recording it through the
+//! `metrics` facade ([`record`]).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use super::Inner;
+use crate::event::Subject;
+use crate::publisher::KeyStats;
+
+/// Every figure the admin watches, read at one moment; what
+/// [`Admin::overview`](super::Admin::overview) returns and `api/overview`
+/// answers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct Overview {
+    /// Whether mutating endpoints are refused (no token configured).
+    pub read_only: bool,
+    /// The publisher's topics, in registration order (empty without one).
+    pub topics: Vec<TopicView>,
+    /// Snapshot builds started (handler calls; the cache's misses).
+    pub snapshot_builds: u64,
+    /// Subscribers served from a cached or running snapshot.
+    pub snapshot_cache_hits: u64,
+    /// The keyed pools, in the order they were given.
+    pub pools: Vec<PoolView>,
+    /// The lease pools, in the order they were given.
+    pub lease_pools: Vec<LeasePoolView>,
+    /// The work queues, by name.
+    pub queues: Vec<QueueView>,
+}
+
+/// One topic's figures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct TopicView {
+    /// The topic.
+    pub topic: String,
+    /// Subscribers over all its keys.
+    pub subscribers: usize,
+    /// Keys with a live buffer (someone subscribes).
+    pub keys: usize,
+    /// The largest lag of any subscriber, in batches.
+    pub max_lag: u64,
+    /// Live batches held in memory over its keys.
+    pub retained: u64,
+    /// Keys with a cached snapshot chain.
+    pub cached: usize,
+    /// Keys with a snapshot build running.
+    pub building: usize,
+    /// Batches appended to its watched keys, as seen by the reads so far
+    /// (a key's count is read while it has a buffer).
+    pub published: u64,
+    /// How many keys' furthest-behind subscriber lags by how much.
+    pub lag: Vec<LagBucket>,
+}
+
+/// Keys whose furthest-behind subscriber lags by at most `upto` batches (and
+/// more than the previous bucket's `upto`); `upto: null` is the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LagBucket {
+    /// The bucket's upper bound, inclusive; `None` for no bound.
+    pub upto: Option<u64>,
+    /// Keys in the bucket.
+    pub keys: usize,
+}
+
+/// The upper bounds of the lag buckets.
+const LAG_BOUNDS: [u64; 5] = [0, 1, 10, 100, 1000];
+
+/// One key of a topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct KeyView {
+    /// The key, or `*` for the wildcard.
+    pub subject: String,
+    /// Whether it is the topic's wildcard.
+    pub wildcard: bool,
+    /// Subscribers holding the key's buffer.
+    pub subscribers: usize,
+    /// Batches the furthest-behind subscriber has yet to read.
+    pub max_lag: u64,
+    /// Live batches held in memory.
+    pub retained: u64,
+    /// Batches appended since the buffer was created.
+    pub published: u64,
+    /// Whether a snapshot chain is cached.
+    pub cached: bool,
+    /// Whether a snapshot build runs.
+    pub building: bool,
+}
+
+impl KeyView {
+    pub(crate) fn from_stats(k: &KeyStats) -> Self {
+        Self {
+            subject: subject_name(&k.subject),
+            wildcard: k.subject.is_wildcard(),
+            subscribers: k.subscribers,
+            max_lag: k.max_lag,
+            retained: k.retained,
+            published: k.published,
+            cached: k.cached,
+            building: k.building,
+        }
+    }
+}
+
+fn subject_name(s: &Subject) -> String {
+    s.as_key().map_or_else(|| "*".to_owned(), str::to_owned)
+}
+
+/// One keyed pool's figures ([`workpool::Stats`](crate::workpool::Stats)).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct PoolView {
+    /// The name it was given.
+    pub name: String,
+    /// Items accepted and not yet started.
+    pub pending: usize,
+    /// Keys a worker holds.
+    pub in_flight: usize,
+    /// Keys with pending or in-flight items.
+    pub keys: usize,
+    /// Items whose handler returned.
+    pub handled: u64,
+    /// Items whose handler panicked.
+    pub panicked: u64,
+    /// Live workers.
+    pub workers: usize,
+}
+
+/// One lease pool's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LeasePoolView {
+    /// The name it was given.
+    pub name: String,
+    /// Keys the pool keeps (a target, leases or waiters).
+    pub keys: usize,
+    /// The counts of the keys it was given to watch.
+    pub watched: Vec<LeaseKeyView>,
+}
+
+/// The counts of one watched lease key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct LeaseKeyView {
+    /// The key, as displayed.
+    pub key: String,
+    /// Leases it should converge to.
+    pub target: u64,
+    /// Leases held.
+    pub active: u64,
+}
+
+/// One work queue's figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct QueueView {
+    /// Its name.
+    pub name: String,
+    /// Its storage (`memory`, `disk`, `redis`).
+    pub backend: String,
+    /// Workers running.
+    pub workers: usize,
+    /// Workers running a handler.
+    pub active_workers: usize,
+    /// Most workers allowed.
+    pub max_workers: usize,
+    /// Items ready; `None` when the base queue failed.
+    pub ready: Option<u64>,
+    /// Items waiting out a back-off; `None` when the base queue failed.
+    pub delayed: Option<u64>,
+    /// Items handed out; `None` when the base queue failed.
+    pub leased: Option<u64>,
+    /// Items in the dead-letter queue; `None` when it failed.
+    pub dead_letters: Option<u64>,
+    /// Items this process stored in the base queue.
+    pub pushed: u64,
+    /// Items acknowledged as handled.
+    pub acked: u64,
+    /// Retries scheduled.
+    pub retries: u64,
+    /// Items moved to the dead-letter queue.
+    pub dead_lettered: u64,
+    /// What a failing backend reported.
+    pub error: Option<String>,
+}
+
+/// Each key's published count at the last read, and each topic's total.
+#[derive(Default)]
+pub(crate) struct Seen {
+    last: HashMap<(String, Subject), u64>,
+    totals: BTreeMap<String, u64>,
+}
+
+pub(crate) async fn overview(inner: &Inner) -> Overview {
+    let mut view = Overview {
+        read_only: inner.token.is_none(),
+        topics: Vec::new(),
+        snapshot_builds: 0,
+        snapshot_cache_hits: 0,
+        pools: Vec::new(),
+        lease_pools: Vec::new(),
+        queues: Vec::new(),
+    };
+    if let Some(p) = &inner.publisher {
+        let stats = p.stats();
+        view.snapshot_builds = stats.cache_misses;
+        view.snapshot_cache_hits = stats.cache_hits;
+        let mut seen = inner.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut last = HashMap::with_capacity(seen.last.len());
+        for t in &stats.topics {
+            let name = t.topic.as_str().to_owned();
+            let mut grown = 0;
+            let mut lag = vec![0usize; LAG_BOUNDS.len() + 1];
+            for k in &t.keys {
+                let id = (name.clone(), k.subject.clone());
+                let before = seen.last.get(&id).copied().unwrap_or(0);
+                // A smaller count is a buffer created anew since.
+                grown += if k.published >= before {
+                    k.published - before
+                } else {
+                    k.published
+                };
+                last.insert(id, k.published);
+                let at = LAG_BOUNDS
+                    .iter()
+                    .position(|b| k.max_lag <= *b)
+                    .unwrap_or(LAG_BOUNDS.len());
+                lag[at] += 1;
+            }
+            let total = seen.totals.entry(name.clone()).or_default();
+            *total += grown;
+            view.topics.push(TopicView {
+                topic: name,
+                subscribers: t.subscribers,
+                keys: t.keys.len(),
+                max_lag: t.keys.iter().map(|k| k.max_lag).max().unwrap_or(0),
+                retained: t.keys.iter().map(|k| k.retained).sum(),
+                cached: t.keys.iter().filter(|k| k.cached).count(),
+                building: t.keys.iter().filter(|k| k.building).count(),
+                published: *total,
+                lag: lag
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, keys)| LagBucket {
+                        upto: LAG_BOUNDS.get(i).copied(),
+                        keys,
+                    })
+                    .collect(),
+            });
+        }
+        seen.last = last;
+    }
+    for (name, p) in &inner.pools {
+        let s = p.stats();
+        view.pools.push(PoolView {
+            name: name.clone(),
+            pending: s.pending,
+            in_flight: s.in_flight,
+            keys: s.keys,
+            handled: s.handled,
+            panicked: s.panicked,
+            workers: s.workers,
+        });
+    }
+    for (name, l) in &inner.leases {
+        view.lease_pools.push(LeasePoolView {
+            name: name.clone(),
+            keys: l.keys(),
+            watched: l
+                .counts()
+                .into_iter()
+                .map(|(key, c)| LeaseKeyView {
+                    key,
+                    target: c.target,
+                    active: c.active,
+                })
+                .collect(),
+        });
+    }
+    for q in inner.queues.values() {
+        view.queues.push(queue_view(q.as_ref()).await);
+    }
+    view
+}
+
+pub(crate) async fn queue_view(q: &dyn super::sources::AdminQueue) -> QueueView {
+    let len = q.len().await;
+    let dead = q.dead_count().await;
+    let error = match (&len, &dead) {
+        (Err(e), _) | (_, Err(e)) => Some(e.to_string()),
+        _ => None,
+    };
+    let len = len.ok();
+    QueueView {
+        name: q.name().to_owned(),
+        backend: q.backend().to_string(),
+        workers: q.workers(),
+        active_workers: q.active(),
+        max_workers: q.max_workers(),
+        ready: len.map(|l| l.ready),
+        delayed: len.map(|l| l.delayed),
+        leased: len.map(|l| l.leased),
+        dead_letters: dead.ok(),
+        pushed: q.pushed(),
+        acked: q.acked(),
+        retries: q.retries(),
+        dead_lettered: q.dead_lettered(),
+        error,
+    }
+}
+
+/// Describes every metric to the current recorder (its `# HELP` lines).
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_gauge!("snapstream_topic_subscribers", "Subscribers of the topic");
+    describe_gauge!(
+        "snapstream_topic_keys",
+        "Keys of the topic with a live buffer"
+    );
+    describe_gauge!(
+        "snapstream_topic_max_lag_batches",
+        "Batches the furthest-behind subscriber of the topic has yet to read"
+    );
+    describe_gauge!(
+        "snapstream_topic_retained_batches",
+        "Live batches of the topic held in memory"
+    );
+    describe_gauge!(
+        "snapstream_topic_snapshots_cached",
+        "Keys of the topic with a cached snapshot"
+    );
+    describe_gauge!(
+        "snapstream_topic_snapshot_builds_running",
+        "Keys of the topic with a snapshot build running"
+    );
+    describe_counter!(
+        "snapstream_topic_published_batches_total",
+        "Batches appended to the topic's watched keys, as seen by the scrapes"
+    );
+    describe_counter!(
+        "snapstream_snapshot_builds_total",
+        "Snapshot builds started (snapshot cache misses)"
+    );
+    describe_counter!(
+        "snapstream_snapshot_cache_hits_total",
+        "Subscribers served from a cached or running snapshot"
+    );
+    describe_gauge!(
+        "snapstream_pool_pending",
+        "Items accepted and not yet started"
+    );
+    describe_gauge!(
+        "snapstream_pool_in_flight",
+        "Keys a worker of the pool holds"
+    );
+    describe_gauge!(
+        "snapstream_pool_keys",
+        "Keys with pending or in-flight items"
+    );
+    describe_gauge!("snapstream_pool_workers", "Live workers of the pool");
+    describe_counter!(
+        "snapstream_pool_handled_total",
+        "Items whose handler returned"
+    );
+    describe_counter!(
+        "snapstream_pool_panics_total",
+        "Items whose handler panicked"
+    );
+    describe_gauge!("snapstream_lease_keys", "Keys the lease pool keeps");
+    describe_gauge!("snapstream_lease_target", "Target leases of the key");
+    describe_gauge!("snapstream_lease_active", "Leases of the key held");
+    describe_gauge!("snapstream_queue_ready", "Items ready in the base queue");
+    describe_gauge!("snapstream_queue_delayed", "Items waiting out a back-off");
+    describe_gauge!(
+        "snapstream_queue_leased",
+        "Items handed out, not acknowledged"
+    );
+    describe_gauge!(
+        "snapstream_queue_dead_letters",
+        "Items in the dead-letter queue"
+    );
+    describe_gauge!("snapstream_queue_workers", "Workers of the queue running");
+    describe_gauge!(
+        "snapstream_queue_active_workers",
+        "Workers running a handler"
+    );
+    describe_gauge!("snapstream_queue_max_workers", "Most workers allowed");
+    describe_counter!(
+        "snapstream_queue_pushes_total",
+        "Items stored in the base queue"
+    );
+    describe_counter!(
+        "snapstream_queue_acks_total",
+        "Items acknowledged as handled"
+    );
+    describe_counter!("snapstream_queue_retries_total", "Retries scheduled");
+    describe_counter!(
+        "snapstream_queue_dead_lettered_total",
+        "Items moved to the dead-letter queue"
+    );
+}
+
+/// Records `view` through the current recorder.
+pub(crate) fn record(inner: &Inner, view: &Overview) {
+    use metrics::{counter, gauge};
+    if inner.publisher.is_some() {
+        counter!("snapstream_snapshot_builds_total").absolute(view.snapshot_builds);
+        counter!("snapstream_snapshot_cache_hits_total").absolute(view.snapshot_cache_hits);
+    }
+    for t in &view.topics {
+        let l = [("topic", t.topic.clone())];
+        gauge!("snapstream_topic_subscribers", &l).set(t.subscribers as f64);
+        gauge!("snapstream_topic_keys", &l).set(t.keys as f64);
+        gauge!("snapstream_topic_max_lag_batches", &l).set(t.max_lag as f64);
+        gauge!("snapstream_topic_retained_batches", &l).set(t.retained as f64);
+        gauge!("snapstream_topic_snapshots_cached", &l).set(t.cached as f64);
+        gauge!("snapstream_topic_snapshot_builds_running", &l).set(t.building as f64);
+        counter!("snapstream_topic_published_batches_total", &l).absolute(t.published);
+    }
+    for p in &view.pools {
+        let l = [("pool", p.name.clone())];
+        gauge!("snapstream_pool_pending", &l).set(p.pending as f64);
+        gauge!("snapstream_pool_in_flight", &l).set(p.in_flight as f64);
+        gauge!("snapstream_pool_keys", &l).set(p.keys as f64);
+        gauge!("snapstream_pool_workers", &l).set(p.workers as f64);
+        counter!("snapstream_pool_handled_total", &l).absolute(p.handled);
+        counter!("snapstream_pool_panics_total", &l).absolute(p.panicked);
+    }
+    for p in &view.lease_pools {
+        gauge!("snapstream_lease_keys", "pool" => p.name.clone()).set(p.keys as f64);
+        for k in &p.watched {
+            let l = [("pool", p.name.clone()), ("key", k.key.clone())];
+            gauge!("snapstream_lease_target", &l).set(k.target as f64);
+            gauge!("snapstream_lease_active", &l).set(k.active as f64);
+        }
+    }
+    for q in &view.queues {
+        let l = [("queue", q.name.clone())];
+        if let (Some(r), Some(d), Some(le)) = (q.ready, q.delayed, q.leased) {
+            gauge!("snapstream_queue_ready", &l).set(r as f64);
+            gauge!("snapstream_queue_delayed", &l).set(d as f64);
+            gauge!("snapstream_queue_leased", &l).set(le as f64);
+        }
+        if let Some(d) = q.dead_letters {
+            gauge!("snapstream_queue_dead_letters", &l).set(d as f64);
+        }
+        gauge!("snapstream_queue_workers", &l).set(q.workers as f64);
+        gauge!("snapstream_queue_active_workers", &l).set(q.active_workers as f64);
+        gauge!("snapstream_queue_max_workers", &l).set(q.max_workers as f64);
+        counter!("snapstream_queue_pushes_total", &l).absolute(q.pushed);
+        counter!("snapstream_queue_acks_total", &l).absolute(q.acked);
+        counter!("snapstream_queue_retries_total", &l).absolute(q.retries);
+        counter!("snapstream_queue_dead_lettered_total", &l).absolute(q.dead_lettered);
+    }
+}
