@@ -60,6 +60,7 @@
 //! |---|---|---|
 //! | `disk` | yes | `queue::disk`: the embedded, crash-safe base queue (redb) |
 //! | `redis` | no | `queue::redis`: the Redis base queue, shared by many processes |
+//! | `net` | no | `net`: a gRPC subscribe service over a publisher (tonic), a resuming remote subscriber and client-side views |
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -70,6 +71,8 @@ pub(crate) mod sync;
 pub mod buffer;
 pub mod event;
 pub mod lease;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod publisher;
 pub mod queue;
 pub mod subscription;
