@@ -56,7 +56,7 @@ mod codec;
 mod error;
 pub mod proto;
 mod server;
-// mod view;
+mod view;
 
 pub use client::{
     Client, ClientBuilder, RemoteRequest, RemoteSubscriber, DEFAULT_BACKOFF_MAX,
@@ -70,4 +70,6 @@ pub use server::{
     DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_REQUEST_SIZE,
     DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_PROGRESS_INTERVAL,
 };
-// pub use view::{KeyValue, View, ViewError, ViewState, Views, ViewsBuilder, DEFAULT_VIEW_IDLE_TIMEOUT};
+pub use view::{
+    KeyValue, View, ViewError, ViewState, Views, ViewsBuilder, DEFAULT_VIEW_IDLE_TIMEOUT,
+};
