@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use snapstream::event::{Event, Subject};
 use snapstream::net::ViewState;
-use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+use snapstream::publisher::{Publisher, PublisherBuilder, SnapshotRequest, SnapshotSink};
 
 pub const TOPIC: &str = "kv";
 
@@ -42,7 +42,16 @@ impl Store {
     }
 
     pub fn publisher(&self) -> Publisher<u64> {
+        self.publisher_with(Publisher::<u64>::builder())
+    }
+
+    pub fn publisher_with_lag_limit(&self, limit: u64) -> Publisher<u64> {
         let mut b = Publisher::<u64>::builder();
+        b.lag_limit(Some(limit));
+        self.publisher_with(b)
+    }
+
+    fn publisher_with(&self, mut b: PublisherBuilder<u64>) -> Publisher<u64> {
         let store = self.clone();
         b.register_with_wildcard(
             TOPIC,
