@@ -61,6 +61,7 @@
 //! | `disk` | yes | `queue::disk`: the embedded, crash-safe base queue (redb) |
 //! | `redis` | no | `queue::redis`: the Redis base queue, shared by many processes |
 //! | `net` | no | `net`: a gRPC subscribe service over a publisher (tonic), a resuming remote subscriber and client-side views |
+//! | `net-tls` | no | TLS (rustls) for `net`'s server and client |
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures::stream::{FusedStream, Stream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
@@ -208,9 +207,32 @@ pub struct ClientBuilder {
     buffer: usize,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    #[cfg(feature = "net-tls")]
+    tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 impl ClientBuilder {
+    /// Connects over TLS (rustls) with tonic's `ClientTlsConfig` (feature
+    /// `net-tls`); give `https://` addresses.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::Client;
+    /// use tonic::transport::{Certificate, ClientTlsConfig};
+    ///
+    /// # fn f(ca_pem: Vec<u8>) {
+    /// let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)).domain_name("localhost");
+    /// let builder = Client::builder(["https://localhost:7000"]).tls(tls);
+    /// # drop(builder);
+    /// # }
+    /// ```
+    #[cfg(feature = "net-tls")]
+    pub fn tls(mut self, config: tonic::transport::ClientTlsConfig) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// Sets the reconnect back-off: the first delay and the longest.
     ///
     /// # Examples
@@ -285,7 +307,8 @@ impl ClientBuilder {
     ///
     /// # Errors
     ///
-    /// [`ClientError::NoAddress`] or [`ClientError::BadAddress`].
+    /// [`ClientError::NoAddress`], [`ClientError::BadAddress`] or
+    /// [`ClientError::Tls`].
     ///
     /// # Examples
     ///
@@ -310,6 +333,18 @@ impl ClientBuilder {
                 .http2_keep_alive_interval(self.keepalive_interval)
                 .keep_alive_timeout(self.keepalive_timeout)
                 .keep_alive_while_idle(true);
+            #[cfg(feature = "net-tls")]
+            let endpoint = match &self.tls {
+                Some(tls) => {
+                    endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|source| ClientError::Tls {
+                            address: address.clone(),
+                            source,
+                        })?
+                }
+                None => endpoint,
+            };
             channels.push(endpoint.connect_lazy());
         }
         Ok(Client {
@@ -417,6 +452,8 @@ impl Client<(), super::BinaryCodec> {
             buffer: DEFAULT_SUBSCRIBER_BUFFER,
             keepalive_interval: DEFAULT_CLIENT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
+            #[cfg(feature = "net-tls")]
+            tls: None,
         }
     }
 }
@@ -701,7 +738,7 @@ impl<P: Send + Sync + 'static> Decoder<P> {
                         return Err(RemoteError::Decode("event without a key".into()));
                     }
                     let payload = codec
-                        .decode(Bytes::from(e.payload))
+                        .decode(e.payload)
                         .map_err(|err| RemoteError::Decode(err.to_string()))?;
                     self.partial
                         .push(Event::new(self.topic.clone(), e.key, e.index, payload));

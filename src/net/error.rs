@@ -46,9 +46,9 @@ pub enum ServeError {
 /// ```
 /// use snapstream::net::{Client, ClientError};
 ///
-/// let err = Client::builder(Vec::<String>::new()).build().unwrap_err();
+/// let err = Client::builder(Vec::<String>::new()).build::<u64>().unwrap_err();
 /// assert!(matches!(err, ClientError::NoAddress));
-/// let err = Client::builder(["not a uri with spaces"]).build().unwrap_err();
+/// let err = Client::builder(["not a uri with spaces"]).build::<u64>().unwrap_err();
 /// assert!(matches!(err, ClientError::BadAddress { .. }));
 /// ```
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,15 @@ pub enum ClientError {
         /// The address as given.
         address: String,
         /// Why it is invalid.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The TLS configuration could not be applied to an address.
+    #[error("cannot use TLS with {address}")]
+    Tls {
+        /// The address as given.
+        address: String,
+        /// Why.
         #[source]
         source: tonic::transport::Error,
     },

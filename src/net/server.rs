@@ -142,6 +142,8 @@ pub struct ServerBuilder<P, C> {
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     progress_interval: Option<Duration>,
+    #[cfg(feature = "net-tls")]
+    tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl<P, C> fmt::Debug for ServerBuilder<P, C> {
@@ -242,6 +244,29 @@ where
         self
     }
 
+    /// Serves over TLS (rustls) with tonic's `ServerTlsConfig` (feature
+    /// `net-tls`); clients then connect to `https://` addresses with
+    /// [`ClientBuilder::tls`](super::ClientBuilder::tls).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    /// use tonic::transport::{Identity, ServerTlsConfig};
+    ///
+    /// # fn f(cert_pem: Vec<u8>, key_pem: Vec<u8>) {
+    /// let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).tls(tls);
+    /// # drop(builder);
+    /// # }
+    /// ```
+    #[cfg(feature = "net-tls")]
+    pub fn tls(mut self, config: tonic::transport::ServerTlsConfig) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// The service alone, to add to a tonic server of your own (then the
     /// per-connection and keepalive options are yours to set there, and
     /// [`SubscribeService::shutdown`] ends its streams).
@@ -294,7 +319,8 @@ where
     ///
     /// # Errors
     ///
-    /// [`ServeError::Bind`] when the listener's address cannot be read.
+    /// [`ServeError::Bind`] when the listener's address cannot be read;
+    /// [`ServeError::Transport`] when the TLS configuration is refused.
     ///
     /// # Panics
     ///
@@ -318,13 +344,18 @@ where
         let per_conn = self.max_streams_per_connection;
         let interval = self.keepalive_interval;
         let timeout = self.keepalive_timeout;
+        let mut server = tonic::transport::Server::builder();
+        #[cfg(feature = "net-tls")]
+        if let Some(tls) = self.tls.clone() {
+            server = server.tls_config(tls).map_err(ServeError::Transport)?;
+        }
         let service = self.service();
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let grpc = service.grpc();
         let incoming =
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .max_concurrent_streams(per_conn)
                 .http2_keepalive_interval(Some(interval))
                 .http2_keepalive_timeout(Some(timeout))
@@ -391,6 +422,8 @@ impl Server {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
+            #[cfg(feature = "net-tls")]
+            tls: None,
         }
     }
 
