@@ -344,11 +344,12 @@ where
         let per_conn = self.max_streams_per_connection;
         let interval = self.keepalive_interval;
         let timeout = self.keepalive_timeout;
-        let mut server = tonic::transport::Server::builder();
+        let server = tonic::transport::Server::builder();
         #[cfg(feature = "net-tls")]
-        if let Some(tls) = self.tls.clone() {
-            server = server.tls_config(tls).map_err(ServeError::Transport)?;
-        }
+        let server = match self.tls.clone() {
+            Some(tls) => server.tls_config(tls).map_err(ServeError::Transport)?,
+            None => server,
+        };
         let service = self.service();
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let grpc = service.grpc();
