@@ -707,3 +707,42 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::net::Client;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_view_closes_after_its_timeout_unless_a_reader_returns() {
+        // Nothing listens there: the view's subscription just retries.
+        let client = Client::builder(["http://127.0.0.1:1"])
+            .backoff(Duration::from_secs(1), Duration::from_secs(1))
+            .build::<u64>()
+            .unwrap();
+        let views = Views::builder(client, KeyValue::<u64>::default)
+            .idle_timeout(Duration::from_secs(60))
+            .build();
+        let sleep = |s| tokio::time::sleep(Duration::from_secs(s));
+
+        let v = views.view("t", Subject::key("k"));
+        let v2 = v.clone();
+        drop(v);
+        sleep(120).await;
+        assert_eq!(views.open_views(), 1, "a clone still holds it");
+
+        drop(v2); // idle from t0
+        sleep(30).await;
+        assert_eq!(views.open_views(), 1);
+        let v3 = views.view("t", Subject::key("k"));
+        assert!(Arc::ptr_eq(
+            &v3.core,
+            &views.view("t", Subject::key("k")).core
+        ));
+        drop(v3); // idle again from t0 + 30
+        sleep(40).await; // past t0 + 60: the first timer must do nothing
+        assert_eq!(views.open_views(), 1);
+        sleep(30).await; // past t0 + 90
+        assert_eq!(views.open_views(), 0, "idle for the whole timeout: closed");
+    }
+}
