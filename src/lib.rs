@@ -99,4 +99,7 @@ mod readme_examples {
     #[cfg(feature = "redis")]
     #[doc = include_str!("../docs/queue-redis.md")]
     struct QueueRedis;
+    #[cfg(feature = "net")]
+    #[doc = include_str!("../docs/net.md")]
+    struct Net;
 }
