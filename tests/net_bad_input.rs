@@ -163,3 +163,41 @@ async fn remote_subscriber_reports_terminal_errors() {
     assert_eq!(s.reconnects(), 0, "terminal answers are not retried");
     server.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn streams_beyond_the_server_limit_are_refused_until_one_ends() {
+    let publisher = publisher();
+    let server = Server::builder(publisher.clone(), BinaryCodec)
+        .max_streams(2)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = server.local_addr();
+    let key = || Some(WireSubject::Key("k".into()));
+    let mut c = SubscriberClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let mut first = c.subscribe(req("keys", key())).await.unwrap().into_inner();
+    let _second = c.subscribe(req("keys", key())).await.unwrap().into_inner();
+    assert!(first.message().await.unwrap().is_some());
+    assert_eq!(server.active_streams(), 2);
+    assert_eq!(
+        status_of(addr, req("keys", key())).await.code(),
+        Code::ResourceExhausted
+    );
+
+    // A remote subscriber refused for capacity retries, and gets in once a
+    // stream ends.
+    let client = Client::builder([format!("http://{addr}")])
+        .backoff(Duration::from_millis(1), Duration::from_millis(20))
+        .build::<u64>()
+        .unwrap();
+    let mut waiting = client.subscribe(RemoteRequest::new("keys", Subject::key("k")));
+    drop(first);
+    let m = waiting.next().await.unwrap().unwrap();
+    assert!(
+        m.events().is_some(),
+        "the snapshot, once a stream slot was free"
+    );
+    server.shutdown().await.unwrap();
+}

@@ -221,6 +221,7 @@ impl ClientBuilder {
     /// use snapstream::net::Client;
     /// use tonic::transport::{Certificate, ClientTlsConfig};
     ///
+    /// # #[allow(dead_code)]
     /// # fn f(ca_pem: Vec<u8>) {
     /// let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem)).domain_name("localhost");
     /// let builder = Client::builder(["https://localhost:7000"]).tls(tls);

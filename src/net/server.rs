@@ -255,6 +255,7 @@ where
     /// use snapstream::publisher::Publisher;
     /// use tonic::transport::{Identity, ServerTlsConfig};
     ///
+    /// # #[allow(dead_code)]
     /// # fn f(cert_pem: Vec<u8>, key_pem: Vec<u8>) {
     /// let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
     /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).tls(tls);
