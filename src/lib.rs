@@ -61,6 +61,8 @@
 //! | `disk` | yes | `queue::disk`: the embedded, crash-safe base queue (redb) |
 //! | `redis` | no | `queue::redis`: the Redis base queue, shared by many processes |
 //! | `admin` | no | `admin`: metrics through the `metrics` facade, `/metrics`, an axum admin router and live page |
+//! | `net` | no | `net`: a gRPC subscribe service over a publisher (tonic), a resuming remote subscriber and client-side views |
+//! | `net-tls` | no | TLS (rustls) for `net`'s server and client |
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -73,6 +75,8 @@ pub mod admin;
 pub mod buffer;
 pub mod event;
 pub mod lease;
+#[cfg(feature = "net")]
+pub mod net;
 pub mod publisher;
 pub mod queue;
 pub mod subscription;
@@ -98,4 +102,7 @@ mod readme_examples {
     #[cfg(feature = "redis")]
     #[doc = include_str!("../docs/queue-redis.md")]
     struct QueueRedis;
+    #[cfg(feature = "net")]
+    #[doc = include_str!("../docs/net.md")]
+    struct Net;
 }

@@ -1,0 +1,75 @@
+//! Subscribing over the network: a gRPC subscribe service, a resuming
+//! client and client-side views (feature `net`).
+//!
+//! ```text
+//!  node: Publisher ──► Server (tonic) ══ HTTP/2 ══► Client ──► RemoteSubscriber ──► View
+//!                      authorizer, limits,           one connection   reconnect +        get, wait(min_index),
+//!                      progress marks                per address      resume by index    shared by local readers
+//! ```
+//!
+//! # The wire
+//!
+//! `proto/snapstream.proto` defines one server-streaming call,
+//! `Subscribe(topic, key or wildcard, index, token)`. Its responses carry
+//! exactly the local framing — snapshot batches, `EndOfSnapshot`,
+//! `NewSnapshotToFollow`, live batches — plus progress marks. Payloads are
+//! bytes made by a [`PayloadCodec`] ([`BinaryCodec`] by default). Frames are
+//! packed into messages of at most the server's max message size; a batch
+//! larger than that is split across messages and joined again by the
+//! client, so a large snapshot never makes one giant frame.
+//!
+//! # Status codes
+//!
+//! The end of a stream is a gRPC status, and each has one meaning:
+//!
+//! | status | cause | what the client does |
+//! |---|---|---|
+//! | `NOT_FOUND` | unknown topic | ends: [`RemoteError::UnknownTopic`] |
+//! | `INVALID_ARGUMENT` | malformed request; wildcard on a topic without wildcard support | ends: [`RemoteError::InvalidRequest`] |
+//! | `OUT_OF_RANGE` | request larger than the server's limit | ends: [`RemoteError::Rejected`] |
+//! | `PERMISSION_DENIED` | the [`Authorizer`] refused | ends: [`RemoteError::PermissionDenied`] |
+//! | `ABORTED` | force-closed ([`Publisher::force_close_token`], [`Publisher::refresh_topic`]) | ends: [`RemoteError::ForceClosed`]; a [`View`] drops its state and resubscribes from 0 |
+//! | `RESOURCE_EXHAUSTED` | lagged (with the limit in metadata) / too many streams | ends: [`RemoteError::Lagged`] / retries |
+//! | `UNAVAILABLE` | server or publisher shutting down | reconnects (next address) and resumes |
+//! | `INTERNAL` | the snapshot handler failed | ends: [`RemoteError::Snapshot`] |
+//!
+//! # Progress marks
+//!
+//! A stream quiet for the server's
+//! [`progress_interval`](ServerBuilder::progress_interval) gets a progress
+//! mark: the index its view is complete up to. It moves the client's resume
+//! point without yielding a message, and shows an idle stream is alive.
+//!
+//! # Back-pressure
+//!
+//! The server reads a subscription only when HTTP/2 flow control lets it
+//! send; a remote subscriber buffers at most
+//! [`buffer`](ClientBuilder::buffer) messages ahead of its reader. A client
+//! that stops reading therefore stops the server reading for it, and the
+//! publisher's lag limit bounds what the key's buffer keeps.
+//!
+//! [`Publisher::force_close_token`]: crate::publisher::Publisher::force_close_token
+//! [`Publisher::refresh_topic`]: crate::publisher::Publisher::refresh_topic
+
+mod client;
+mod codec;
+mod error;
+pub mod proto;
+mod server;
+mod view;
+
+pub use client::{
+    Client, ClientBuilder, RemoteRequest, RemoteSubscriber, DEFAULT_BACKOFF_MAX,
+    DEFAULT_BACKOFF_MIN, DEFAULT_CLIENT_KEEPALIVE_INTERVAL, DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
+    DEFAULT_CLIENT_MAX_MESSAGE_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SUBSCRIBER_BUFFER,
+};
+pub use codec::{BinaryCodec, CodecError, JsonCodec, PayloadCodec, WireFormat};
+pub use error::{ClientError, RemoteError, ServeError};
+pub use server::{
+    AllowAll, Authorizer, Server, ServerBuilder, SubscribeService, DEFAULT_KEEPALIVE_INTERVAL,
+    DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_REQUEST_SIZE,
+    DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_PROGRESS_INTERVAL,
+};
+pub use view::{
+    KeyValue, View, ViewError, ViewState, Views, ViewsBuilder, DEFAULT_VIEW_IDLE_TIMEOUT,
+};

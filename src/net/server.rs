@@ -1,0 +1,889 @@
+//! The gRPC subscribe service over a [`Publisher`].
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{FutureExt, Stream};
+use prost::Message as _;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tonic::{Request, Response, Status};
+
+use super::codec::PayloadCodec;
+use super::error::{ServeError, LAG_LIMIT_METADATA};
+use super::proto;
+use crate::event::{Message, Subject, Topic};
+use crate::publisher::{
+    LagPolicy, Publisher, SubscribeError, SubscribeRequest, Subscription, SubscriptionError,
+};
+
+/// Default most concurrent streams on one HTTP/2 connection: 4,096 (a
+/// client multiplexes all its subscriptions over one connection).
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 4_096;
+
+/// Default most concurrent subscribe streams on the whole server: 65,536.
+/// A stream beyond it ends at once with `RESOURCE_EXHAUSTED`.
+pub const DEFAULT_MAX_STREAMS: usize = 65_536;
+
+/// Default largest response message: 1 MiB. Frames are packed into
+/// messages up to this size and a larger batch is split across messages.
+/// Keep it at or below the clients'
+/// [`max_message_size`](super::ClientBuilder::max_message_size).
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
+
+/// Default largest request message: 16 KiB (topic, key and token). A larger
+/// request is rejected with `OUT_OF_RANGE` before it is decoded.
+pub const DEFAULT_MAX_REQUEST_SIZE: usize = 16 << 10;
+
+/// Default HTTP/2 keepalive ping interval: 30 s.
+pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Default HTTP/2 keepalive timeout: 20 s. A connection whose peer does not
+/// answer a ping within it is closed (and its streams with it): an idle,
+/// dead peer holds nothing for longer than interval + timeout.
+pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Default progress-mark interval: 10 s. A stream quiet for that long gets a
+/// progress mark with its current index.
+pub const DEFAULT_PROGRESS_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Decides whether a token may subscribe to (topic, subject). Called once
+/// per `Subscribe` call, before the publisher is asked; a refusal ends the
+/// call with `PERMISSION_DENIED`. To revoke a token afterwards, call
+/// [`Publisher::force_close_token`]: its remote streams end with `ABORTED`.
+///
+/// Any `Fn(Option<&str>, &Topic, &Subject) -> bool` is an authorizer.
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::event::{Subject, Topic};
+/// use snapstream::net::Authorizer;
+///
+/// let only_acl = |token: Option<&str>, _topic: &Topic, _subject: &Subject| token == Some("acl");
+/// assert!(only_acl.authorize(Some("acl"), &Topic::new("t"), &Subject::key("k")));
+/// assert!(!only_acl.authorize(None, &Topic::new("t"), &Subject::key("k")));
+/// ```
+pub trait Authorizer: Send + Sync + 'static {
+    /// Whether `token` may subscribe to `subject` of `topic`.
+    fn authorize(&self, token: Option<&str>, topic: &Topic, subject: &Subject) -> bool;
+}
+
+impl<F> Authorizer for F
+where
+    F: Fn(Option<&str>, &Topic, &Subject) -> bool + Send + Sync + 'static,
+{
+    fn authorize(&self, token: Option<&str>, topic: &Topic, subject: &Subject) -> bool {
+        self(token, topic, subject)
+    }
+}
+
+/// The default [`Authorizer`]: allows everything.
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::event::{Subject, Topic};
+/// use snapstream::net::{AllowAll, Authorizer};
+/// assert!(AllowAll.authorize(None, &Topic::new("t"), &Subject::Wildcard));
+/// ```
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AllowAll;
+
+impl Authorizer for AllowAll {
+    fn authorize(&self, _token: Option<&str>, _topic: &Topic, _subject: &Subject) -> bool {
+        true
+    }
+}
+
+/// Builds a [`Server`] over a publisher.
+///
+/// | option | default |
+/// |---|---|
+/// | [`authorizer`](Self::authorizer) | [`AllowAll`] |
+/// | [`max_streams_per_connection`](Self::max_streams_per_connection) | [`DEFAULT_MAX_STREAMS_PER_CONNECTION`] (4,096) |
+/// | [`max_streams`](Self::max_streams) | [`DEFAULT_MAX_STREAMS`] (65,536) |
+/// | [`max_message_size`](Self::max_message_size) | [`DEFAULT_MAX_MESSAGE_SIZE`] (1 MiB) |
+/// | [`max_request_size`](Self::max_request_size) | [`DEFAULT_MAX_REQUEST_SIZE`] (16 KiB) |
+/// | [`keepalive`](Self::keepalive) | [`DEFAULT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_KEEPALIVE_TIMEOUT`] (20 s) |
+/// | [`progress_interval`](Self::progress_interval) | [`DEFAULT_PROGRESS_INTERVAL`] (10 s; `None` disables) |
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::net::{BinaryCodec, Server};
+/// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+///
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// let mut b = Publisher::<u64>::builder();
+/// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(1) }).unwrap();
+/// let server = Server::builder(b.build(), BinaryCodec)
+///     .max_streams(1_000)
+///     .bind("127.0.0.1:0".parse().unwrap())
+///     .await
+///     .unwrap();
+/// assert_ne!(server.local_addr().port(), 0);
+/// server.shutdown().await.unwrap();
+/// # }
+/// ```
+pub struct ServerBuilder<P, C> {
+    publisher: Publisher<P>,
+    codec: C,
+    authorizer: Arc<dyn Authorizer>,
+    max_streams_per_connection: u32,
+    max_streams: usize,
+    max_message_size: usize,
+    max_request_size: usize,
+    keepalive_interval: Duration,
+    keepalive_timeout: Duration,
+    progress_interval: Option<Duration>,
+    #[cfg(feature = "net-tls")]
+    tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+impl<P, C> fmt::Debug for ServerBuilder<P, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerBuilder")
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
+            .field("max_streams", &self.max_streams)
+            .field("max_message_size", &self.max_message_size)
+            .field("max_request_size", &self.max_request_size)
+            .field("keepalive_interval", &self.keepalive_interval)
+            .field("keepalive_timeout", &self.keepalive_timeout)
+            .field("progress_interval", &self.progress_interval)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, C> ServerBuilder<P, C>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    /// Sets the authorizer (default [`AllowAll`]).
+    ///
+    /// # Examples
+    ///
+    /// See [`Authorizer`].
+    pub fn authorizer(mut self, authorizer: impl Authorizer) -> Self {
+        self.authorizer = Arc::new(authorizer);
+        self
+    }
+
+    /// Sets the most concurrent streams on one HTTP/2 connection (the
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` the server announces; a client
+    /// waits for a free stream beyond it).
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn max_streams_per_connection(mut self, max: u32) -> Self {
+        self.max_streams_per_connection = max.max(1);
+        self
+    }
+
+    /// Sets the most concurrent subscribe streams on the server; one beyond
+    /// ends with `RESOURCE_EXHAUSTED` (a client retries, maybe elsewhere).
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn max_streams(mut self, max: usize) -> Self {
+        self.max_streams = max.max(1);
+        self
+    }
+
+    /// Sets the largest response message (at least 1 KiB).
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes.max(1024);
+        self
+    }
+
+    /// Sets the largest request message.
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn max_request_size(mut self, bytes: usize) -> Self {
+        self.max_request_size = bytes.max(64);
+        self
+    }
+
+    /// Sets the HTTP/2 keepalive ping interval and the time a ping may go
+    /// unanswered before the connection is closed.
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keepalive_interval = interval;
+        self.keepalive_timeout = timeout;
+        self
+    }
+
+    /// Sets how long a stream may be quiet before it gets a progress mark
+    /// (`None`: never).
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn progress_interval(mut self, interval: Option<Duration>) -> Self {
+        self.progress_interval = interval.filter(|d| !d.is_zero());
+        self
+    }
+
+    /// Serves over TLS (rustls) with tonic's `ServerTlsConfig` (feature
+    /// `net-tls`); clients then connect to `https://` addresses with
+    /// [`ClientBuilder::tls`](super::ClientBuilder::tls).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    /// use tonic::transport::{Identity, ServerTlsConfig};
+    ///
+    /// # #[allow(dead_code)]
+    /// # fn f(cert_pem: Vec<u8>, key_pem: Vec<u8>) {
+    /// let tls = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
+    /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).tls(tls);
+    /// # drop(builder);
+    /// # }
+    /// ```
+    #[cfg(feature = "net-tls")]
+    pub fn tls(mut self, config: tonic::transport::ServerTlsConfig) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// The service alone, to add to a tonic server of your own (then the
+    /// per-connection and keepalive options are yours to set there, and
+    /// [`SubscribeService::shutdown`] ends its streams).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    ///
+    /// let service = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).service();
+    /// assert_eq!(service.active_streams(), 0);
+    /// ```
+    pub fn service(self) -> SubscribeService<P, C> {
+        let (shutdown, _) = watch::channel(false);
+        SubscribeService {
+            inner: Arc::new(ServiceInner {
+                publisher: self.publisher,
+                codec: self.codec,
+                authorizer: self.authorizer,
+                permits: Arc::new(Semaphore::new(self.max_streams)),
+                max_streams: self.max_streams,
+                max_message_size: self.max_message_size,
+                max_request_size: self.max_request_size,
+                progress_interval: self.progress_interval,
+                shutdown,
+            }),
+        }
+    }
+
+    /// Binds `addr` and serves there.
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::Bind`] when the address cannot be bound.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: nothing is bound unless it returns.
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub async fn bind(self, addr: SocketAddr) -> Result<Server, ServeError> {
+        let listener = TcpListener::bind(addr).await.map_err(ServeError::Bind)?;
+        self.serve(listener)
+    }
+
+    /// Serves on `listener` (on a spawned task of the current runtime).
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::Bind`] when the listener's address cannot be read;
+    /// [`ServeError::Transport`] when the TLS configuration is refused.
+    ///
+    /// # Panics
+    ///
+    /// When called outside a tokio runtime.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::net::{BinaryCodec, Server};
+    /// # use snapstream::publisher::Publisher;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// let server = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec)
+    ///     .serve(listener)
+    ///     .unwrap();
+    /// server.shutdown().await.unwrap();
+    /// # }
+    /// ```
+    pub fn serve(self, listener: TcpListener) -> Result<Server, ServeError> {
+        let local_addr = listener.local_addr().map_err(ServeError::Bind)?;
+        let per_conn = self.max_streams_per_connection;
+        let interval = self.keepalive_interval;
+        let timeout = self.keepalive_timeout;
+        let server = tonic::transport::Server::builder();
+        #[cfg(feature = "net-tls")]
+        let server = match self.tls.clone() {
+            Some(tls) => server.tls_config(tls).map_err(ServeError::Transport)?,
+            None => server,
+        };
+        let service = self.service();
+        let (stop_tx, mut stop_rx) = watch::channel(false);
+        let grpc = service.grpc();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let task = tokio::spawn(async move {
+            server
+                .max_concurrent_streams(per_conn)
+                .http2_keepalive_interval(Some(interval))
+                .http2_keepalive_timeout(Some(timeout))
+                .add_service(grpc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await
+        });
+        tracing::debug!(%local_addr, "snapstream gRPC server listening");
+        Ok(Server {
+            local_addr,
+            stop: stop_tx,
+            streams: service.stopper(),
+            task,
+        })
+    }
+}
+
+/// A running gRPC subscribe server. See [`ServerBuilder`].
+///
+/// Dropping it leaves the server running (on its task) until its runtime
+/// stops; call [`shutdown`](Self::shutdown) to stop it.
+///
+/// # Examples
+///
+/// See [`ServerBuilder`].
+pub struct Server {
+    local_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    streams: Arc<dyn Stopper>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl fmt::Debug for Server {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Server")
+            .field("local_addr", &self.local_addr)
+            .field("active_streams", &self.streams.active())
+            .finish()
+    }
+}
+
+impl Server {
+    /// A builder over `publisher` with `codec` and the defaults of
+    /// [`ServerBuilder`].
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn builder<P, C>(publisher: Publisher<P>, codec: C) -> ServerBuilder<P, C>
+    where
+        P: Send + Sync + 'static,
+        C: PayloadCodec<P>,
+    {
+        ServerBuilder {
+            publisher,
+            codec,
+            authorizer: Arc::new(AllowAll),
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_streams: DEFAULT_MAX_STREAMS,
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            max_request_size: DEFAULT_MAX_REQUEST_SIZE,
+            keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
+            keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
+            #[cfg(feature = "net-tls")]
+            tls: None,
+        }
+    }
+
+    /// The address the server listens on.
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Subscribe streams open now.
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub fn active_streams(&self) -> usize {
+        self.streams.active()
+    }
+
+    /// Graceful shutdown: every open stream ends with `UNAVAILABLE` (clients
+    /// retry, maybe elsewhere), new calls are refused, then the server
+    /// waits for its connections to close and returns.
+    ///
+    /// # Errors
+    ///
+    /// [`ServeError::Transport`] when the server had failed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel-safe: dropping the future leaves the shutdown half done
+    /// (streams ended, server task still finishing on its own).
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder`].
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        self.streams.stop();
+        let _ = self.stop.send(true);
+        match self.task.await {
+            Ok(r) => r.map_err(ServeError::Transport),
+            Err(e) => Err(ServeError::Task(e)),
+        }
+    }
+}
+
+/// What [`Server`] needs of its service, without its type parameters.
+trait Stopper: Send + Sync {
+    fn stop(&self);
+    fn active(&self) -> usize;
+}
+
+impl<P, C> Stopper for ServiceInner<P, C>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    fn stop(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    fn active(&self) -> usize {
+        self.max_streams - self.permits.available_permits()
+    }
+}
+
+struct ServiceInner<P, C> {
+    publisher: Publisher<P>,
+    codec: C,
+    authorizer: Arc<dyn Authorizer>,
+    permits: Arc<Semaphore>,
+    max_streams: usize,
+    max_message_size: usize,
+    max_request_size: usize,
+    progress_interval: Option<Duration>,
+    shutdown: watch::Sender<bool>,
+}
+
+/// The subscribe service itself (a tonic service once [`grpc`](Self::grpc)
+/// wraps it), for embedding in a tonic server of your own.
+///
+/// # Examples
+///
+/// See [`ServerBuilder::service`].
+pub struct SubscribeService<P, C> {
+    inner: Arc<ServiceInner<P, C>>,
+}
+
+impl<P, C> Clone for SubscribeService<P, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<P, C> fmt::Debug for SubscribeService<P, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SubscribeService")
+            .field("max_streams", &self.inner.max_streams)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, C> SubscribeService<P, C>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    /// The tonic service, with the request size limit applied.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    ///
+    /// let service = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).service();
+    /// let _router = tonic::transport::Server::builder().add_service(service.grpc());
+    /// ```
+    pub fn grpc(&self) -> proto::subscriber_server::SubscriberServer<Self> {
+        proto::subscriber_server::SubscriberServer::new(self.clone())
+            .max_decoding_message_size(self.inner.max_request_size)
+            .max_encoding_message_size(self.inner.max_message_size + 1024)
+    }
+
+    /// Ends every open stream with `UNAVAILABLE` and refuses new ones.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::net::{BinaryCodec, Server};
+    /// # use snapstream::publisher::Publisher;
+    /// let service = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).service();
+    /// service.shutdown();
+    /// ```
+    pub fn shutdown(&self) {
+        self.inner.stop();
+    }
+
+    /// Subscribe streams open now.
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerBuilder::service`].
+    pub fn active_streams(&self) -> usize {
+        self.inner.active()
+    }
+
+    fn stopper(&self) -> Arc<dyn Stopper> {
+        self.inner.clone()
+    }
+
+    /// Validates and authorizes a request, then subscribes.
+    fn open(
+        &self,
+        token: Option<&str>,
+        req: proto::SubscribeRequest,
+    ) -> Result<ServerStream<P, C>, Status> {
+        let inner = &self.inner;
+        if *inner.shutdown.borrow() {
+            return Err(Status::unavailable("server shutting down"));
+        }
+        let (topic, subject) = parse_request(&req)?;
+        if !inner.authorizer.authorize(token, &topic, &subject) {
+            return Err(Status::permission_denied(format!(
+                "token may not subscribe to {subject} of {topic}"
+            )));
+        }
+        let permit = inner
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many streams on this server"))?;
+        let mut request = SubscribeRequest::new(topic, subject).index(req.index);
+        if let Some(token) = token {
+            request = request.token(token);
+        }
+        if req.resnapshot_on_lag {
+            request = request.on_lag(LagPolicy::Resnapshot);
+        }
+        let sub = inner
+            .publisher
+            .subscribe(request)
+            .map_err(subscribe_status)?;
+        Ok(ServerStream {
+            sub,
+            inner: inner.clone(),
+            shutdown: inner.shutdown.subscribe(),
+            pending: VecDeque::new(),
+            pending_err: None,
+            done: false,
+            _permit: permit,
+        })
+    }
+}
+
+/// Turns a wire request into (topic, subject), or `INVALID_ARGUMENT`.
+fn parse_request(req: &proto::SubscribeRequest) -> Result<(Topic, Subject), Status> {
+    use proto::subscribe_request::Subject as S;
+    if req.topic.is_empty() {
+        return Err(Status::invalid_argument("empty topic"));
+    }
+    let subject = match &req.subject {
+        None => return Err(Status::invalid_argument("no subject: set key or wildcard")),
+        Some(S::Key(k)) if k.is_empty() => return Err(Status::invalid_argument("empty key")),
+        Some(S::Key(k)) => Subject::key(k.as_str()),
+        Some(S::Wildcard(true)) => Subject::Wildcard,
+        Some(S::Wildcard(false)) => {
+            return Err(Status::invalid_argument("wildcard must be true when set"))
+        }
+    };
+    Ok((Topic::new(req.topic.as_str()), subject))
+}
+
+fn subscribe_status(e: SubscribeError) -> Status {
+    match e {
+        SubscribeError::UnknownTopic(t) => Status::not_found(format!("unknown topic {t}")),
+        SubscribeError::WildcardUnsupported(t) => {
+            Status::invalid_argument(format!("topic {t} does not support wildcard subscriptions"))
+        }
+        SubscribeError::ShutDown => Status::unavailable("publisher shut down"),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+fn close_status(e: &SubscriptionError) -> Status {
+    match e {
+        SubscriptionError::ForceClosed => {
+            Status::aborted("subscription force-closed: drop the view and resubscribe")
+        }
+        SubscriptionError::ShuttingDown => Status::unavailable("publisher shutting down"),
+        SubscriptionError::Lagged { limit } => {
+            let mut s = Status::resource_exhausted(e.to_string());
+            if let Ok(v) = limit.to_string().parse() {
+                s.metadata_mut().insert(LAG_LIMIT_METADATA, v);
+            }
+            s
+        }
+        SubscriptionError::Snapshot(err) => {
+            Status::internal(format!("snapshot failed: {}", err.inner()))
+        }
+        other => Status::cancelled(other.to_string()),
+    }
+}
+
+/// One remote subscriber's response stream: reads its [`Subscription`] only
+/// when HTTP/2 flow control lets the response be sent, so a client that
+/// stops reading stops the server reading for it (and the publisher's lag
+/// policy bounds what the key's buffer keeps for it).
+struct ServerStream<P, C> {
+    sub: Subscription<P>,
+    inner: Arc<ServiceInner<P, C>>,
+    shutdown: watch::Receiver<bool>,
+    /// Frames encoded but not yet sent (a message filled up).
+    pending: VecDeque<(proto::Frame, usize)>,
+    /// The status to end with once `pending` is sent.
+    pending_err: Option<Status>,
+    done: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+/// The bytes a frame takes inside a `SubscribeResponse`.
+fn framed_len(f: &proto::Frame) -> usize {
+    let n = f.encoded_len();
+    1 + prost::encoding::encoded_len_varint(n as u64) + n
+}
+
+impl<P, C> ServerStream<P, C>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    /// Encodes `message` into frames at the back of `pending`.
+    fn encode(&mut self, message: Message<P>) -> Result<(), Status> {
+        use proto::frame::Kind;
+        let frame = |kind| proto::Frame { kind: Some(kind) };
+        match message {
+            Message::EndOfSnapshot { index } => {
+                let f = frame(Kind::EndOfSnapshot(index));
+                let n = framed_len(&f);
+                self.pending.push_back((f, n));
+            }
+            Message::NewSnapshotToFollow => {
+                let f = frame(Kind::NewSnapshotToFollow(proto::NewSnapshotToFollow {}));
+                let n = framed_len(&f);
+                self.pending.push_back((f, n));
+            }
+            Message::Events(batch) => {
+                // Room for a batch fragment in an otherwise empty message,
+                // leaving space for the frame and batch headers.
+                let budget = self.inner.max_message_size - 32;
+                let mut events = Vec::new();
+                let mut size = 0;
+                for e in batch.iter() {
+                    let mut payload = Vec::new();
+                    self.inner
+                        .codec
+                        .encode(e.payload(), &mut payload)
+                        .map_err(|err| Status::internal(format!("payload codec failed: {err}")))?;
+                    let key = match e.subject() {
+                        Subject::Key(k) => k.to_string(),
+                        Subject::Wildcard => String::new(),
+                    };
+                    let ev = proto::Event {
+                        key,
+                        index: e.index(),
+                        payload: payload.into(),
+                    };
+                    let n = ev.encoded_len();
+                    let n = 1 + prost::encoding::encoded_len_varint(n as u64) + n;
+                    if n > budget {
+                        return Err(Status::out_of_range(format!(
+                            "an event of {n} bytes exceeds the max message size"
+                        )));
+                    }
+                    if size + n > budget {
+                        let f = frame(Kind::Events(proto::Batch {
+                            events: std::mem::take(&mut events),
+                            partial: true,
+                        }));
+                        let len = framed_len(&f);
+                        self.pending.push_back((f, len));
+                        size = 0;
+                    }
+                    size += n;
+                    events.push(ev);
+                }
+                let f = frame(Kind::Events(proto::Batch {
+                    events,
+                    partial: false,
+                }));
+                let len = framed_len(&f);
+                self.pending.push_back((f, len));
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves frames from `pending` into one response, up to the size limit.
+    fn take_response(&mut self) -> proto::SubscribeResponse {
+        let mut frames = Vec::new();
+        let mut size = 0;
+        while let Some((_, n)) = self.pending.front() {
+            if !frames.is_empty() && size + n > self.inner.max_message_size {
+                break;
+            }
+            size += n;
+            frames.push(self.pending.pop_front().expect("front").0);
+        }
+        proto::SubscribeResponse { frames }
+    }
+
+    fn fail(&mut self, status: Status) {
+        if self.pending_err.is_none() {
+            self.pending_err = Some(status);
+        }
+    }
+
+    /// The next response (or the closing status).
+    async fn step(&mut self) -> Option<Result<proto::SubscribeResponse, Status>> {
+        if self.done {
+            return None;
+        }
+        loop {
+            if !self.pending.is_empty() {
+                return Some(Ok(self.take_response()));
+            }
+            if let Some(status) = self.pending_err.take() {
+                self.done = true;
+                return Some(Err(status));
+            }
+            let progress = self.inner.progress_interval;
+            let quiet = async {
+                match progress {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            enum Woke<P> {
+                Shutdown,
+                Message(Result<Message<P>, SubscriptionError>),
+                Quiet,
+            }
+            let woke = tokio::select! {
+                biased;
+                _ = self.shutdown.wait_for(|s| *s) => Woke::Shutdown,
+                m = self.sub.next() => Woke::Message(m),
+                () = quiet => Woke::Quiet,
+            };
+            match woke {
+                Woke::Shutdown => {
+                    self.done = true;
+                    return Some(Err(Status::unavailable("server shutting down")));
+                }
+                Woke::Message(Ok(m)) => {
+                    if let Err(s) = self.encode(m) {
+                        self.fail(s);
+                    }
+                }
+                Woke::Message(Err(e)) => self.fail(close_status(&e)),
+                Woke::Quiet => {
+                    if let Some(index) = self.sub.last_index() {
+                        let f = proto::Frame {
+                            kind: Some(proto::frame::Kind::Progress(index)),
+                        };
+                        let n = framed_len(&f);
+                        self.pending.push_back((f, n));
+                    }
+                    continue;
+                }
+            }
+            // Take whatever else is ready now, up to one message's worth.
+            let mut size: usize = self.pending.iter().map(|(_, n)| n).sum();
+            while self.pending_err.is_none() && size < self.inner.max_message_size {
+                match self.sub.next().now_or_never() {
+                    None => break,
+                    Some(Ok(m)) => {
+                        let before = self.pending.len();
+                        if let Err(s) = self.encode(m) {
+                            self.fail(s);
+                        }
+                        size += self
+                            .pending
+                            .iter()
+                            .skip(before)
+                            .map(|(_, n)| n)
+                            .sum::<usize>();
+                    }
+                    Some(Err(e)) => self.fail(close_status(&e)),
+                }
+            }
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl<P, C> proto::subscriber_server::Subscriber for SubscribeService<P, C>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    type SubscribeStream = ResponseStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<proto::SubscribeRequest>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let req = request.into_inner();
+        let token = (!req.token.is_empty()).then(|| req.token.clone());
+        let stream = self.open(token.as_deref(), req)?;
+        let stream = futures::stream::unfold(stream, |mut s| async move {
+            let item = s.step().await?;
+            Some((item, s))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
