@@ -60,6 +60,7 @@
 //! |---|---|---|
 //! | `disk` | yes | `queue::disk`: the embedded, crash-safe base queue (redb) |
 //! | `redis` | no | `queue::redis`: the Redis base queue, shared by many processes |
+//! | `jetstream` | no | `cluster`: several nodes, each with its own publisher, fed from one NATS JetStream log |
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -68,6 +69,8 @@
 pub(crate) mod sync;
 
 pub mod buffer;
+#[cfg(feature = "jetstream")]
+pub mod cluster;
 pub mod event;
 pub mod lease;
 pub mod publisher;
