@@ -70,9 +70,15 @@ pub enum WriteError {
     /// payload, or the connection is closed); it is not in the log.
     #[error("change not sent")]
     Send(#[source] NatsError),
-    /// The message was sent but JetStream did not acknowledge it (timeout,
-    /// no stream leader, refused): the change may or may not be in the log,
-    /// and counts as not accepted.
+    /// The message was sent and JetStream answered that it did not store it
+    /// (no stream server listens on the subject right now, e.g. while a
+    /// replicated stream has no leader; or a precondition failed): not in
+    /// the log.
+    #[error("change refused by jetstream")]
+    Refused(#[source] NatsError),
+    /// The message was sent but JetStream's acknowledgement did not arrive
+    /// (timeout, connection lost) or was not understood: the change may or
+    /// may not be in the log, and counts as not accepted.
     #[error("change not acknowledged")]
     Ack(#[source] NatsError),
 }

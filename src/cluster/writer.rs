@@ -82,7 +82,8 @@ impl<P, C: PayloadCodec<P>> LogWriter<P, C> {
     ///
     /// [`WriteError::Subject`] or [`WriteError::Encode`] before anything is
     /// sent; [`WriteError::Send`] when the message could not be sent (not in
-    /// the log); [`WriteError::Ack`] when it was sent but not acknowledged —
+    /// the log); [`WriteError::Refused`] when JetStream answered that it did
+    /// not store it; [`WriteError::Ack`] when it was sent but not acknowledged —
     /// the change counts as not accepted, yet may be in the log (see
     /// [`WriteError::may_be_in_log`]).
     ///
@@ -113,7 +114,16 @@ impl<P, C: PayloadCodec<P>> LogWriter<P, C> {
             .send_publish(subject, message)
             .await
             .map_err(|e| WriteError::Send(Box::new(e)))?;
-        let ack = ack.await.map_err(|e| WriteError::Ack(Box::new(e)))?;
+        let ack = ack.await.map_err(|e| {
+            use async_nats::jetstream::context::PublishErrorKind as K;
+            match e.kind() {
+                K::StreamNotFound
+                | K::WrongLastMessageId
+                | K::WrongLastSequence
+                | K::MaxPayloadExceeded => WriteError::Refused(Box::new(e)),
+                _ => WriteError::Ack(Box::new(e)),
+            }
+        })?;
         Ok(ack.sequence)
     }
 }
