@@ -154,7 +154,10 @@ pub use codec::{CodecError, JsonCodec, PayloadCodec};
 pub use error::{
     CheckpointError, NatsError, NodeSubscribeError, OpenError, StartError, WriteError,
 };
-pub use node::{Node, NodeBuilder, NodeStats, DEFAULT_CATCH_UP_TIMEOUT, DEFAULT_CHECKPOINT_EVERY};
+pub use node::{
+    Node, NodeBuilder, NodeStats, DEFAULT_CATCH_UP_TIMEOUT, DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CONSUMER_EXPIRY,
+};
 pub use state::NodeState;
 pub use subject::{escape_token, subject_for, unescape_token, SubjectError, MAX_SUBJECT_LEN};
 pub use writer::LogWriter;

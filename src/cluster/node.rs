@@ -33,6 +33,13 @@ pub const DEFAULT_CATCH_UP_TIMEOUT: Duration = Duration::from_secs(3);
 /// (and whenever the follower has caught up with the stream).
 pub const DEFAULT_CHECKPOINT_EVERY: u64 = 1_000;
 
+/// Default lifetime of one pull request of the follower's consumer: 5 s.
+/// Its idle heartbeat is half that, and the consumer is recreated after two
+/// missed heartbeats, so a node notices within seconds that the server
+/// holding its consumer died (async-nats' own default, 30 s, takes about a
+/// minute).
+pub const DEFAULT_CONSUMER_EXPIRY: Duration = Duration::from_secs(5);
+
 /// First back-off after a consumer error: 50 ms, doubling to 5 s.
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
@@ -46,6 +53,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// | [`checkpoint`](Self::checkpoint) | none: the node rebuilds its state from the log each time it starts |
 /// | [`checkpoint_every`](Self::checkpoint_every) | [`DEFAULT_CHECKPOINT_EVERY`] messages, and whenever caught up |
 /// | [`catch_up_timeout`](Self::catch_up_timeout) | [`DEFAULT_CATCH_UP_TIMEOUT`] (3 s) |
+/// | [`consumer_expiry`](Self::consumer_expiry) | [`DEFAULT_CONSUMER_EXPIRY`] (5 s) |
 /// | [`snapshot_cache_ttl`](Self::snapshot_cache_ttl), [`lag_limit`](Self::lag_limit) | as [`PublisherBuilder`] |
 ///
 /// # Examples
@@ -83,6 +91,7 @@ pub struct NodeBuilder<P, S> {
     checkpoint: Option<PathBuf>,
     checkpoint_every: u64,
     catch_up_timeout: Duration,
+    consumer_expiry: Duration,
     publisher: PublisherBuilder<P>,
 }
 
@@ -159,6 +168,25 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> NodeBuilder<P, S> {
         self
     }
 
+    /// Sets how long one pull request of the follower's consumer lasts
+    /// (at least 1 s): the consumer's idle heartbeat is half of it, and two
+    /// missed heartbeats make it recreate the consumer on a live server.
+    /// Shorter notices a dead server sooner, at the cost of one request per
+    /// expiry while the log is idle.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # #![allow(dead_code)]
+    /// # fn f(b: &mut snapstream::cluster::NodeBuilder<String, Box<dyn snapstream::cluster::NodeState<String>>>) {
+    /// b.consumer_expiry(std::time::Duration::from_secs(2));
+    /// # }
+    /// ```
+    pub fn consumer_expiry(&mut self, expiry: Duration) -> &mut Self {
+        self.consumer_expiry = expiry.max(Duration::from_secs(1));
+        self
+    }
+
     /// See [`PublisherBuilder::snapshot_cache_ttl`].
     ///
     /// # Examples
@@ -221,6 +249,7 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> NodeBuilder<P, S> {
             checkpoint,
             checkpoint_every,
             catch_up_timeout,
+            consumer_expiry,
             mut publisher,
         } = self;
         let (applied_tx, _) = watch::channel(0);
@@ -290,6 +319,7 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> NodeBuilder<P, S> {
             topics: topics.iter().map(|(t, _)| t.clone()).collect(),
             checkpoint,
             checkpoint_every,
+            consumer_expiry,
             stats: stats.clone(),
             stop: stop_rx,
             applied,
@@ -363,6 +393,7 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Node<P, S> {
             checkpoint: None,
             checkpoint_every: DEFAULT_CHECKPOINT_EVERY,
             catch_up_timeout: DEFAULT_CATCH_UP_TIMEOUT,
+            consumer_expiry: DEFAULT_CONSUMER_EXPIRY,
             publisher: Publisher::builder(),
         }
     }
@@ -709,6 +740,7 @@ struct Follower<P, S> {
     topics: HashSet<Topic>,
     checkpoint: Option<PathBuf>,
     checkpoint_every: u64,
+    consumer_expiry: Duration,
     stats: Arc<Counters>,
     stop: watch::Receiver<bool>,
     /// The newest sequence applied (the follower's copy of `Locked::applied`).
@@ -756,12 +788,13 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
         }
     }
 
-    fn ordered(from: Option<u64>) -> OrderedConfig {
+    fn ordered(&self, from: Option<u64>) -> OrderedConfig {
         OrderedConfig {
             deliver_policy: match from {
                 Some(start_sequence) => DeliverPolicy::ByStartSequence { start_sequence },
                 None => DeliverPolicy::All,
             },
+            max_expires: self.consumer_expiry,
             ..Default::default()
         }
     }
@@ -800,7 +833,7 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
         locked.state.reset();
         let mut last = 0;
         if info.state.messages > 0 {
-            let consumer = self.stream.create_consumer(Self::ordered(None)).await?;
+            let consumer = self.stream.create_consumer(self.ordered(None)).await?;
             let mut messages = consumer.messages().await?;
             let mut stop = self.stop.clone();
             loop {
@@ -848,7 +881,7 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
     async fn follow(&mut self, from: u64) -> Result<Next, NatsError> {
         let consumer = self
             .stream
-            .create_consumer(Self::ordered(Some(from)))
+            .create_consumer(self.ordered(Some(from)))
             .await?;
         let mut messages = consumer.messages().await?;
         let mut stop = self.stop.clone();
@@ -863,6 +896,8 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
             };
             let expected = self.applied + 1;
             if seq < expected {
+                // An ordered consumer recreated before its first message
+                // starts again from the stream's first message.
                 tracing::debug!(seq, expected, "message already applied; skipped");
                 continue;
             }
