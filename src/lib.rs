@@ -98,4 +98,7 @@ mod readme_examples {
     #[cfg(feature = "redis")]
     #[doc = include_str!("../docs/queue-redis.md")]
     struct QueueRedis;
+    #[cfg(feature = "jetstream")]
+    #[doc = include_str!("../docs/cluster.md")]
+    struct Cluster;
 }
