@@ -38,7 +38,10 @@
 //! its lock and report the applied sequence as the snapshot's index, so a
 //! snapshot and the live events that follow it agree exactly. One stream
 //! sequence across all topics is naturally increasing per topic, which is
-//! what the publisher requires.
+//! what the publisher requires. (The publisher reports an empty snapshot at
+//! index 0 as index 1, which would hide the change at sequence 1: on a log
+//! that has no change yet, a fresh subscription's snapshot therefore waits
+//! for the first one.)
 //!
 //! # Checkpoints, restarts, rebuilds
 //!
