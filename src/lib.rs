@@ -63,6 +63,7 @@
 //! | `admin` | no | `admin`: metrics through the `metrics` facade, `/metrics`, an axum admin router and live page |
 //! | `net` | no | `net`: a gRPC subscribe service over a publisher (tonic), a resuming remote subscriber and client-side views |
 //! | `net-tls` | no | TLS (rustls) for `net`'s server and client |
+//! | `jetstream` | no | `cluster`: several nodes, each with its own publisher, fed from one NATS JetStream log |
 
 #![warn(missing_docs, rust_2018_idioms, unreachable_pub)]
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -73,6 +74,8 @@ pub(crate) mod sync;
 #[cfg(feature = "admin")]
 pub mod admin;
 pub mod buffer;
+#[cfg(feature = "jetstream")]
+pub mod cluster;
 pub mod event;
 pub mod lease;
 #[cfg(feature = "net")]
@@ -105,4 +108,7 @@ mod readme_examples {
     #[cfg(feature = "net")]
     #[doc = include_str!("../docs/net.md")]
     struct Net;
+    #[cfg(feature = "jetstream")]
+    #[doc = include_str!("../docs/cluster.md")]
+    struct Cluster;
 }

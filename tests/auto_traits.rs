@@ -34,3 +34,46 @@ fn next_future_is_send_across_spawn() {
         assert_eq!(t.await.unwrap(), Some(vec![1]));
     });
 }
+
+#[cfg(feature = "jetstream")]
+#[test]
+fn cluster_handles_and_futures_are_send_sync() {
+    use snapstream::cluster::{
+        JsonCodec, Log, LogWriter, Node, NodeBuilder, NodeState, NodeSubscribeError, StartError,
+        WriteError,
+    };
+    use snapstream::event::{Event, Subject, Topic};
+    use snapstream::publisher::SubscribeRequest;
+
+    struct S;
+    impl NodeState<String> for S {
+        fn apply(&mut self, _: &Event<String>) {}
+        fn snapshot(&self, _: &Topic, _: &Subject) -> Vec<Event<String>> {
+            Vec::new()
+        }
+        fn reset(&mut self) {}
+    }
+    fn is_send<T: Send>(_: &T) {}
+
+    send::<Log>();
+    sync::<Log>();
+    send::<LogWriter<String, JsonCodec>>();
+    sync::<LogWriter<String, JsonCodec>>();
+    send::<NodeBuilder<String, S>>();
+    send::<Node<String, S>>();
+    sync::<Node<String, S>>();
+    send::<WriteError>();
+    sync::<WriteError>();
+    send::<StartError>();
+    send::<NodeSubscribeError>();
+    // The futures can be spawned.
+    #[allow(dead_code)]
+    fn futures(w: LogWriter<String, JsonCodec>, b: NodeBuilder<String, S>, n: Node<String, S>) {
+        let v = String::new();
+        is_send(&w.put("t", "k", &v));
+        is_send(&b.start());
+        is_send(&n.subscribe(SubscribeRequest::new("t", Subject::key("k"))));
+        is_send(&n.wait_for_index(1, std::time::Duration::ZERO));
+        is_send(&n.shutdown());
+    }
+}
