@@ -76,6 +76,8 @@ pub mod admin;
 pub mod buffer;
 #[cfg(feature = "jetstream")]
 pub mod cluster;
+#[cfg(any(feature = "net", feature = "jetstream"))]
+pub mod codec;
 pub mod event;
 pub mod lease;
 #[cfg(feature = "net")]

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::codec::CodecError;
 use super::subject::SubjectError;
+use crate::codec::CodecError;
 use crate::publisher::{RegisterError, SubscribeError};
 
 /// An error of the NATS client, chained as the source.

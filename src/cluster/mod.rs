@@ -142,7 +142,6 @@
 //! ```
 
 mod checkpoint;
-mod codec;
 mod error;
 mod node;
 mod state;
@@ -153,7 +152,7 @@ use std::sync::Arc;
 
 use async_nats::jetstream;
 
-pub use codec::{CodecError, JsonCodec, PayloadCodec};
+pub use crate::codec::{BinaryCodec, CodecError, JsonCodec, PayloadCodec, WireFormat};
 pub use error::{
     CheckpointError, NatsError, NodeSubscribeError, OpenError, StartError, WriteError,
 };

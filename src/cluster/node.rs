@@ -15,11 +15,11 @@ use tokio::sync::{watch, RwLock};
 use tokio::task::JoinHandle;
 
 use super::checkpoint::{self, Checkpoint};
-use super::codec::PayloadCodec;
 use super::error::{NatsError, NodeSubscribeError, StartError};
 use super::state::NodeState;
 use super::subject::parse_subject;
 use super::Log;
+use crate::codec::PayloadCodec;
 use crate::event::{Event, Subject, Topic};
 use crate::publisher::{
     Publisher, PublisherBuilder, SnapshotRequest, SnapshotSink, SubscribeRequest, Subscription,

@@ -6,10 +6,10 @@ use std::sync::Arc;
 use async_nats::jetstream;
 use async_nats::jetstream::message::PublishMessage;
 
-use super::codec::PayloadCodec;
 use super::error::WriteError;
 use super::subject::subject_for;
 use super::Log;
+use crate::codec::PayloadCodec;
 
 /// Writes changes into the log. Cheap to clone; every clone writes to the
 /// same stream.

@@ -17,9 +17,9 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tonic::transport::{Channel, Endpoint};
 
-use super::codec::PayloadCodec;
 use super::error::{ClientError, RemoteError};
 use super::proto;
+use crate::codec::PayloadCodec;
 use crate::event::{Event, EventBatch, Message, Subject, Topic};
 use crate::publisher::LagPolicy;
 

@@ -52,18 +52,17 @@
 //! [`Publisher::refresh_topic`]: crate::publisher::Publisher::refresh_topic
 
 mod client;
-mod codec;
 mod error;
 pub mod proto;
 mod server;
 mod view;
 
+pub use crate::codec::{BinaryCodec, CodecError, JsonCodec, PayloadCodec, WireFormat};
 pub use client::{
     Client, ClientBuilder, RemoteRequest, RemoteSubscriber, DEFAULT_BACKOFF_MAX,
     DEFAULT_BACKOFF_MIN, DEFAULT_CLIENT_KEEPALIVE_INTERVAL, DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
     DEFAULT_CLIENT_MAX_MESSAGE_SIZE, DEFAULT_CONNECT_TIMEOUT, DEFAULT_SUBSCRIBER_BUFFER,
 };
-pub use codec::{BinaryCodec, CodecError, JsonCodec, PayloadCodec, WireFormat};
 pub use error::{ClientError, RemoteError, ServeError};
 pub use server::{
     AllowAll, Authorizer, Server, ServerBuilder, SubscribeService, DEFAULT_KEEPALIVE_INTERVAL,

@@ -14,9 +14,9 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
-use super::codec::PayloadCodec;
 use super::error::{ServeError, LAG_LIMIT_METADATA};
 use super::proto;
+use crate::codec::PayloadCodec;
 use crate::event::{Message, Subject, Topic};
 use crate::publisher::{
     LagPolicy, Publisher, SubscribeError, SubscribeRequest, Subscription, SubscriptionError,

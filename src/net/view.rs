@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::client::{Client, RemoteRequest};
-use super::codec::PayloadCodec;
 use super::error::RemoteError;
+use crate::codec::PayloadCodec;
 use crate::event::{Event, Message, Subject, Topic};
 use crate::publisher::LagPolicy;
 

@@ -1,7 +1,9 @@
-//! Payload codecs: how a payload `P` becomes the bytes of a wire event and back.
+//! Payload codecs: how a payload `P` becomes bytes and back, for everything
+//! that carries events out of the process (features `net` and `jetstream`).
 //!
-//! The server encodes every event's payload with a [`PayloadCodec`]; the
-//! client decodes it with the same codec. [`BinaryCodec`] is the fast default
+//! The network server encodes every event's payload with a [`PayloadCodec`]
+//! and its clients decode it with the same codec; a cluster's log writer
+//! encodes each change into a JetStream message and every node decodes it. [`BinaryCodec`] is the fast default
 //! for the payload types that have an obvious binary form ([`WireFormat`]:
 //! bytes, strings, fixed-width integers); [`JsonCodec`] carries any serde type.
 
@@ -12,7 +14,7 @@ use bytes::Bytes;
 /// # Examples
 ///
 /// ```
-/// use snapstream::net::{BinaryCodec, CodecError, PayloadCodec};
+/// use snapstream::codec::{BinaryCodec, CodecError, PayloadCodec};
 ///
 /// let err = PayloadCodec::<u64>::decode(&BinaryCodec, bytes::Bytes::from_static(b"abc")).unwrap_err();
 /// assert!(matches!(err, CodecError::Length { expected: 8, found: 3 }));
@@ -36,16 +38,17 @@ pub enum CodecError {
     Other(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
-/// Encodes payloads `P` to bytes and decodes them back. The server and its
-/// clients must use the same codec.
+/// Encodes payloads `P` to bytes and decodes them back. A server and its
+/// clients, or a log writer and every node, must use the same codec.
 ///
 /// Obligations: `decode(encode(p))` equals `p`; `decode` never panics on
-/// arbitrary bytes (it returns a [`CodecError`]).
+/// arbitrary bytes (it returns a [`CodecError`]): a cluster node quarantines a
+/// log message that does not decode and goes on.
 ///
 /// # Examples
 ///
 /// ```
-/// use snapstream::net::{BinaryCodec, PayloadCodec};
+/// use snapstream::codec::{BinaryCodec, PayloadCodec};
 ///
 /// let mut buf = Vec::new();
 /// BinaryCodec.encode(&"hello".to_string(), &mut buf).unwrap();
@@ -187,7 +190,7 @@ impl<P: WireFormat> PayloadCodec<P> for BinaryCodec {
 /// # Examples
 ///
 /// ```
-/// use snapstream::net::{JsonCodec, PayloadCodec};
+/// use snapstream::codec::{JsonCodec, PayloadCodec};
 ///
 /// #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
 /// struct Node { name: String, up: bool }
