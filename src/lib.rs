@@ -72,6 +72,7 @@ pub(crate) mod sync;
 pub mod admin;
 pub mod buffer;
 pub mod event;
+pub mod histogram;
 pub mod lease;
 pub mod publisher;
 pub mod queue;
