@@ -409,9 +409,14 @@ async fn hot_path_figures_move() {
         assert!(reader.next().await.unwrap().events().is_some());
     }
     svc.queue.push(Job { n: 1 }).await.unwrap();
-    // Fill the pool without waiting (the worker has not run yet on this
-    // single-threaded runtime), then one add that has to wait for room.
-    let mut n = 0;
+    // One item the worker takes and holds (its handler waits for the
+    // gate); then fill the pool without waiting, and one add that has to
+    // wait for room.
+    pool.try_add("first".into(), 0).unwrap();
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let mut n = 1;
     while pool.try_add(format!("k{n}"), n).is_ok() {
         n += 1;
     }
