@@ -7,8 +7,10 @@
 //! * **on, Prometheus**: the same after a Prometheus recorder is installed
 //!   globally, rendering `/metrics` text every 10 ms.
 //!
-//! The admin reads the parts' own figures when scraped and adds nothing to
-//! the hot paths, so the differences measure the scrapes themselves.
+//! The admin reads the parts' own figures when scraped; the few counters
+//! and histograms the hot paths keep (lag closes, publish batch sizes,
+//! snapshot build and push times, pool and lease waits) are compiled in
+//! with or without the feature, so the differences measure the scrapes.
 //! Rounds interleave the modes (the global recorder cannot be removed, so
 //! its rounds come last, each paired with an "off" run).
 //!

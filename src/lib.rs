@@ -79,6 +79,7 @@ pub mod cluster;
 #[cfg(any(feature = "net", feature = "jetstream"))]
 pub mod codec;
 pub mod event;
+pub mod histogram;
 pub mod lease;
 #[cfg(feature = "net")]
 pub mod net;

@@ -108,8 +108,10 @@ async fn every_json_endpoint_has_its_shape() {
             "cached",
             "keys",
             "lag",
+            "lagged",
             "max_lag",
             "published",
+            "resnapshotted",
             "retained",
             "subscribers",
             "topic"
@@ -167,6 +169,7 @@ async fn every_json_endpoint_has_its_shape() {
     assert_eq!(
         keys(&pools["keyed"][0]),
         [
+            "add_waits",
             "handled",
             "in_flight",
             "keys",
@@ -178,6 +181,8 @@ async fn every_json_endpoint_has_its_shape() {
     );
     assert_eq!(pools["keyed"][0]["workers"], 2);
     assert_eq!(pools["lease"][0]["name"], "conns");
+    assert_eq!(pools["lease"][0]["waits"], 0);
+    assert_eq!(pools["keyed"][0]["add_waits"], 0);
     assert_eq!(
         pools["lease"][0]["watched"][0],
         json!({"key": "db", "target": 3, "active": 0})

@@ -271,3 +271,219 @@ async fn a_global_recorder_sees_the_figures() {
         "the service's own metrics too"
     );
 }
+
+/// A histogram's `+Inf` bucket, count and sum, checking on the way that its
+/// buckets are cumulative and end at the count.
+fn histogram(m: &BTreeMap<Series, f64>, name: &str, label: (&str, &str)) -> (f64, f64) {
+    let mut buckets: Vec<(f64, f64)> = m
+        .iter()
+        .filter(|((n, l), _)| {
+            n == &format!("{name}_bucket")
+                && l.iter().any(|(k, v)| (k.as_str(), v.as_str()) == label)
+        })
+        .map(|((_, l), v)| {
+            let le = &l.iter().find(|(k, _)| k == "le").expect("le label").1;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            };
+            (le, *v)
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap());
+    assert!(buckets.len() > 1, "{name} has buckets");
+    assert!(
+        buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+        "{name} is cumulative"
+    );
+    let count = get(m, &format!("{name}_count"), &[label]);
+    assert_eq!(buckets.last().unwrap(), &(f64::INFINITY, count));
+    (count, get(m, &format!("{name}_sum"), &[label]))
+}
+
+/// The figures the hot paths count: lag closes and re-snapshots, publish
+/// batch sizes, snapshot build times, push latency, pool and lease waits.
+#[tokio::test]
+async fn hot_path_figures_move() {
+    use snapstream::event::Event;
+    use snapstream::lease::LeasePool;
+    use snapstream::publisher::{
+        LagPolicy, Publisher, SnapshotRequest, SnapshotSink, SubscribeRequest,
+    };
+    use snapstream::workpool::KeyedPool;
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+
+    let svc = Service::start(2).await;
+    let mut b = Publisher::<u64>::builder();
+    b.lag_limit(Some(2));
+    b.register("lag", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async {
+        Ok(1)
+    })
+    .unwrap();
+    let publisher = b.build();
+    // A keyed pool of capacity 1 whose handler waits for a permit.
+    let gate = Arc::new(Semaphore::new(0));
+    let g = gate.clone();
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(1)
+        .build(move |_k: String, _v: u64| {
+            let g = g.clone();
+            async move { g.acquire().await.unwrap().forget() }
+        })
+        .unwrap();
+    let leases = LeasePool::new();
+    leases.set("db".to_string(), 1);
+    let admin = snapstream::admin::Admin::builder()
+        .publisher(&publisher)
+        .keyed_pool("gated", &pool)
+        .lease_pool("one", &leases, ["db".to_string()])
+        .queue(&svc.queue)
+        .build()
+        .unwrap();
+    let url = format!("http://{}/metrics", serve(admin.router()).await);
+    let topic = ("topic", "lag");
+    let queue = ("queue", QUEUE);
+
+    let before = scrape(&url).await;
+    assert_eq!(
+        get(
+            &before,
+            "snapstream_topic_lagged_subscribers_total",
+            &[topic]
+        ),
+        0.0
+    );
+    assert_eq!(
+        histogram(&before, "snapstream_topic_publish_batch_events", topic),
+        (0.0, 0.0)
+    );
+    assert_eq!(
+        histogram(&before, "snapstream_queue_push_duration_seconds", queue).0,
+        0.0
+    );
+    assert_eq!(
+        get(
+            &before,
+            "snapstream_pool_add_waits_total",
+            &[("pool", "gated")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        get(
+            &before,
+            "snapstream_lease_acquire_waits_total",
+            &[("pool", "one")]
+        ),
+        0.0
+    );
+
+    // Two subscribers that never read, one of each lag policy; a reader
+    // that waits for its snapshot first (one build).
+    let mut reader = publisher
+        .subscribe(SubscribeRequest::new("lag", "k"))
+        .unwrap();
+    let _closed = publisher
+        .subscribe(SubscribeRequest::new("lag", "k"))
+        .unwrap();
+    let _resnap = publisher
+        .subscribe(SubscribeRequest::new("lag", "k").on_lag(LagPolicy::Resnapshot))
+        .unwrap();
+    assert!(reader.next().await.unwrap().is_framing());
+    // Five publishes (one of two events, four of one), which the reader
+    // keeps up with and the other two fall behind by more than the limit.
+    publisher
+        .publish(vec![
+            Event::new("lag", "k", 2, 0),
+            Event::new("lag", "k", 2, 1),
+        ])
+        .unwrap();
+    assert!(reader.next().await.unwrap().events().is_some());
+    for i in 3..7 {
+        publisher
+            .publish(vec![Event::new("lag", "k", i, 0)])
+            .unwrap();
+        assert!(reader.next().await.unwrap().events().is_some());
+    }
+    svc.queue.push(Job { n: 1 }).await.unwrap();
+    // One item the worker takes and holds (its handler waits for the
+    // gate); then fill the pool without waiting, and one add that has to
+    // wait for room.
+    pool.try_add("first".into(), 0).unwrap();
+    while pool.stats().in_flight == 0 {
+        tokio::task::yield_now().await;
+    }
+    let mut n = 1;
+    while pool.try_add(format!("k{n}"), n).is_ok() {
+        n += 1;
+    }
+    assert_eq!(pool.stats().add_waits, 0, "try_add never waits");
+    let third = tokio::spawn({
+        let pool = pool.clone();
+        async move { pool.add("last".into(), n).await.unwrap() }
+    });
+    // A lease held, and an acquire that waits for it.
+    let held = leases.try_acquire("db".to_string()).unwrap();
+    let waiter = tokio::spawn({
+        let leases = leases.clone();
+        async move { leases.acquire("db".to_string()).await.unwrap().id() }
+    });
+    // Poll the waiters until they counted their wait (no timing: the
+    // counters are the signal).
+    while pool.stats().add_waits == 0 || leases.waits() == 0 {
+        tokio::task::yield_now().await;
+    }
+    gate.add_permits(n as usize + 1);
+    third.await.unwrap();
+    drop(held);
+    waiter.await.unwrap();
+
+    let after = scrape(&url).await;
+    assert_eq!(
+        get(
+            &after,
+            "snapstream_topic_lagged_subscribers_total",
+            &[topic]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "snapstream_topic_resnapshotted_subscribers_total",
+            &[topic]
+        ),
+        1.0
+    );
+    assert_eq!(
+        histogram(&after, "snapstream_topic_publish_batch_events", topic),
+        (5.0, 6.0),
+        "five publish calls, six events"
+    );
+    let (builds, seconds) = histogram(&after, "snapstream_topic_snapshot_build_seconds", topic);
+    assert!(builds >= 1.0, "the reader's snapshot was built");
+    assert!(seconds >= 0.0);
+    assert_eq!(
+        histogram(&after, "snapstream_queue_push_duration_seconds", queue).0,
+        1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "snapstream_pool_add_waits_total",
+            &[("pool", "gated")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        get(
+            &after,
+            "snapstream_lease_acquire_waits_total",
+            &[("pool", "one")]
+        ),
+        1.0
+    );
+}

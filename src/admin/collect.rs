@@ -3,10 +3,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::fmt::Write as _;
+
 use serde::Serialize;
 
 use super::Inner;
 use crate::event::Subject;
+use crate::histogram::Histogram;
 use crate::publisher::KeyStats;
 
 /// Every figure the admin watches, read at one moment; what
@@ -54,6 +57,11 @@ pub struct TopicView {
     pub published: u64,
     /// How many keys' furthest-behind subscriber lags by how much.
     pub lag: Vec<LagBucket>,
+    /// Subscribers closed for lag (`Lagged`) since the publisher was built.
+    pub lagged: u64,
+    /// Subscribers detached for lag to re-snapshot since the publisher was
+    /// built.
+    pub resnapshotted: u64,
 }
 
 /// Keys whose furthest-behind subscriber lags by at most `upto` batches (and
@@ -129,6 +137,8 @@ pub struct PoolView {
     pub panicked: u64,
     /// Live workers.
     pub workers: usize,
+    /// Adds that had to wait for room.
+    pub add_waits: u64,
 }
 
 /// One lease pool's figures.
@@ -139,6 +149,8 @@ pub struct LeasePoolView {
     pub name: String,
     /// Keys the pool keeps (a target, leases or waiters).
     pub keys: usize,
+    /// Acquires that had to wait.
+    pub waits: u64,
     /// The counts of the keys it was given to watch.
     pub watched: Vec<LeaseKeyView>,
 }
@@ -251,6 +263,8 @@ pub(crate) async fn overview(inner: &Inner) -> Overview {
                         keys,
                     })
                     .collect(),
+                lagged: t.lagged,
+                resnapshotted: t.resnapshotted,
             });
         }
         seen.last = last;
@@ -265,12 +279,14 @@ pub(crate) async fn overview(inner: &Inner) -> Overview {
             handled: s.handled,
             panicked: s.panicked,
             workers: s.workers,
+            add_waits: s.add_waits,
         });
     }
     for (name, l) in &inner.leases {
         view.lease_pools.push(LeasePoolView {
             name: name.clone(),
             keys: l.keys(),
+            waits: l.waits(),
             watched: l
                 .counts()
                 .into_iter()
@@ -343,6 +359,14 @@ pub(crate) fn describe() {
         "Batches appended to the topic's watched keys, as seen by the scrapes"
     );
     describe_counter!(
+        "snapstream_topic_lagged_subscribers_total",
+        "Subscribers of the topic closed for lag (Lagged)"
+    );
+    describe_counter!(
+        "snapstream_topic_resnapshotted_subscribers_total",
+        "Subscribers of the topic detached for lag to re-snapshot"
+    );
+    describe_counter!(
         "snapstream_snapshot_builds_total",
         "Snapshot builds started (snapshot cache misses)"
     );
@@ -371,7 +395,15 @@ pub(crate) fn describe() {
         "snapstream_pool_panics_total",
         "Items whose handler panicked"
     );
+    describe_counter!(
+        "snapstream_pool_add_waits_total",
+        "Adds that had to wait for room in the pool"
+    );
     describe_gauge!("snapstream_lease_keys", "Keys the lease pool keeps");
+    describe_counter!(
+        "snapstream_lease_acquire_waits_total",
+        "Lease acquires that had to wait"
+    );
     describe_gauge!("snapstream_lease_target", "Target leases of the key");
     describe_gauge!("snapstream_lease_active", "Leases of the key held");
     describe_gauge!("snapstream_queue_ready", "Items ready in the base queue");
@@ -421,6 +453,8 @@ pub(crate) fn record(inner: &Inner, view: &Overview) {
         gauge!("snapstream_topic_snapshots_cached", &l).set(t.cached as f64);
         gauge!("snapstream_topic_snapshot_builds_running", &l).set(t.building as f64);
         counter!("snapstream_topic_published_batches_total", &l).absolute(t.published);
+        counter!("snapstream_topic_lagged_subscribers_total", &l).absolute(t.lagged);
+        counter!("snapstream_topic_resnapshotted_subscribers_total", &l).absolute(t.resnapshotted);
     }
     for p in &view.pools {
         let l = [("pool", p.name.clone())];
@@ -430,9 +464,12 @@ pub(crate) fn record(inner: &Inner, view: &Overview) {
         gauge!("snapstream_pool_workers", &l).set(p.workers as f64);
         counter!("snapstream_pool_handled_total", &l).absolute(p.handled);
         counter!("snapstream_pool_panics_total", &l).absolute(p.panicked);
+        counter!("snapstream_pool_add_waits_total", &l).absolute(p.add_waits);
     }
     for p in &view.lease_pools {
         gauge!("snapstream_lease_keys", "pool" => p.name.clone()).set(p.keys as f64);
+        counter!("snapstream_lease_acquire_waits_total", "pool" => p.name.clone())
+            .absolute(p.waits);
         for k in &p.watched {
             let l = [("pool", p.name.clone()), ("key", k.key.clone())];
             gauge!("snapstream_lease_target", &l).set(k.target as f64);
@@ -457,4 +494,74 @@ pub(crate) fn record(inner: &Inner, view: &Overview) {
         counter!("snapstream_queue_retries_total", &l).absolute(q.retries);
         counter!("snapstream_queue_dead_lettered_total", &l).absolute(q.dead_lettered);
     }
+}
+
+/// The histograms `/metrics` renders itself: the `metrics` facade's
+/// histograms take single observations, and these are bucket counts kept by
+/// the hot paths, so they are written here in the exposition format.
+const HISTOGRAMS: [(&str, &str); 3] = [
+    (
+        "snapstream_topic_publish_batch_events",
+        "Events per publish call to the topic",
+    ),
+    (
+        "snapstream_topic_snapshot_build_seconds",
+        "Time the topic's snapshot handler took, start to end or failure",
+    ),
+    (
+        "snapstream_queue_push_duration_seconds",
+        "Time the base queue took to store a push",
+    ),
+];
+
+/// Renders the histograms in the Prometheus text format (after the
+/// exporter's text, whose names do not overlap).
+pub(crate) fn render_histograms(inner: &Inner, out: &mut String) {
+    let mut by_name: [Vec<(&str, String, Histogram)>; 3] = Default::default();
+    if let Some(p) = &inner.publisher {
+        for t in p.stats().topics {
+            let name = t.topic.as_str().to_owned();
+            if let Some((sizes, builds)) = p.histograms(&name) {
+                by_name[0].push(("topic", name.clone(), sizes));
+                by_name[1].push(("topic", name, builds));
+            }
+        }
+    }
+    for (name, q) in &inner.queues {
+        by_name[2].push(("queue", name.clone(), q.push_latency()));
+    }
+    for ((name, help), series) in HISTOGRAMS.iter().zip(by_name) {
+        if series.is_empty() {
+            continue;
+        }
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} histogram");
+        for (label, value, h) in series {
+            let value = escape(&value);
+            for b in &h.buckets {
+                let _ = writeln!(
+                    out,
+                    "{name}_bucket{{{label}=\"{value}\",le=\"{}\"}} {}",
+                    b.le, b.count
+                );
+            }
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(out, "{name}_sum{{{label}=\"{value}\"}} {}", h.sum);
+            let _ = writeln!(out, "{name}_count{{{label}=\"{value}\"}} {}", h.count);
+        }
+    }
+}
+
+/// A label value escaped for the exposition format.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }

@@ -504,7 +504,7 @@ impl Admin {
     /// See the [module docs](self).
     pub async fn render_metrics(&self) -> String {
         let view = self.overview().await;
-        match &self.inner.exporter {
+        let mut text = match &self.inner.exporter {
             Exporter::Global(handle) => {
                 collect::record(&self.inner, &view);
                 handle.render()
@@ -513,7 +513,9 @@ impl Admin {
                 metrics::with_local_recorder(recorder, || collect::record(&self.inner, &view));
                 recorder.handle().render()
             }
-        }
+        };
+        collect::render_histograms(&self.inner, &mut text);
+        text
     }
 
     /// The router: the page at `/`, `GET /metrics`, and the JSON API under

@@ -8,6 +8,7 @@ use futures::future::BoxFuture;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::histogram::Histogram;
 use crate::lease::{Counts, LeasePool};
 use crate::publisher::{Publisher, PublisherStats};
 use crate::queue::{Backend, DeadLetter, ItemId, QueueError, QueueLen, WorkError, WorkQueue};
@@ -15,11 +16,16 @@ use crate::workpool::{self, KeyedPool};
 
 pub(crate) trait PublisherSource: Send + Sync {
     fn stats(&self) -> PublisherStats;
+    /// The topic's publish batch sizes and snapshot build times.
+    fn histograms(&self, topic: &str) -> Option<(Histogram, Histogram)>;
 }
 
 impl<P: Send + Sync + 'static> PublisherSource for Publisher<P> {
     fn stats(&self) -> PublisherStats {
         Publisher::stats(self)
+    }
+    fn histograms(&self, topic: &str) -> Option<(Histogram, Histogram)> {
+        Some((self.batch_sizes(topic)?, self.snapshot_build_times(topic)?))
     }
 }
 
@@ -41,6 +47,7 @@ where
 pub(crate) trait LeaseSource: Send + Sync {
     fn keys(&self) -> usize;
     fn counts(&self) -> Vec<(String, Counts)>;
+    fn waits(&self) -> u64;
 }
 
 pub(crate) struct Leases<K: Hash + Eq + Clone> {
@@ -54,6 +61,9 @@ where
 {
     fn keys(&self) -> usize {
         self.pool.keys()
+    }
+    fn waits(&self) -> u64 {
+        self.pool.waits()
     }
     fn counts(&self) -> Vec<(String, Counts)> {
         self.keys
@@ -75,6 +85,7 @@ pub(crate) trait AdminQueue: Send + Sync {
     fn dead_lettered(&self) -> u64;
     fn pushed(&self) -> u64;
     fn acked(&self) -> u64;
+    fn push_latency(&self) -> Histogram;
     fn len(&self) -> BoxFuture<'_, Result<QueueLen, QueueError>>;
     fn dead_count(&self) -> BoxFuture<'_, Result<u64, QueueError>>;
     fn dead_letters(&self) -> BoxFuture<'_, Result<Vec<DeadLetter>, WorkError>>;
@@ -137,6 +148,9 @@ where
     }
     fn acked(&self) -> u64 {
         self.queue.acked()
+    }
+    fn push_latency(&self) -> Histogram {
+        self.queue.push_latency()
     }
     fn len(&self) -> BoxFuture<'_, Result<QueueLen, QueueError>> {
         Box::pin(self.queue.len())

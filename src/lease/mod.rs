@@ -74,7 +74,7 @@ use std::task::{Context, Poll, Waker};
 use futures::stream::FusedStream;
 use futures::Stream;
 
-use crate::sync::{Arc, Mutex};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
 use state::State;
 
 /// Target and active lease counts of one key.
@@ -131,6 +131,8 @@ pub enum TryAcquireError {
 
 struct Shared<K> {
     state: Mutex<State<K>>,
+    /// `acquire` calls that had to wait (counted under the state lock).
+    waits: AtomicU64,
 }
 
 impl<K: Hash + Eq + Clone> Shared<K> {
@@ -207,6 +209,7 @@ impl<K: Hash + Eq + Clone> LeasePool<K> {
         LeasePool {
             shared: Arc::new(Shared {
                 state: Mutex::new(State::new()),
+                waits: AtomicU64::new(0),
             }),
         }
     }
@@ -272,6 +275,32 @@ impl<K: Hash + Eq + Clone> LeasePool<K> {
         self.shared.state.lock().groups.len()
     }
 
+    /// How many [`acquire`](Self::acquire) calls had to wait (found no
+    /// headroom, or others waiting, when first polled), since the pool was
+    /// made.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::lease::LeasePool;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pool = LeasePool::new();
+    /// let waiter = tokio::spawn({
+    ///     let pool = pool.clone();
+    ///     async move { pool.acquire("k").await.unwrap().id() }
+    /// });
+    /// tokio::task::yield_now().await; // the waiter polls and waits
+    /// pool.set("k", 1);
+    /// waiter.await.unwrap();
+    /// assert_eq!(pool.waits(), 1);
+    /// # }
+    /// ```
+    pub fn waits(&self) -> u64 {
+        self.shared.waits.load(Ordering::Relaxed)
+    }
+
     fn lease(&self, key: K, id: u64) -> Lease<K> {
         Lease {
             id,
@@ -314,6 +343,7 @@ impl<K: Hash + Eq + Clone> LeasePool<K> {
             shared: &self.shared,
             id: None,
         };
+        let mut waited = false;
         poll_fn(|cx| {
             let res = self
                 .shared
@@ -323,7 +353,13 @@ impl<K: Hash + Eq + Clone> LeasePool<K> {
             match res {
                 state::Poll::Granted(k, id) => Poll::Ready(Ok(self.lease(k, id))),
                 state::Poll::Stopped => Poll::Ready(Err(AcquireError::Stopped)),
-                state::Poll::Pending => Poll::Pending,
+                state::Poll::Pending => {
+                    if !waited {
+                        waited = true;
+                        self.shared.waits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Poll::Pending
+                }
             }
         })
         .await

@@ -119,10 +119,12 @@ pub use error::{
 pub use snapshot::{SnapshotHandler, SnapshotRequest, SnapshotSink};
 pub use stats::{KeyStats, PublisherStats, TopicStats};
 
+use subscription::Detached;
 pub use subscription::{LagPolicy, SubscribeRequest, Subscription, SubscriptionError};
 
 use crate::buffer::{EventBuffer, ReadError};
 use crate::event::{Event, EventBatch, Subject, Topic};
+use crate::histogram::{AtomicHistogram, Histogram};
 use crate::sync::Mutex;
 use chain::{Buf, Cur, Item};
 use subscription::{Registry, SubShared, SubStart};
@@ -257,6 +259,7 @@ impl<P: Send + Sync + 'static> PublisherBuilder<P> {
                     keys: HashMap::new(),
                     last_index: None,
                 }),
+                counters: TopicCounters::default(),
             })
             .collect();
         let by_name = topics
@@ -502,6 +505,54 @@ impl<P: Send + Sync + 'static> Publisher<P> {
     pub fn stats(&self) -> PublisherStats {
         self.inner.stats()
     }
+
+    /// Events per publish call to `topic` (a call's events of that topic,
+    /// for a call over several topics); `None` for an unknown topic.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::Event;
+    /// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+    ///
+    /// let mut b = Publisher::<u8>::builder();
+    /// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u8>| async { Ok(1) }).unwrap();
+    /// let publisher = b.build();
+    /// publisher.publish(vec![Event::new("t", "k", 1, 7)]).unwrap();
+    /// let h = publisher.batch_sizes("t").unwrap();
+    /// assert_eq!((h.count, h.sum), (1, 1.0));
+    /// assert!(publisher.batch_sizes("nope").is_none());
+    /// ```
+    pub fn batch_sizes(&self, topic: &str) -> Option<Histogram> {
+        let t = self
+            .inner
+            .topics
+            .iter()
+            .position(|e| e.topic.as_str() == topic)?;
+        Some(self.inner.topics[t].counters.batch_sizes.snapshot())
+    }
+
+    /// How long the snapshot builds of `topic` took (the handler's run, to
+    /// its end or failure), in seconds; `None` for an unknown topic.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+    ///
+    /// let mut b = Publisher::<u8>::builder();
+    /// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u8>| async { Ok(1) }).unwrap();
+    /// let publisher = b.build();
+    /// assert_eq!(publisher.snapshot_build_times("t").unwrap().count, 0);
+    /// ```
+    pub fn snapshot_build_times(&self, topic: &str) -> Option<Histogram> {
+        let t = self
+            .inner
+            .topics
+            .iter()
+            .position(|e| e.topic.as_str() == topic)?;
+        Some(self.inner.topics[t].counters.build_times.snapshot())
+    }
 }
 
 /// Subscriptions by token, for [`Publisher::force_close_token`].
@@ -524,6 +575,32 @@ pub(crate) struct TopicEntry<P> {
     pub(crate) handler: Arc<dyn SnapshotHandler<P>>,
     wildcard: bool,
     state: Mutex<TopicState<P>>,
+    pub(crate) counters: TopicCounters,
+}
+
+/// A topic's counters of rare events and its histograms: relaxed atomics,
+/// touched once per publish call, lag check or snapshot build — never per
+/// delivery.
+pub(crate) struct TopicCounters {
+    /// Subscribers closed with `Lagged`.
+    lagged: AtomicU64,
+    /// Subscribers detached for lag to re-snapshot.
+    resnapshotted: AtomicU64,
+    /// Events per publish call (the topic's part of it).
+    batch_sizes: AtomicHistogram,
+    /// Snapshot handler run time, start to end (or failure).
+    pub(crate) build_times: AtomicHistogram,
+}
+
+impl Default for TopicCounters {
+    fn default() -> Self {
+        Self {
+            lagged: AtomicU64::new(0),
+            resnapshotted: AtomicU64::new(0),
+            batch_sizes: AtomicHistogram::sizes(),
+            build_times: AtomicHistogram::durations(),
+        }
+    }
 }
 
 struct TopicState<P> {
@@ -679,6 +756,10 @@ impl<P: Send + Sync + 'static> Inner<P> {
         }
         if let [(t, _, _)] = spans[..] {
             // One topic (the common case): no grouping.
+            self.topics[t]
+                .counters
+                .batch_sizes
+                .record(events.len() as u64);
             self.route(t, &mut states[0], events);
             return Ok(());
         }
@@ -689,6 +770,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
             groups[g].push(e);
         }
         for ((state, evs), &(t, _, _)) in states.iter_mut().zip(groups).zip(&spans) {
+            self.topics[t].counters.batch_sizes.record(evs.len() as u64);
             self.route(t, state, evs);
         }
         Ok(())
@@ -717,7 +799,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
                         .iter()
                         .take_while(|e| e.index() == index)
                         .count();
-                    self.append(ks, index, events[i..i + run].to_vec());
+                    self.append(t, ks, index, events[i..i + run].to_vec());
                     i += run;
                 }
             }
@@ -726,7 +808,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
             let e = events.into_iter().next().expect("one event");
             if let Some(ks) = state.keys.get_mut(e.subject()) {
                 let index = e.index();
-                self.append(ks, index, vec![e]);
+                self.append(t, ks, index, vec![e]);
             }
             return;
         }
@@ -746,31 +828,45 @@ impl<P: Send + Sync + 'static> Inner<P> {
                 while let Some(e) = evs.next_if(|e| e.index() == index) {
                     run.push(e);
                 }
-                self.append(ks, index, run);
+                self.append(t, ks, index, run);
             }
         }
     }
 
-    fn append(&self, ks: &mut KeyState<P>, index: u64, run: Vec<Event<P>>) {
+    fn append(&self, t: usize, ks: &mut KeyState<P>, index: u64, run: Vec<Event<P>>) {
         ks.live.append_one(Item::Batch(EventBatch::new(run)));
         ks.last_index = Some(index);
         if let Some(limit) = self.lag_limit {
             let seq = ks.live.seq();
             if seq >= ks.next_check {
                 ks.next_check = seq + (limit / 2).max(1);
-                self.check_lag(ks, seq, limit);
+                self.check_lag(t, ks, seq, limit);
             }
         }
     }
 
     /// Detaches every subscriber of `ks` more than `limit` batches behind and
     /// evicts a cached chain longer than that.
-    fn check_lag(&self, ks: &mut KeyState<P>, seq: u64, limit: u64) {
+    fn check_lag(&self, t: usize, ks: &mut KeyState<P>, seq: u64, limit: u64) {
         let mut released = Vec::new();
+        let mut resnapshotted = 0;
         for sub in ks.subs.values() {
-            if sub.detach_if_lagging(seq, limit) {
-                released.push(sub.clone());
+            match sub.detach_if_lagging(seq, limit) {
+                Detached::No => {}
+                Detached::Resnapshot => resnapshotted += 1,
+                Detached::Closed => released.push(sub.clone()),
             }
+        }
+        let counters = &self.topics[t].counters;
+        if resnapshotted > 0 {
+            counters
+                .resnapshotted
+                .fetch_add(resnapshotted, Ordering::Relaxed);
+        }
+        if !released.is_empty() {
+            counters
+                .lagged
+                .fetch_add(released.len() as u64, Ordering::Relaxed);
         }
         for sub in &released {
             ks.subs.remove(&sub.id);
@@ -1026,6 +1122,8 @@ impl<P: Send + Sync + 'static> Inner<P> {
                 topic: entry.topic.clone(),
                 subscribers: keys.iter().map(|k| k.subscribers).sum(),
                 keys,
+                lagged: entry.counters.lagged.load(Ordering::Relaxed),
+                resnapshotted: entry.counters.resnapshotted.load(Ordering::Relaxed),
             });
         }
         PublisherStats {

@@ -222,11 +222,16 @@ pub(crate) async fn build<P: Send + Sync + 'static>(
     let span = tracing::debug_span!("snapshot", topic = %request.topic, subject = %subject, id);
     async move {
         let handler = inner.topics[topic].handler.clone();
+        let started = std::time::Instant::now();
         let slot = Arc::new(Mutex::new(Some(snap)));
         let sink = SnapshotSink { buf: slot.clone() };
         let result = AssertUnwindSafe(handler.snapshot(request, sink))
             .catch_unwind()
             .await;
+        inner.topics[topic]
+            .counters
+            .build_times
+            .record_duration(started.elapsed());
         let Some(mut snap) = slot.lock().take() else {
             return;
         };

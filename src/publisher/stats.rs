@@ -61,6 +61,14 @@ pub struct TopicStats {
     pub subscribers: usize,
     /// Keys that currently have a buffer (someone subscribes), sorted.
     pub keys: Vec<KeyStats>,
+    /// Subscribers closed with
+    /// [`SubscriptionError::Lagged`](super::SubscriptionError::Lagged) since
+    /// the publisher was built.
+    pub lagged: u64,
+    /// Subscribers detached for lag to re-snapshot
+    /// ([`LagPolicy::Resnapshot`](super::LagPolicy::Resnapshot)) since the
+    /// publisher was built.
+    pub resnapshotted: u64,
 }
 
 /// Figures of one (topic, subject) buffer.

@@ -206,6 +206,17 @@ struct SubState<P> {
     new_snapshot: bool,
 }
 
+/// What [`SubShared::detach_if_lagging`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Detached {
+    /// Not lagging (or already detached or closed).
+    No,
+    /// Detached; it re-snapshots on its next poll.
+    Resnapshot,
+    /// Closed with `Lagged`: release it.
+    Closed,
+}
+
 /// The part of a subscription the publisher reaches (to close or detach it).
 pub(crate) struct SubShared<P> {
     pub(crate) id: u64,
@@ -300,22 +311,23 @@ impl<P> SubShared<P> {
     }
 
     /// Detaches the cursor when more than `limit` behind. Returns whether
-    /// the subscription is now closed (and must be released).
-    pub(crate) fn detach_if_lagging(&self, seq: u64, limit: u64) -> bool {
+    /// it did, and whether the subscription is now closed (and must be
+    /// released) or re-snapshots.
+    pub(crate) fn detach_if_lagging(&self, seq: u64, limit: u64) -> Detached {
         let (waker, closed) = {
             let mut st = self.state.lock();
             if st.closed.is_some() || st.cursor.is_none() || Self::lag_of(&st, seq) <= limit {
-                return false;
+                return Detached::No;
             }
             st.cursor = None;
             let closed = match self.policy {
                 LagPolicy::Resnapshot => {
                     st.resnapshot = true;
-                    false
+                    Detached::Resnapshot
                 }
                 LagPolicy::Error => {
                     st.closed = Some(SubscriptionError::Lagged { limit });
-                    true
+                    Detached::Closed
                 }
             };
             (st.waker.take(), closed)

@@ -24,6 +24,7 @@ use super::base::{
     QueueError, QueueLen, QueueOptions,
 };
 use super::memory::IdHash;
+use crate::histogram::{AtomicHistogram, Histogram};
 
 /// How a [`WorkQueue`] batches, scales and retries.
 ///
@@ -490,6 +491,8 @@ struct Inner<T> {
     pushed: AtomicU64,
     /// Items acknowledged as handled.
     acked: AtomicU64,
+    /// How long the base queue took to store a push.
+    push_latency: AtomicHistogram,
     /// The generation of the next push to start. An atomic, so that a push
     /// locks `pending` once (when it ends), not also when it starts.
     push_gen: AtomicU64,
@@ -689,6 +692,7 @@ where
             dead_lettered: AtomicU64::new(0),
             pushed: AtomicU64::new(0),
             acked: AtomicU64::new(0),
+            push_latency: AtomicHistogram::durations(),
             push_gen: AtomicU64::new(0),
             pending: Mutex::new(Pending::default()),
             dispatcher: Mutex::new(None),
@@ -1207,6 +1211,30 @@ impl<T> WorkQueue<T> {
     pub fn acked(&self) -> u64 {
         self.inner.acked.load(Ordering::Relaxed)
     }
+
+    /// How long the base queue took to store each item this work queue
+    /// stored (the ones [`pushed`](Self::pushed) counts, including the
+    /// wait for room), in seconds. Refused pushes are not in it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use snapstream::queue::{MemoryQueue, QueueOptions, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// # let base = Arc::new(MemoryQueue::new("q", QueueOptions::default()).unwrap());
+    /// # let dead = Arc::new(MemoryQueue::new("q.dead", QueueOptions::default()).unwrap());
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<_>| async { Vec::new() })
+    ///     .unwrap();
+    /// q.push(1u32).await.unwrap();
+    /// assert_eq!(q.push_latency().count, 1);
+    /// # q.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub fn push_latency(&self) -> Histogram {
+        self.inner.push_latency.snapshot()
+    }
 }
 
 fn to_dead_letter(d: Delivery) -> DeadLetter {
@@ -1268,7 +1296,9 @@ impl<T> Inner<T> {
         // push in flight (the item reaches it through the base queue).
         let gen = self.push_gen.fetch_add(1, Ordering::SeqCst);
         let mut guard = Pushing(&self.pending, gen, None);
+        let started = std::time::Instant::now();
         let id = self.base.push(item, timeout).await?;
+        self.push_latency.record_duration(started.elapsed());
         self.pushed.fetch_add(1, Ordering::Relaxed);
         guard.2 = Some(id);
         Ok(id)

@@ -219,6 +219,9 @@ pub struct Stats {
     pub panicked: u64,
     /// Live workers.
     pub workers: usize,
+    /// Calls to [`add`](KeyedPool::add) that had to wait for room (the
+    /// pool was at capacity when they first tried), since it was built.
+    pub add_waits: u64,
 }
 
 type PanicHook<K> = std::sync::Arc<dyn Fn(HandlerPanic<K>) + Send + Sync>;
@@ -280,6 +283,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             shared: self,
             id: None,
         };
+        let mut waited = false;
         poll_fn(|cx| {
             let (key, item) = slot.take().expect("polled after completion");
             let mut wakes = Wakeups::default();
@@ -288,6 +292,10 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
                 Ok(()) => Poll::Ready(Ok(())),
                 Err((Refused::Stopped, key, item)) => Poll::Ready(Err(StoppedError { key, item })),
                 Err((Refused::Full, key, item)) => {
+                    if !waited {
+                        waited = true;
+                        st.add_waits += 1;
+                    }
                     st.room.register(&mut guard.id, cx.waker());
                     slot = Some((key, item));
                     Poll::Pending
@@ -397,6 +405,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             handled: st.handled,
             panicked: st.panicked,
             workers: st.workers_live,
+            add_waits: st.add_waits,
         }
     }
 

@@ -109,6 +109,8 @@ pub(crate) struct State<K, T> {
     seq: u64,
     pub(crate) handled: u64,
     pub(crate) panicked: u64,
+    /// `add` calls that found the pool full (counted once per call).
+    pub(crate) add_waits: u64,
     pub(crate) workers_target: usize,
     pub(crate) workers_live: usize,
     pub(crate) closing: Option<Closing>,
@@ -137,6 +139,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             seq: 0,
             handled: 0,
             panicked: 0,
+            add_waits: 0,
             workers_target: workers,
             workers_live: 0,
             closing: None,
