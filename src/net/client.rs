@@ -49,9 +49,10 @@ pub const DEFAULT_CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// is closed and every subscription on it reconnects).
 pub const DEFAULT_CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// What to subscribe to remotely: topic, subject, the index already seen
-/// (0 = none), an optional token and the lag policy. The remote twin of
-/// [`SubscribeRequest`](crate::publisher::SubscribeRequest).
+/// What to subscribe to remotely: the same request as a local
+/// subscription's — topic, subject, the index already seen (0 = none), an
+/// optional token (sent to the server's authorizer) and the lag policy
+/// asked of the server.
 ///
 /// # Examples
 ///
@@ -61,115 +62,22 @@ pub const DEFAULT_CLIENT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 ///
 /// let req = RemoteRequest::new("services", Subject::key("web")).index(42).token("acl-1");
 /// assert_eq!(req.requested_index(), 42);
+/// assert_eq!(req.topic().as_str(), "services");
 /// ```
-#[derive(Debug, Clone)]
-pub struct RemoteRequest {
-    topic: Topic,
-    subject: Subject,
-    index: u64,
-    token: Option<Arc<str>>,
-    on_lag: LagPolicy,
-}
+pub type RemoteRequest = crate::publisher::SubscribeRequest;
 
-impl RemoteRequest {
-    /// A fresh subscription (index 0) to `subject` of `topic`.
-    ///
-    /// # Examples
-    ///
-    /// See [`RemoteRequest`].
-    pub fn new(topic: impl Into<Topic>, subject: impl Into<Subject>) -> Self {
-        Self {
-            topic: topic.into(),
-            subject: subject.into(),
-            index: 0,
-            token: None,
-            on_lag: LagPolicy::Error,
-        }
-    }
-
-    /// Resume from `index`, the newest index already seen.
-    ///
-    /// # Examples
-    ///
-    /// See [`RemoteRequest`].
-    pub fn index(mut self, index: u64) -> Self {
-        self.index = index;
-        self
-    }
-
-    /// The token sent to the server's authorizer.
-    ///
-    /// # Examples
-    ///
-    /// See [`RemoteRequest`].
-    pub fn token(mut self, token: impl Into<Arc<str>>) -> Self {
-        self.token = Some(token.into());
-        self
-    }
-
-    /// The lag policy asked of the server (default [`LagPolicy::Error`]).
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// use snapstream::event::Subject;
-    /// use snapstream::net::RemoteRequest;
-    /// use snapstream::publisher::LagPolicy;
-    /// let req = RemoteRequest::new("t", Subject::key("k")).on_lag(LagPolicy::Resnapshot);
-    /// # drop(req);
-    /// ```
-    pub fn on_lag(mut self, policy: LagPolicy) -> Self {
-        self.on_lag = policy;
-        self
-    }
-
-    /// The requested index.
-    ///
-    /// # Examples
-    ///
-    /// See [`RemoteRequest`].
-    pub fn requested_index(&self) -> u64 {
-        self.index
-    }
-
-    /// The topic.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use snapstream::event::Subject;
-    /// # use snapstream::net::RemoteRequest;
-    /// assert_eq!(RemoteRequest::new("t", Subject::key("k")).topic().as_str(), "t");
-    /// ```
-    pub fn topic(&self) -> &Topic {
-        &self.topic
-    }
-
-    /// The subject.
-    ///
-    /// # Examples
-    ///
-    /// ```
-    /// # use snapstream::event::Subject;
-    /// # use snapstream::net::RemoteRequest;
-    /// assert_eq!(RemoteRequest::new("t", Subject::key("k")).subject(), &Subject::key("k"));
-    /// ```
-    pub fn subject(&self) -> &Subject {
-        &self.subject
-    }
-
-    fn wire(&self, index: u64) -> proto::SubscribeRequest {
-        use proto::subscribe_request::Subject as S;
-        proto::SubscribeRequest {
-            topic: self.topic.to_string(),
-            subject: Some(match &self.subject {
-                Subject::Key(k) => S::Key(k.to_string()),
-                Subject::Wildcard => S::Wildcard(true),
-            }),
-            index,
-            token: self.token.as_deref().unwrap_or("").to_string(),
-            resnapshot_on_lag: self.on_lag == LagPolicy::Resnapshot,
-        }
+/// The wire form of `request`, resuming from `index`.
+fn wire(request: &RemoteRequest, index: u64) -> proto::SubscribeRequest {
+    use proto::subscribe_request::Subject as S;
+    proto::SubscribeRequest {
+        topic: request.topic.to_string(),
+        subject: Some(match &request.subject {
+            Subject::Key(k) => S::Key(k.to_string()),
+            Subject::Wildcard => S::Wildcard(true),
+        }),
+        index,
+        token: request.token.as_deref().unwrap_or("").to_string(),
+        resnapshot_on_lag: request.on_lag == LagPolicy::Resnapshot,
     }
 }
 
@@ -780,7 +688,7 @@ async fn run<P, C>(
         let index = tracker.last_index.unwrap_or(0);
         let mut grpc = proto::subscriber_client::SubscriberClient::new(client.channels[at].clone())
             .max_decoding_message_size(client.max_message_size);
-        let failed = match grpc.subscribe(request.wire(index)).await {
+        let failed = match grpc.subscribe(wire(&request, index)).await {
             Err(status) => Some(status),
             Ok(response) => {
                 let mut stream = response.into_inner();

@@ -138,6 +138,46 @@ impl SubscribeRequest {
     pub fn lag_policy(&self) -> LagPolicy {
         self.on_lag
     }
+
+    /// The topic.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::event::Subject;
+    /// # use snapstream::publisher::SubscribeRequest;
+    /// assert_eq!(SubscribeRequest::new("t", Subject::key("k")).topic().as_str(), "t");
+    /// ```
+    pub fn topic(&self) -> &Topic {
+        &self.topic
+    }
+
+    /// The subject.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::event::Subject;
+    /// # use snapstream::publisher::SubscribeRequest;
+    /// assert_eq!(SubscribeRequest::new("t", Subject::key("k")).subject(), &Subject::key("k"));
+    /// ```
+    pub fn subject(&self) -> &Subject {
+        &self.subject
+    }
+
+    /// The token, if the request has one.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::event::Subject;
+    /// # use snapstream::publisher::SubscribeRequest;
+    /// let req = SubscribeRequest::new("t", Subject::key("k")).token("acl-1");
+    /// assert_eq!(req.token_str(), Some("acl-1"));
+    /// ```
+    pub fn token_str(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
 }
 
 /// Why a subscription ended. Cheap to clone; a closed subscription returns
