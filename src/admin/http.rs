@@ -519,22 +519,64 @@ struct Done {
     count: u64,
 }
 
+/// What an action does to dead letters.
+#[derive(Clone, Copy)]
+enum DeadAction {
+    Requeue,
+    Delete,
+}
+
+impl DeadAction {
+    /// Applies the action to dead letter `id` of `q`, or to all of them.
+    async fn apply(self, q: &dyn AdminQueue, id: Option<ItemId>) -> ApiResult<Done> {
+        let count = match self {
+            DeadAction::Requeue => q.requeue(id).await,
+            DeadAction::Delete => q.delete(id).await,
+        }
+        .map_err(work_error)?;
+        match (id, count) {
+            (Some(id), 0) => Err(ApiError::not_found(format!(
+                "no dead letter {} in {:?}",
+                id.0,
+                q.name()
+            ))),
+            _ => Ok(Json(Done { count })),
+        }
+    }
+
+    /// The action on one dead letter, named in the path.
+    async fn one(
+        self,
+        admin: &Admin,
+        headers: &HeaderMap,
+        p: Result<Path<(String, String)>, PathRejection>,
+    ) -> ApiResult<Done> {
+        authorize(admin, headers)?;
+        let (name, id) = path(p)?;
+        let q = find_queue(admin, &name)?;
+        let id = parse_id(&id)?;
+        self.apply(q.as_ref(), Some(id)).await
+    }
+
+    /// The action on every dead letter of the queue named in the path.
+    async fn all(
+        self,
+        admin: &Admin,
+        headers: &HeaderMap,
+        name: Result<Path<String>, PathRejection>,
+    ) -> ApiResult<Done> {
+        authorize(admin, headers)?;
+        let q = find_queue(admin, &path(name)?)?;
+        self.apply(q.as_ref(), None).await
+    }
+}
+
 async fn dead_requeue(
     State(admin): State<Admin>,
     headers: HeaderMap,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Done> {
-    authorize(&admin, &headers)?;
-    let (name, id) = path(p)?;
-    let q = find_queue(&admin, &name)?;
-    let id = parse_id(&id)?;
-    match q.requeue(Some(id)).await.map_err(work_error)? {
-        0 => Err(ApiError::not_found(format!(
-            "no dead letter {} in {name:?}",
-            id.0
-        ))),
-        count => Ok(Json(Done { count })),
-    }
+    DeadAction::Requeue.one(&admin, &headers, p).await
 }
 
 async fn dead_requeue_all(
@@ -542,10 +584,7 @@ async fn dead_requeue_all(
     headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Done> {
-    authorize(&admin, &headers)?;
-    let q = find_queue(&admin, &path(name)?)?;
-    let count = q.requeue(None).await.map_err(work_error)?;
-    Ok(Json(Done { count }))
+    DeadAction::Requeue.all(&admin, &headers, name).await
 }
 
 async fn dead_delete(
@@ -553,17 +592,7 @@ async fn dead_delete(
     headers: HeaderMap,
     p: Result<Path<(String, String)>, PathRejection>,
 ) -> ApiResult<Done> {
-    authorize(&admin, &headers)?;
-    let (name, id) = path(p)?;
-    let q = find_queue(&admin, &name)?;
-    let id = parse_id(&id)?;
-    match q.delete(Some(id)).await.map_err(work_error)? {
-        0 => Err(ApiError::not_found(format!(
-            "no dead letter {} in {name:?}",
-            id.0
-        ))),
-        count => Ok(Json(Done { count })),
-    }
+    DeadAction::Delete.one(&admin, &headers, p).await
 }
 
 async fn dead_delete_all(
@@ -571,10 +600,7 @@ async fn dead_delete_all(
     headers: HeaderMap,
     name: Result<Path<String>, PathRejection>,
 ) -> ApiResult<Done> {
-    authorize(&admin, &headers)?;
-    let q = find_queue(&admin, &path(name)?)?;
-    let count = q.delete(None).await.map_err(work_error)?;
-    Ok(Json(Done { count }))
+    DeadAction::Delete.all(&admin, &headers, name).await
 }
 
 #[derive(Debug, Deserialize)]
