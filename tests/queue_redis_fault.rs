@@ -11,59 +11,34 @@
 #![cfg(feature = "redis")]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use snapstream::queue::redis::RedisQueue;
 use snapstream::queue::{BaseQueue, NewItem, PushError, QueueError, QueueOptions};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::mpsc;
 
 /// Guards against a hang: generous, only ever reached on failure.
+mod redis_support;
+
 const HANG: Duration = Duration::from_secs(60);
 const PRODUCERS: usize = 4;
 const BEFORE_KILL: usize = 1_000;
 const ERRORS_WHILE_DOWN: usize = 20;
 const AFTER_RESTART: usize = 1_000;
 
-fn find_redis_server() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("redis-server"))
-        .find(|p| p.is_file())
-}
-
 /// Starts `redis-server` and returns once it logged that it accepts connections.
 async fn start_server(bin: &Path, port: u16, dir: &Path) -> Child {
-    let mut child = Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--appendonly", "yes", "--appendfsync", "always"])
-        .args(["--save", "", "--dir"])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn redis-server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("Ready to accept connections") {
-                return;
-            }
-        }
-        panic!("redis-server exited before it was ready");
-    };
-    tokio::time::timeout(HANG, ready)
-        .await
-        .expect("redis-server ready");
-    // Keep draining its log so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    child
+    let mut args: Vec<&std::ffi::OsStr> = ["--appendonly", "yes", "--appendfsync", "always"]
+        .iter()
+        .chain(&["--save", "", "--dir"])
+        .map(|a| a.as_ref())
+        .collect();
+    args.push(dir.as_os_str());
+    redis_support::start_server(bin, port, args, HANG).await
 }
 
 enum Outcome {
@@ -73,7 +48,7 @@ enum Outcome {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_killed_and_restarted_under_load_loses_no_acknowledged_push() {
-    let Some(bin) = find_redis_server() else {
+    let Some(bin) = redis_support::find_server() else {
         eprintln!("notice: redis-server is not on PATH; skipping the Redis fault test");
         return;
     };

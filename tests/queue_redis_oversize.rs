@@ -11,54 +11,32 @@
 //! returns.
 #![cfg(feature = "redis")]
 
-use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use snapstream::queue::redis::RedisQueue;
 use snapstream::queue::{BaseQueue, NewItem, PushError, QueueOptions};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 /// Guards against a hang: generous, only ever reached on failure.
+mod redis_support;
+
 const HANG: Duration = Duration::from_secs(60);
 const MB: usize = 1024 * 1024;
-
-fn find_redis_server() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("redis-server"))
-        .find(|p| p.is_file())
-}
 
 /// Starts a throw-away `redis-server` (no persistence) on `port` with
 /// `proto-max-bulk-len 2mb`; returns once it accepts connections.
 async fn start_server(port: u16) -> Option<Child> {
-    let bin = find_redis_server()?;
-    let mut child = Command::new(bin)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .args(["--proto-max-bulk-len", "2mb"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn redis-server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let ready = async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("Ready to accept connections") {
-                return;
-            }
-        }
-        panic!("redis-server exited before it was ready");
-    };
-    tokio::time::timeout(HANG, ready)
-        .await
-        .expect("redis-server ready");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Some(child)
+    let bin = redis_support::find_server()?;
+    let args = [
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--proto-max-bulk-len",
+        "2mb",
+    ];
+    Some(redis_support::start_server(&bin, port, args, HANG).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
