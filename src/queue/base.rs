@@ -397,6 +397,60 @@ pub trait BaseQueue: Send + Sync + fmt::Debug + 'static {
     /// not; it never stores it twice.
     fn push(&self, item: NewItem, timeout: Duration) -> BoxFuture<'_, Result<ItemId, PushError>>;
 
+    /// Stores `items` at the back of the queue, in order, and reports what
+    /// became of each one: `result[i]` is the outcome of `items[i]`.
+    ///
+    /// Each item is checked as [`push`](BaseQueue::push) checks it and
+    /// stored or refused **on its own**: an item above
+    /// [`max_item_bytes`](QueueOptions::max_item_bytes) gets
+    /// [`PushError::TooLarge`] and the other items are stored; on a unique
+    /// queue an item whose payload is already queued, or appears earlier in
+    /// the same batch, gets [`PushError::AlreadyQueued`]. The stored items
+    /// keep their order among themselves. `timeout` bounds the wait for
+    /// room of each item that has to wait.
+    ///
+    /// A durable backend stores the items it can in as few commits (disk)
+    /// or round trips (Redis) as it can, so a batch costs about what one
+    /// push costs. An `Ok` means the item is stored durably, as for `push`;
+    /// when the backend fails, every item of the failed commit gets
+    /// [`PushError::Backend`] and none of them is reported stored.
+    ///
+    /// The provided implementation pushes the items one after another.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use snapstream::queue::{BaseQueue, MemoryQueue, NewItem, PushError, QueueOptions};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let q = MemoryQueue::new("q", QueueOptions::default().unique(true).max_item_bytes(8)).unwrap();
+    /// let items = vec![NewItem::new("a"), NewItem::new("far too long"), NewItem::new("a")];
+    /// let out = q.push_batch(items, Duration::from_secs(1)).await;
+    /// assert!(out[0].is_ok());
+    /// assert!(matches!(out[1], Err(PushError::TooLarge { .. })));
+    /// assert!(matches!(out[2], Err(PushError::AlreadyQueued(_))));
+    /// assert_eq!(q.len().await.unwrap().total(), 1);
+    /// # });
+    /// ```
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves each item stored once or not at all; which
+    /// ones were stored is then not reported.
+    fn push_batch(
+        &self,
+        items: Vec<NewItem>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Vec<Result<ItemId, PushError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                out.push(self.push(item, timeout).await);
+            }
+            out
+        })
+    }
+
     /// Leases up to `max` ready items, oldest first, waiting up to `timeout`
     /// for the first one. Returns an empty vector on timeout.
     ///

@@ -1688,6 +1688,37 @@ impl fmt::Debug for DiskQueue {
     }
 }
 
+/// What [`DiskQueue::enqueue`] did with an item.
+enum Enqueued {
+    Sent(Sent),
+    Refused(PushError),
+    Full(NewItem),
+}
+
+/// A push handed to the committer, waiting for its commit.
+struct Sent {
+    id: u64,
+    rx: oneshot::Receiver<Result<(), DiskError>>,
+    item: NewItem,
+}
+
+impl Sent {
+    /// Waits for the commit holding the item.
+    async fn committed(self) -> Result<ItemId, PushError> {
+        match self.rx.await {
+            Ok(Ok(())) => Ok(ItemId(self.id)),
+            Ok(Err(source)) => Err(PushError::Backend {
+                item: self.item,
+                source: Box::new(source),
+            }),
+            Err(_) => Err(PushError::Backend {
+                item: self.item,
+                source: Box::new(DiskError::Stopped),
+            }),
+        }
+    }
+}
+
 impl DiskQueue {
     /// The options the queue was opened with.
     ///
@@ -1717,48 +1748,64 @@ impl DiskQueue {
         }
     }
 
+    /// Under the state lock: refuses `item` (closed, duplicate), hands it to
+    /// the committer, or hands it back when the queue is full.
+    fn enqueue(&self, st: &mut State, item: NewItem) -> Enqueued {
+        if st.closed {
+            return Enqueued::Refused(PushError::Closed(item));
+        }
+        if self.shared.opts.unique && st.dedup.contains_key(&item.payload) {
+            return Enqueued::Refused(PushError::AlreadyQueued(item));
+        }
+        if self
+            .shared
+            .opts
+            .capacity
+            .is_some_and(|cap| st.total() >= cap)
+        {
+            return Enqueued::Full(item);
+        }
+        let id = st.next_seq();
+        let header = Header {
+            state: STATE_READY,
+            attempts: 0,
+            seq: id,
+            due_ms: 0,
+        };
+        let record = encode(header, item.key.as_deref(), &item.payload);
+        let (tx, rx) = oneshot::channel();
+        let op = Op::Push {
+            q: Arc::clone(&self.shared),
+            id,
+            record,
+            reply: tx,
+        };
+        // Sent under the lock: the committer completes pushes in id order,
+        // which keeps FIFO and `Clear`'s id bound exact.
+        if let Err(source) = self.store.send(op) {
+            return Enqueued::Refused(PushError::Backend {
+                item,
+                source: Box::new(source),
+            });
+        }
+        st.pending.insert(id);
+        if self.shared.opts.unique {
+            st.dedup.insert(item.payload.clone(), id);
+        }
+        Enqueued::Sent(Sent { id, rx, item })
+    }
+
     async fn push_inner(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
-        let item = self.shared.opts.check_size(item)?;
+        let mut item = self.shared.opts.check_size(item)?;
         let deadline = Instant::now().checked_add(timeout);
-        let (id, rx) = loop {
+        let sent = loop {
             let mut room = pin!(self.shared.room.notified());
             {
                 let mut st = self.shared.state();
-                if st.closed {
-                    return Err(PushError::Closed(item));
-                }
-                if self.shared.opts.unique && st.dedup.contains_key(&item.payload) {
-                    return Err(PushError::AlreadyQueued(item));
-                }
-                if self.shared.opts.capacity.is_none_or(|cap| st.total() < cap) {
-                    let id = st.next_seq();
-                    let header = Header {
-                        state: STATE_READY,
-                        attempts: 0,
-                        seq: id,
-                        due_ms: 0,
-                    };
-                    let record = encode(header, item.key.as_deref(), &item.payload);
-                    let (tx, rx) = oneshot::channel();
-                    let op = Op::Push {
-                        q: Arc::clone(&self.shared),
-                        id,
-                        record,
-                        reply: tx,
-                    };
-                    // Sent under the lock: the committer completes pushes in
-                    // id order, which keeps FIFO and `Clear`'s id bound exact.
-                    if let Err(source) = self.store.send(op) {
-                        return Err(PushError::Backend {
-                            item,
-                            source: Box::new(source),
-                        });
-                    }
-                    st.pending.insert(id);
-                    if self.shared.opts.unique {
-                        st.dedup.insert(item.payload.clone(), id);
-                    }
-                    break (id, rx);
+                match self.enqueue(&mut st, item) {
+                    Enqueued::Sent(sent) => break sent,
+                    Enqueued::Refused(e) => return Err(e),
+                    Enqueued::Full(back) => item = back,
                 }
                 room.as_mut().enable();
             }
@@ -1773,17 +1820,52 @@ impl DiskQueue {
                 return Err(PushError::Full(item));
             }
         };
-        match rx.await {
-            Ok(Ok(())) => Ok(ItemId(id)),
-            Ok(Err(source)) => Err(PushError::Backend {
-                item,
-                source: Box::new(source),
-            }),
-            Err(_) => Err(PushError::Backend {
-                item,
-                source: Box::new(DiskError::Stopped),
-            }),
+        sent.committed().await
+    }
+
+    /// [`BaseQueue::push_batch`]: every item that fits now is handed to the
+    /// committer under one lock (so they share a commit and keep their
+    /// order); from the first item that finds the queue full on, the rest
+    /// are pushed one after another, each waiting for room.
+    async fn push_batch_inner(
+        &self,
+        items: Vec<NewItem>,
+        timeout: Duration,
+    ) -> Vec<Result<ItemId, PushError>> {
+        let mut out: Vec<Option<Result<ItemId, PushError>>> =
+            std::iter::repeat_with(|| None).take(items.len()).collect();
+        let mut sent = Vec::new();
+        let mut wait = Vec::new();
+        {
+            let mut st = self.shared.state();
+            for (i, item) in items.into_iter().enumerate() {
+                if !wait.is_empty() {
+                    wait.push((i, item));
+                    continue;
+                }
+                let item = match self.shared.opts.check_size(item) {
+                    Ok(item) => item,
+                    Err(e) => {
+                        out[i] = Some(Err(e));
+                        continue;
+                    }
+                };
+                match self.enqueue(&mut st, item) {
+                    Enqueued::Sent(s) => sent.push((i, s)),
+                    Enqueued::Refused(e) => out[i] = Some(Err(e)),
+                    Enqueued::Full(item) => wait.push((i, item)),
+                }
+            }
         }
+        for (i, s) in sent {
+            out[i] = Some(s.committed().await);
+        }
+        for (i, item) in wait {
+            out[i] = Some(self.push_inner(item, timeout).await);
+        }
+        out.into_iter()
+            .map(|r| r.expect("every item answered"))
+            .collect()
     }
 
     async fn pop_inner(&self, max: usize, timeout: Duration) -> Result<Vec<Delivery>, QueueError> {
@@ -1993,6 +2075,19 @@ impl BaseQueue for DiskQueue {
     /// failed. It is never stored twice.
     fn push(&self, item: NewItem, timeout: Duration) -> BoxFuture<'_, Result<ItemId, PushError>> {
         Box::pin(self.push_inner(item, timeout))
+    }
+
+    /// All the items that fit share one commit (one `fsync`), with whatever
+    /// else was waiting for the committer.
+    ///
+    /// # Cancel safety
+    /// As [`push`](BaseQueue::push), for each item.
+    fn push_batch(
+        &self,
+        items: Vec<NewItem>,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Vec<Result<ItemId, PushError>>> {
+        Box::pin(self.push_batch_inner(items, timeout))
     }
 
     fn pop(
@@ -2321,6 +2416,48 @@ mod tests {
         let got = q.pop(100, T).await.unwrap();
         let payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
         assert_eq!(payloads, (0..10u8).map(|i| vec![i]).collect::<Vec<_>>());
+    }
+
+    /// Many pushes waiting on one failing commit (single pushes from many
+    /// futures and a `push_batch`): every one fails with a typed error and
+    /// hands its item back; nothing acknowledged before is lost.
+    #[tokio::test]
+    async fn failed_group_commit_fails_every_push_of_the_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.redb");
+        let fail = Arc::new(AtomicBool::new(false));
+        {
+            let s = faulty_store(&path, &fail, false);
+            let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
+            let before =
+                futures::future::join_all((0..64u8).map(|i| q.push(NewItem::new([0, i]), T)))
+                    .await;
+            assert!(before.iter().all(Result::is_ok));
+            fail.store(true, Ordering::SeqCst);
+            let singles =
+                futures::future::join_all((0..64u8).map(|i| q.push(NewItem::new([1, i]), T)));
+            let batch = q.push_batch((0..16u8).map(|i| NewItem::new([2, i])).collect(), T);
+            let (singles, batch) = tokio::join!(singles, batch);
+            assert_eq!(singles.len() + batch.len(), 80);
+            for (i, r) in singles.into_iter().chain(batch).enumerate() {
+                match r {
+                    Err(PushError::Backend { item, source }) => {
+                        let group = if i < 64 { 1 } else { 2 };
+                        assert_eq!(item.payload, [group, (i % 64) as u8], "handed back");
+                        assert!(source.downcast_ref::<DiskError>().is_some());
+                    }
+                    other => panic!("push {i}: expected a backend error, got {other:?}"),
+                }
+            }
+            assert_eq!(q.len().await.unwrap().total(), 64);
+            assert!(!q.has(&[1, 0]).await.unwrap(), "no dedup entry left behind");
+            fail.store(false, Ordering::SeqCst);
+        }
+        let s = DiskStore::open(&path).unwrap();
+        let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
+        let got = q.pop(1_000, T).await.unwrap();
+        let payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
+        assert_eq!(payloads, (0..64u8).map(|i| vec![0, i]).collect::<Vec<_>>());
     }
 
     /// Regression: a panic inside redb killed the committer thread, and every

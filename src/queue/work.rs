@@ -773,6 +773,86 @@ where
         }
     }
 
+    /// Pushes `values` with no key, in order, as one
+    /// [`BaseQueue::push_batch`]: on disk the items share one commit, on
+    /// Redis one script call per 256 items. `result[i]` says what became of
+    /// `values[i]`.
+    ///
+    /// Each value is checked and stored **on its own**, as by
+    /// [`push`](Self::push): a value whose encoding is above the base
+    /// queue's [`max_item_bytes`](crate::queue::QueueOptions::max_item_bytes)
+    /// gets [`WorkPushError::TooLarge`] (it is not stored) and the others are
+    /// stored; on a unique base queue a value already queued, or equal to an
+    /// earlier value of the batch, gets [`WorkPushError::AlreadyQueued`].
+    /// An `Ok` is as durable as an `Ok` from `push`; when the backend fails
+    /// a commit, every value of that commit gets [`WorkPushError::Backend`].
+    /// Each value that has to wait for room waits up to the
+    /// [`push_timeout`](WorkQueueOptions::push_timeout).
+    ///
+    /// # Cancel safety
+    /// Dropping the future leaves each value stored once or not at all;
+    /// which ones were stored is then not reported, and a
+    /// [`flush`](Self::flush) may not wait for them.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::sync::Arc;
+    /// # use std::time::Duration;
+    /// # use snapstream::queue::{Item, MemoryQueue, QueueOptions, WorkPushError, WorkQueue, WorkQueueOptions};
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let opts = QueueOptions::default().unique(true).max_item_bytes(16);
+    /// let base = Arc::new(MemoryQueue::new("q", opts.clone()).unwrap());
+    /// let dead = Arc::new(MemoryQueue::new("q.dead", opts.for_dead_letters()).unwrap());
+    /// let q = WorkQueue::new(base, dead, WorkQueueOptions::default(), |_b: Vec<Item<String>>| async {
+    ///     Vec::new()
+    /// })
+    /// .unwrap();
+    /// let values = vec!["a".to_string(), "x".repeat(100), "a".to_string(), "b".to_string()];
+    /// let out = q.push_batch(values).await;
+    /// assert!(out[0].is_ok() && out[3].is_ok());
+    /// assert!(matches!(out[1], Err(WorkPushError::TooLarge { .. })));
+    /// assert!(matches!(out[2], Err(WorkPushError::AlreadyQueued(_))));
+    /// q.flush(Duration::from_secs(5)).await.unwrap(); // waits for "a" and "b"
+    /// # q.shutdown(Duration::from_secs(1)).await;
+    /// # });
+    /// ```
+    pub async fn push_batch(&self, values: Vec<T>) -> Vec<Result<ItemId, WorkPushError<T>>> {
+        let closed = self.inner.closed.load(Ordering::Acquire);
+        let mut out: Vec<Option<Result<ItemId, WorkPushError<T>>>> = Vec::new();
+        let mut kept = Vec::new();
+        let mut items = Vec::new();
+        for value in values {
+            if closed {
+                out.push(Some(Err(WorkPushError::Closed(value))));
+                continue;
+            }
+            match encode(&value) {
+                Ok(payload) => {
+                    out.push(None);
+                    kept.push((out.len() - 1, value));
+                    items.push(NewItem { payload, key: None });
+                }
+                Err(source) => out.push(Some(Err(WorkPushError::Encode {
+                    item: value,
+                    source,
+                }))),
+            }
+        }
+        if !items.is_empty() {
+            let results = self
+                .inner
+                .push_raw_batch(items, self.inner.opts.push_timeout)
+                .await;
+            for ((i, value), result) in kept.into_iter().zip(results) {
+                out[i] = Some(result.map_err(|e| WorkPushError::from_push(e, value)));
+            }
+        }
+        out.into_iter()
+            .map(|r| r.expect("every value answered"))
+            .collect()
+    }
+
     /// Whether the base queue holds `value` (in any state), comparing the
     /// JSON encoding. On a simple (non-unique) base queue this may scan.
     ///
@@ -1260,50 +1340,96 @@ fn to_dead_letter(d: Delivery) -> DeadLetter {
 
 impl<T> Inner<T> {
     async fn push_raw(&self, item: NewItem, timeout: Duration) -> Result<ItemId, PushError> {
-        /// Registers the pushed id when the push ends (also when cancelled).
-        struct Pushing<'a>(&'a Mutex<Pending>, u64, Option<ItemId>);
-        impl Drop for Pushing<'_> {
-            fn drop(&mut self) {
-                let mut p = lock(self.0);
-                let at = usize::try_from(self.1 - p.low).expect("in-flight pushes fit in memory");
-                if p.ended.len() <= at {
-                    p.ended.resize(at + 1, false);
-                }
-                p.ended[at] = true;
-                while p.ended.front() == Some(&true) {
-                    p.ended.pop_front();
-                    p.low += 1;
-                }
-                if let Some(id) = self.2 {
-                    if p.early.remove(&id).is_none() {
-                        p.ids.insert(id);
-                    }
-                }
-                // Forget early ids no push still in flight can need.
-                let oldest = p.low;
-                while let Some(&(tag, id)) = p.early_order.front() {
-                    if tag > oldest {
-                        break;
-                    }
-                    p.early_order.pop_front();
-                    if p.early.get(&id) == Some(&tag) {
-                        p.early.remove(&id);
-                    }
-                }
-            }
-        }
-        // Taken before the base push, so whoever handles the item sees this
-        // push in flight (the item reaches it through the base queue).
+        // The generation is taken before the base push, so whoever handles
+        // the item sees this push in flight (the item reaches it through the
+        // base queue).
         let gen = self.push_gen.fetch_add(1, Ordering::SeqCst);
-        let mut guard = Pushing(&self.pending, gen, None);
+        let mut guard = Pushing::new(&self.pending, gen);
         let started = std::time::Instant::now();
         let id = self.base.push(item, timeout).await?;
         self.push_latency.record_duration(started.elapsed());
         self.pushed.fetch_add(1, Ordering::Relaxed);
-        guard.2 = Some(id);
+        guard.one = Some(id);
         Ok(id)
     }
 
+    /// [`push_raw`](Self::push_raw) for many items: one
+    /// [`BaseQueue::push_batch`], one generation for [`WorkQueue::flush`].
+    async fn push_raw_batch(
+        &self,
+        items: Vec<NewItem>,
+        timeout: Duration,
+    ) -> Vec<Result<ItemId, PushError>> {
+        let gen = self.push_gen.fetch_add(1, Ordering::SeqCst);
+        let mut guard = Pushing::new(&self.pending, gen);
+        let started = std::time::Instant::now();
+        let out = self.base.push_batch(items, timeout).await;
+        let took = started.elapsed();
+        guard.many = out
+            .iter()
+            .filter_map(|r| r.as_ref().ok().copied())
+            .collect();
+        for _ in &guard.many {
+            self.push_latency.record_duration(took);
+        }
+        self.pushed
+            .fetch_add(guard.many.len() as u64, Ordering::Relaxed);
+        out
+    }
+}
+
+/// Registers the pushed ids of one push (or one batch) when it ends, also
+/// when it is cancelled.
+struct Pushing<'a> {
+    pending: &'a Mutex<Pending>,
+    gen: u64,
+    one: Option<ItemId>,
+    many: Vec<ItemId>,
+}
+
+impl<'a> Pushing<'a> {
+    fn new(pending: &'a Mutex<Pending>, gen: u64) -> Self {
+        Pushing {
+            pending,
+            gen,
+            one: None,
+            many: Vec::new(),
+        }
+    }
+}
+
+impl Drop for Pushing<'_> {
+    fn drop(&mut self) {
+        let mut p = lock(self.pending);
+        let at = usize::try_from(self.gen - p.low).expect("in-flight pushes fit in memory");
+        if p.ended.len() <= at {
+            p.ended.resize(at + 1, false);
+        }
+        p.ended[at] = true;
+        while p.ended.front() == Some(&true) {
+            p.ended.pop_front();
+            p.low += 1;
+        }
+        for &id in self.one.iter().chain(&self.many) {
+            if p.early.remove(&id).is_none() {
+                p.ids.insert(id);
+            }
+        }
+        // Forget early ids no push still in flight can need.
+        let oldest = p.low;
+        while let Some(&(tag, id)) = p.early_order.front() {
+            if tag > oldest {
+                break;
+            }
+            p.early_order.pop_front();
+            if p.early.get(&id) == Some(&tag) {
+                p.early.remove(&id);
+            }
+        }
+    }
+}
+
+impl<T> Inner<T> {
     /// Wakes the [`WorkQueue::drain`] calls waiting, if any, to look again.
     fn settle(&self) {
         if self.drainers.load(Ordering::SeqCst) > 0 {
