@@ -399,6 +399,131 @@ mod cases {
         assert_eq!(len(&q).await.total(), 1);
     }
 
+    /// 64 tasks, each awaiting one push at a time (the durable backends group
+    /// them): every item lands exactly once and each task's items stay in order.
+    pub(super) async fn concurrent_pushes_64_tasks_land_exactly_once(env: &Env) {
+        let q = env.queue(QueueOptions::default()).await;
+        let per = (env.stress_per_producer / 8).max(1);
+        let barrier = Arc::new(Barrier::new(64));
+        let mut tasks = Vec::new();
+        for p in 0..64u32 {
+            let (q, barrier) = (Arc::clone(&q), Arc::clone(&barrier));
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let mut ids = Vec::new();
+                for i in 0..per as u32 {
+                    let mut payload = p.to_be_bytes().to_vec();
+                    payload.extend_from_slice(&i.to_be_bytes());
+                    ids.push(q.push(NewItem::new(payload), LONG).await.unwrap());
+                }
+                ids
+            }));
+        }
+        let mut all_ids = std::collections::HashSet::new();
+        for t in tasks {
+            for id in t.await.unwrap() {
+                assert!(all_ids.insert(id), "an id was handed out twice");
+            }
+        }
+        let mut next = [0u32; 64];
+        let mut got = 0;
+        while got < 64 * per {
+            let batch = q.pop(1_000, SHORT).await.unwrap();
+            assert!(!batch.is_empty(), "{got} of {} items came back", 64 * per);
+            for d in &batch {
+                let p = u32::from_be_bytes(d.payload[..4].try_into().unwrap()) as usize;
+                let i = u32::from_be_bytes(d.payload[4..].try_into().unwrap());
+                assert_eq!(i, next[p], "task {p}: items once each and in push order");
+                next[p] += 1;
+                assert!(all_ids.contains(&d.id));
+            }
+            got += batch.len();
+            let ids: Vec<_> = batch.iter().map(|d| d.id).collect();
+            q.ack(&ids).await.unwrap();
+        }
+        assert_eq!(len(&q).await.total(), 0);
+    }
+
+    /// `push_batch`: one result per item, each item checked on its own
+    /// (oversized and duplicate items refused, the others stored, in order).
+    pub(super) async fn push_batch_checks_each_item(env: &Env) {
+        let q = env
+            .queue(QueueOptions::default().unique(true).max_item_bytes(8))
+            .await;
+        push(&q, "old").await;
+        let items = vec![
+            NewItem::new("a"),
+            NewItem::new([9u8; 9]),
+            NewItem::new("old"),
+            NewItem::new("b"),
+            NewItem::new("a"),
+            NewItem::with_key("c", "k"),
+        ];
+        let out = q.push_batch(items, LONG).await;
+        assert_eq!(out.len(), 6, "one result per item");
+        match &out[1] {
+            Err(PushError::TooLarge { item, size, limit }) => {
+                assert_eq!((item.payload.as_slice(), *size, *limit), (&[9u8; 9][..], 9, 8));
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+        for i in [2, 4] {
+            assert!(
+                matches!(&out[i], Err(PushError::AlreadyQueued(_))),
+                "item {i}: {:?}",
+                out[i]
+            );
+        }
+        let ids: Vec<_> = [0, 3, 5].iter().map(|&i| *out[i].as_ref().unwrap()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in batch order");
+        assert!(!q.has(&[9u8; 9]).await.unwrap());
+        let got = q.pop(10, SHORT).await.unwrap();
+        let payloads: Vec<_> = got.iter().map(|d| d.payload.clone()).collect();
+        assert_eq!(payloads, [&b"old"[..], b"a", b"b", b"c"]);
+        assert_eq!(got[3].key.as_deref(), Some("k"));
+        assert_eq!(q.push_batch(Vec::new(), LONG).await.len(), 0);
+    }
+
+    /// `push_batch` on a bounded queue: what fits is stored, the rest waits
+    /// for room (and fails with `Full` after its timeout); order is kept.
+    pub(super) async fn push_batch_waits_for_room_in_order(env: &Env) {
+        let q = env.queue(QueueOptions::default().capacity(2)).await;
+        let out = q
+            .push_batch(
+                vec![NewItem::new("1"), NewItem::new("2"), NewItem::new("3")],
+                SHORT,
+            )
+            .await;
+        assert!(out[0].is_ok() && out[1].is_ok(), "{out:?}");
+        assert!(matches!(&out[2], Err(PushError::Full(item)) if item.payload == b"3"));
+        let pushing = {
+            let q = Arc::clone(&q);
+            tokio::spawn(async move {
+                q.push_batch(vec![NewItem::new("4"), NewItem::new("5")], LONG)
+                    .await
+            })
+        };
+        let mut seen = Vec::new();
+        while seen.len() < 4 {
+            let got = q.pop(1, LONG).await.unwrap();
+            seen.extend(got.iter().map(|d| d.payload.clone()));
+            let ids: Vec<_> = got.iter().map(|d| d.id).collect();
+            q.ack(&ids).await.unwrap();
+        }
+        assert!(pushing.await.unwrap().iter().all(Result::is_ok));
+        assert_eq!(seen, [&b"1"[..], b"2", b"4", b"5"]);
+    }
+
+    /// After close, every item of a batch is refused with `Closed`.
+    pub(super) async fn push_batch_after_close(env: &Env) {
+        let q = env.queue(QueueOptions::default()).await;
+        q.close();
+        let out = q
+            .push_batch(vec![NewItem::new("a"), NewItem::new("b")], SHORT)
+            .await;
+        assert!(out.iter().all(|r| matches!(r, Err(PushError::Closed(_)))));
+    }
+
     pub(super) async fn empty_payload_round_trips(env: &Env) {
         for unique in [false, true] {
             let q = env.queue(QueueOptions::default().unique(unique)).await;
@@ -609,6 +734,10 @@ macro_rules! suite {
                 closed,
                 stress_8_producers_8_consumers,
                 unique_race_32_pushes_one_wins,
+                concurrent_pushes_64_tasks_land_exactly_once,
+                push_batch_checks_each_item,
+                push_batch_waits_for_room_in_order,
+                push_batch_after_close,
                 empty_payload_round_trips,
                 nack_returns_after_delay_with_attempts,
                 visibility_timeout_redelivers,
@@ -625,7 +754,9 @@ macro_rules! suite {
             fn $case() {
                 let multi = matches!(
                     stringify!($case),
-                    "stress_8_producers_8_consumers" | "unique_race_32_pushes_one_wins"
+                    "stress_8_producers_8_consumers"
+                        | "unique_race_32_pushes_one_wins"
+                        | "concurrent_pushes_64_tasks_land_exactly_once"
                 );
                 let rt = if multi {
                     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()

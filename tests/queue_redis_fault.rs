@@ -1,7 +1,11 @@
 //! Fault test: a Redis server with `appendfsync always` is killed with SIGKILL
 //! while pushes run, then restarted on the same port and directory.
 //!
-//! Checks: every push that returned `Ok` is still stored (0 lost), calls made
+//! 64 producer tasks push, half of them one push at a time (so concurrent
+//! pushes share script calls) and half in `push_batch`es.
+//!
+//! Checks: every push that returned `Ok` is still stored (0 lost), a batch is
+//! stored or failed as a whole (one script call), calls made
 //! while the server is down fail with typed `Backend` errors (no panic, no
 //! hang), and the same `RedisQueue` value (commands and its wake-up
 //! subscription) works again after the restart.
@@ -25,9 +29,11 @@ use tokio::sync::mpsc;
 mod redis_support;
 
 const HANG: Duration = Duration::from_secs(60);
-const PRODUCERS: usize = 4;
+const PRODUCERS: usize = 64;
+/// Items per `push_batch` of the batching producers.
+const BATCH: usize = 16;
 const BEFORE_KILL: usize = 1_000;
-const ERRORS_WHILE_DOWN: usize = 20;
+const ERRORS_WHILE_DOWN: usize = 200;
 const AFTER_RESTART: usize = 1_000;
 
 /// Starts `redis-server` and returns once it logged that it accepts connections.
@@ -71,7 +77,9 @@ async fn server_killed_and_restarted_under_load_loses_no_acknowledged_push() {
             .unwrap(),
     );
 
-    // Producers push distinct payloads and report each outcome.
+    // Producers push distinct payloads and report each outcome: half of
+    // them one awaited push at a time (concurrent pushes share script
+    // calls), half in `push_batch`es of BATCH items (one call each).
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut producers = Vec::new();
@@ -80,20 +88,37 @@ async fn server_killed_and_restarted_under_load_loses_no_acknowledged_push() {
         producers.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let payload = format!("{p}-{i}").into_bytes();
-                i += 1;
-                match queue
-                    .push(NewItem::new(payload.clone()), Duration::ZERO)
-                    .await
-                {
-                    Ok(_) => tx.send(Outcome::Stored(payload)).unwrap(),
-                    Err(PushError::Backend { item, .. }) => {
-                        assert_eq!(item.payload, payload, "the item is handed back");
-                        tx.send(Outcome::Unsure(payload)).unwrap();
-                        // Pace retries while the server is away.
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+                let n = if p % 2 == 0 { 1 } else { BATCH };
+                let payloads: Vec<Vec<u8>> = (i..i + n as u64)
+                    .map(|j| format!("{p}-{j}").into_bytes())
+                    .collect();
+                i += n as u64;
+                let results = if n == 1 {
+                    let item = NewItem::new(payloads[0].clone());
+                    vec![queue.push(item, Duration::ZERO).await]
+                } else {
+                    let items = payloads.iter().cloned().map(NewItem::new).collect();
+                    queue.push_batch(items, Duration::ZERO).await
+                };
+                assert_eq!(results.len(), n, "one result per item");
+                let failed = results.iter().filter(|r| r.is_err()).count();
+                assert!(
+                    failed == 0 || failed == n,
+                    "a batch is one script call: all stored or all failed, got {failed} of {n} failed"
+                );
+                for (payload, result) in payloads.into_iter().zip(results) {
+                    match result {
+                        Ok(_) => tx.send(Outcome::Stored(payload)).unwrap(),
+                        Err(PushError::Backend { item, .. }) => {
+                            assert_eq!(item.payload, payload, "the item is handed back");
+                            tx.send(Outcome::Unsure(payload)).unwrap();
+                        }
+                        Err(e) => panic!("unexpected push error {e:?}"),
                     }
-                    Err(e) => panic!("unexpected push error {e:?}"),
+                }
+                if failed > 0 {
+                    // Pace retries while the server is away.
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }
         }));

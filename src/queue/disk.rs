@@ -34,6 +34,10 @@
 //! previous `fsync`; the committer then takes everything waiting (up to
 //! 16 384 operations) into the next transaction. Under load one `fsync`
 //! therefore covers hundreds of pushes; a lone push costs one commit.
+//! [`push_batch`](BaseQueue::push_batch) hands all its items to the committer
+//! at once, so a batch costs one commit too. A commit that fails fails every
+//! operation in it: each push of the group gets [`PushError::Backend`] with
+//! its item, and none of them is made ready.
 //!
 //! # Memory
 //!
