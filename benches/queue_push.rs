@@ -156,11 +156,23 @@ fn redb_direct(n: usize, group: usize) -> Sample {
     }
 }
 
+/// A multiplexed connection with the response timeout `RedisQueue` uses
+/// (10 s; the client's default is far shorter, and a loaded machine
+/// exceeds it).
+async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(10)));
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .unwrap()
+}
+
 /// `producers` tasks each awaiting one `LPUSH` at a time on one shared
 /// (multiplexed) connection, `n` items in all.
 async fn lpush_each(url: &str, key: &str, producers: usize, n: usize) -> Sample {
-    let client = redis::Client::open(url).unwrap();
-    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    let conn = connect(url).await;
     let per = n / producers;
     let start = Instant::now();
     let tasks: Vec<_> = (0..producers)
@@ -196,8 +208,7 @@ async fn lpush_each(url: &str, key: &str, producers: usize, n: usize) -> Sample 
 
 /// One task sending pipelines of 256 `LPUSH`es, `n` items in all.
 async fn lpush_pipelined(url: &str, key: &str, n: usize) -> Sample {
-    let client = redis::Client::open(url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = connect(url).await;
     let start = Instant::now();
     let mut sent = 0;
     while sent < n {

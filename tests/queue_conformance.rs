@@ -463,7 +463,10 @@ mod cases {
         assert_eq!(out.len(), 6, "one result per item");
         match &out[1] {
             Err(PushError::TooLarge { item, size, limit }) => {
-                assert_eq!((item.payload.as_slice(), *size, *limit), (&[9u8; 9][..], 9, 8));
+                assert_eq!(
+                    (item.payload.as_slice(), *size, *limit),
+                    (&[9u8; 9][..], 9, 8)
+                );
             }
             other => panic!("expected TooLarge, got {other:?}"),
         }
@@ -474,7 +477,10 @@ mod cases {
                 out[i]
             );
         }
-        let ids: Vec<_> = [0, 3, 5].iter().map(|&i| *out[i].as_ref().unwrap()).collect();
+        let ids: Vec<_> = [0, 3, 5]
+            .iter()
+            .map(|&i| *out[i].as_ref().unwrap())
+            .collect();
         assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids in batch order");
         assert!(!q.has(&[9u8; 9]).await.unwrap());
         let got = q.pop(10, SHORT).await.unwrap();

@@ -2,7 +2,8 @@
 //!
 //! The parent starts this same test binary again as a child (running only the
 //! ignored `crash_child` test, selected by an environment variable). The child
-//! opens the database file, pushes items from four producer tasks and handles
+//! opens the database file, pushes items from 16 producer tasks (every fourth
+//! one in `push_batch`es of 8) and handles
 //! (prints, then acks) items in two consumer tasks. It reports over stdout:
 //! `P <id>` after a push was acknowledged (its future resolved `Ok`) and
 //! `H <id>` when it handles an item. The parent reads these lines, kills the
@@ -31,6 +32,8 @@ use snapstream::queue::{BaseQueue, NewItem, QueueOptions};
 const CHILD_PATH: &str = "SNAPSTREAM_CRASH_CHILD_DB";
 const CHILD_RUN: &str = "SNAPSTREAM_CRASH_CHILD_RUN";
 const RUNS: u64 = 32;
+/// Producer tasks in each child (their pushes share group commits).
+const PRODUCERS: u64 = 16;
 const QUEUE: &str = "crash";
 
 fn say(line: &str) {
@@ -58,15 +61,32 @@ fn crash_child() {
         let q = store.queue(QUEUE, QueueOptions::default()).expect("queue");
         say("READY\n");
         let mut tasks = Vec::new();
-        for producer in 0..4u64 {
+        for producer in 0..PRODUCERS {
             let q = q.clone();
             tasks.push(tokio::spawn(async move {
-                for i in 0.. {
-                    let id: u64 = (run << 40) | (producer << 32) | i;
-                    q.push(NewItem::new(id.to_be_bytes()), Duration::from_secs(60))
-                        .await
-                        .expect("push");
-                    say(&format!("P {id}\n"));
+                let mut i = 0;
+                loop {
+                    // Every fourth producer pushes batches of 8 (one commit each).
+                    let n = if producer % 4 == 3 { 8 } else { 1 };
+                    let ids: Vec<u64> = (i..i + n)
+                        .map(|i| (run << 40) | (producer << 32) | i)
+                        .collect();
+                    i += n;
+                    if n == 1 {
+                        q.push(NewItem::new(ids[0].to_be_bytes()), Duration::from_secs(60))
+                            .await
+                            .expect("push");
+                    } else {
+                        let items = ids
+                            .iter()
+                            .map(|id| NewItem::new(id.to_be_bytes()))
+                            .collect();
+                        for r in q.push_batch(items, Duration::from_secs(60)).await {
+                            r.expect("push_batch");
+                        }
+                    }
+                    let lines: String = ids.iter().map(|id| format!("P {id}\n")).collect();
+                    say(&lines);
                 }
             }));
         }

@@ -100,7 +100,10 @@ async fn many_producers_exactly_once_disk() {
 #[tokio::test(start_paused = true)]
 async fn push_batch_refuses_oversized_and_duplicate_values_and_stores_the_rest() {
     // `7` encodes as 1 byte, `1234567890` as 10: over the limit of 4.
-    let (base, dead) = memory("batch", QueueOptions::default().unique(true).max_item_bytes(4));
+    let (base, dead) = memory(
+        "batch",
+        QueueOptions::default().unique(true).max_item_bytes(4),
+    );
     let (q, seen) = counting(base, dead);
     q.set_max_workers(0);
     q.push(5).await.unwrap();
@@ -113,8 +116,14 @@ async fn push_batch_refuses_oversized_and_duplicate_values_and_stores_the_rest()
         }
         other => panic!("expected TooLarge, got {other:?}"),
     }
-    assert!(matches!(out[2], Err(WorkPushError::AlreadyQueued(5))), "against the queue");
-    assert!(matches!(out[4], Err(WorkPushError::AlreadyQueued(7))), "within the batch");
+    assert!(
+        matches!(out[2], Err(WorkPushError::AlreadyQueued(5))),
+        "against the queue"
+    );
+    assert!(
+        matches!(out[4], Err(WorkPushError::AlreadyQueued(7))),
+        "within the batch"
+    );
     assert_eq!(q.pushed(), 3);
     assert_eq!(q.len().await.unwrap().total(), 3);
     q.set_max_workers(1);
@@ -124,7 +133,9 @@ async fn push_batch_refuses_oversized_and_duplicate_values_and_stores_the_rest()
     assert_eq!(handled, [5, 7, 8]);
     q.shutdown(LONG).await;
     let out = q.push_batch(vec![1, 2]).await;
-    assert!(out.iter().all(|r| matches!(r, Err(WorkPushError::Closed(_)))));
+    assert!(out
+        .iter()
+        .all(|r| matches!(r, Err(WorkPushError::Closed(_)))));
 }
 
 /// Shutdown while 64 producers push into a disk-backed work queue: every

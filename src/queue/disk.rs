@@ -2434,8 +2434,7 @@ mod tests {
             let s = faulty_store(&path, &fail, false);
             let q = s.queue("q", QueueOptions::default().unique(true)).unwrap();
             let before =
-                futures::future::join_all((0..64u8).map(|i| q.push(NewItem::new([0, i]), T)))
-                    .await;
+                futures::future::join_all((0..64u8).map(|i| q.push(NewItem::new([0, i]), T))).await;
             assert!(before.iter().all(Result::is_ok));
             fail.store(true, Ordering::SeqCst);
             let singles =
