@@ -844,8 +844,17 @@ where
                 .inner
                 .push_raw_batch(items, self.inner.opts.push_timeout)
                 .await;
-            for ((i, value), result) in kept.into_iter().zip(results) {
-                out[i] = Some(result.map_err(|e| WorkPushError::from_push(e, value)));
+            let mut results = results.into_iter();
+            for (i, value) in kept {
+                out[i] = Some(match results.next() {
+                    Some(result) => result.map_err(|e| WorkPushError::from_push(e, value)),
+                    // A base queue that broke its contract: report, never drop.
+                    None => Err(WorkPushError::Backend {
+                        item: value,
+                        source: "the base queue's push_batch returned no result for this item"
+                            .into(),
+                    }),
+                });
             }
         }
         out.into_iter()
