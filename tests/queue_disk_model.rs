@@ -1,6 +1,6 @@
 //! Property test: the disk queue against a simple model, across reopens.
 //!
-//! Random sequences of push, pop, ack, nack (no delay), remove_all and
+//! Random sequences of push, push_batch, pop, ack, nack (no delay), remove_all and
 //! *reopen* (drop the store, open the file again: leased items become ready at
 //! their old place) must give the same deliveries, in the same order, and the
 //! same lengths as a plain `Vec`-based model.
@@ -16,6 +16,8 @@ use snapstream::queue::{BaseQueue, ItemId, NewItem, QueueLen, QueueOptions};
 #[derive(Debug, Clone)]
 enum Op {
     Push(u8),
+    /// One `push_batch` (one commit) of these payloads.
+    PushBatch(Vec<u8>),
     Pop(usize),
     Ack(usize),
     Nack(usize),
@@ -26,6 +28,7 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => any::<u8>().prop_map(Op::Push),
+        2 => proptest::collection::vec(any::<u8>(), 0..6).prop_map(Op::PushBatch),
         3 => (1usize..5).prop_map(Op::Pop),
         2 => any::<usize>().prop_map(Op::Ack),
         1 => any::<usize>().prop_map(Op::Nack),
@@ -77,6 +80,16 @@ async fn run(ops: Vec<Op>) {
                 q.push(NewItem::new([p]), T).await.unwrap();
                 let seq = m.next_seq();
                 m.ready.push((seq, p));
+            }
+            Op::PushBatch(ps) => {
+                let items = ps.iter().map(|&p| NewItem::new([p])).collect();
+                let out = q.push_batch(items, T).await;
+                assert_eq!(out.len(), ps.len());
+                for (r, p) in out.into_iter().zip(ps) {
+                    r.unwrap();
+                    let seq = m.next_seq();
+                    m.ready.push((seq, p));
+                }
             }
             Op::Pop(n) => {
                 let got = q.pop(n, Duration::ZERO).await.unwrap();
