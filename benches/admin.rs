@@ -59,11 +59,14 @@ fn sizes() -> Sizes {
             rounds: 7,
         }
     } else {
+        // Each run lasts about half a second on an idle 2-core machine:
+        // dozens of scrapes per run, and long enough that a scheduler hiccup
+        // does not decide a round.
         Sizes {
             subscribers: 100,
-            batches: 20_000,
-            pool_items: 200_000,
-            queue_items: 50_000,
+            batches: 50_000,
+            pool_items: 2_000_000,
+            queue_items: 500_000,
             rounds: 9,
         }
     }
