@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Figures of a subscribe server, from [`Server::stats`](super::Server::stats),
 /// [`SubscribeService::stats`](super::SubscribeService::stats) or a
-/// [`ServerStatsHandle`]. The counters count since the service was built.
+/// [`ServerStatsHandle`](super::ServerStatsHandle). The counters count
+/// since the service was built.
 ///
 /// # Examples
 ///
