@@ -659,11 +659,14 @@ const HISTOGRAMS: [(&str, &str); 3] = [
 
 /// Renders the histograms in the Prometheus text format (after the
 /// exporter's text, whose names do not overlap).
-pub(crate) fn render_histograms(inner: &Inner, out: &mut String) {
+///
+/// The topics are `view`'s (the scrape's own read): a second
+/// `Publisher::stats` would lock every subscriber once more per scrape.
+pub(crate) fn render_histograms(inner: &Inner, view: &Overview, out: &mut String) {
     let mut by_name: [Vec<(&str, String, Histogram)>; 3] = Default::default();
     if let Some(p) = &inner.publisher {
-        for t in p.stats().topics {
-            let name = t.topic.as_str().to_owned();
+        for t in &view.topics {
+            let name = t.topic.clone();
             if let Some((sizes, builds)) = p.histograms(&name) {
                 by_name[0].push(("topic", name.clone(), sizes));
                 by_name[1].push(("topic", name, builds));

@@ -579,7 +579,7 @@ impl Admin {
                 recorder.handle().render()
             }
         };
-        collect::render_histograms(&self.inner, &mut text);
+        collect::render_histograms(&self.inner, &view, &mut text);
         text
     }
 
