@@ -134,6 +134,37 @@ pub struct Histogram {
     pub sum: f64,
 }
 
+impl Histogram {
+    /// An upper estimate of the `q` quantile (`q` from 0 to 1): the bound
+    /// of the first bucket holding at least that share of the values.
+    /// `None` when nothing was recorded; infinite when the quantile lies
+    /// above the last bound.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+    ///
+    /// let mut b = Publisher::<u8>::builder();
+    /// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u8>| async { Ok(1) }).unwrap();
+    /// let h = b.build().batch_sizes("t").unwrap();
+    /// assert_eq!(h.quantile(0.5), None);
+    /// ```
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        if self.count == 0 {
+            return None;
+        }
+        // The rank of the quantile's value, 1-based, at least 1.
+        let rank = ((q.clamp(0.0, 1.0) * self.count as f64).ceil() as u64).max(1);
+        Some(
+            self.buckets
+                .iter()
+                .find(|b| b.count >= rank)
+                .map_or(f64::INFINITY, |b| b.le),
+        )
+    }
+}
+
 /// One cumulative bucket of a [`Histogram`].
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 #[non_exhaustive]
@@ -158,6 +189,11 @@ mod tests {
         assert_eq!(s.count, 4);
         assert_eq!(s.sum, 5006.0);
         assert_eq!(s.buckets[0].count, 1); // le 1
+        assert_eq!(s.quantile(0.0), Some(1.0));
+        assert_eq!(s.quantile(0.5), Some(2.0));
+        assert_eq!(s.quantile(0.75), Some(4.0));
+        assert_eq!(s.quantile(0.99), Some(f64::INFINITY));
+        assert_eq!(Histogram::default().quantile(0.5), None);
         assert_eq!(s.buckets[1].count, 2); // le 2
         assert_eq!(s.buckets[2].count, 3); // le 4
         assert_eq!(s.buckets.last().unwrap().count, 3); // 5000 is in +Inf only

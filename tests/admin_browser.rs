@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 
-use admin_support::{serve, Service, QUEUE, TOKEN};
+use admin_support::{serve, Service, QUEUE, TOKEN, TOPIC};
 use fantoccini::{Client, ClientBuilder, Locator};
+use futures::FutureExt;
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -68,6 +69,34 @@ async fn wait_for(client: &Client, selector: &str) {
     assert_eq!(found, json!(true));
 }
 
+/// Waits, without polling, until the text of `selector` is `text`.
+async fn wait_for_text(client: &Client, selector: &str, text: &str) {
+    wait_text(client, selector, text, false).await
+}
+
+/// Waits, without polling, until the text of `selector` ends with `suffix`.
+async fn wait_for_text_ending(client: &Client, selector: &str, suffix: &str) {
+    wait_text(client, selector, suffix, true).await
+}
+
+async fn wait_text(client: &Client, selector: &str, text: &str, suffix: bool) {
+    let script = r#"
+        const [sel, want, suffix, done] = arguments;
+        const ok = () => {
+            const e = document.querySelector(sel);
+            return e && (suffix ? e.textContent.endsWith(want) : e.textContent === want);
+        };
+        if (ok()) return done(true);
+        const obs = new MutationObserver(() => { if (ok()) { obs.disconnect(); done(true); } });
+        obs.observe(document.documentElement, { subtree: true, childList: true, attributes: true, characterData: true });
+    "#;
+    let found = client
+        .execute_async(script, vec![json!(selector), json!(text), json!(suffix)])
+        .await
+        .unwrap_or_else(|e| panic!("waiting for {selector} to read {text:?}: {e}"));
+    assert_eq!(found, json!(true));
+}
+
 fn dead_total(n: usize) -> String {
     format!("div.dead-queue[data-queue='{QUEUE}'][data-total='{n}']")
 }
@@ -90,7 +119,7 @@ async fn requeue_and_delete_dead_letters_from_the_page() {
     };
     let tmp = tempfile::tempdir().unwrap();
 
-    let svc = Service::start(1).await;
+    let mut svc = Service::start(1).await;
     for (k, v) in [("a", 1), ("b", 2), ("a", 3)] {
         svc.store.write(k, v);
     }
@@ -134,9 +163,37 @@ async fn requeue_and_delete_dead_letters_from_the_page() {
         .await
         .unwrap();
 
-    // Three jobs fail and land in the dead letters: the page shows them live.
+    // The topic's deliveries: none yet (the service's subscribers have not
+    // read), then exactly what one subscriber reads, live.
+    let deliveries = format!("tr[data-topic='{TOPIC}'] td[data-field='deliveries']");
+    wait_for_text(&client, &deliveries, "0").await;
+    let mut read = 0;
+    let sub = &mut svc.subs[0];
+    loop {
+        let m = sub.next().await.unwrap();
+        read += m.events().map_or(0, |b| b.events().len());
+        if m.is_framing() {
+            break;
+        }
+    }
+    assert!(sub.next().now_or_never().is_none(), "caught up");
+    assert!(read > 0, "the snapshot had events");
+    wait_for_text(&client, &deliveries, &read.to_string()).await;
+    // The lease held and no add waited: the pool figures read 0.
+    wait_for_text(
+        &client,
+        "tr[data-pool='conns'] td[data-field='lease-waits']",
+        "0",
+    )
+    .await;
+    let push = format!("tr.queue[data-queue='{QUEUE}'] td[data-field='push-seconds']");
+    wait_for_text(&client, &push, "–").await;
+
+    // Three jobs fail and land in the dead letters: the page shows them
+    // live, and the push latency summary counts their pushes.
     svc.dead_letters([1, 2, 3]).await;
     wait_for(&client, &dead_total(3)).await;
+    wait_for_text_ending(&client, &push, "(3)").await;
     let ids: Vec<u64> = {
         let mut ids = Vec::new();
         for r in client

@@ -84,11 +84,13 @@ async fn every_json_endpoint_has_its_shape() {
             "pools",
             "queues",
             "read_only",
+            "servers",
             "snapshot_builds",
             "snapshot_cache_hits",
             "topics"
         ]
     );
+    assert_eq!(o["servers"], json!([]), "no network server watched");
     assert_eq!(o["read_only"], false);
     // The second subscriber joined the first one's running build.
     assert_eq!(
@@ -106,16 +108,27 @@ async fn every_json_endpoint_has_its_shape() {
         [
             "building",
             "cached",
+            "deliveries",
             "keys",
             "lag",
             "lagged",
             "max_lag",
+            "publish_batch_events",
             "published",
             "resnapshotted",
             "retained",
+            "snapshot_build_seconds",
             "subscribers",
             "topic"
         ]
+    );
+    assert_eq!(
+        keys(&t["publish_batch_events"]),
+        ["count", "mean", "p50", "p99"]
+    );
+    assert_eq!(
+        t["snapshot_build_seconds"]["count"], 1,
+        "one snapshot build: {t}"
     );
     assert_eq!(
         (
@@ -204,12 +217,14 @@ async fn every_json_endpoint_has_its_shape() {
             "leased",
             "max_workers",
             "name",
+            "push_seconds",
             "pushed",
             "ready",
             "retries",
             "workers"
         ]
     );
+    assert_eq!(q["push_seconds"]["count"], 2, "two pushes timed: {q}");
     assert_eq!(
         (
             q["backend"].as_str(),
@@ -218,6 +233,8 @@ async fn every_json_endpoint_has_its_shape() {
         ),
         (Some("memory"), Some(2), Some(2))
     );
+
+    assert_eq!(get(&format!("{base}/api/servers")).await, json!([]));
 
     let dead = get(&format!("{base}/api/queues/{QUEUE}/dead")).await;
     assert_eq!(keys(&dead), ["items", "limit", "offset", "total"]);

@@ -487,3 +487,130 @@ async fn hot_path_figures_move() {
         1.0
     );
 }
+
+/// Deliveries: the topic's counter moves by exactly the events its
+/// subscribers received (snapshot and live), once each has caught up,
+/// closed or read a flush's worth of batches.
+#[tokio::test]
+async fn deliveries_count_every_event_delivered() {
+    use futures::FutureExt;
+    use snapstream::event::{Event, Subject};
+    use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink, SubscribeRequest};
+
+    let mut b = Publisher::<u64>::builder();
+    b.lag_limit(None);
+    b.register(
+        "d",
+        |r: SnapshotRequest, mut s: SnapshotSink<u64>| async move {
+            // Three snapshot events.
+            s.append(vec![
+                Event::new("d", r.subject().clone(), 1, 10),
+                Event::new("d", r.subject().clone(), 1, 11),
+            ])?;
+            s.append(vec![Event::new("d", r.subject().clone(), 1, 12)])?;
+            Ok(1)
+        },
+    )
+    .unwrap();
+    let publisher = b.build();
+    let admin = snapstream::admin::Admin::builder()
+        .publisher(&publisher)
+        .build()
+        .unwrap();
+    let addr = serve(admin.router()).await;
+    let url = format!("http://{addr}/metrics");
+    let topic = [("topic", "d")];
+    let delivered = || publisher.stats().topics[0].delivered;
+
+    let before = scrape(&url).await;
+    assert_eq!(
+        get(&before, "snapstream_topic_deliveries_total", &topic),
+        0.0
+    );
+
+    let mut a = publisher
+        .subscribe(SubscribeRequest::new("d", "k"))
+        .unwrap();
+    let mut b = publisher
+        .subscribe(SubscribeRequest::new("d", "k"))
+        .unwrap();
+    // Reads one subscriber until nothing is ready; returns the events seen.
+    async fn drain(sub: &mut snapstream::publisher::Subscription<u64>) -> u64 {
+        let mut n = 0;
+        // The first message may need the snapshot task: wait for it.
+        let first = sub.next().await.unwrap();
+        n += first.events().map_or(0, |b| b.events().len() as u64);
+        while let Some(m) = sub.next().now_or_never() {
+            n += m.unwrap().events().map_or(0, |b| b.events().len() as u64);
+        }
+        n
+    }
+    // Wait for the snapshot to end on `a` (framing last), then drain.
+    let mut seen_a = 0;
+    loop {
+        let m = a.next().await.unwrap();
+        seen_a += m.events().map_or(0, |b| b.events().len() as u64);
+        if m.is_framing() {
+            break;
+        }
+    }
+    assert_eq!(seen_a, 3, "three snapshot events");
+    assert!(a.next().now_or_never().is_none(), "a caught up");
+    assert_eq!(delivered(), 3, "a's snapshot, counted once a caught up");
+
+    publisher
+        .publish(vec![Event::new("d", "k", 2, 0), Event::new("d", "k", 2, 1)])
+        .unwrap();
+    publisher.publish(vec![Event::new("d", "k", 3, 0)]).unwrap();
+    seen_a += drain(&mut a).await;
+    assert_eq!(seen_a, 6);
+    assert_eq!(delivered(), 6, "b has read nothing yet");
+
+    // b reads its snapshot and the first live batch, then drops: its count
+    // is added on drop.
+    let mut seen_b = 0;
+    loop {
+        let m = b.next().await.unwrap();
+        seen_b += m.events().map_or(0, |b| b.events().len() as u64);
+        if m.is_framing() {
+            break;
+        }
+    }
+    assert_eq!(seen_b, 3);
+    seen_b += b.next().await.unwrap().events().unwrap().events().len() as u64;
+    assert_eq!(seen_b, 5);
+    drop(b);
+    assert_eq!(delivered(), 11);
+
+    // A reader that never catches up still adds its count every so many
+    // batches: 100 ready, 70 read.
+    for i in 4..104 {
+        publisher
+            .publish(vec![Event::new("d", Subject::key("k"), i, 0)])
+            .unwrap();
+    }
+    for _ in 0..70 {
+        a.next().now_or_never().unwrap().unwrap();
+    }
+    let mid = delivered();
+    assert!(
+        mid > 11 && mid <= 11 + 70,
+        "a added part of its 70 while reading: {mid}"
+    );
+    seen_a += 70 + drain(&mut a).await;
+    assert_eq!(seen_a, 6 + 100);
+    assert_eq!(delivered(), 11 + 100);
+
+    let after = scrape(&url).await;
+    assert_eq!(
+        get(&after, "snapstream_topic_deliveries_total", &topic),
+        111.0
+    );
+    let topics: serde_json::Value = reqwest::get(format!("http://{addr}/api/topics"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(topics[0]["deliveries"], 111, "{topics}");
+}

@@ -32,6 +32,66 @@ pub struct Overview {
     pub lease_pools: Vec<LeasePoolView>,
     /// The work queues, by name.
     pub queues: Vec<QueueView>,
+    /// The network subscribe servers (feature `net`), in the order they
+    /// were given.
+    pub servers: Vec<ServerView>,
+}
+
+/// A histogram summed up for the page: count, mean and upper estimates of
+/// the median and the 99th percentile (bucket bounds; `null` when nothing
+/// was recorded or above the largest bucket).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct HistogramView {
+    /// Values recorded.
+    pub count: u64,
+    /// Their mean; `None` when nothing was recorded.
+    pub mean: Option<f64>,
+    /// [`Histogram::quantile`]`(0.5)`.
+    pub p50: Option<f64>,
+    /// [`Histogram::quantile`]`(0.99)`.
+    pub p99: Option<f64>,
+}
+
+impl HistogramView {
+    fn of(h: &Histogram) -> Self {
+        let finite = |v: Option<f64>| v.filter(|v| v.is_finite());
+        Self {
+            count: h.count,
+            mean: (h.count > 0).then(|| h.sum / h.count as f64),
+            p50: finite(h.quantile(0.5)),
+            p99: finite(h.quantile(0.99)),
+        }
+    }
+}
+
+/// One network subscribe server's figures
+/// ([`net::ServerStats`](crate::net::ServerStats) when feature `net` is on).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct ServerView {
+    /// The name it was given.
+    pub name: String,
+    /// Subscribe streams open now.
+    pub open_streams: usize,
+    /// Subscribe streams opened.
+    pub streams_opened: u64,
+    /// Streams ended: the client went away.
+    pub ended_client_gone: u64,
+    /// Streams ended: force-closed.
+    pub ended_force_closed: u64,
+    /// Streams ended: server or publisher shutdown.
+    pub ended_shutdown: u64,
+    /// Streams ended: the subscriber lagged.
+    pub ended_lagged: u64,
+    /// Streams ended: another error.
+    pub ended_error: u64,
+    /// Response messages sent.
+    pub messages_sent: u64,
+    /// Bytes of the response messages sent (protobuf-encoded).
+    pub bytes_sent: u64,
+    /// Progress marks sent.
+    pub progress_marks_sent: u64,
 }
 
 /// One topic's figures.
@@ -57,11 +117,18 @@ pub struct TopicView {
     pub published: u64,
     /// How many keys' furthest-behind subscriber lags by how much.
     pub lag: Vec<LagBucket>,
+    /// Events delivered to its subscribers since the publisher was built
+    /// ([`TopicStats::delivered`](crate::publisher::TopicStats::delivered)).
+    pub deliveries: u64,
     /// Subscribers closed for lag (`Lagged`) since the publisher was built.
     pub lagged: u64,
     /// Subscribers detached for lag to re-snapshot since the publisher was
     /// built.
     pub resnapshotted: u64,
+    /// Events per publish call to the topic.
+    pub publish_batch_events: HistogramView,
+    /// Time the topic's snapshot handler took, in seconds.
+    pub snapshot_build_seconds: HistogramView,
 }
 
 /// Keys whose furthest-behind subscriber lags by at most `upto` batches (and
@@ -168,7 +235,7 @@ pub struct LeaseKeyView {
 }
 
 /// One work queue's figures.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct QueueView {
     /// Its name.
@@ -197,6 +264,8 @@ pub struct QueueView {
     pub retries: u64,
     /// Items moved to the dead-letter queue.
     pub dead_lettered: u64,
+    /// Time the base queue took to store a push, in seconds.
+    pub push_seconds: HistogramView,
     /// What a failing backend reported.
     pub error: Option<String>,
 }
@@ -217,6 +286,7 @@ pub(crate) async fn overview(inner: &Inner) -> Overview {
         pools: Vec::new(),
         lease_pools: Vec::new(),
         queues: Vec::new(),
+        servers: Vec::new(),
     };
     if let Some(p) = &inner.publisher {
         let stats = p.stats();
@@ -246,6 +316,7 @@ pub(crate) async fn overview(inner: &Inner) -> Overview {
             }
             let total = seen.totals.entry(name.clone()).or_default();
             *total += grown;
+            let (sizes, builds) = p.histograms(&name).unwrap_or_default();
             view.topics.push(TopicView {
                 topic: name,
                 subscribers: t.subscribers,
@@ -263,8 +334,11 @@ pub(crate) async fn overview(inner: &Inner) -> Overview {
                         keys,
                     })
                     .collect(),
+                deliveries: t.delivered,
                 lagged: t.lagged,
                 resnapshotted: t.resnapshotted,
+                publish_batch_events: HistogramView::of(&sizes),
+                snapshot_build_seconds: HistogramView::of(&builds),
             });
         }
         seen.last = last;
@@ -301,6 +375,23 @@ pub(crate) async fn overview(inner: &Inner) -> Overview {
     for q in inner.queues.values() {
         view.queues.push(queue_view(q.as_ref()).await);
     }
+    #[cfg(feature = "net")]
+    for (name, server) in &inner.servers {
+        let s = server.stats();
+        view.servers.push(ServerView {
+            name: name.clone(),
+            open_streams: s.open_streams,
+            streams_opened: s.streams_opened,
+            ended_client_gone: s.streams_ended.client_gone,
+            ended_force_closed: s.streams_ended.force_closed,
+            ended_shutdown: s.streams_ended.shutdown,
+            ended_lagged: s.streams_ended.lagged,
+            ended_error: s.streams_ended.error,
+            messages_sent: s.messages_sent,
+            bytes_sent: s.bytes_sent,
+            progress_marks_sent: s.progress_marks_sent,
+        });
+    }
     view
 }
 
@@ -326,6 +417,7 @@ pub(crate) async fn queue_view(q: &dyn super::sources::AdminQueue) -> QueueView 
         acked: q.acked(),
         retries: q.retries(),
         dead_lettered: q.dead_lettered(),
+        push_seconds: HistogramView::of(&q.push_latency()),
         error,
     }
 }
@@ -357,6 +449,10 @@ pub(crate) fn describe() {
     describe_counter!(
         "snapstream_topic_published_batches_total",
         "Batches appended to the topic's watched keys, as seen by the scrapes"
+    );
+    describe_counter!(
+        "snapstream_topic_deliveries_total",
+        "Events delivered to the topic's subscribers (snapshot and live)"
     );
     describe_counter!(
         "snapstream_topic_lagged_subscribers_total",
@@ -435,6 +531,30 @@ pub(crate) fn describe() {
         "snapstream_queue_dead_lettered_total",
         "Items moved to the dead-letter queue"
     );
+    describe_gauge!(
+        "snapstream_net_open_streams",
+        "Subscribe streams of the server open now"
+    );
+    describe_counter!(
+        "snapstream_net_streams_opened_total",
+        "Subscribe streams the server opened"
+    );
+    describe_counter!(
+        "snapstream_net_streams_ended_total",
+        "Subscribe streams ended, by reason (client_gone, force_closed, shutdown, lagged, error)"
+    );
+    describe_counter!(
+        "snapstream_net_messages_sent_total",
+        "Response messages the server sent"
+    );
+    describe_counter!(
+        "snapstream_net_sent_bytes_total",
+        "Bytes of the response messages sent, protobuf-encoded"
+    );
+    describe_counter!(
+        "snapstream_net_progress_marks_sent_total",
+        "Progress marks the server sent to quiet streams"
+    );
 }
 
 /// Records `view` through the current recorder.
@@ -453,6 +573,7 @@ pub(crate) fn record(inner: &Inner, view: &Overview) {
         gauge!("snapstream_topic_snapshots_cached", &l).set(t.cached as f64);
         gauge!("snapstream_topic_snapshot_builds_running", &l).set(t.building as f64);
         counter!("snapstream_topic_published_batches_total", &l).absolute(t.published);
+        counter!("snapstream_topic_deliveries_total", &l).absolute(t.deliveries);
         counter!("snapstream_topic_lagged_subscribers_total", &l).absolute(t.lagged);
         counter!("snapstream_topic_resnapshotted_subscribers_total", &l).absolute(t.resnapshotted);
     }
@@ -494,6 +615,28 @@ pub(crate) fn record(inner: &Inner, view: &Overview) {
         counter!("snapstream_queue_retries_total", &l).absolute(q.retries);
         counter!("snapstream_queue_dead_lettered_total", &l).absolute(q.dead_lettered);
     }
+    for s in &view.servers {
+        let l = [("server", s.name.clone())];
+        gauge!("snapstream_net_open_streams", &l).set(s.open_streams as f64);
+        counter!("snapstream_net_streams_opened_total", &l).absolute(s.streams_opened);
+        for (reason, n) in [
+            ("client_gone", s.ended_client_gone),
+            ("force_closed", s.ended_force_closed),
+            ("shutdown", s.ended_shutdown),
+            ("lagged", s.ended_lagged),
+            ("error", s.ended_error),
+        ] {
+            counter!(
+                "snapstream_net_streams_ended_total",
+                "server" => s.name.clone(),
+                "reason" => reason
+            )
+            .absolute(n);
+        }
+        counter!("snapstream_net_messages_sent_total", &l).absolute(s.messages_sent);
+        counter!("snapstream_net_sent_bytes_total", &l).absolute(s.bytes_sent);
+        counter!("snapstream_net_progress_marks_sent_total", &l).absolute(s.progress_marks_sent);
+    }
 }
 
 /// The histograms `/metrics` renders itself: the `metrics` facade's
@@ -516,11 +659,14 @@ const HISTOGRAMS: [(&str, &str); 3] = [
 
 /// Renders the histograms in the Prometheus text format (after the
 /// exporter's text, whose names do not overlap).
-pub(crate) fn render_histograms(inner: &Inner, out: &mut String) {
+///
+/// The topics are `view`'s (the scrape's own read): a second
+/// `Publisher::stats` would lock every subscriber once more per scrape.
+pub(crate) fn render_histograms(inner: &Inner, view: &Overview, out: &mut String) {
     let mut by_name: [Vec<(&str, String, Histogram)>; 3] = Default::default();
     if let Some(p) = &inner.publisher {
-        for t in p.stats().topics {
-            let name = t.topic.as_str().to_owned();
+        for t in &view.topics {
+            let name = t.topic.clone();
             if let Some((sizes, builds)) = p.histograms(&name) {
                 by_name[0].push(("topic", name.clone(), sizes));
                 by_name[1].push(("topic", name, builds));

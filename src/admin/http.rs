@@ -45,6 +45,7 @@ pub(super) fn router(admin: Admin) -> Router {
         .route("/api/topics", get(topics))
         .route("/api/topics/{topic}", get(topic))
         .route("/api/pools", get(pools))
+        .route("/api/servers", get(servers))
         .route("/api/queues", get(queues))
         .route("/api/queues/{name}", get(queue))
         .route("/api/queues/{name}/flush", post(flush))
@@ -416,6 +417,10 @@ async fn events(
         Some((Ok(event), (admin, false)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
+}
+
+async fn servers(State(admin): State<Admin>) -> Json<Vec<collect::ServerView>> {
+    Json(admin.overview().await.servers)
 }
 
 async fn topics(State(admin): State<Admin>) -> Json<Vec<collect::TopicView>> {

@@ -32,6 +32,11 @@
 //! | `topic_snapshots_cached` | gauge | `topic` | keys with a cached snapshot chain |
 //! | `topic_snapshot_builds_running` | gauge | `topic` | keys with a snapshot build running |
 //! | `topic_published_batches_total` | counter | `topic` | batches appended to watched keys, as seen by the scrapes |
+//! | `topic_deliveries_total` | counter | `topic` | [`TopicStats::delivered`](crate::publisher::TopicStats::delivered): events delivered to its subscribers |
+//! | `topic_lagged_subscribers_total`, `topic_resnapshotted_subscribers_total` | counter | `topic` | subscribers closed for lag / detached to re-snapshot |
+//! | `topic_publish_batch_events` | histogram | `topic` | events per publish call |
+//! | `topic_snapshot_build_seconds` | histogram | `topic` | snapshot handler run time |
+//! | `queue_push_duration_seconds` | histogram | `queue` | time the base queue took to store a push |
 //! | `snapshot_builds_total` | counter | | snapshot builds started (cache misses) |
 //! | `snapshot_cache_hits_total` | counter | | subscribers served without a build |
 //! | `pool_pending`, `pool_in_flight`, `pool_keys`, `pool_workers` | gauge | `pool` | [`workpool::Stats`](crate::workpool::Stats) |
@@ -43,6 +48,11 @@
 //! | `queue_workers`, `queue_active_workers`, `queue_max_workers` | gauge | `queue` | the queue's workers |
 //! | `queue_pushes_total`, `queue_acks_total` | counter | `queue` | [`WorkQueue::pushed`], [`WorkQueue::acked`] |
 //! | `queue_retries_total`, `queue_dead_lettered_total` | counter | `queue` | [`WorkQueue::retries`], [`WorkQueue::dead_lettered`] |
+//! | `net_open_streams` | gauge | `server` | [`net::ServerStats::open_streams`](crate::net::ServerStats::open_streams) (feature `net`) |
+//! | `net_streams_opened_total` | counter | `server` | streams opened |
+//! | `net_streams_ended_total` | counter | `server`, `reason` | streams ended: `client_gone`, `force_closed`, `shutdown`, `lagged`, `error` |
+//! | `net_messages_sent_total`, `net_sent_bytes_total` | counter | `server` | response messages and their protobuf bytes |
+//! | `net_progress_marks_sent_total` | counter | `server` | progress marks sent to quiet streams |
 //!
 //! # Endpoints
 //!
@@ -58,6 +68,7 @@
 //! | `GET /api/events` | server-sent `overview` events: the overview and each queue's first 50 dead letters |
 //! | `GET /api/topics`, `GET /api/topics/{topic}` | [`TopicView`]s; one with its keys (`key_list`, paged) |
 //! | `GET /api/pools` | `{"keyed": [PoolView], "lease": [LeasePoolView]}` |
+//! | `GET /api/servers` | [`ServerView`]s (empty without feature `net`) |
 //! | `GET /api/queues`, `GET /api/queues/{name}` | [`QueueView`]s |
 //! | `GET /api/queues/{name}/dead` | its dead letters, oldest first, paged, each decoded as the item type |
 //! | `GET /api/queues/{name}/dead/{id}` | one dead letter |
@@ -132,7 +143,8 @@ use crate::queue::WorkQueue;
 use crate::workpool::KeyedPool;
 
 pub use collect::{
-    KeyView, LagBucket, LeaseKeyView, LeasePoolView, Overview, PoolView, QueueView, TopicView,
+    HistogramView, KeyView, LagBucket, LeaseKeyView, LeasePoolView, Overview, PoolView, QueueView,
+    ServerView, TopicView,
 };
 use sources::{AdminQueue, LeaseSource, PoolSource, PublisherSource};
 
@@ -146,6 +158,9 @@ pub enum AdminBuildError {
     /// Two work queues have one name.
     #[error("two queues are named {0:?}")]
     DuplicateQueue(String),
+    /// Two network servers were given one name.
+    #[error("two servers are named {0:?}")]
+    DuplicateServer(String),
     /// The token is empty.
     #[error("the admin token is empty")]
     EmptyToken,
@@ -174,6 +189,8 @@ pub struct AdminBuilder {
     pools: Vec<(String, Arc<dyn PoolSource>)>,
     leases: Vec<(String, Arc<dyn LeaseSource>)>,
     queues: Vec<Arc<dyn AdminQueue>>,
+    #[cfg(feature = "net")]
+    servers: Vec<(String, crate::net::ServerStatsHandle)>,
     prometheus: Option<PrometheusHandle>,
 }
 
@@ -333,6 +350,39 @@ impl AdminBuilder {
         self
     }
 
+    /// Watches a network subscribe server under `name` (feature `net`):
+    /// its streams and what it sent, through
+    /// [`Server::stats_handle`](crate::net::Server::stats_handle) or
+    /// [`SubscribeService::stats_handle`](crate::net::SubscribeService::stats_handle).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::admin::{Admin, AdminBuildError};
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let service = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).service();
+    /// let admin = Admin::builder().net_server("grpc", service.stats_handle()).build().unwrap();
+    /// assert_eq!(admin.overview().await.servers[0].open_streams, 0);
+    /// let twice = Admin::builder()
+    ///     .net_server("grpc", service.stats_handle())
+    ///     .net_server("grpc", service.stats_handle())
+    ///     .build();
+    /// assert_eq!(twice.unwrap_err(), AdminBuildError::DuplicateServer("grpc".into()));
+    /// # });
+    /// ```
+    #[cfg(feature = "net")]
+    pub fn net_server(
+        mut self,
+        name: impl Into<String>,
+        stats: crate::net::ServerStatsHandle,
+    ) -> Self {
+        self.servers.push((name.into(), stats));
+        self
+    }
+
     /// The admin.
     ///
     /// # Errors
@@ -372,6 +422,15 @@ impl AdminBuilder {
                 return Err(AdminBuildError::DuplicateQueue(name));
             }
         }
+        #[cfg(feature = "net")]
+        {
+            let mut names = std::collections::BTreeSet::new();
+            for (name, _) in &self.servers {
+                if !names.insert(name) {
+                    return Err(AdminBuildError::DuplicateServer(name.clone()));
+                }
+            }
+        }
         let exporter = match self.prometheus {
             Some(handle) => Exporter::Global(handle),
             None => {
@@ -390,6 +449,8 @@ impl AdminBuilder {
                 pools: self.pools,
                 leases: self.leases,
                 queues,
+                #[cfg(feature = "net")]
+                servers: self.servers,
                 exporter,
                 seen: std::sync::Mutex::new(collect::Seen::default()),
             }),
@@ -410,6 +471,8 @@ struct Inner {
     pools: Vec<(String, Arc<dyn PoolSource>)>,
     leases: Vec<(String, Arc<dyn LeaseSource>)>,
     queues: BTreeMap<String, Arc<dyn AdminQueue>>,
+    #[cfg(feature = "net")]
+    servers: Vec<(String, crate::net::ServerStatsHandle)>,
     exporter: Exporter,
     /// What the scrapes saw of each key's published count.
     seen: std::sync::Mutex<collect::Seen>,
@@ -450,6 +513,8 @@ impl Admin {
             pools: Vec::new(),
             leases: Vec::new(),
             queues: Vec::new(),
+            #[cfg(feature = "net")]
+            servers: Vec::new(),
             prometheus: None,
         }
     }
@@ -514,7 +579,7 @@ impl Admin {
                 recorder.handle().render()
             }
         };
-        collect::render_histograms(&self.inner, &mut text);
+        collect::render_histograms(&self.inner, &view, &mut text);
         text
     }
 

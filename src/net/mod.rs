@@ -55,6 +55,7 @@ mod client;
 mod error;
 pub mod proto;
 mod server;
+mod stats;
 mod view;
 
 pub use crate::codec::{BinaryCodec, CodecError, JsonCodec, PayloadCodec, WireFormat};
@@ -65,10 +66,12 @@ pub use client::{
 };
 pub use error::{ClientError, RemoteError, ServeError};
 pub use server::{
-    AllowAll, Authorizer, Server, ServerBuilder, SubscribeService, DEFAULT_KEEPALIVE_INTERVAL,
-    DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_REQUEST_SIZE,
-    DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_PROGRESS_INTERVAL,
+    AllowAll, Authorizer, Server, ServerBuilder, ServerStatsHandle, SubscribeService,
+    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE,
+    DEFAULT_MAX_REQUEST_SIZE, DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
+    DEFAULT_PROGRESS_INTERVAL,
 };
+pub use stats::{ServerStats, StreamsEnded};
 pub use view::{
     KeyValue, View, ViewError, ViewState, Views, ViewsBuilder, DEFAULT_VIEW_IDLE_TIMEOUT,
 };

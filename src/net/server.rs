@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::error::{ServeError, LAG_LIMIT_METADATA};
 use super::proto;
+use super::stats::{Counters, EndReason, ServerStats};
 use crate::codec::PayloadCodec;
 use crate::event::{Message, Subject, Topic};
 use crate::publisher::{
@@ -294,6 +295,7 @@ where
                 max_request_size: self.max_request_size,
                 progress_interval: self.progress_interval,
                 shutdown,
+                counters: Counters::default(),
             }),
         }
     }
@@ -447,6 +449,52 @@ impl Server {
         self.streams.active()
     }
 
+    /// The server's figures: streams open, opened and ended by reason,
+    /// messages, bytes and progress marks sent.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::net::{BinaryCodec, Server};
+    /// # use snapstream::publisher::Publisher;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// let server = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec)
+    ///     .serve(listener)
+    ///     .unwrap();
+    /// assert_eq!(server.stats().streams_opened, 0);
+    /// server.shutdown().await.unwrap();
+    /// # }
+    /// ```
+    pub fn stats(&self) -> ServerStats {
+        self.streams.stats()
+    }
+
+    /// A handle that reads [`stats`](Self::stats) without borrowing the
+    /// server (for a metrics collector); it keeps reading the last figures
+    /// after the server shut down.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::net::{BinaryCodec, Server};
+    /// # use snapstream::publisher::Publisher;
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// # let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    /// let server = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec)
+    ///     .serve(listener)
+    ///     .unwrap();
+    /// let stats = server.stats_handle();
+    /// server.shutdown().await.unwrap();
+    /// assert_eq!(stats.stats().open_streams, 0);
+    /// # }
+    /// ```
+    pub fn stats_handle(&self) -> ServerStatsHandle {
+        ServerStatsHandle {
+            inner: self.streams.clone(),
+        }
+    }
+
     /// Graceful shutdown: every open stream ends with `UNAVAILABLE` (clients
     /// retry, maybe elsewhere), new calls are refused, then the server
     /// waits for its connections to close and returns.
@@ -473,10 +521,41 @@ impl Server {
     }
 }
 
+/// Reads a subscribe server's [`ServerStats`]; from
+/// [`Server::stats_handle`] or [`SubscribeService::stats_handle`].
+///
+/// # Examples
+///
+/// See [`Server::stats_handle`].
+#[derive(Clone)]
+pub struct ServerStatsHandle {
+    inner: Arc<dyn Stopper>,
+}
+
+impl ServerStatsHandle {
+    /// The figures now.
+    ///
+    /// # Examples
+    ///
+    /// See [`Server::stats_handle`].
+    pub fn stats(&self) -> ServerStats {
+        self.inner.stats()
+    }
+}
+
+impl fmt::Debug for ServerStatsHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ServerStatsHandle")
+            .field(&self.inner.stats())
+            .finish()
+    }
+}
+
 /// What [`Server`] needs of its service, without its type parameters.
 trait Stopper: Send + Sync {
     fn stop(&self);
     fn active(&self) -> usize;
+    fn stats(&self) -> ServerStats;
 }
 
 impl<P, C> Stopper for ServiceInner<P, C>
@@ -491,6 +570,10 @@ where
     fn active(&self) -> usize {
         self.max_streams - self.permits.available_permits()
     }
+
+    fn stats(&self) -> ServerStats {
+        self.counters.read(self.active())
+    }
 }
 
 struct ServiceInner<P, C> {
@@ -503,6 +586,7 @@ struct ServiceInner<P, C> {
     max_request_size: usize,
     progress_interval: Option<Duration>,
     shutdown: watch::Sender<bool>,
+    counters: Counters,
 }
 
 /// The subscribe service itself (a tonic service once [`grpc`](Self::grpc)
@@ -576,6 +660,32 @@ where
         self.inner.active()
     }
 
+    /// The service's figures (as [`Server::stats`]).
+    ///
+    /// # Examples
+    ///
+    /// See [`ServerStats`].
+    pub fn stats(&self) -> ServerStats {
+        self.inner.stats()
+    }
+
+    /// A handle that reads [`stats`](Self::stats) (as
+    /// [`Server::stats_handle`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use snapstream::net::{BinaryCodec, Server};
+    /// # use snapstream::publisher::Publisher;
+    /// let service = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).service();
+    /// assert_eq!(service.stats_handle().stats().streams_opened, 0);
+    /// ```
+    pub fn stats_handle(&self) -> ServerStatsHandle {
+        ServerStatsHandle {
+            inner: self.stopper(),
+        }
+    }
+
     fn stopper(&self) -> Arc<dyn Stopper> {
         self.inner.clone()
     }
@@ -612,12 +722,14 @@ where
             .publisher
             .subscribe(request)
             .map_err(subscribe_status)?;
+        inner.counters.opened();
         Ok(ServerStream {
             sub,
             inner: inner.clone(),
             shutdown: inner.shutdown.subscribe(),
             pending: VecDeque::new(),
             pending_err: None,
+            ended: None,
             done: false,
             _permit: permit,
         })
@@ -653,6 +765,16 @@ fn subscribe_status(e: SubscribeError) -> Status {
     }
 }
 
+/// The reason counted for a stream closed by `e`.
+fn close_reason(e: &SubscriptionError) -> EndReason {
+    match e {
+        SubscriptionError::ForceClosed => EndReason::ForceClosed,
+        SubscriptionError::ShuttingDown => EndReason::Shutdown,
+        SubscriptionError::Lagged { .. } => EndReason::Lagged,
+        _ => EndReason::Error,
+    }
+}
+
 fn close_status(e: &SubscriptionError) -> Status {
     match e {
         SubscriptionError::ForceClosed => {
@@ -683,8 +805,11 @@ struct ServerStream<P, C> {
     shutdown: watch::Receiver<bool>,
     /// Frames encoded but not yet sent (a message filled up).
     pending: VecDeque<(proto::Frame, usize)>,
-    /// The status to end with once `pending` is sent.
-    pending_err: Option<Status>,
+    /// The status to end with once `pending` is sent, and its reason.
+    pending_err: Option<(Status, EndReason)>,
+    /// Why the stream ended, once its status was returned (`None` at drop:
+    /// the client went away).
+    ended: Option<EndReason>,
     done: bool,
     _permit: OwnedSemaphorePermit,
 }
@@ -780,10 +905,21 @@ where
         proto::SubscribeResponse { frames }
     }
 
-    fn fail(&mut self, status: Status) {
+    fn fail(&mut self, status: Status, reason: EndReason) {
         if self.pending_err.is_none() {
-            self.pending_err = Some(status);
+            self.pending_err = Some((status, reason));
         }
+    }
+
+    /// Ends the stream with `status`, counted as `reason`.
+    fn end(
+        &mut self,
+        status: Status,
+        reason: EndReason,
+    ) -> Option<Result<proto::SubscribeResponse, Status>> {
+        self.done = true;
+        self.ended = Some(reason);
+        Some(Err(status))
     }
 
     /// The next response (or the closing status).
@@ -793,11 +929,12 @@ where
         }
         loop {
             if !self.pending.is_empty() {
-                return Some(Ok(self.take_response()));
+                let response = self.take_response();
+                self.inner.counters.sent(response.encoded_len());
+                return Some(Ok(response));
             }
-            if let Some(status) = self.pending_err.take() {
-                self.done = true;
-                return Some(Err(status));
+            if let Some((status, reason)) = self.pending_err.take() {
+                return self.end(status, reason);
             }
             let progress = self.inner.progress_interval;
             let quiet = async {
@@ -819,15 +956,17 @@ where
             };
             match woke {
                 Woke::Shutdown => {
-                    self.done = true;
-                    return Some(Err(Status::unavailable("server shutting down")));
+                    return self.end(
+                        Status::unavailable("server shutting down"),
+                        EndReason::Shutdown,
+                    );
                 }
                 Woke::Message(Ok(m)) => {
                     if let Err(s) = self.encode(m) {
-                        self.fail(s);
+                        self.fail(s, EndReason::Error);
                     }
                 }
-                Woke::Message(Err(e)) => self.fail(close_status(&e)),
+                Woke::Message(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
                 Woke::Quiet => {
                     if let Some(index) = self.sub.last_index() {
                         let f = proto::Frame {
@@ -835,6 +974,7 @@ where
                         };
                         let n = framed_len(&f);
                         self.pending.push_back((f, n));
+                        self.inner.counters.progress();
                     }
                     continue;
                 }
@@ -847,7 +987,7 @@ where
                     Some(Ok(m)) => {
                         let before = self.pending.len();
                         if let Err(s) = self.encode(m) {
-                            self.fail(s);
+                            self.fail(s, EndReason::Error);
                         }
                         size += self
                             .pending
@@ -856,10 +996,18 @@ where
                             .map(|(_, n)| n)
                             .sum::<usize>();
                     }
-                    Some(Err(e)) => self.fail(close_status(&e)),
+                    Some(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
                 }
             }
         }
+    }
+}
+
+impl<P, C> Drop for ServerStream<P, C> {
+    fn drop(&mut self) {
+        self.inner
+            .counters
+            .ended(self.ended.unwrap_or(EndReason::ClientGone));
     }
 }
 

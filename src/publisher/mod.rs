@@ -580,8 +580,13 @@ pub(crate) struct TopicEntry<P> {
 
 /// A topic's counters of rare events and its histograms: relaxed atomics,
 /// touched once per publish call, lag check or snapshot build — never per
-/// delivery.
+/// delivery. `delivered` is the exception that proves it: each subscription
+/// counts its deliveries in a plain field and adds them in here when it
+/// catches up (its poll returns `Pending`), every
+/// [`subscription::FLUSH_BATCHES`] batches, and when it closes or drops.
 pub(crate) struct TopicCounters {
+    /// Events delivered to the topic's subscribers (snapshot and live).
+    delivered: AtomicU64,
     /// Subscribers closed with `Lagged`.
     lagged: AtomicU64,
     /// Subscribers detached for lag to re-snapshot.
@@ -595,6 +600,7 @@ pub(crate) struct TopicCounters {
 impl Default for TopicCounters {
     fn default() -> Self {
         Self {
+            delivered: AtomicU64::new(0),
             lagged: AtomicU64::new(0),
             resnapshotted: AtomicU64::new(0),
             batch_sizes: AtomicHistogram::sizes(),
@@ -1122,6 +1128,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
                 topic: entry.topic.clone(),
                 subscribers: keys.iter().map(|k| k.subscribers).sum(),
                 keys,
+                delivered: entry.counters.delivered.load(Ordering::Relaxed),
                 lagged: entry.counters.lagged.load(Ordering::Relaxed),
                 resnapshotted: entry.counters.resnapshotted.load(Ordering::Relaxed),
             });
@@ -1135,6 +1142,13 @@ impl<P: Send + Sync + 'static> Inner<P> {
 }
 
 impl<P: Send + Sync + 'static> Registry<P> for Inner<P> {
+    fn delivered(&self, topic: usize, events: u64) {
+        self.topics[topic]
+            .counters
+            .delivered
+            .fetch_add(events, Ordering::Relaxed);
+    }
+
     fn release(&self, sub: &Arc<SubShared<P>>) {
         {
             let mut state = self.topics[sub.topic].state.lock();

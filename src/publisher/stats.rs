@@ -61,6 +61,12 @@ pub struct TopicStats {
     pub subscribers: usize,
     /// Keys that currently have a buffer (someone subscribes), sorted.
     pub keys: Vec<KeyStats>,
+    /// Events delivered to its subscribers (snapshot and live events, one
+    /// per subscriber that received it) since the publisher was built. Each
+    /// subscription adds its count in when it has read all that was ready,
+    /// every few dozen batches while it keeps reading, and when it closes:
+    /// a subscriber that has caught up is counted exactly.
+    pub delivered: u64,
     /// Subscribers closed with
     /// [`SubscriptionError::Lagged`](super::SubscriptionError::Lagged) since
     /// the publisher was built.

@@ -21,6 +21,10 @@ use crate::sync::Mutex;
 /// [`SubShared`] (to close or detach it); the subscription holds the
 /// publisher only through this trait.
 pub(crate) trait Registry<P>: Send + Sync {
+    /// Adds `events` delivered to a subscriber of topic `topic` (see
+    /// [`FLUSH_BATCHES`]).
+    fn delivered(&self, topic: usize, events: u64);
+
     /// Releases `sub`'s reference to its key, once: the last one frees the
     /// key's buffer and cache entry.
     fn release(&self, sub: &Arc<SubShared<P>>);
@@ -29,6 +33,12 @@ pub(crate) trait Registry<P>: Send + Sync {
     /// or closes it when it was released meanwhile.
     fn resnapshot(self: Arc<Self>, sub: &SubShared<P>);
 }
+
+/// A subscription adds its delivered events into the topic's counter after
+/// at most this many batches (and whenever its poll returns `Pending`, it
+/// closes or drops): one relaxed atomic add per wake-up or per this many
+/// batches, never per event.
+pub(crate) const FLUSH_BATCHES: u32 = 64;
 
 /// What a lagging subscriber gets when it falls further behind than the
 /// publisher's lag limit.
@@ -411,6 +421,10 @@ pub struct Subscription<P> {
     last_index: Option<u64>,
     /// Between `NewSnapshotToFollow` (or a fresh start) and `EndOfSnapshot`.
     in_snapshot: bool,
+    /// Events delivered and not yet added into the topic's counter.
+    unflushed_events: u64,
+    /// Batches behind `unflushed_events`.
+    unflushed_batches: u32,
 }
 
 impl<P: Send + Sync + 'static> Subscription<P> {
@@ -427,7 +441,19 @@ impl<P: Send + Sync + 'static> Subscription<P> {
             // fresh subscription has none until its snapshot ends.
             last_index: (index > 0).then_some(index),
             in_snapshot: index == 0,
+            unflushed_events: 0,
+            unflushed_batches: 0,
         }
+    }
+
+    /// Adds the deliveries counted so far into the topic's counter.
+    fn flush_deliveries(&mut self) {
+        if self.unflushed_events > 0 {
+            self.publisher
+                .delivered(self.shared.topic, self.unflushed_events);
+        }
+        self.unflushed_events = 0;
+        self.unflushed_batches = 0;
     }
 
     /// The index this subscription's messages so far make a complete view up
@@ -482,10 +508,16 @@ impl<P: Send + Sync + 'static> Subscription<P> {
                 self.last_index = Some(*index);
                 self.in_snapshot = false;
             }
-            Message::Events(batch) if !self.in_snapshot => {
-                self.last_index = Some(batch.index());
+            Message::Events(batch) => {
+                if !self.in_snapshot {
+                    self.last_index = Some(batch.index());
+                }
+                self.unflushed_events += batch.events().len() as u64;
+                self.unflushed_batches += 1;
+                if self.unflushed_batches >= FLUSH_BATCHES {
+                    self.flush_deliveries();
+                }
             }
-            Message::Events(_) => {}
         }
     }
 
@@ -539,14 +571,18 @@ impl<P: Send + Sync + 'static> Subscription<P> {
         loop {
             match self.step(cx) {
                 Step::Ready(r) => {
-                    if let Poll::Ready(Ok(message)) = &r {
-                        self.observe(message);
+                    match &r {
+                        Poll::Ready(Ok(message)) => self.observe(message),
+                        // Caught up (about to sleep) or closed: the count is
+                        // made exact while the reader has nothing to do.
+                        Poll::Pending | Poll::Ready(Err(_)) => self.flush_deliveries(),
                     }
                     return r;
                 }
                 Step::Again => {}
                 Step::Resnapshot => self.publisher.clone().resnapshot(&self.shared),
                 Step::Failed(err) => {
+                    self.flush_deliveries();
                     self.publisher.release(&self.shared);
                     return Poll::Ready(Err(err));
                 }
@@ -715,6 +751,10 @@ impl<P: Send + Sync + 'static> FusedStream for Subscription<P> {
 
 impl<P> Drop for Subscription<P> {
     fn drop(&mut self) {
+        if self.unflushed_events > 0 {
+            self.publisher
+                .delivered(self.shared.topic, self.unflushed_events);
+        }
         self.shared.close(SubscriptionError::Unsubscribed);
         self.publisher.release(&self.shared);
     }
