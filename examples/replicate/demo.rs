@@ -239,7 +239,10 @@ impl Config {
             return Err(ConfigError::NoAdmin);
         }
         if self.connect.is_some() && self.remote == 0 {
-            return zero("remote", "--connect runs remote subscribers only: at least 1");
+            return zero(
+                "remote",
+                "--connect runs remote subscribers only: at least 1",
+            );
         }
         Ok(())
     }
@@ -2174,7 +2177,9 @@ impl Running {
                     );
                     match started {
                         Ok(r) => remotes = Some(r),
-                        Err(e) => errors.push(format!("starting the remote subscribers: {}", chain(&e))),
+                        Err(e) => {
+                            errors.push(format!("starting the remote subscribers: {}", chain(&e)))
+                        }
                     }
                     server = Some(s);
                 }
@@ -2637,7 +2642,9 @@ impl Serving {
         }
         report.open_streams = self.server.active_streams();
         if let Err(e) = self.server.shutdown().await {
-            report.errors.push(format!("stopping the gRPC server: {}", chain(&e)));
+            report
+                .errors
+                .push(format!("stopping the gRPC server: {}", chain(&e)));
         }
         report
     }

@@ -28,8 +28,8 @@ use rand::{Rng, SeedableRng};
 use snapstream::codec::{CodecError, PayloadCodec};
 use snapstream::event::{Event, Message, Subject};
 use snapstream::net::{
-    Client, ClientError, RemoteError, RemoteRequest, RemoteSubscriber, Server, View,
-    ViewState, Views,
+    Client, ClientError, RemoteError, RemoteRequest, RemoteSubscriber, Server, View, ViewState,
+    Views,
 };
 use snapstream::publisher::{LagPolicy, Publisher};
 use tokio::sync::watch;
@@ -81,7 +81,9 @@ impl PayloadCodec<Change> for ChangeCodec {
         };
         let flags = bytes[0];
         if flags > 3 {
-            return Err(CodecError::Other(format!("unknown flags {flags:#x}").into()));
+            return Err(CodecError::Other(
+                format!("unknown flags {flags:#x}").into(),
+            ));
         }
         let wall = UNIX_EPOCH + Duration::from_nanos(word(9));
         let age = SystemTime::now().duration_since(wall).unwrap_or_default();
@@ -475,22 +477,18 @@ async fn watch_view(
     if let Some(target) = known_target(&fin, &spec.subject) {
         match view.wait(target.saturating_sub(1), left()).await {
             Ok(at) if at >= target => {}
-            Ok(at) => reason = Some(format!("reached index {at} of {target} before the deadline")),
+            Ok(at) => {
+                reason = Some(format!(
+                    "reached index {at} of {target} before the deadline"
+                ))
+            }
             Err(e) => reason = Some(format!("view failed: {}", super::chain(&e))),
         }
     }
     let mut converged = false;
     if reason.is_none() {
         loop {
-            let matches = view.read(|r| {
-                if break_view {
-                    let mut wrong = r.entries.clone();
-                    wrong.insert(Arc::from("not-a-key"), 0);
-                    return fin.matches(&spec.subject, &wrong);
-                }
-                fin.matches(&spec.subject, &r.entries)
-            });
-            if matches {
+            if view.read(|r| fin.matches(&spec.subject, &r.entries)) {
                 converged = true;
                 break;
             }
@@ -500,6 +498,14 @@ async fn watch_view(
             let _ = view
                 .wait(view.index(), left().min(Duration::from_millis(200)))
                 .await;
+        }
+        if converged && break_view {
+            // Corrupted after it matched: the check below must see it.
+            converged = view.read(|r| {
+                let mut wrong = r.entries.clone();
+                wrong.insert(Arc::from("not-a-key"), 0);
+                fin.matches(&spec.subject, &wrong)
+            });
         }
         if !converged {
             reason = Some(format!(
@@ -536,7 +542,8 @@ async fn reconnecting(
     counters: Arc<Reconnects>,
     seed: u64,
 ) -> RemoteResult {
-    let mut rng = StdRng::seed_from_u64(seed ^ (spec.id as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+    let mut rng =
+        StdRng::seed_from_u64(seed ^ (spec.id as u64).wrapping_mul(0xA24B_AED4_963E_E407));
     let mut hist = Hist::new();
     let mut replica = Replica::default();
     let mut deliveries = 0u64;
@@ -747,7 +754,8 @@ fn authority(address: &str) -> &str {
     rest.split('/').next().unwrap_or(rest)
 }
 
-/// A fresh wildcard snapshot over the network: (index, key → value).
+/// A wildcard snapshot over the network (perhaps a cached one, of an
+/// earlier index): (index, key → (value, index)).
 async fn fresh_snapshot(
     client: &Client<Change, ChangeCodec>,
 ) -> Result<(u64, HashMap<Arc<str>, (u64, u64)>), RemoteError> {
@@ -817,27 +825,66 @@ async fn probe(address: &str) -> Result<Vec<Arc<str>>, ConnectError> {
     }
 }
 
-/// Waits until the server's store holds still (two fresh snapshots a
-/// second apart at one index), and returns that state, or `None` if it
-/// kept changing until the deadline.
+/// How long a wildcard subscription must stay quiet, after a progress mark,
+/// for `--connect` to take the store as holding still.
+const QUIET_FOR: Duration = Duration::from_secs(2);
+
+/// Follows the whole store over one wildcard subscription until it holds
+/// still — no event for [`QUIET_FOR`] and a progress mark since the last
+/// one, which says the subscription is complete up to the server's current
+/// index — and returns that state, or `None` if it kept changing until the
+/// deadline. (A snapshot alone is not enough: the server may hand out a
+/// cached snapshot of an earlier index, followed by the live events since.)
 async fn quiet_state(client: &Client<Change, ChangeCodec>) -> Option<Final> {
     let deadline = Instant::now() + CONVERGE_TIMEOUT;
-    let mut last: Option<u64> = None;
+    let mut sub = client.subscribe(RemoteRequest::new(TOPIC, Subject::Wildcard));
+    let mut entries: HashMap<Arc<str>, (u64, u64)> = HashMap::new();
+    let mut in_snapshot = true;
+    let mut last_event = Instant::now();
+    let mut marks_then = sub.progress_marks();
     while Instant::now() < deadline {
-        if let Ok((index, entries)) = fresh_snapshot(client).await {
-            if last == Some(index) {
-                // Every key present carries the index it last changed at;
-                // a key absent was deleted at an index the snapshot does
-                // not say.
-                return Some(Final {
-                    index,
-                    changed_at: entries.iter().map(|(k, (_, i))| (k.clone(), *i)).collect(),
-                    entries: entries.into_iter().map(|(k, (v, _))| (k, v)).collect(),
-                });
+        match tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+            Err(_) => {
+                let quiet = last_event.elapsed() >= QUIET_FOR && sub.progress_marks() > marks_then;
+                if let (false, true, Some(index)) = (in_snapshot, quiet, sub.last_index()) {
+                    // Every key present carries the index it last changed
+                    // at; a key absent was deleted at an index the state
+                    // does not say.
+                    return Some(Final {
+                        index,
+                        changed_at: entries.iter().map(|(k, (_, i))| (k.clone(), *i)).collect(),
+                        entries: entries.into_iter().map(|(k, (v, _))| (k, v)).collect(),
+                    });
+                }
             }
-            last = Some(index);
+            Ok(Err(_)) => return None,
+            Ok(Ok(msg)) => {
+                last_event = Instant::now();
+                marks_then = sub.progress_marks();
+                match msg {
+                    Message::NewSnapshotToFollow => {
+                        entries.clear();
+                        in_snapshot = true;
+                    }
+                    Message::EndOfSnapshot { .. } => in_snapshot = false,
+                    Message::Events(batch) => {
+                        for e in batch.iter() {
+                            let Some(k) = e.subject().as_key() else {
+                                continue;
+                            };
+                            match e.payload().value {
+                                Some(v) => {
+                                    entries.insert(Arc::from(k), (v, e.index()));
+                                }
+                                None => {
+                                    entries.remove(k);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     None
 }
@@ -902,8 +949,8 @@ impl ConnectReport {
 
 /// `--connect ADDR`: remote subscribers only, against a `--serve` run.
 /// They run for `duration`, then wait for the server's store to hold still
-/// and compare every view, key by key, with a fresh snapshot read over the
-/// network.
+/// and compare every view, key by key, with the store's state read over the
+/// network (a wildcard subscription followed until it holds still).
 ///
 /// # Errors
 ///
@@ -936,7 +983,7 @@ pub async fn connect(
         &keys,
         end_rx,
         seed,
-        "a fresh snapshot read over the network",
+        "the store read over the network",
         false,
     )
     .map_err(bad)?;
@@ -975,6 +1022,8 @@ mod tests {
         let back = ChangeCodec.decode(bytes::Bytes::from(buf)).unwrap();
         assert_eq!((back.value, back.live), (Some(42), true));
         assert!(ChangeCodec.decode(bytes::Bytes::from_static(b"x")).is_err());
-        assert!(ChangeCodec.decode(bytes::Bytes::from(vec![9u8; 17])).is_err());
+        assert!(ChangeCodec
+            .decode(bytes::Bytes::from(vec![9u8; 17]))
+            .is_err());
     }
 }
