@@ -601,7 +601,7 @@ where
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many streams on this server"))?;
-        let mut request = SubscribeRequest::new(topic, subject).index(req.index);
+        let mut request = SubscribeRequest::new(topic.clone(), subject.clone()).index(req.index);
         if let Some(token) = token {
             request = request.token(token);
         }
@@ -614,6 +614,8 @@ where
             .map_err(subscribe_status)?;
         Ok(ServerStream {
             sub,
+            topic,
+            subject,
             inner: inner.clone(),
             shutdown: inner.shutdown.subscribe(),
             pending: VecDeque::new(),
@@ -679,6 +681,9 @@ fn close_status(e: &SubscriptionError) -> Status {
 /// policy bounds what the key's buffer keeps for it).
 struct ServerStream<P, C> {
     sub: Subscription<P>,
+    /// What `sub` follows, for progress marks.
+    topic: Topic,
+    subject: Subject,
     inner: Arc<ServiceInner<P, C>>,
     shutdown: watch::Receiver<bool>,
     /// Frames encoded but not yet sent (a message filled up).
@@ -829,7 +834,16 @@ where
                 }
                 Woke::Message(Err(e)) => self.fail(close_status(&e)),
                 Woke::Quiet => {
-                    if let Some(index) = self.sub.last_index() {
+                    // The topic's newest index when the subject provably did
+                    // not change since what the subscriber saw: its resume
+                    // point moves on with the topic.
+                    let seen = self.sub.last_index();
+                    let quiet = seen.and_then(|i| {
+                        self.inner
+                            .publisher
+                            .quiet_index(&self.topic, &self.subject, i)
+                    });
+                    if let Some(index) = quiet.max(seen) {
                         let f = proto::Frame {
                             kind: Some(proto::frame::Kind::Progress(index)),
                         };
