@@ -153,9 +153,10 @@ pub const DEFAULT_SNAPSHOT_CACHE_TTL: Duration = Duration::from_secs(10);
 pub const DEFAULT_LAG_LIMIT: u64 = 100_000;
 
 /// Default resume window: each topic remembers which key changed at which
-/// index for its last 16,384 changes (about 56 bytes each: under 1 MiB per
-/// busy topic), so a key nobody watched can be resumed without a snapshot.
-/// See [`PublisherBuilder::resume_window`].
+/// index for its last 16,384 changes (at most about 1.2 MiB per topic once
+/// that many changes were published: 384 KiB of changes, plus up to about
+/// 50 bytes per distinct key among them), so a key nobody watched can be
+/// resumed without a snapshot. See [`PublisherBuilder::resume_window`].
 pub const DEFAULT_RESUME_WINDOW: usize = 16_384;
 
 /// Builds a [`Publisher`]: register one snapshot handler per topic, set the
@@ -273,9 +274,10 @@ impl<P: Send + Sync + 'static> PublisherBuilder<P> {
     /// gone (nobody watched it) continues live, with no snapshot, when the
     /// key provably did not change after `i`: `i` is within the window and
     /// the key's last remembered change is at or below `i`. Otherwise it
-    /// gets `NewSnapshotToFollow` and a snapshot, as before. Memory: about 56
-    /// bytes per remembered change, per topic (the key strings are shared
-    /// with the events); one hash-map insert per published event. 0 disables
+    /// gets `NewSnapshotToFollow` and a snapshot, as before. Memory, per
+    /// topic: 24 bytes per remembered change, plus about 50 bytes per
+    /// distinct key among them (the key strings are shared with the events);
+    /// one hash-map insert per published event. 0 disables
     /// it (a resume of an unwatched key then needs a snapshot unless `i` is
     /// the topic's newest index).
     ///

@@ -16,10 +16,10 @@
 //! # Cost
 //!
 //! Per published event: one hash-map insert and one deque push under the
-//! topic's lock, which `publish` already holds. Memory: at most `window`
-//! entries in each of the map and the deque, about 56 bytes per change (the
-//! key strings are shared with the events, not copied). A window of 0
-//! disables it.
+//! topic's lock, which `publish` already holds. Memory: the deque holds
+//! `window` entries of 24 bytes; the map one entry per distinct key among
+//! them, about 50 bytes each with the hash table's spare room. The key
+//! strings are shared with the events, not copied. A window of 0 disables it.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -54,9 +54,9 @@ impl Recent {
         if self.horizon.is_none() {
             self.horizon = Some(index.saturating_sub(1));
         }
-        self.last.insert(key.clone(), index);
-        self.order.push_back((index, key.clone()));
-        while self.order.len() > self.window {
+        // Forget before remembering, so the deque never holds more than
+        // `window` (its capacity stays at the window, rounded to a power of two).
+        while self.order.len() >= self.window {
             let Some((i, k)) = self.order.pop_front() else {
                 break;
             };
@@ -65,6 +65,8 @@ impl Recent {
             }
             self.horizon = Some(self.horizon.map_or(i, |h| h.max(i)));
         }
+        self.last.insert(key.clone(), index);
+        self.order.push_back((index, key.clone()));
     }
 
     /// Whether `key` provably did not change after `index`.
