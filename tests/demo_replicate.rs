@@ -17,6 +17,15 @@ use clap::Parser;
 use snapstream::queue::disk::DiskStore;
 use snapstream::queue::{BaseQueue, NewItem, QueueOptions};
 
+/// The value of the summary table's row `name`.
+fn row<'a>(summary: &'a str, name: &str) -> &'a str {
+    summary
+        .lines()
+        .find_map(|l| l.strip_prefix(name).filter(|v| v.starts_with("  ")))
+        .unwrap_or_else(|| panic!("no {name:?} row in {summary}"))
+        .trim()
+}
+
 fn config(args: &[&str]) -> demo::Config {
     let mut argv = vec!["replicate", "--quick"];
     argv.extend_from_slice(args);
@@ -36,6 +45,32 @@ async fn demo_replicate_converges_on_disk() {
     assert!(report.published > 0);
     assert!(report.deliveries > 0);
     assert_eq!(report.views.0, 40, "every subscriber converged");
+    // The remote subscribers, over loopback gRPC, reported apart.
+    let remote = report.remote.as_ref().expect("remote subscribers ran");
+    assert_eq!(remote.subscribers, (20, 13, 4, 3), "{summary}");
+    assert_eq!(remote.views, (20, Vec::new()), "{summary}");
+    assert!(remote.deliveries > 0, "{summary}");
+    assert!(remote.latency.1.is_some(), "{summary}");
+    let (reconnects, live, snapshot, restarted, _) = remote.reconnects;
+    assert!(reconnects > 0, "{summary}");
+    // A resume not yet classified (no message after it) when the run ended counts in none.
+    assert!(live + snapshot + restarted <= reconnects, "{summary}");
+    assert!(
+        live > 0,
+        "a reconnect resumed without a snapshot: {summary}"
+    );
+    for row in [
+        "remote subscribers",
+        "remote deliveries",
+        "remote latency p50 / p99",
+        "remote reconnects",
+    ] {
+        assert!(summary.contains(row), "no {row:?} row: {summary}");
+    }
+    assert_eq!(
+        row(&summary, "remote views converged"),
+        "yes (20/20, checked key by key against the store)"
+    );
     assert_eq!(report.webhooks.lost, 0);
     assert!(report.webhooks.pushed > 0, "webhooks were made");
     assert!(
@@ -62,6 +97,183 @@ async fn demo_replicate_reports_a_broken_view() {
         "{verdict}"
     );
     assert!(verdict.contains("view differs from the store"), "{verdict}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_replicate_reports_a_broken_remote_view() {
+    let report = demo::run(config(&["--backend", "memory", "--break-a-remote-view"]))
+        .await
+        .unwrap();
+    let summary = report.summary();
+    assert!(!report.ok(), "{summary}");
+    assert!(
+        report.views.1.is_empty(),
+        "the local views converged: {summary}"
+    );
+    let remote = report.remote.as_ref().unwrap();
+    assert_eq!(remote.views.0, 19, "{summary}");
+    assert_eq!(remote.views.1.len(), 1, "{summary}");
+    assert!(
+        row(&summary, "remote views converged").starts_with("NO (19/20"),
+        "{summary}"
+    );
+    let verdict = summary.lines().last().unwrap();
+    assert!(
+        verdict.starts_with("verdict: FAILED - 1 of 20 remote views did not converge"),
+        "{verdict}"
+    );
+    assert!(verdict.contains("view differs from the store"), "{verdict}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_replicate_without_remote_subscribers() {
+    let report = demo::run(config(&["--backend", "memory", "--remote", "0"]))
+        .await
+        .unwrap();
+    let summary = report.summary();
+    assert!(report.ok(), "{summary}");
+    assert!(report.remote.is_none());
+    assert!(!summary.contains("remote"), "{summary}");
+}
+
+// ---------------------------------------------------------------------------
+// --serve and --connect
+
+/// A `--serve` run on a free port, its address, and the sender that stops it.
+async fn serving(
+    args: &[&str],
+) -> (
+    std::net::SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<demo::ServeReport>,
+) {
+    let mut argv = vec!["--serve", "127.0.0.1:0"];
+    argv.extend_from_slice(args);
+    let serving = demo::start_serving(config(&argv)).await.unwrap();
+    let addr = serving.local_addr();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(serving.run(async move {
+        let _ = stop_rx.await;
+    }));
+    (addr, stop_tx, run)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_replicate_connect_checks_views_against_a_serve_run() {
+    let (addr, stop, served) = serving(&[]).await;
+    let addr = addr.to_string();
+    let report = demo::connect(config(&["--connect", &addr]), std::future::pending())
+        .await
+        .unwrap();
+    let summary = report.summary();
+    println!("{summary}");
+    assert!(report.ok(), "{summary}");
+    assert!(report.final_index.is_some_and(|i| i > 16), "{summary}");
+    assert_eq!(report.remote.views, (20, Vec::new()), "{summary}");
+    assert!(report.remote.deliveries > 0, "{summary}");
+    assert_eq!(
+        row(&summary, "remote views converged"),
+        "yes (20/20, checked key by key against the store read over the network)"
+    );
+    assert!(summary.contains("verdict: OK - every remote view converged"));
+    stop.send(()).unwrap();
+    let served = served.await.unwrap();
+    assert!(served.ok(), "{}", served.summary());
+    assert_eq!(served.final_index, report.final_index.unwrap());
+    // 16 keys, then one index per change.
+    assert_eq!(served.final_index, served.published + 16);
+}
+
+#[tokio::test]
+async fn demo_replicate_connect_names_a_refused_connection() {
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let addr = format!("127.0.0.1:{port}");
+    let e = demo::connect(config(&["--connect", &addr]), std::future::pending())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            demo::DemoError::Connect(demo::remote::ConnectError::Connect { source, .. })
+                if source.kind() == std::io::ErrorKind::ConnectionRefused
+        ),
+        "{e:?}"
+    );
+    let text = demo::error_text(&e);
+    assert!(
+        text.contains(&format!("--connect {addr}: cannot connect")),
+        "{text}"
+    );
+    assert!(text.contains("caused by: Connection refused"), "{text}");
+}
+
+#[tokio::test]
+async fn demo_replicate_connect_names_a_bad_address() {
+    let e = demo::connect(
+        config(&["--connect", "no such host:1"]),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            demo::DemoError::Connect(demo::remote::ConnectError::BadAddress { .. })
+        ),
+        "{e:?}"
+    );
+    let e = demo::connect(
+        config(&["--connect", "host.invalid:7000"]),
+        std::future::pending(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            demo::DemoError::Connect(demo::remote::ConnectError::Resolve { .. })
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_replicate_serve_names_an_address_in_use() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    match demo::start_serving(config(&["--serve", &addr])).await {
+        Ok(_) => panic!("served on an address in use"),
+        Err(e) => {
+            assert!(matches!(e, demo::DemoError::Serve { .. }), "{e:?}");
+            let text = demo::error_text(&e);
+            assert!(
+                text.contains(&format!("--serve {addr}: cannot serve there")),
+                "{text}"
+            );
+            assert!(text.contains("caused by: "), "{text}");
+        }
+    }
+}
+
+#[test]
+fn demo_replicate_serve_and_connect_flags_are_checked() {
+    let parse = |args: &[&str]| {
+        let mut argv = vec!["replicate"];
+        argv.extend_from_slice(args);
+        demo::Config::try_parse_from(argv)
+    };
+    assert!(parse(&["--serve", "not-an-address"]).is_err());
+    assert!(parse(&["--serve", "127.0.0.1:0", "--connect", "127.0.0.1:1"]).is_err());
+    assert!(parse(&["--connect", "127.0.0.1:1", "--data-dir", "/tmp/x"]).is_err());
+    let zero = parse(&["--connect", "127.0.0.1:1", "--remote", "0"]).unwrap();
+    assert!(matches!(
+        zero.validate(),
+        Err(demo::ConfigError::Zero { flag: "remote", .. })
+    ));
 }
 
 /// Runs against Redis when `REDIS_URL` is set (CI sets it) and answers.
@@ -609,4 +821,66 @@ fn demo_replicate_binary_ctrl_c_removes_its_temporary_directory() {
         "{rest}"
     );
     assert!(!dir.exists(), "{} is still there", dir.display());
+}
+
+/// The two-terminal run: `--serve` prints its address and serves until
+/// Ctrl-C (then exits 0); `--connect` checks its views against it and exits
+/// 0; `--connect` to a port nothing listens on exits 2 and says why.
+#[cfg(unix)]
+#[test]
+fn demo_replicate_binary_serve_and_connect() {
+    use std::io::{BufRead, BufReader, Read};
+    let Some(bin) = fresh_example_binary() else {
+        eprintln!("the replicate example is not built (or stale): skipping its --serve check");
+        return;
+    };
+    let mut server = std::process::Command::new(&bin)
+        .args(["--quick", "--serve", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(server.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = line
+        .strip_prefix("serving on ")
+        .map(str::trim)
+        .unwrap_or_else(|| panic!("no address in {line:?}"))
+        .to_string();
+    let client = std::process::Command::new(&bin)
+        .args(["--quick", "--connect", &addr])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&client.stdout);
+    assert_eq!(client.status.code(), Some(0), "{table}");
+    assert!(
+        row(&table, "remote views converged").starts_with("yes (20/20"),
+        "{table}"
+    );
+    let kill = std::process::Command::new("kill")
+        .args(["-INT", &server.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(server.wait().unwrap().code(), Some(0), "{rest}");
+    assert!(
+        rest.contains("verdict: OK - served until stopped"),
+        "{rest}"
+    );
+
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let refused = std::process::Command::new(&bin)
+        .args(["--quick", "--connect", &format!("127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot connect"), "{stderr}");
+    assert!(stderr.contains("caused by: Connection refused"), "{stderr}");
 }

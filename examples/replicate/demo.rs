@@ -27,6 +27,8 @@
 
 #[path = "admin.rs"]
 mod admin;
+#[path = "remote.rs"]
+pub mod remote;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -134,8 +136,8 @@ pub struct Config {
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
     /// Tiny sizes, for the tests: 1.5 s, 40 subscribers, 16 keys, 1,000
-    /// changes/s, lag limit at most 100 (overrides those flags), no progress
-    /// bar.
+    /// changes/s, lag limit at most 100, at most 20 remote subscribers
+    /// (overrides those flags), no progress bar.
     #[arg(long)]
     pub quick: bool,
     /// Do not draw the progress bar.
@@ -144,10 +146,38 @@ pub struct Config {
     /// Corrupt one view before the check (proves the check can fail).
     #[arg(long, hide = true)]
     pub break_a_view: bool,
+    /// Corrupt one remote view before the check (proves that check can fail).
+    #[arg(long, hide = true)]
+    pub break_a_remote_view: bool,
     /// Serve the admin page (topics, pools, queues, dead letters, /metrics)
     /// on this address during the run; needs the `admin` feature.
     #[arg(long, value_name = "ADDR")]
     pub admin: Option<std::net::SocketAddr>,
+    /// Remote subscribers over gRPC: client-side views (keyed and wildcard)
+    /// sharing one HTTP/2 connection, and reconnecting subscribers on
+    /// connections of their own. The default run serves them over loopback
+    /// (127.0.0.1, a free port); with `--connect` they subscribe there.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub remote: usize,
+    /// Run only the store, its publisher and the gRPC server on ADDR (such
+    /// as 127.0.0.1:7000; port 0 picks a free one, printed at start): the
+    /// store changes for `--duration` seconds, then holds still and keeps
+    /// serving until Ctrl-C.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with_all = ["connect", "admin", "data_dir", "redis", "backend", "break_a_view"]
+    )]
+    pub serve: Option<std::net::SocketAddr>,
+    /// Run only `--remote` remote subscribers against a `--serve` run at
+    /// ADDR (host:port or http://host:port) for `--duration` seconds, then
+    /// check every view against a fresh snapshot read over the network.
+    #[arg(
+        long,
+        value_name = "ADDR",
+        conflicts_with_all = ["admin", "data_dir", "redis", "backend", "break_a_view"]
+    )]
+    pub connect: Option<String>,
 }
 
 /// The most changes per second `--rate` accepts.
@@ -208,6 +238,12 @@ impl Config {
         if self.admin.is_some() && !cfg!(feature = "admin") {
             return Err(ConfigError::NoAdmin);
         }
+        if self.connect.is_some() && self.remote == 0 {
+            return zero(
+                "remote",
+                "--connect runs remote subscribers only: at least 1",
+            );
+        }
         Ok(())
     }
 
@@ -219,6 +255,7 @@ impl Config {
             self.keys = 16;
             self.rate = 1_000;
             self.lag_limit = self.lag_limit.min(100);
+            self.remote = self.remote.min(20);
             self.no_progress = true;
         }
         if self.redis.is_some() {
@@ -311,6 +348,18 @@ pub enum DemoError {
     #[error("this build has no Redis backend: run it with `--features redis`")]
     #[cfg_attr(feature = "redis", allow(dead_code))]
     NoRedis,
+    /// `--serve`: the gRPC server could not start.
+    #[error("--serve {addr}: cannot serve there")]
+    Serve {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// What the server said.
+        #[source]
+        source: snapstream::net::ServeError,
+    },
+    /// `--connect`: no replicate server answers there.
+    #[error(transparent)]
+    Connect(#[from] remote::ConnectError),
     /// Another part of the demo could not be set up.
     #[error("cannot set up {what}")]
     Setup {
@@ -358,11 +407,13 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
 // ---------------------------------------------------------------------------
 // The store
 
-/// What an event carries: the new value (`None`: deleted) and when it was
-/// published, for the latency figures.
+/// What an event carries: the new value (`None`: deleted), whether the
+/// producer published it (`false`: a snapshot handler made it) and when, for
+/// the latency figures.
 #[derive(Debug)]
 pub struct Change {
     value: Option<u64>,
+    live: bool,
     at: Instant,
 }
 
@@ -399,6 +450,7 @@ fn snapshot_handler(store: Store) -> impl SnapshotHandler<Change> {
             let event = |k: &Arc<str>, e: &Entry| {
                 let change = Change {
                     value: Some(e.value),
+                    live: false,
                     at,
                 };
                 Event::new(TOPIC, Subject::Key(k.clone()), e.index, change)
@@ -482,7 +534,11 @@ async fn produce(
                     TOPIC,
                     Subject::Key(key),
                     index,
-                    Change { value, at },
+                    Change {
+                        value,
+                        live: true,
+                        at,
+                    },
                 ));
             }
             publisher
@@ -500,7 +556,7 @@ async fn produce(
 
 /// The store at the end: what every view must match.
 #[derive(Debug)]
-struct Final {
+pub struct Final {
     index: u64,
     entries: HashMap<Arc<str>, u64>,
     changed_at: HashMap<Arc<str>, u64>,
@@ -1385,6 +1441,9 @@ pub struct Report {
     /// Webhooks: pushed, delivered, retried, dead-lettered, lost, failed
     /// pushes, and those earlier runs left.
     pub webhooks: WebhookFigures,
+    /// The remote subscribers' figures (`None`: `--remote 0`, or the
+    /// server could not start, which [`Report::errors`] then says).
+    pub remote: Option<remote::RemoteFigures>,
     /// Peak resident memory (VmHWM), in KiB, where the OS reports it.
     pub peak_memory_kib: Option<u64>,
     /// Errors that stopped a part of the run, each with its causes.
@@ -1490,6 +1549,9 @@ impl Report {
                 n(w.earlier.lost),
                 n(w.earlier.found)
             ));
+        }
+        if let Some(r) = &self.remote {
+            why.extend(r.failures());
         }
         why.extend(self.errors.iter().cloned());
         why
@@ -1658,6 +1720,11 @@ impl Report {
                     )
                 },
             ),
+        ];
+        if let Some(r) = &self.remote {
+            rows.extend(r.rows());
+        }
+        rows.extend([
             (
                 "peak memory (VmHWM)",
                 self.peak_memory_kib
@@ -1671,7 +1738,7 @@ impl Report {
                     self.views.0
                 ),
             ),
-        ];
+        ]);
         if w.dead_kept > 0 {
             let at = rows
                 .iter()
@@ -1696,6 +1763,9 @@ impl Report {
         }
         let _ = writeln!(s, "{:-<1$}", "", width + 50);
         for reason in self.views.1.iter().take(10) {
+            let _ = writeln!(s, "not converged: {reason}");
+        }
+        for reason in self.remote.iter().flat_map(|r| r.views.1.iter().take(10)) {
             let _ = writeln!(s, "not converged: {reason}");
         }
         for e in &self.errors {
@@ -2089,6 +2159,33 @@ impl Running {
                 effects.clone(),
             ))
         });
+        // The gRPC server over loopback, and the remote subscribers.
+        let mut server = None;
+        let mut remotes = None;
+        if cfg.remote > 0 {
+            match remote::serve(&publisher, std::net::SocketAddr::from(([127, 0, 0, 1], 0))).await {
+                Ok(s) => {
+                    let at = s.local_addr().to_string();
+                    let started = remote::Remotes::start(
+                        &at,
+                        cfg.remote,
+                        &keys,
+                        end_rx.clone(),
+                        cfg.seed,
+                        "the store",
+                        cfg.break_a_remote_view,
+                    );
+                    match started {
+                        Ok(r) => remotes = Some(r),
+                        Err(e) => {
+                            errors.push(format!("starting the remote subscribers: {}", chain(&e)))
+                        }
+                    }
+                    server = Some(s);
+                }
+                Err(e) => errors.push(format!("starting the gRPC server: {}", chain(&e))),
+            }
+        }
         let specs: Vec<Spec> = (0..cfg.subscribers).map(|i| Spec::of(i, &keys)).collect();
         let mut subscribers = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -2191,6 +2288,15 @@ impl Running {
                     }
                 }
                 Err(_) => not_converged.push("a subscriber task panicked".to_string()),
+            }
+        }
+        let remote = match remotes {
+            Some(r) => Some(r.finish().await),
+            None => None,
+        };
+        if let Some(server) = server {
+            if let Err(e) = server.shutdown().await {
+                errors.push(format!("stopping the gRPC server: {}", chain(&e)));
             }
         }
         let total_secs = started.elapsed().as_secs_f64();
@@ -2355,9 +2461,218 @@ impl Running {
             backend: Some(cfg.backend),
             manager_view,
             webhooks,
+            remote,
             peak_memory_kib: peak_memory_kib(),
             errors,
             cleanup: Vec::new(),
         }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// `--serve` and `--connect`
+
+/// `--serve ADDR`: the store, its publisher and the gRPC server, bound;
+/// [`Serving::run`] runs it.
+pub struct Serving {
+    cfg: Config,
+    store: Store,
+    keys: Arc<Vec<Arc<str>>>,
+    publisher: Publisher<Change>,
+    server: snapstream::net::Server,
+}
+
+/// What a `--serve` run did.
+#[derive(Debug, Default)]
+pub struct ServeReport {
+    /// Changes the store applied (and published).
+    pub published: u64,
+    /// Seconds the producer ran.
+    pub produce_secs: f64,
+    /// The store's index when it stopped changing.
+    pub final_index: u64,
+    /// Remote streams still open when the server stopped.
+    pub open_streams: usize,
+    /// Errors of the run.
+    pub errors: Vec<String>,
+}
+
+impl ServeReport {
+    /// Whether the store and the server ran without an error.
+    pub fn ok(&self) -> bool {
+        self.errors.is_empty()
+    }
+
+    /// The table.
+    pub fn summary(&self) -> String {
+        let mut s = String::new();
+        let rows = [
+            (
+                "events published",
+                format!(
+                    "{} in {:.1} s ({}/s)",
+                    thousands(self.published),
+                    self.produce_secs,
+                    thousands((self.published as f64 / self.produce_secs.max(1e-9)) as u64)
+                ),
+            ),
+            ("final index", thousands(self.final_index)),
+            (
+                "remote streams open at the end",
+                thousands(self.open_streams as u64),
+            ),
+        ];
+        let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        let _ = writeln!(s, "{:-<1$}", "", width + 50);
+        for (k, v) in rows {
+            let _ = writeln!(s, "{k:<width$}  {v}");
+        }
+        let _ = writeln!(s, "{:-<1$}", "", width + 50);
+        for e in &self.errors {
+            let _ = writeln!(s, "error: {e}");
+        }
+        let _ = writeln!(
+            s,
+            "verdict: {}",
+            if self.ok() {
+                "OK - served until stopped"
+            } else {
+                "FAILED"
+            }
+        );
+        s
+    }
+}
+
+/// Starts `--serve`: checks the flags, builds the store and binds the gRPC
+/// server on `cfg.serve`. Nothing changes until [`Serving::run`].
+///
+/// # Errors
+///
+/// [`DemoError::Config`] for a flag out of range, [`DemoError::Serve`] when
+/// the address cannot be bound.
+pub async fn start_serving(cfg: Config) -> Result<Serving, DemoError> {
+    cfg.validate()?;
+    let cfg = cfg.effective();
+    let addr = cfg
+        .serve
+        .unwrap_or_else(|| std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    let keys: Arc<Vec<Arc<str>>> = Arc::new(
+        (0..cfg.keys)
+            .map(|i| Arc::from(format!("svc-{i:04}")))
+            .collect(),
+    );
+    let mut rng = StdRng::seed_from_u64(cfg.seed);
+    let store = initial_store(&keys, &mut rng);
+    let mut builder = Publisher::<Change>::builder();
+    builder.lag_limit(Some(cfg.lag_limit));
+    builder
+        .register_with_wildcard(TOPIC, snapshot_handler(store.clone()))
+        .map_err(|e| DemoError::Setup {
+            what: "the store's topic",
+            source: Box::new(e),
+        })?;
+    let publisher = builder.build();
+    let server = remote::serve(&publisher, addr)
+        .await
+        .map_err(|source| DemoError::Serve { addr, source })?;
+    Ok(Serving {
+        cfg,
+        store,
+        keys,
+        publisher,
+        server,
+    })
+}
+
+impl Serving {
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Changes the store for `--duration` seconds (unless `stop` completes
+    /// first), then keeps serving its final state until `stop` completes;
+    /// then shuts the server down.
+    ///
+    /// # Cancel safety
+    ///
+    /// Not cancel safe: pass the cancellation as `stop`.
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) -> ServeReport {
+        let cfg = &self.cfg;
+        let mut report = ServeReport::default();
+        eprintln!(
+            "replicate: serving topic {TOPIC:?} ({} keys) on {}; {} changes/s for {:.1} s, \
+             then the store holds still until Ctrl-C",
+            cfg.keys,
+            self.local_addr(),
+            thousands(cfg.rate),
+            cfg.duration
+        );
+        tokio::pin!(stop);
+        let started = Instant::now();
+        let published = Arc::new(AtomicU64::new(0));
+        let produce = produce(
+            self.store.clone(),
+            self.publisher.clone(),
+            self.keys.clone(),
+            cfg.rate,
+            started + Duration::from_secs_f64(cfg.duration),
+            StdRng::seed_from_u64(cfg.seed.wrapping_add(1)),
+            published.clone(),
+        );
+        let stopped_early = tokio::select! {
+            produced = produce => {
+                if let Err(e) = produced {
+                    report.errors.push(e);
+                }
+                false
+            }
+            () = &mut stop => true,
+        };
+        report.published = published.load(Ordering::Relaxed);
+        report.produce_secs = started.elapsed().as_secs_f64();
+        report.final_index = lock(&self.store).index;
+        if !stopped_early {
+            eprintln!(
+                "replicate: the store holds still at index {}; serving until Ctrl-C",
+                thousands(report.final_index)
+            );
+            stop.await;
+        }
+        report.open_streams = self.server.active_streams();
+        if let Err(e) = self.server.shutdown().await {
+            report
+                .errors
+                .push(format!("stopping the gRPC server: {}", chain(&e)));
+        }
+        report
+    }
+}
+
+/// `--connect ADDR`: remote subscribers only, against a `--serve` run;
+/// see [`remote::connect`].
+///
+/// # Errors
+///
+/// [`DemoError::Config`] for a flag out of range, [`DemoError::Connect`]
+/// when no replicate server answers at the address,
+/// [`DemoError::Interrupted`] when `stop` completed first.
+pub async fn connect(
+    cfg: Config,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<remote::ConnectReport, DemoError> {
+    cfg.validate()?;
+    let cfg = cfg.effective();
+    let address = cfg.connect.clone().unwrap_or_default();
+    let run = remote::connect(
+        &address,
+        cfg.remote,
+        Duration::from_secs_f64(cfg.duration),
+        cfg.seed,
+    );
+    tokio::select! {
+        report = run => Ok(report?),
+        () = stop => Err(DemoError::Interrupted { cleanup: Vec::new() }),
     }
 }

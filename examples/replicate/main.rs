@@ -6,21 +6,27 @@
 //! some disconnect and resume); a keyed ordered worker pool applies per-key
 //! side effects under a lease pool; a durable work queue delivers webhooks to
 //! a flaky endpoint. At the end every view is checked against the store.
+//! Remote subscribers (client-side views and reconnecting subscribers)
+//! follow the store over gRPC on loopback, and are checked too.
 //!
 //! ```text
-//! cargo run --release --example replicate                 # disk queue in a temp dir
-//! cargo run --release --example replicate -- --help
-//! cargo run --release --example replicate -- --data-dir /tmp/snapstream-demo-data
-//! cargo run --release --features admin --example replicate -- --admin 127.0.0.1:8080
-//! cargo run --release --features redis --example replicate -- --redis redis://127.0.0.1:6379
+//! cargo run --release --features net --example replicate     # disk queue in a temp dir
+//! cargo run --release --features net --example replicate -- --help
+//! cargo run --release --features net --example replicate -- --data-dir /tmp/snapstream-demo-data
+//! cargo run --release --features net,admin --example replicate -- --admin 127.0.0.1:8080
+//! cargo run --release --features net,redis --example replicate -- --redis redis://127.0.0.1:6379
+//! cargo run --release --features net --example replicate -- --serve 127.0.0.1:7000     # terminal 1
+//! cargo run --release --features net --example replicate -- --connect 127.0.0.1:7000   # terminal 2
 //! ```
 //!
 //! Exits with 0 when every view converged and no webhook was lost, 1 when
 //! not (the verdict line says why), 2 when the demo could not start (a bad
-//! flag, an unusable `--data-dir`, no Redis: stderr says why, with the
-//! causes), 130 when interrupted by Ctrl-C (or SIGTERM) — after removing its
-//! temporary directory or Redis queues, and saying what `--data-dir` keeps.
-//! A second Ctrl-C exits at once, without cleaning up.
+//! flag, an unusable `--data-dir`, no Redis, `--serve` cannot bind,
+//! `--connect` finds no server: stderr says why, with the causes), 130 when
+//! interrupted by Ctrl-C (or SIGTERM) — after removing its temporary
+//! directory or Redis queues, and saying what `--data-dir` keeps. A second
+//! Ctrl-C exits at once, without cleaning up. `--serve` runs until Ctrl-C,
+//! which is its normal end: it then prints its table and exits with 0.
 
 mod demo;
 
@@ -40,6 +46,36 @@ async fn main() {
         }
     };
     tokio::pin!(stop);
+    if cfg.serve.is_some() {
+        let serving = match demo::start_serving(cfg).await {
+            Ok(s) => s,
+            Err(e) => {
+                eprint!("{}", demo::error_text(&e));
+                std::process::exit(2);
+            }
+        };
+        // The address on stdout, for scripts (`--serve 127.0.0.1:0`).
+        println!("serving on {}", serving.local_addr());
+        let report = serving.run(stop).await;
+        print!("{}", report.summary());
+        std::process::exit(if report.ok() { 0 } else { 1 });
+    }
+    if cfg.connect.is_some() {
+        match demo::connect(cfg, stop).await {
+            Ok(report) => {
+                print!("{}", report.summary());
+                std::process::exit(if report.ok() { 0 } else { 1 });
+            }
+            Err(demo::DemoError::Interrupted { .. }) => {
+                eprintln!("replicate: interrupted");
+                std::process::exit(130);
+            }
+            Err(e) => {
+                eprint!("{}", demo::error_text(&e));
+                std::process::exit(2);
+            }
+        }
+    }
     let started = tokio::select! {
         started = demo::start(cfg) => started,
         // Dropping `start` removes a temporary directory it made; Redis

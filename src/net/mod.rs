@@ -37,8 +37,13 @@
 //!
 //! A stream quiet for the server's
 //! [`progress_interval`](ServerBuilder::progress_interval) gets a progress
-//! mark: the index its view is complete up to. It moves the client's resume
-//! point without yielding a message, and shows an idle stream is alive.
+//! mark: the index its view is complete up to — the topic's newest index
+//! when the key provably did not change since
+//! ([`Publisher::quiet_index`]). It moves the client's resume point without
+//! yielding a message, and shows an idle stream is alive. A reconnect at
+//! that point continues live without a snapshot while the publisher's
+//! [resume window](crate::publisher::PublisherBuilder::resume_window) covers
+//! it, even if nobody watched the key meanwhile.
 //!
 //! # Back-pressure
 //!
@@ -49,6 +54,7 @@
 //! publisher's lag limit bounds what the key's buffer keeps.
 //!
 //! [`Publisher::force_close_token`]: crate::publisher::Publisher::force_close_token
+//! [`Publisher::quiet_index`]: crate::publisher::Publisher::quiet_index
 //! [`Publisher::refresh_topic`]: crate::publisher::Publisher::refresh_topic
 
 mod client;

@@ -711,7 +711,7 @@ where
             .clone()
             .try_acquire_owned()
             .map_err(|_| Status::resource_exhausted("too many streams on this server"))?;
-        let mut request = SubscribeRequest::new(topic, subject).index(req.index);
+        let mut request = SubscribeRequest::new(topic.clone(), subject.clone()).index(req.index);
         if let Some(token) = token {
             request = request.token(token);
         }
@@ -725,6 +725,8 @@ where
         inner.counters.opened();
         Ok(ServerStream {
             sub,
+            topic,
+            subject,
             inner: inner.clone(),
             shutdown: inner.shutdown.subscribe(),
             pending: VecDeque::new(),
@@ -801,6 +803,9 @@ fn close_status(e: &SubscriptionError) -> Status {
 /// policy bounds what the key's buffer keeps for it).
 struct ServerStream<P, C> {
     sub: Subscription<P>,
+    /// What `sub` follows, for progress marks.
+    topic: Topic,
+    subject: Subject,
     inner: Arc<ServiceInner<P, C>>,
     shutdown: watch::Receiver<bool>,
     /// Frames encoded but not yet sent (a message filled up).
@@ -968,7 +973,16 @@ where
                 }
                 Woke::Message(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
                 Woke::Quiet => {
-                    if let Some(index) = self.sub.last_index() {
+                    // The topic's newest index when the subject provably did
+                    // not change since what the subscriber saw: its resume
+                    // point moves on with the topic.
+                    let seen = self.sub.last_index();
+                    let quiet = seen.and_then(|i| {
+                        self.inner
+                            .publisher
+                            .quiet_index(&self.topic, &self.subject, i)
+                    });
+                    if let Some(index) = quiet.max(seen) {
                         let f = proto::Frame {
                             kind: Some(proto::frame::Kind::Progress(index)),
                         };

@@ -30,13 +30,28 @@
 //! | requested index | what the subscription yields |
 //! |---|---|
 //! | 0 | snapshot, `EndOfSnapshot(i)`, live events with index > i |
-//! | the key's newest published index, or any index still held in the cached chain | live events after it, no framing |
+//! | the key's newest published index, any index still held in the cached chain, or an index after which the key provably did not change (see below) | live events after it, no framing |
 //! | anything else | `NewSnapshotToFollow`, snapshot, `EndOfSnapshot(i)`, live events |
 //!
 //! The snapshot is built in its own buffer while live events keep arriving;
 //! the live position is captured *before* the handler runs, and the finished
 //! snapshot is spliced onto it. Live events at or below the snapshot's index
 //! (already reflected in it) are dropped by the subscription.
+//!
+//! # Resuming a key nobody watched
+//!
+//! A key's buffer goes away with its last subscriber, so after a quiet
+//! spell nobody watched, the publisher cannot replay the key's events. It
+//! can still tell that there were none: each topic remembers which key
+//! changed at which index for its latest
+//! [`resume_window`](PublisherBuilder::resume_window) changes, with a
+//! horizon below which it forgot. A resume at index `i` at or above the
+//! horizon, for a key with no remembered change above `i`, continues live
+//! with no snapshot; a key that did change, or an `i` below the horizon (or
+//! above the topic's newest index), gets `NewSnapshotToFollow` and a
+//! snapshot. [`Publisher::quiet_index`] applies the same rule to say how far
+//! a quiet subscriber is complete: the network server's progress marks
+//! carry it, so an idle client's resume point keeps up with the topic.
 //!
 //! # Snapshot cache
 //!
@@ -99,6 +114,7 @@
 
 mod chain;
 mod error;
+mod recent;
 mod snapshot;
 mod stats;
 mod subscription;
@@ -127,6 +143,7 @@ use crate::event::{Event, EventBatch, Subject, Topic};
 use crate::histogram::{AtomicHistogram, Histogram};
 use crate::sync::Mutex;
 use chain::{Buf, Cur, Item};
+use recent::Recent;
 use subscription::{Registry, SubShared, SubStart};
 
 /// Default snapshot cache TTL: 10 seconds (as Consul's).
@@ -135,6 +152,13 @@ pub const DEFAULT_SNAPSHOT_CACHE_TTL: Duration = Duration::from_secs(10);
 /// Default lag limit: 100,000 batches behind the key's newest event.
 pub const DEFAULT_LAG_LIMIT: u64 = 100_000;
 
+/// Default resume window: each topic remembers which key changed at which
+/// index for its last 16,384 changes (at most about 1.2 MiB per topic once
+/// that many changes were published: 384 KiB of changes, plus up to about
+/// 50 bytes per distinct key among them), so a key nobody watched can be
+/// resumed without a snapshot. See [`PublisherBuilder::resume_window`].
+pub const DEFAULT_RESUME_WINDOW: usize = 16_384;
+
 /// Builds a [`Publisher`]: register one snapshot handler per topic, set the
 /// options, then [`build`](Self::build).
 ///
@@ -142,6 +166,7 @@ pub const DEFAULT_LAG_LIMIT: u64 = 100_000;
 /// |---|---|
 /// | [`snapshot_cache_ttl`](Self::snapshot_cache_ttl) | [`DEFAULT_SNAPSHOT_CACHE_TTL`] (10 s; zero disables) |
 /// | [`lag_limit`](Self::lag_limit) | [`DEFAULT_LAG_LIMIT`] (100,000 batches; `None` = unbounded) |
+/// | [`resume_window`](Self::resume_window) | [`DEFAULT_RESUME_WINDOW`] (16,384 changes per topic; 0 disables) |
 ///
 /// # Examples
 ///
@@ -160,6 +185,7 @@ pub struct PublisherBuilder<P> {
     topics: Vec<(Topic, Arc<dyn SnapshotHandler<P>>, bool)>,
     ttl: Duration,
     lag_limit: Option<u64>,
+    resume_window: usize,
 }
 
 impl<P: Send + Sync + 'static> PublisherBuilder<P> {
@@ -243,6 +269,44 @@ impl<P: Send + Sync + 'static> PublisherBuilder<P> {
         self
     }
 
+    /// Sets how many of a topic's latest changes (key and index) it
+    /// remembers. A subscriber resuming at index `i` a key whose buffer is
+    /// gone (nobody watched it) continues live, with no snapshot, when the
+    /// key provably did not change after `i`: `i` is within the window and
+    /// the key's last remembered change is at or below `i`. Otherwise it
+    /// gets `NewSnapshotToFollow` and a snapshot, as before. Memory, per
+    /// topic: 24 bytes per remembered change, plus about 50 bytes per
+    /// distinct key among them (the key strings are shared with the events);
+    /// one hash-map insert per published event. 0 disables
+    /// it (a resume of an unwatched key then needs a snapshot unless `i` is
+    /// the topic's newest index).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::{Event, Subject};
+    /// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink, SubscribeRequest};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// let mut b = Publisher::<u64>::builder();
+    /// b.resume_window(1_000);
+    /// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(0) }).unwrap();
+    /// let publisher = b.build();
+    /// publisher.publish(vec![Event::new("t", "a", 1, 10)]).unwrap();
+    /// publisher.publish(vec![Event::new("t", "b", 2, 20)]).unwrap();
+    ///
+    /// // Nobody watches "a"; it did not change after 1: live, no snapshot.
+    /// let mut sub = publisher.subscribe(SubscribeRequest::new("t", Subject::key("a")).index(1)).unwrap();
+    /// publisher.publish(vec![Event::new("t", "a", 3, 11)]).unwrap();
+    /// let first = sub.next().await.unwrap();
+    /// assert_eq!(first.events().unwrap()[0].index(), 3);
+    /// # }
+    /// ```
+    pub fn resume_window(&mut self, changes: usize) -> &mut Self {
+        self.resume_window = changes;
+        self
+    }
+
     /// Freezes the registration and starts the publisher.
     ///
     /// # Examples
@@ -258,6 +322,7 @@ impl<P: Send + Sync + 'static> PublisherBuilder<P> {
                 state: Mutex::new(TopicState {
                     keys: HashMap::new(),
                     last_index: None,
+                    recent: Recent::new(self.resume_window),
                 }),
                 counters: TopicCounters::default(),
             })
@@ -349,6 +414,7 @@ impl<P: Send + Sync + 'static> Publisher<P> {
             topics: Vec::new(),
             ttl: DEFAULT_SNAPSHOT_CACHE_TTL,
             lag_limit: Some(DEFAULT_LAG_LIMIT),
+            resume_window: DEFAULT_RESUME_WINDOW,
         }
     }
 
@@ -395,6 +461,36 @@ impl<P: Send + Sync + 'static> Publisher<P> {
     /// ```
     pub fn publish(&self, events: Vec<Event<P>>) -> Result<(), PublishError<P>> {
         self.inner.publish(events)
+    }
+
+    /// The topic's newest index, when `subject` provably did not change
+    /// after `since` (its key buffer saw every change since, or the topic's
+    /// [resume window](PublisherBuilder::resume_window) covers `since`): a
+    /// subscriber complete up to `since` is then complete up to the returned
+    /// index, and may resume there without a snapshot. `None` when that
+    /// cannot be shown (or `since` is 0, above the topic's newest index, or
+    /// the topic unknown). The network server sends it as a progress mark on
+    /// a quiet stream, so an idle client's resume point moves forward.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::{Event, Subject, Topic};
+    /// use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
+    ///
+    /// let mut b = Publisher::<u64>::builder();
+    /// b.register("t", |_r: SnapshotRequest, _s: SnapshotSink<u64>| async { Ok(0) }).unwrap();
+    /// let publisher = b.build();
+    /// publisher.publish(vec![Event::new("t", "a", 1, 10)]).unwrap();
+    /// publisher.publish(vec![Event::new("t", "b", 2, 20)]).unwrap();
+    /// let t = Topic::from("t");
+    /// // "a" did not change after 1: complete up to 2.
+    /// assert_eq!(publisher.quiet_index(&t, &Subject::key("a"), 1), Some(2));
+    /// // "b" changed at 2.
+    /// assert_eq!(publisher.quiet_index(&t, &Subject::key("b"), 1), None);
+    /// ```
+    pub fn quiet_index(&self, topic: &Topic, subject: &Subject, since: u64) -> Option<u64> {
+        self.inner.quiet_index(topic, subject, since)
     }
 
     /// Subscribes to (topic, subject) from the request's index; see the
@@ -614,6 +710,22 @@ struct TopicState<P> {
     /// The newest index published to the topic (whether or not anyone
     /// watched its key): the next `publish` must go above it.
     last_index: Option<u64>,
+    /// Which key changed at which index, for the latest changes.
+    recent: Recent,
+}
+
+impl<P> TopicState<P> {
+    /// Whether `subject` provably did not change after `index`, up to the
+    /// topic's newest index (the key's buffer, if any, is checked apart).
+    fn recent_unchanged_since(&self, subject: &Subject, index: u64) -> bool {
+        if self.last_index.is_none_or(|t| index > t) {
+            return false;
+        }
+        match subject {
+            Subject::Key(k) => self.recent.unchanged_since(k, index),
+            Subject::Wildcard => self.last_index == Some(index),
+        }
+    }
 }
 
 /// The live buffer of one (topic, subject), alive while someone subscribes.
@@ -621,6 +733,10 @@ struct KeyState<P> {
     live: Buf<P>,
     /// Index of the newest batch appended to `live`.
     last_index: Option<u64>,
+    /// The topic's newest index when this buffer was made: every change of
+    /// the key after it was appended to `live` (`None`: nothing had been
+    /// published, and what changed before the publisher is unknown).
+    since: Option<u64>,
     subs: HashMap<u64, Arc<SubShared<P>>>,
     cache: Option<CacheEntry<P>>,
     /// `live.seq()` at which the next lag check runs.
@@ -628,10 +744,21 @@ struct KeyState<P> {
 }
 
 impl<P> KeyState<P> {
-    fn new() -> Self {
+    /// Whether the key provably did not change after `index`, up to the
+    /// topic's newest index `topic_last`: the buffer saw every change of the
+    /// key since before `index`, and none above it.
+    fn unchanged_since(&self, index: u64, topic_last: Option<u64>) -> bool {
+        index > 0
+            && topic_last.is_some_and(|t| index <= t)
+            && self.since.is_some_and(|s| s <= index)
+            && self.last_index.is_none_or(|j| j <= index)
+    }
+
+    fn new(since: Option<u64>) -> Self {
         Self {
             live: EventBuffer::new(),
             last_index: None,
+            since,
             subs: HashMap::new(),
             cache: None,
             next_check: 0,
@@ -759,6 +886,21 @@ impl<P: Send + Sync + 'static> Inner<P> {
         }
         for (state, &(_, _, last)) in states.iter_mut().zip(&spans) {
             state.last_index = Some(last);
+        }
+        if let [_] = spans[..] {
+            let recent = &mut states[0].recent;
+            for e in &events {
+                if let Subject::Key(k) = e.subject() {
+                    recent.record(k, e.index());
+                }
+            }
+        } else {
+            for (e, &t) in events.iter().zip(&topic_of) {
+                if let Subject::Key(k) = e.subject() {
+                    let g = spans.partition_point(|s| s.0 < t);
+                    states[g].recent.record(k, e.index());
+                }
+            }
         }
         if let [(t, _, _)] = spans[..] {
             // One topic (the common case): no grouping.
@@ -924,12 +1066,16 @@ impl<P: Send + Sync + 'static> Inner<P> {
                 self.forget_tokens(std::slice::from_ref(&shared));
                 return Err(SubscribeError::ShutDown);
             }
+            let topic_last = state.last_index;
+            let recent_quiet =
+                req.index > 0 && state.recent_unchanged_since(&req.subject, req.index);
             let ks = state
                 .keys
                 .entry(req.subject.clone())
-                .or_insert_with(KeyState::new);
+                .or_insert_with(|| KeyState::new(topic_last));
             ks.subs.insert(id, shared.clone());
-            let start = self.start_position(&runtime, t, ks, &req);
+            let quiet = recent_quiet || ks.unchanged_since(req.index, topic_last);
+            let start = self.start_position(&runtime, t, ks, &req, quiet);
             shared.start(start);
         }
         tracing::debug!(topic = %req.topic, subject = %req.subject, index = req.index, id, "subscribed");
@@ -943,9 +1089,11 @@ impl<P: Send + Sync + 'static> Inner<P> {
         t: usize,
         ks: &mut KeyState<P>,
         req: &SubscribeRequest,
+        quiet: bool,
     ) -> SubStart<P> {
         if req.index > 0 {
-            if ks.last_index == Some(req.index) {
+            // The key's newest index, or provably nothing of the key after it.
+            if ks.last_index == Some(req.index) || quiet {
                 return SubStart {
                     cursor: ks.live.head(),
                     in_live: true,
@@ -1099,6 +1247,19 @@ impl<P: Send + Sync + 'static> Inner<P> {
                 ks.cache = None;
             }
         }
+    }
+
+    fn quiet_index(&self, topic: &Topic, subject: &Subject, since: u64) -> Option<u64> {
+        let &t = self.by_name.get(topic)?;
+        let state = self.topics[t].state.lock();
+        let last = state.last_index?;
+        let quiet = since > 0
+            && (state.recent_unchanged_since(subject, since)
+                || state
+                    .keys
+                    .get(subject)
+                    .is_some_and(|ks| ks.unchanged_since(since, Some(last))));
+        quiet.then_some(last)
     }
 
     fn stats(&self) -> PublisherStats {
