@@ -42,7 +42,11 @@ async fn a_thousand_subscribers_converge_to_the_publishers_state() {
                 spawned += 1;
                 readers.push(tokio::spawn(async move {
                     let mut view = View::default();
-                    while view.data.get(&key) != Some(&DONE) {
+                    // Until the final write is in *and* the snapshot has
+                    // ended: a late subscriber's snapshot may already hold
+                    // DONE, and its EndOfSnapshot index is what the checks
+                    // below compare against.
+                    while !(view.snapshot_done && view.data.get(&key) == Some(&DONE)) {
                         view.apply(sub.next().await.unwrap());
                     }
                     (Some(key), view)
@@ -56,7 +60,8 @@ async fn a_thousand_subscribers_converge_to_the_publishers_state() {
             let keys = keys.clone();
             readers.push(tokio::spawn(async move {
                 let mut view = View::default();
-                while !keys.iter().all(|k| view.data.get(k) == Some(&DONE)) {
+                while !(view.snapshot_done && keys.iter().all(|k| view.data.get(k) == Some(&DONE)))
+                {
                     view.apply(sub.next().await.unwrap());
                 }
                 (None, view)
