@@ -222,10 +222,38 @@ struct GoCase {
 }
 
 const GO_CASES: [GoCase; 4] = [
-    GoCase { arg: "uniform16", label: "uniform", keys: 16, events: 200_000, hot: false, target: 2.0 },
-    GoCase { arg: "uniform10k", label: "uniform", keys: 10_000, events: 200_000, hot: false, target: 3.0 },
-    GoCase { arg: "hot10k", label: "half on one key", keys: 10_000, events: 50_000, hot: true, target: 2.0 },
-    GoCase { arg: "hot16", label: "half on one key", keys: 16, events: 200_000, hot: true, target: 2.0 },
+    GoCase {
+        arg: "uniform16",
+        label: "uniform",
+        keys: 16,
+        events: 200_000,
+        hot: false,
+        target: 2.0,
+    },
+    GoCase {
+        arg: "uniform10k",
+        label: "uniform",
+        keys: 10_000,
+        events: 200_000,
+        hot: false,
+        target: 3.0,
+    },
+    GoCase {
+        arg: "hot10k",
+        label: "half on one key",
+        keys: 10_000,
+        events: 50_000,
+        hot: true,
+        target: 2.0,
+    },
+    GoCase {
+        arg: "hot16",
+        label: "half on one key",
+        keys: 16,
+        events: 200_000,
+        hot: true,
+        target: 2.0,
+    },
 ];
 
 /// The most snapstream's runs of one case may spread (max / min items/s).
@@ -235,11 +263,16 @@ const MAX_SPREAD: f64 = 1.5;
 fn go_anchor() -> PathBuf {
     std::env::var_os("GITPOD_POOL_ANCHOR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/anchors/go-gitpod-pool"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/anchors/go-gitpod-pool")
+        })
 }
 
 fn have_go() -> bool {
-    Command::new("go").arg("version").output().is_ok_and(|o| o.status.success())
+    Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// Whether the Go pool can run: the anchor is there, and `go` is (installed
@@ -247,7 +280,10 @@ fn have_go() -> bool {
 fn go_ready(quick: bool) -> Result<(), String> {
     let anchor = go_anchor();
     if !anchor.join("run.sh").exists() {
-        return Err(format!("no Go anchor at {} (set GITPOD_POOL_ANCHOR)", anchor.display()));
+        return Err(format!(
+            "no Go anchor at {} (set GITPOD_POOL_ANCHOR)",
+            anchor.display()
+        ));
     }
     if have_go() {
         return Ok(());
@@ -278,10 +314,20 @@ fn go_run(case: &GoCase, scale: u64) -> f64 {
         .output()
         .expect("run the Go anchor");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "Go anchor failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "Go anchor failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // "gitpod(go) EventWorkerPool uniform keys=16 events=2000000 workers=4 1.43 M events/s out-of-order=0"
-    let line = text.lines().find(|l| l.contains("EventWorkerPool")).expect("a result line");
-    assert!(line.ends_with("out-of-order=0"), "the Go pool broke per-key order: {line}");
+    let line = text
+        .lines()
+        .find(|l| l.contains("EventWorkerPool"))
+        .expect("a result line");
+    assert!(
+        line.ends_with("out-of-order=0"),
+        "the Go pool broke per-key order: {line}"
+    );
     let events = format!("events={} ", case.events * scale);
     assert!(line.contains(&events), "unexpected workload: {line}");
     let words: Vec<&str> = line.split_whitespace().collect();
@@ -304,13 +350,25 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
         count: u64,
     }
     let events = case.events * scale;
-    let names: Arc<Vec<Arc<str>>> = Arc::new((0..case.keys).map(|i| Arc::from(format!("k{i}"))).collect());
+    let names: Arc<Vec<Arc<str>>> =
+        Arc::new((0..case.keys).map(|i| Arc::from(format!("k{i}"))).collect());
     let key_of = {
         let names = names.clone();
         let (keys, hot) = (case.keys as u64, case.hot);
-        move |i: u64| names[if hot && i % 2 == 0 { 0 } else { (i % keys) as usize }].clone()
+        move |i: u64| {
+            names[if hot && i % 2 == 0 {
+                0
+            } else {
+                (i % keys) as usize
+            }]
+            .clone()
+        }
     };
-    let seen = Arc::new(Mutex::new(Seen { last: HashMap::new(), bad: 0, count: 0 }));
+    let seen = Arc::new(Mutex::new(Seen {
+        last: HashMap::new(),
+        bad: 0,
+        count: 0,
+    }));
     let all_done = Arc::new(Notify::new());
     let pool = {
         let (seen, all_done) = (seen.clone(), all_done.clone());
@@ -360,7 +418,10 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
     for i in events.saturating_sub(2 * case.keys as u64)..events {
         expected.insert(key_of(i), i);
     }
-    assert_eq!(s.last, expected, "each key's last item ran last, no other key seen");
+    assert_eq!(
+        s.last, expected,
+        "each key's last item ran last, no other key seen"
+    );
     rate
 }
 
@@ -381,7 +442,10 @@ async fn go_section(quick: bool) {
     println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
     // SNAPSTREAM_BENCH_CASE=uniform16|uniform10k|hot10k|hot16 runs one case.
     let only = std::env::var("SNAPSTREAM_BENCH_CASE").ok();
-    for case in GO_CASES.iter().filter(|c| only.as_deref().is_none_or(|o| o == c.arg)) {
+    for case in GO_CASES
+        .iter()
+        .filter(|c| only.as_deref().is_none_or(|o| o == c.arg))
+    {
         let (mut g, mut r, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
             let (a, b) = if round % 2 == 0 {
@@ -395,7 +459,8 @@ async fn go_section(quick: bool) {
             r.push(b);
             ratios.push(b / a);
         }
-        let spread = r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
+        let spread =
+            r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
         let runs: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
         let (gm, rm) = (median(g.clone()), median(r));
         if go {
