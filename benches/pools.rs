@@ -356,7 +356,7 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
         let names = names.clone();
         let (keys, hot) = (case.keys as u64, case.hot);
         move |i: u64| {
-            names[if hot && i % 2 == 0 {
+            names[if hot && i.is_multiple_of(2) {
                 0
             } else {
                 (i % keys) as usize
@@ -428,7 +428,7 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
 /// Gitpod's Go pool and the keyed pool, case by case, round by round (which
 /// goes first alternates), at 10x the anchor's item counts (`SCALE=10`).
 async fn go_section(quick: bool) {
-    let (scale, rounds) = if quick { (1, 1) } else { (10, 5) };
+    let (scale, rounds): (u64, usize) = if quick { (1, 1) } else { (10, 5) };
     println!("# Gitpod's Go EventWorkerPool vs snapstream KeyedPool: {WORKERS} workers, 2 threads (GOMAXPROCS=2 / tokio), one mutex + per-key order map in the handler, SCALE={scale}, {rounds} interleaved rounds");
     let go = match go_ready(quick) {
         Ok(()) => true,
@@ -448,7 +448,7 @@ async fn go_section(quick: bool) {
     {
         let (mut g, mut r, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
-            let (a, b) = if round % 2 == 0 {
+            let (a, b) = if round.is_multiple_of(2) {
                 let a = if go { go_run(case, scale) } else { f64::NAN };
                 (a, snap_run(case, scale).await)
             } else {
