@@ -8,7 +8,8 @@
 //! # Key entries
 //!
 //! A key's entry lives in a slab (`slots`), found by key through one hash
-//! table (`index`, key to slot number). Everything after the add (the ready
+//! table (`index`, slot numbers hashed by their key; the slot keeps the
+//! hash, so a remove neither hashes nor compares the key). Everything after the add (the ready
 //! queue, a worker's runs, its report) names the slot, so an item costs two
 //! hash operations at most: the lookup (or insert) when it is added, and the
 //! remove when its key has nothing left. A freed slot keeps no key, only
@@ -19,9 +20,11 @@
 //! `foldhash` (seeded per table), several times faster than SipHash on short
 //! keys: see the pool section of the README.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash};
+
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
 
 use super::wait::{WaitList, Wakeups};
 
@@ -104,6 +107,9 @@ pub(crate) struct Done<K> {
 #[derive(Debug)]
 struct KeyQueue<K, T> {
     key: Option<K>,
+    /// The key's hash (while `key` is set): the index removes by it without
+    /// hashing or comparing the key again.
+    hash: u64,
     items: VecDeque<(u64, T)>,
     in_flight: usize,
     in_ready: bool,
@@ -114,8 +120,10 @@ type IndexHasher = foldhash::fast::RandomState;
 
 #[derive(Debug)]
 pub(crate) struct State<K, T> {
-    /// Key to slot, for the keys with an entry.
-    index: HashMap<K, Slot, IndexHasher>,
+    /// Key to slot, for the keys with an entry: a table of slot numbers,
+    /// hashed by their key (the hash is kept in the slot).
+    index: HashTable<Slot>,
+    hasher: IndexHasher,
     /// The key entries and free slots (whose numbers are in `free`).
     slots: Vec<KeyQueue<K, T>>,
     /// Free slots, reused last-freed first.
@@ -159,7 +167,8 @@ pub(crate) struct State<K, T> {
 impl<K: Hash + Eq + Clone, T> State<K, T> {
     pub(crate) fn new(capacity: usize, per_key: usize, workers: usize) -> Self {
         Self {
-            index: HashMap::with_hasher(IndexHasher::default()),
+            index: HashTable::new(),
+            hasher: IndexHasher::default(),
             slots: Vec::new(),
             free: Vec::new(),
             shrink_mark: usize::MAX,
@@ -219,20 +228,28 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             // Grown back: a later decline may shrink again.
             self.shrink_mark = usize::MAX;
         }
-        match self.index.entry(key) {
+        let hash = self.hasher.hash_one(&key);
+        let slots = &self.slots;
+        match self.index.entry(
+            hash,
+            |&s| slots[s].key.as_ref() == Some(&key),
+            |&s| slots[s].hash,
+        ) {
             Entry::Occupied(e) => *e.get(),
             Entry::Vacant(v) => {
-                let key = Some(v.key().clone());
+                let key = Some(key);
                 let slot = match self.free.pop() {
                     Some(slot) => {
                         let entry = &mut self.slots[slot];
                         debug_assert!(entry.key.is_none() && entry.items.is_empty());
                         entry.key = key;
+                        entry.hash = hash;
                         slot
                     }
                     None => {
                         self.slots.push(KeyQueue {
                             key,
+                            hash,
                             items: VecDeque::new(),
                             in_flight: 0,
                             in_ready: false,
@@ -240,7 +257,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                         self.slots.len() - 1
                     }
                 };
-                *v.insert(slot)
+                *v.insert(slot).get()
             }
         }
     }
@@ -249,12 +266,16 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     fn free_slot(&mut self, slot: Slot) {
         let entry = &mut self.slots[slot];
         debug_assert!(entry.items.is_empty() && entry.in_flight == 0 && !entry.in_ready);
-        let key = entry.key.take().expect("a live entry");
+        let key = entry.key.take();
+        debug_assert!(key.is_some(), "a live entry");
         if entry.items.capacity() > SPARE_QUEUE_CAPACITY {
             entry.items = VecDeque::new();
         }
-        self.index.remove(&key);
+        if let Ok(e) = self.index.find_entry(entry.hash, |&s| s == slot) {
+            e.remove();
+        }
         self.free.push(slot);
+        drop(key);
     }
 
     pub(crate) fn has_room(&self) -> bool {
@@ -583,7 +604,8 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         self.free.shrink_to(self.free.len().max(SHRINK_ABOVE));
         let cap = self.index.capacity();
         if cap > SHRINK_ABOVE && live * 16 < cap {
-            self.index.shrink_to(cap / 4);
+            let slots = &self.slots;
+            self.index.shrink_to(cap / 4, |&s| slots[s].hash);
         }
         let cap = self.ready.capacity();
         if cap > SHRINK_ABOVE && self.ready.len() * 16 < cap {
