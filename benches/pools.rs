@@ -437,6 +437,9 @@ async fn go_section(quick: bool) {
             false
         }
     };
+    if quick {
+        println!("(quick mode: a correctness check at SCALE=1, one round; the figures and verdicts mean nothing)");
+    }
     println!();
     println!("| case | keys | events | Go median | snapstream median | median ratio (per round) | snapstream max/min | target | met |");
     println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
