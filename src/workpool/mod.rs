@@ -608,7 +608,9 @@ where
                 }
             }
             // What did not run is handed back with the report.
-            left.extend(items.drain(..len - ran));
+            if ran < len {
+                left.extend(items.drain(..len - ran));
+            }
             dones.push(Done {
                 key,
                 slot,
