@@ -1,9 +1,15 @@
 //! Keyed pool and lease pool against their peers, interleaved in one process.
 //!
-//! `cargo bench --bench pools` (full, well under 2 minutes) or
+//! `cargo bench --bench pools` (full, about 3 minutes) or
 //! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --bench pools` (tiny sizes, checks only).
 //!
-//! Peers:
+//! The first section (`SNAPSTREAM_BENCH_SECTION=go`) runs **Gitpod's own Go
+//! pool** (the seed, built by the anchor's `run.sh` in
+//! `../shared/anchors/go-gitpod-pool/`, or `$GITPOD_POOL_ANCHOR`) and the keyed
+//! pool on the anchor's workload, round by round in one run; see
+//! [`go_section`].
+//!
+//! Other peers:
 //! * **journal scan**: Gitpod's algorithm (one shared journal, workers scan it
 //!   for the first item whose key is free, `Vec::remove` it), written here.
 //! * **per-key Mutex**: a task spawned per item that locks its key's
@@ -12,6 +18,8 @@
 //! * **Semaphore**: `tokio::sync::Semaphore` permits vs leases.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -196,6 +204,284 @@ impl KeyMutex {
             done.fetch_add(1, Ordering::Relaxed);
         });
     }
+}
+
+// ------------------------------------------------------- Gitpod's Go pool
+
+/// One case of the Go anchor (`main.go`): its name on the command line, the
+/// number of keys, events at `SCALE=1`, and whether every other event goes
+/// to key 0 (the "half-hot" cases).
+struct GoCase {
+    arg: &'static str,
+    label: &'static str,
+    keys: usize,
+    events: u64,
+    hot: bool,
+    /// Target for the median ratio snapstream / Go.
+    target: f64,
+}
+
+const GO_CASES: [GoCase; 4] = [
+    GoCase {
+        arg: "uniform16",
+        label: "uniform",
+        keys: 16,
+        events: 200_000,
+        hot: false,
+        target: 2.0,
+    },
+    GoCase {
+        arg: "uniform10k",
+        label: "uniform",
+        keys: 10_000,
+        events: 200_000,
+        hot: false,
+        target: 3.0,
+    },
+    GoCase {
+        arg: "hot10k",
+        label: "half on one key",
+        keys: 10_000,
+        events: 50_000,
+        hot: true,
+        target: 2.0,
+    },
+    GoCase {
+        arg: "hot16",
+        label: "half on one key",
+        keys: 16,
+        events: 200_000,
+        hot: true,
+        target: 2.0,
+    },
+];
+
+/// The most snapstream's runs of one case may spread (max / min items/s).
+const MAX_SPREAD: f64 = 1.5;
+
+/// The anchor's directory, holding `run.sh` and `main.go`.
+fn go_anchor() -> PathBuf {
+    std::env::var_os("GITPOD_POOL_ANCHOR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/anchors/go-gitpod-pool")
+        })
+}
+
+fn have_go() -> bool {
+    Command::new("go")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Whether the Go pool can run: the anchor is there, and `go` is (installed
+/// from Debian's `golang-go` when missing, except in quick mode).
+fn go_ready(quick: bool) -> Result<(), String> {
+    let anchor = go_anchor();
+    if !anchor.join("run.sh").exists() {
+        return Err(format!(
+            "no Go anchor at {} (set GITPOD_POOL_ANCHOR)",
+            anchor.display()
+        ));
+    }
+    if have_go() {
+        return Ok(());
+    }
+    if quick {
+        return Err("`go` is not installed (quick mode does not install it)".into());
+    }
+    println!("`go` is missing: installing golang-go with apt-get ...");
+    let ok = Command::new("apt-get")
+        .args(["install", "-y", "golang-go"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok && have_go() {
+        Ok(())
+    } else {
+        Err("`go` is missing and `apt-get install -y golang-go` failed".into())
+    }
+}
+
+/// One run of Gitpod's pool (`run.sh <case>` at `SCALE=scale`; it builds the
+/// binary once): events/s, after checking it saw nothing out of order.
+fn go_run(case: &GoCase, scale: u64) -> f64 {
+    let out = Command::new("bash")
+        .arg(go_anchor().join("run.sh"))
+        .arg(case.arg)
+        .env("SCALE", scale.to_string())
+        .output()
+        .expect("run the Go anchor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "Go anchor failed: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // "gitpod(go) EventWorkerPool uniform keys=16 events=2000000 workers=4 1.43 M events/s out-of-order=0"
+    let line = text
+        .lines()
+        .find(|l| l.contains("EventWorkerPool"))
+        .expect("a result line");
+    assert!(
+        line.ends_with("out-of-order=0"),
+        "the Go pool broke per-key order: {line}"
+    );
+    let events = format!("events={} ", case.events * scale);
+    assert!(line.contains(&events), "unexpected workload: {line}");
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "M").expect("a rate");
+    words[at - 1].parse::<f64>().expect("a rate") * 1e6
+}
+
+/// The same run through snapstream's [`KeyedPool`]: `WORKERS` workers, the
+/// default capacity, the anchor's key names, key distribution and handler
+/// (one mutex around a map of each key's last sequence number, counting any
+/// item that is not after its key's previous one). Events/s, from the
+/// producer's start to the last handler's return, as the Go driver times it.
+///
+/// Checks in every run: nothing out of order, every item once (the count, and
+/// each key's last item is the last one added to it).
+async fn snap_run(case: &GoCase, scale: u64) -> f64 {
+    struct Seen {
+        last: HashMap<Arc<str>, u64>,
+        bad: u64,
+        count: u64,
+    }
+    let events = case.events * scale;
+    let names: Arc<Vec<Arc<str>>> =
+        Arc::new((0..case.keys).map(|i| Arc::from(format!("k{i}"))).collect());
+    let key_of = {
+        let names = names.clone();
+        let (keys, hot) = (case.keys as u64, case.hot);
+        move |i: u64| {
+            names[if hot && i.is_multiple_of(2) {
+                0
+            } else {
+                (i % keys) as usize
+            }]
+            .clone()
+        }
+    };
+    let seen = Arc::new(Mutex::new(Seen {
+        last: HashMap::new(),
+        bad: 0,
+        count: 0,
+    }));
+    let all_done = Arc::new(Notify::new());
+    let pool = {
+        let (seen, all_done) = (seen.clone(), all_done.clone());
+        KeyedPool::builder()
+            .workers(WORKERS)
+            .build(move |key: Arc<str>, seq: u64| {
+                let mut guard = seen.lock().unwrap();
+                let s = &mut *guard;
+                match s.last.get_mut(&key) {
+                    Some(last) => {
+                        if *last >= seq {
+                            s.bad += 1;
+                        }
+                        *last = seq;
+                    }
+                    None => {
+                        s.last.insert(key, seq);
+                    }
+                }
+                s.count += 1;
+                if s.count == events {
+                    all_done.notify_one();
+                }
+                std::future::ready(())
+            })
+            .unwrap()
+    };
+    let t0 = Instant::now();
+    let producer = {
+        let (pool, key_of) = (pool.clone(), key_of.clone());
+        tokio::spawn(async move {
+            for i in 0..events {
+                pool.add(key_of(i), i).await.unwrap();
+            }
+        })
+    };
+    all_done.notified().await;
+    let rate = events as f64 / t0.elapsed().as_secs_f64();
+    producer.await.unwrap();
+    assert!(pool.stop(StopMode::Drain).await.is_empty());
+    assert_eq!(pool.stats().handled, events, "every item handled once");
+    let s = seen.lock().unwrap();
+    assert_eq!((s.bad, s.count), (0, events), "per-key order, exactly once");
+    // The key pattern repeats every `2 * keys` items at most: the last ones
+    // name every key that got an item, and each key's last item.
+    let mut expected: HashMap<Arc<str>, u64> = HashMap::new();
+    for i in events.saturating_sub(2 * case.keys as u64)..events {
+        expected.insert(key_of(i), i);
+    }
+    assert_eq!(
+        s.last, expected,
+        "each key's last item ran last, no other key seen"
+    );
+    rate
+}
+
+/// Gitpod's Go pool and the keyed pool, case by case, round by round (which
+/// goes first alternates), at 10x the anchor's item counts (`SCALE=10`).
+async fn go_section(quick: bool) {
+    let (scale, rounds): (u64, usize) = if quick { (1, 1) } else { (10, 5) };
+    println!("# Gitpod's Go EventWorkerPool vs snapstream KeyedPool: {WORKERS} workers, 2 threads (GOMAXPROCS=2 / tokio), one mutex + per-key order map in the handler, SCALE={scale}, {rounds} interleaved rounds");
+    let go = match go_ready(quick) {
+        Ok(()) => true,
+        Err(why) => {
+            println!("NOTICE: skipping the Go pool: {why}; running snapstream's side only");
+            false
+        }
+    };
+    if quick {
+        println!("(quick mode: a correctness check at SCALE=1, one round; the figures and verdicts mean nothing)");
+    }
+    println!();
+    println!("| case | keys | events | Go median | snapstream median | median ratio (per round) | snapstream max/min | target | met |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---|---|");
+    // SNAPSTREAM_BENCH_CASE=uniform16|uniform10k|hot10k|hot16 runs one case.
+    let only = std::env::var("SNAPSTREAM_BENCH_CASE").ok();
+    for case in GO_CASES
+        .iter()
+        .filter(|c| only.as_deref().is_none_or(|o| o == c.arg))
+    {
+        let (mut g, mut r, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 0..rounds {
+            let (a, b) = if round.is_multiple_of(2) {
+                let a = if go { go_run(case, scale) } else { f64::NAN };
+                (a, snap_run(case, scale).await)
+            } else {
+                let b = snap_run(case, scale).await;
+                (if go { go_run(case, scale) } else { f64::NAN }, b)
+            };
+            g.push(a);
+            r.push(b);
+            ratios.push(b / a);
+        }
+        let spread =
+            r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
+        let runs: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
+        let (gm, rm) = (median(g.clone()), median(r));
+        if go {
+            let ratio = median(ratios);
+            let met = ratio >= case.target && spread <= MAX_SPREAD;
+            println!(
+                "| {} | {} | {} | {:.2}M/s | {:.2}M/s [{}] | {:.2}x | {:.2} | ratio >= {}x, max/min <= {MAX_SPREAD} | {} |",
+                case.label, case.keys, case.events * scale, gm / 1e6, rm / 1e6, runs.join(" "), ratio, spread, case.target,
+                if met { "yes" } else { "NO" }
+            );
+        } else {
+            println!(
+                "| {} | {} | {} | - | {:.2}M/s [{}] | - | {:.2} | ratio >= {}x, max/min <= {MAX_SPREAD} | - |",
+                case.label, case.keys, case.events * scale, rm / 1e6, runs.join(" "), spread, case.target
+            );
+        }
+    }
+    println!();
 }
 
 // ------------------------------------------------------------------- drivers
@@ -409,14 +695,20 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    // SNAPSTREAM_BENCH_SECTION=uniform|backlog|p99|mpsc|lease runs one section.
+    // SNAPSTREAM_BENCH_SECTION=go|uniform|backlog|p99|mpsc|lease runs one section.
     let only = std::env::var("SNAPSTREAM_BENCH_SECTION").ok();
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let quick = std::env::var_os("SNAPSTREAM_BENCH_QUICK").is_some();
     rt.block_on(async {
+        if run("go") {
+            go_section(quick).await;
+        }
+        if run("uniform") || run("backlog") || run("p99") {
         println!("# keyed pool: {WORKERS} workers, capacity {CAPACITY}, 2 runtime threads, median of {} rounds", s.rounds);
         println!();
         println!("| scenario | keys | keyed pool | journal scan | per-key Mutex | keyed / journal |");
         println!("|---|---|---|---|---|---|");
+        }
         for keys in [16u64, 10_000].into_iter().filter(|_| run("uniform")) {
             let mut r: HashMap<Imp, Vec<f64>> = HashMap::new();
             for _ in 0..s.rounds {

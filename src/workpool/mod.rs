@@ -15,9 +15,11 @@
 //! * **No head-of-line blocking.** A busy key never holds up another key: a
 //!   key occupies at most `c` workers, and workers pick keys round-robin.
 //! * **Nothing kept for idle keys.** A key's entry exists only while it has
-//!   pending or in-flight items ([`Stats::keys`] counts them); the tables
-//!   shrink again once mostly empty (a few small empty queues, not tied to
-//!   any key, are kept for reuse).
+//!   pending or in-flight items ([`Stats::keys`] counts them). Entries live
+//!   in a table of slots as long as the most keys live at once (about the
+//!   capacity plus the workers); a free slot belongs to no key and keeps at
+//!   most a small empty queue for the next one, and the table shrinks again
+//!   once mostly empty.
 //!
 //! # Dispatch
 //!
@@ -147,7 +149,7 @@ use futures::{FutureExt, Stream, StreamExt};
 pub use error::{BuildError, StopTimeoutError, StoppedError, TryAddError};
 
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
-use state::{Batch, Closing, Done, Refused, Run, State, Take};
+use state::{Batch, Closing, Done, Refused, Run, Slot, State, Take};
 use wait::Wakeups;
 
 /// Default number of workers.
@@ -322,7 +324,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         &self,
         dones: &mut Vec<Done<K>>,
         left: &mut Batch<T>,
-        key: &K,
+        slot: Slot,
         rest: &mut Batch<T>,
     ) {
         let mut wakes = Wakeups::default();
@@ -331,7 +333,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             if !dones.is_empty() {
                 st.finish(dones, left, &mut wakes);
             }
-            st.hand_back_rest(key, rest);
+            st.hand_back_rest(slot, rest);
             st.release(&mut wakes);
         }
         wakes.wake();
@@ -536,7 +538,7 @@ where
         let (mut started, mut count) = (None::<std::time::Instant>, 0u32);
         let mut stop = false;
         let mut runs_iter = std::mem::take(&mut runs).into_iter();
-        while let Some(Run { key, mut len }) = runs_iter.next() {
+        while let Some(Run { key, slot, mut len }) = runs_iter.next() {
             let (mut handled, mut panicked) = (0, 0);
             let mut ran = 0;
             while ran < len && !stop {
@@ -561,16 +563,17 @@ where
                                         let rest = runs_iter.as_slice();
                                         let rest_len: usize = rest.iter().map(|r| r.len).sum();
                                         left.extend(items.drain(items.len() - rest_len..));
-                                        dones.extend(runs_iter.by_ref().map(|Run { key, len }| {
-                                            Done {
+                                        dones.extend(runs_iter.by_ref().map(
+                                            |Run { key, slot, len }| Done {
                                                 key,
+                                                slot,
                                                 handled: 0,
                                                 panicked: 0,
                                                 left: len,
-                                            }
-                                        }));
+                                            },
+                                        ));
                                         // What is left in `items` is this run's rest.
-                                        shared.hand_back(&mut dones, &mut left, &key, &mut items);
+                                        shared.hand_back(&mut dones, &mut left, slot, &mut items);
                                         len = ran;
                                     }
                                     fut.await
@@ -605,9 +608,12 @@ where
                 }
             }
             // What did not run is handed back with the report.
-            left.extend(items.drain(..len - ran));
+            if ran < len {
+                left.extend(items.drain(..len - ran));
+            }
             dones.push(Done {
                 key,
+                slot,
                 handled,
                 panicked,
                 left: len - ran,

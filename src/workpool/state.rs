@@ -4,16 +4,31 @@
 //! a key sits in `ready` at most once, and only while it has queued items and
 //! fewer than `per_key` of them in flight. A key's entry exists only while it
 //! has queued or in-flight items.
+//!
+//! # Key entries
+//!
+//! A key's entry lives in a slab (`slots`), found by key through one hash
+//! table (`index`, slot numbers hashed by their key; the slot keeps the
+//! hash, so a remove neither hashes nor compares the key). Everything after the add (the ready
+//! queue, a worker's runs, its report) names the slot, so an item costs two
+//! hash operations at most: the lookup (or insert) when it is added, and the
+//! remove when its key has nothing left. A freed slot keeps no key, only
+//! its empty queue's buffer (up to a small size) for the next key, so an
+//! idle key costs nothing and a new one no allocation; the slab is as long
+//! as the most keys live at once (about the capacity), and it and the index
+//! shrink again once mostly empty. The index hashes with
+//! `foldhash` (seeded per table), several times faster than SipHash on short
+//! keys: see the pool section of the README.
 
-use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
-use std::hash::Hash;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash};
+
+use hashbrown::hash_table::Entry;
+use hashbrown::HashTable;
 
 use super::wait::{WaitList, Wakeups};
 
-/// How many empty per-key queues are kept for reuse.
-const SPARE_QUEUES: usize = 64;
-/// The largest per-key queue (in items) kept for reuse.
+/// The largest per-key queue buffer (in items) a free slot keeps for reuse.
 const SPARE_QUEUE_CAPACITY: usize = 16;
 
 /// Tables at most this large are never shrunk.
@@ -36,10 +51,15 @@ pub(crate) const MAX_KEYS: usize = 2;
 /// Items a worker took: `(add order, item)`.
 pub(crate) type Batch<T> = VecDeque<(u64, T)>;
 
+/// A key entry's place in the slab (see [Key entries](self#key-entries)).
+pub(crate) type Slot = usize;
+
 /// One key's share of a batch: the next `len` items of the batch.
 #[derive(Debug)]
 pub(crate) struct Run<K> {
     pub(crate) key: K,
+    /// The key's entry.
+    pub(crate) slot: Slot,
     pub(crate) len: usize,
 }
 
@@ -72,6 +92,8 @@ pub(crate) enum Take {
 #[derive(Debug)]
 pub(crate) struct Done<K> {
     pub(crate) key: K,
+    /// The key's entry (from the [`Run`]).
+    pub(crate) slot: Slot,
     /// Items whose handler returned.
     pub(crate) handled: u64,
     /// Items whose handler panicked.
@@ -80,24 +102,42 @@ pub(crate) struct Done<K> {
     pub(crate) left: usize,
 }
 
+/// A slot of the slab: a key's entry, or free (`key` is `None`, `items`
+/// empty, perhaps with a buffer kept for the next key).
 #[derive(Debug)]
-struct KeyQueue<T> {
+struct KeyQueue<K, T> {
+    key: Option<K>,
+    /// The key's hash (while `key` is set): the index removes by it without
+    /// hashing or comparing the key again.
+    hash: u64,
     items: VecDeque<(u64, T)>,
     in_flight: usize,
     in_ready: bool,
 }
 
+/// The hasher of the key index.
+type IndexHasher = foldhash::fast::RandomState;
+
 #[derive(Debug)]
 pub(crate) struct State<K, T> {
-    keys: HashMap<K, KeyQueue<T>>,
-    ready: VecDeque<K>,
+    /// Key to slot, for the keys with an entry: a table of slot numbers,
+    /// hashed by their key (the hash is kept in the slot).
+    index: HashTable<Slot>,
+    hasher: IndexHasher,
+    /// The key entries and free slots (whose numbers are in `free`).
+    slots: Vec<KeyQueue<K, T>>,
+    /// Free slots, reused last-freed first.
+    free: Vec<Slot>,
+    /// [`maybe_shrink`](Self::maybe_shrink) runs again only below this many
+    /// live keys.
+    shrink_mark: usize,
+    /// Ready keys, by slot.
+    ready: VecDeque<Slot>,
     /// Items an abort took out of the pool, with their add order: the
     /// queued ones (taken by [`close`](State::close)) and those workers hand
     /// back afterwards. They stay here until [`State::take_returned`]
     /// collects them, so a `stop` given up on loses none.
     returned: Vec<(u64, K, T)>,
-    /// Empty per-key queues kept for reuse.
-    spare: Vec<VecDeque<(u64, T)>>,
     pending: usize,
     in_flight: usize,
     /// Workers holding items of their batch they have not started (a batch
@@ -127,10 +167,13 @@ pub(crate) struct State<K, T> {
 impl<K: Hash + Eq + Clone, T> State<K, T> {
     pub(crate) fn new(capacity: usize, per_key: usize, workers: usize) -> Self {
         Self {
-            keys: HashMap::new(),
+            index: HashTable::new(),
+            hasher: IndexHasher::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            shrink_mark: usize::MAX,
             ready: VecDeque::new(),
             returned: Vec::new(),
-            spare: Vec::new(),
             pending: 0,
             in_flight: 0,
             holding: 0,
@@ -170,7 +213,69 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
 
     /// Live per-key entries (keys with queued or in-flight items).
     pub(crate) fn keys(&self) -> usize {
-        self.keys.len()
+        self.index.len()
+    }
+
+    fn entry(&mut self, slot: Slot) -> &mut KeyQueue<K, T> {
+        let entry = &mut self.slots[slot];
+        debug_assert!(entry.key.is_some(), "a ready or in-flight key has an entry");
+        entry
+    }
+
+    /// The slot of `key`'s entry, made if it has none (one hash either way).
+    fn slot_of(&mut self, key: K) -> Slot {
+        if self.index.len() * 4 > self.slots.len() {
+            // Grown back: a later decline may shrink again.
+            self.shrink_mark = usize::MAX;
+        }
+        let hash = self.hasher.hash_one(&key);
+        let slots = &self.slots;
+        match self.index.entry(
+            hash,
+            |&s| slots[s].key.as_ref() == Some(&key),
+            |&s| slots[s].hash,
+        ) {
+            Entry::Occupied(e) => *e.get(),
+            Entry::Vacant(v) => {
+                let key = Some(key);
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        let entry = &mut self.slots[slot];
+                        debug_assert!(entry.key.is_none() && entry.items.is_empty());
+                        entry.key = key;
+                        entry.hash = hash;
+                        slot
+                    }
+                    None => {
+                        self.slots.push(KeyQueue {
+                            key,
+                            hash,
+                            items: VecDeque::new(),
+                            in_flight: 0,
+                            in_ready: false,
+                        });
+                        self.slots.len() - 1
+                    }
+                };
+                *v.insert(slot).get()
+            }
+        }
+    }
+
+    /// Frees the entry of a key with nothing queued or in flight.
+    fn free_slot(&mut self, slot: Slot) {
+        let entry = &mut self.slots[slot];
+        debug_assert!(entry.items.is_empty() && entry.in_flight == 0 && !entry.in_ready);
+        let key = entry.key.take();
+        debug_assert!(key.is_some(), "a live entry");
+        if entry.items.capacity() > SPARE_QUEUE_CAPACITY {
+            entry.items = VecDeque::new();
+        }
+        if let Ok(e) = self.index.find_entry(entry.hash, |&s| s == slot) {
+            e.remove();
+        }
+        self.free.push(slot);
+        drop(key);
     }
 
     pub(crate) fn has_room(&self) -> bool {
@@ -198,28 +303,12 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         self.seq += 1;
         self.pending += 1;
         let per_key = self.per_key;
-        // One hash per add; the key is cloned only when it becomes ready.
-        let (entry, ready_key) = match self.keys.entry(key) {
-            Entry::Occupied(e) => {
-                let ready = !e.get().in_ready && e.get().in_flight < per_key;
-                let ready_key = ready.then(|| e.key().clone());
-                (e.into_mut(), ready_key)
-            }
-            Entry::Vacant(v) => {
-                let ready_key = Some(v.key().clone());
-                let items = self.spare.pop().unwrap_or_default();
-                let entry = v.insert(KeyQueue {
-                    items,
-                    in_flight: 0,
-                    in_ready: false,
-                });
-                (entry, ready_key)
-            }
-        };
+        let slot = self.slot_of(key);
+        let entry = self.entry(slot);
         entry.items.push_back((seq, item));
-        if let Some(key) = ready_key {
+        if !entry.in_ready && entry.in_flight < per_key {
             entry.in_ready = true;
-            self.ready.push_back(key);
+            self.ready.push_back(slot);
             self.wake_worker(wakes);
         }
         Ok(())
@@ -267,29 +356,34 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             1
         };
         while runs.len() < max_keys && items.len() < MAX_BATCH {
-            let Some(key) = self.ready.pop_front() else {
+            let Some(slot) = self.ready.pop_front() else {
                 break;
             };
-            let entry = self.keys.get_mut(&key).expect("ready key has an entry");
+            let entry = &mut self.slots[slot];
             let n = if per_key == 1 && many {
                 entry.items.len().min(MAX_BATCH - items.len())
             } else {
                 1
             };
             debug_assert!(n > 0, "a ready key has items");
-            items.extend(entry.items.drain(..n));
+            if n == entry.items.len() {
+                items.append(&mut entry.items);
+            } else {
+                items.extend(entry.items.drain(..n));
+            }
             entry.in_flight += 1;
             self.pending -= 1;
             self.in_flight += 1;
+            let key = entry.key.clone().expect("a ready key has an entry");
             if !entry.items.is_empty() && entry.in_flight < per_key {
                 // Round robin: the key goes to the back behind the other keys.
-                self.ready.push_back(key.clone());
+                self.ready.push_back(slot);
                 self.wake_worker(wakes);
             } else {
                 entry.in_ready = false;
             }
             self.wake_producers(wakes);
-            runs.push(Run { key, len: n });
+            runs.push(Run { key, slot, len: n });
         }
         if items.len() > 1 {
             self.holding += 1;
@@ -314,16 +408,20 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// the items handed back. The key stays in flight until the worker
     /// reports the run (with the items that ran, `left` 0), so no other
     /// worker starts them before the waiting one finishes.
-    pub(crate) fn hand_back_rest(&mut self, key: &K, rest: &mut Batch<T>) {
+    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>) {
         if rest.is_empty() {
             return;
         }
         if self.closing == Some(Closing::Abort) {
             self.pending -= rest.len();
+            let key = self.slots[slot]
+                .key
+                .as_ref()
+                .expect("an in-flight key has an entry");
             self.returned
                 .extend(rest.drain(..).map(|(seq, item)| (seq, key.clone(), item)));
         } else {
-            let entry = self.keys.get_mut(key).expect("in-flight key has an entry");
+            let entry = self.entry(slot);
             debug_assert!(entry.in_flight > 0 && !entry.in_ready);
             for x in rest.drain(..).rev() {
                 entry.items.push_front(x);
@@ -409,6 +507,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         let mut untouched = 0;
         for Done {
             key,
+            slot,
             handled,
             panicked,
             left,
@@ -428,7 +527,8 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                     self.wake_producers(wakes);
                 }
             }
-            let entry = self.keys.get_mut(&key).expect("in-flight key has an entry");
+            let entry = &mut self.slots[slot];
+            debug_assert!(entry.key.is_some(), "an in-flight key has an entry");
             entry.in_flight -= 1;
             if left > 0 {
                 if self.closing == Some(Closing::Abort) {
@@ -447,14 +547,12 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             }
             if entry.items.is_empty() {
                 if entry.in_flight == 0 {
-                    if let Some(gone) = self.keys.remove(&key) {
-                        self.recycle(gone.items);
-                    }
+                    self.free_slot(slot);
                     self.maybe_shrink();
                 }
             } else if !entry.in_ready && entry.in_flight < per_key {
                 entry.in_ready = true;
-                self.ready.push_back(key);
+                self.ready.push_back(slot);
                 if ran == 0 {
                     untouched += 1;
                 }
@@ -477,20 +575,37 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         out
     }
 
-    /// Keeps a few small empty queues so a new key costs no allocation.
-    fn recycle(&mut self, items: VecDeque<(u64, T)>) {
-        if self.spare.len() < SPARE_QUEUES && items.capacity() <= SPARE_QUEUE_CAPACITY {
-            self.spare.push(items);
-        }
-    }
-
-    /// Gives memory back once the tables are mostly empty. The wide
-    /// hysteresis (shrink below 1/16, to 1/4 of the capacity) keeps a steady
-    /// churn of keys from reallocating over and over.
+    /// Gives memory back once the tables are mostly empty: below 1/16 of
+    /// the slab's slots live, free slots drop their buffers, the free slots
+    /// at the end go, and the index and ready queue shrink to a quarter
+    /// (the wide hysteresis keeps a steady churn of keys from reallocating
+    /// over and over). Slots in use cannot move (workers and the ready queue
+    /// name them), so a slab kept long by a live key at its end waits for
+    /// that key; a pass runs again only once the live keys halved, or after
+    /// they grew back above a quarter of the slots.
     fn maybe_shrink(&mut self) {
-        let cap = self.keys.capacity();
-        if cap > SHRINK_ABOVE && self.keys.len() * 16 < cap {
-            self.keys.shrink_to(cap / 4);
+        let live = self.index.len();
+        if self.slots.len() <= SHRINK_ABOVE
+            || live * 16 >= self.slots.len()
+            || live >= self.shrink_mark
+        {
+            return;
+        }
+        self.shrink_mark = live / 2;
+        for &slot in &self.free {
+            self.slots[slot].items = VecDeque::new();
+        }
+        while self.slots.last().is_some_and(|e| e.key.is_none()) {
+            self.slots.pop();
+        }
+        let len = self.slots.len();
+        self.free.retain(|slot| *slot < len);
+        self.slots.shrink_to(len.max(SHRINK_ABOVE));
+        self.free.shrink_to(self.free.len().max(SHRINK_ABOVE));
+        let cap = self.index.capacity();
+        if cap > SHRINK_ABOVE && live * 16 < cap {
+            let slots = &self.slots;
+            self.index.shrink_to(cap / 4, |&s| slots[s].hash);
         }
         let cap = self.ready.capacity();
         if cap > SHRINK_ABOVE && self.ready.len() * 16 < cap {
@@ -512,13 +627,20 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 let before = self.returned.len();
                 let taken = &mut self.returned;
                 taken.reserve(self.pending);
-                self.keys.retain(|key, entry| {
+                let mut idle = Vec::new();
+                for (slot, entry) in self.slots.iter_mut().enumerate() {
+                    let Some(key) = &entry.key else { continue };
                     for (seq, item) in entry.items.drain(..) {
                         taken.push((seq, key.clone(), item));
                     }
                     entry.in_ready = false;
-                    entry.in_flight > 0
-                });
+                    if entry.in_flight == 0 {
+                        idle.push(slot);
+                    }
+                }
+                for slot in idle {
+                    self.free_slot(slot);
+                }
                 self.ready.clear();
                 // Items in workers' batches stay pending until handed back.
                 self.pending -= self.returned.len() - before;
@@ -549,6 +671,98 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             self.wake_all_workers(wakes);
             0
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod slab_tests {
+    use super::*;
+
+    /// Runs every queued item to completion, one batch at a time.
+    fn run_all(st: &mut State<u32, u32>) {
+        let mut wakes = Wakeups::default();
+        loop {
+            let (mut runs, mut items) = (Vec::new(), Batch::new());
+            if st.take(&mut runs, &mut items, true, &mut wakes) != Take::Job {
+                return;
+            }
+            let mut dones: Vec<Done<u32>> = runs
+                .into_iter()
+                .map(|Run { key, slot, len }| Done {
+                    key,
+                    slot,
+                    handled: len as u64,
+                    panicked: 0,
+                    left: 0,
+                })
+                .collect();
+            items.clear();
+            st.finish(&mut dones, &mut items, &mut wakes);
+        }
+    }
+
+    #[test]
+    fn slots_are_reused_and_the_slab_shrinks_once_idle() {
+        let mut st: State<u32, u32> = State::new(100_000, 1, 1);
+        st.workers_live = 1;
+        let mut wakes = Wakeups::default();
+        for k in 0..10_000 {
+            st.push(k, k, false, &mut wakes).unwrap();
+        }
+        assert_eq!((st.keys(), st.slots.len()), (10_000, 10_000));
+        // One key stays busy at the far end of the slab: its slot cannot move.
+        let (mut runs, mut items) = (Vec::new(), Batch::new());
+        while st.ready.back() != Some(&9_999) {
+            st.ready.rotate_left(1);
+        }
+        st.ready.rotate_right(1);
+        assert_eq!(st.take(&mut runs, &mut items, false, &mut wakes), Take::Job);
+        assert_eq!(runs[0].key, 9_999);
+        run_all(&mut st);
+        assert_eq!(st.keys(), 1, "only the busy key has an entry");
+        assert_eq!(
+            st.slots.len(),
+            10_000,
+            "the busy key's slot keeps the slab long"
+        );
+        let buffers = st
+            .free
+            .iter()
+            .filter(|s| st.slots[**s].items.capacity() > 0)
+            .count();
+        assert!(
+            buffers < 8,
+            "free slots dropped their buffers: {buffers} kept"
+        );
+        assert!(
+            st.index.capacity() < 10_000 / 4,
+            "index shrunk: {}",
+            st.index.capacity()
+        );
+        let mut dones = vec![Done {
+            key: 9_999,
+            slot: runs[0].slot,
+            handled: 1,
+            panicked: 0,
+            left: 0,
+        }];
+        items.clear();
+        st.finish(&mut dones, &mut items, &mut wakes);
+        assert_eq!(
+            (st.keys(), st.slots.len(), st.free.len()),
+            (0, 0, 0),
+            "the free slots at the end go"
+        );
+        // Reuse: a new key takes a free slot, the slab does not grow.
+        for round in 0..3 {
+            for k in 0..100 {
+                st.push(round * 1000 + k, k, false, &mut wakes).unwrap();
+            }
+            assert_eq!(st.slots.len(), 100, "free slots reused");
+            run_all(&mut st);
+            assert_eq!(st.keys(), 0);
+        }
+        assert!(st.slots.iter().all(|e| e.key.is_none()));
     }
 }
 
@@ -590,9 +804,10 @@ mod model_tests {
         ]
     }
 
-    /// A taken run in the model: key, items with their add order (the first
-    /// counts as started), and whether its handler waited.
-    type Job = (u8, Vec<(u64, u32)>, bool);
+    /// A taken run in the model: key, the slot `take` named for it, items
+    /// with their add order (the first counts as started), and whether its
+    /// handler waited.
+    type Job = (u8, Slot, Vec<(u64, u32)>, bool);
 
     #[derive(Default)]
     struct Model {
@@ -610,7 +825,7 @@ mod model_tests {
     impl Model {
         fn pending(&self) -> usize {
             let queued: usize = self.queues.values().map(VecDeque::len).sum();
-            let reserved: usize = self.jobs.iter().map(|(_, b, _)| b.len() - 1).sum();
+            let reserved: usize = self.jobs.iter().map(|(_, _, b, _)| b.len() - 1).sum();
             queued + reserved
         }
         fn keys(&self) -> usize {
@@ -685,7 +900,7 @@ mod model_tests {
                                 prop_assert!(many || (runs.len() == 1 && batch.len() == 1));
                                 prop_assert!(batch.len() <= MAX_BATCH && runs.len() <= MAX_KEYS);
                                 prop_assert!(batch.iter().zip(batch.iter().skip(1)).all(|(a, b)| a.0 != b.0));
-                                for Run { key: k, len } in runs {
+                                for Run { key: k, slot, len } in runs {
                                     let taken: Vec<(u64, u32)> = batch.drain(..len).collect();
                                     let q = model.queues.get_mut(&k).expect("key has a queue");
                                     prop_assert!(len >= 1 && len <= q.len());
@@ -699,7 +914,11 @@ mod model_tests {
                                     let n = model.in_flight.entry(k).or_default();
                                     *n += 1;
                                     prop_assert!(*n <= per_key);
-                                    model.jobs.push((k, taken, false));
+                                    prop_assert!(
+                                        model.jobs.iter().all(|j| j.0 == k || j.1 != slot),
+                                        "a slot names one key at a time"
+                                    );
+                                    model.jobs.push((k, slot, taken, false));
                                 }
                                 prop_assert!(batch.is_empty());
                             }
@@ -716,13 +935,14 @@ mod model_tests {
                         }
                     }
                     Op::Finish(i, r, first_panics) if !model.jobs.is_empty() => {
-                        let (k, items, waited) = model.jobs.swap_remove(i % model.jobs.len());
+                        let (k, slot, items, waited) = model.jobs.swap_remove(i % model.jobs.len());
                         // 0..=len items ran; 0 hands the whole run back.
                         let ran = if waited { items.len() } else { r % (items.len() + 1) };
                         let p = u64::from(first_panics && ran > 0);
                         let mut left: Batch<u32> = items[ran..].iter().copied().collect();
                         let mut dones = vec![Done {
                             key: k,
+                            slot,
                             handled: ran as u64 - p,
                             panicked: p,
                             left: items.len() - ran,
@@ -744,13 +964,13 @@ mod model_tests {
                     Op::Finish(..) => {}
                     Op::Wait(i, r) if !model.jobs.is_empty() => {
                         let i = i % model.jobs.len();
-                        let (k, items, waited) = &mut model.jobs[i];
+                        let (k, slot, items, waited) = &mut model.jobs[i];
                         if !*waited {
                             *waited = true;
                             let started = 1 + r % items.len();
                             let rest_items = items.split_off(started);
                             let mut rest: Batch<u32> = rest_items.iter().copied().collect();
-                            st.hand_back_rest(k, &mut rest);
+                            st.hand_back_rest(*slot, &mut rest);
                             prop_assert!(rest.is_empty(), "hand_back_rest takes everything");
                             if model.closing == Some(Closing::Abort) {
                                 model.returned.extend(rest_items.iter().map(|(_, i)| (*k, *i)));

@@ -78,11 +78,21 @@ impl Wakeups {
     }
 
     /// Wakes everything collected. Call with no lock held.
+    #[inline]
     pub(crate) fn wake(self) {
+        // Most calls (an add that finds a worker already on its way) have
+        // nothing to wake: keep that path inline and the loop out of line.
         if let Some(w) = self.one {
             w.wake();
+            if !self.more.is_empty() {
+                Self::wake_more(self.more);
+            }
         }
-        for w in self.more {
+    }
+
+    #[inline(never)]
+    fn wake_more(more: Vec<Waker>) {
+        for w in more {
             w.wake();
         }
     }
