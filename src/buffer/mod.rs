@@ -878,11 +878,9 @@ impl<T, E> Cursor<T, E> {
                 Some(Item::Empty) => Found::Skip,
                 // A splice point moves the cursor onto a slot of the older
                 // buffer *as already consumed*: reading goes on after it.
-                Some(Item::Follow(splice)) => Found::Follow(
-                    splice.block.clone(),
-                    splice.slot,
-                    splice.shared.clone(),
-                ),
+                Some(Item::Follow(splice)) => {
+                    Found::Follow(splice.block.clone(), splice.slot, splice.shared.clone())
+                }
             };
             if let Some(registration) = self.registration.take() {
                 self.shared.deregister(registration);

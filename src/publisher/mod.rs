@@ -612,6 +612,9 @@ struct TopicState<P> {
 
 /// The live buffer of one (topic, subject), alive while someone subscribes.
 struct KeyState<P> {
+    /// The subject's name, shared by every event retained in `live` (see
+    /// `Event::share_names`).
+    subject: Subject,
     live: Buf<P>,
     /// Index of the newest batch appended to `live`.
     last_index: Option<u64>,
@@ -622,8 +625,9 @@ struct KeyState<P> {
 }
 
 impl<P> KeyState<P> {
-    fn new() -> Self {
+    fn new(subject: Subject) -> Self {
         Self {
+            subject,
             live: EventBuffer::new(),
             last_index: None,
             subs: HashMap::new(),
@@ -833,7 +837,13 @@ impl<P: Send + Sync + 'static> Inner<P> {
         }
     }
 
-    fn append(&self, t: usize, ks: &mut KeyState<P>, index: u64, run: Vec<Event<P>>) {
+    fn append(&self, t: usize, ks: &mut KeyState<P>, index: u64, mut run: Vec<Event<P>>) {
+        // A retained event keeps the publisher's copies of its names, not
+        // the caller's (`Event::new("t", ..)` allocates a topic per event).
+        let subject = (!ks.subject.is_wildcard()).then_some(&ks.subject);
+        for e in &mut run {
+            e.share_names(&self.topics[t].topic, subject);
+        }
         ks.live.append_one(Item::Batch(EventBatch::new(run)));
         ks.last_index = Some(index);
         if let Some(limit) = self.lag_limit {
@@ -921,7 +931,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
             let ks = state
                 .keys
                 .entry(req.subject.clone())
-                .or_insert_with(KeyState::new);
+                .or_insert_with(|| KeyState::new(req.subject.clone()));
             ks.subs.insert(id, shared.clone());
             let start = self.start_position(&runtime, t, ks, &req);
             shared.start(start);
