@@ -1,13 +1,14 @@
 //! The shared broadcast buffer at the centre of snapstream.
 //!
-//! An [`EventBuffer`] is an unbounded, singly linked list of *batches* with
-//! exactly one writer and any number of readers. Readers hold a [`Cursor`],
-//! a position in the list, and move along it at their own pace.
+//! An [`EventBuffer`] is an unbounded sequence of *batches* with exactly one
+//! writer and any number of readers, stored in a singly linked list of
+//! blocks of slots (one batch per slot). Readers hold a [`Cursor`], a
+//! position in the sequence, and move along it at their own pace.
 //!
 //! ```text
-//!  sentinel ──► [e1] ──► [e2, e3] ──► [e4] ──► (tail; next not yet linked)
-//!                 ▲                     ▲
-//!            slow cursor           fast cursor (waiting here)
+//!  block 0: [sentinel, e1, [e2, e3], e4, …, e31] ──► block 1: [e32, e33, _, …]
+//!                       ▲                                          ▲
+//!                  slow cursor                   fast cursor (waiting at the tail)
 //! ```
 //!
 //! # Publishing
@@ -19,7 +20,7 @@
 //!
 //! # Reading
 //!
-//! A [`Cursor`] taken with [`EventBuffer::head`] sits on the newest node and
+//! A [`Cursor`] taken with [`EventBuffer::head`] sits on the newest slot and
 //! sees only what is appended after it was taken. [`Cursor::next`] waits for
 //! the next batch and returns it as a slice borrowed from the cursor; it is
 //! cancel-safe: dropping the future leaves the cursor where it was, and the
