@@ -102,11 +102,11 @@ fn loom_splice_vs_reader() {
     });
 }
 
-/// A reader moving its pin (freeing what is behind it) while the writer
-/// appends and a clone of the reader is dropped on another thread: every
-/// batch is read once, in order, and nothing is freed early.
+/// A reader crossing into a new block (letting the old one go) while the
+/// writer appends and a clone of the reader is dropped on another thread:
+/// every batch is read once, in order, and nothing is freed early.
 #[test]
-fn loom_repin_vs_append_vs_clone_drop() {
+fn loom_block_crossing_vs_append_vs_clone_drop() {
     loom::model(|| {
         let mut w = EventBuffer::<u32>::new();
         let mut r = w.head();

@@ -501,7 +501,7 @@ fn batches_and_terminal_slots_cross_block_boundaries() {
         let mut w = EventBuffer::<u64, &'static str>::new();
         let mut readers = vec![w.head()];
         for i in 0..n {
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 w.append(vec![i, i]);
             } else {
                 w.append_one(i);
@@ -522,7 +522,13 @@ fn batches_and_terminal_slots_cross_block_boundaries() {
                 }
             }
             let expected: Vec<u64> = (start as u64..n)
-                .flat_map(|i| if i % 3 == 0 { vec![i, i] } else { vec![i] })
+                .flat_map(|i| {
+                    if i.is_multiple_of(3) {
+                        vec![i, i]
+                    } else {
+                        vec![i]
+                    }
+                })
                 .collect();
             assert_eq!(got, expected, "n = {n}, start = {start}");
             assert_eq!(r.try_next(), Some(Err(ReadError::Failed(&"end"))));
@@ -544,7 +550,7 @@ async fn stress_many_readers_cross_block_boundaries_and_free_them() {
             let mut steps = 0usize;
             while expected < APPENDS {
                 steps += 1;
-                if (steps + k) % 7 == 0 {
+                if (steps + k).is_multiple_of(7) {
                     tokio::task::yield_now().await;
                 }
                 match r.next().await {
@@ -570,7 +576,7 @@ async fn stress_many_readers_cross_block_boundaries_and_free_them() {
                 let n = (next % 3 + 1).min(APPENDS - next);
                 w.append((next..next + n).map(|v| Counted::new(v, &live)).collect());
                 next += n;
-                if next % 5 == 0 {
+                if next.is_multiple_of(5) {
                     tokio::task::yield_now().await;
                 }
             }
