@@ -2,6 +2,16 @@
 //! `async-broadcast`, in one process, interleaved round by round, on a
 //! 2-worker multi-thread runtime.
 //!
+//! tokio broadcast runs in two configurations, labelled in the table:
+//! - **fair**: a ring as large as the run, the writer never throttled (the
+//!   ratios and targets are against this one);
+//! - **throttled**: a 1,024-slot ring, the writer yielding while the ring is
+//!   full (what a real user of a bounded ring must do not to lag readers).
+//!
+//! A second table repeats the 1- and 16-reader runs with the machine's other
+//! core kept busy by a spinning thread the bench starts itself, and the
+//! output ends with whether each target of issue #14 is met.
+//!
 //! Run: `cargo bench --bench fanout` (full, a few minutes) or
 //! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --bench fanout` (tiny sizes,
 //! checksums only; CI runs this).
@@ -110,17 +120,30 @@ impl Check {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Impl {
     Snapstream,
+    /// tokio broadcast with a ring as large as the run, no writer throttle.
     Tokio,
+    /// tokio broadcast with a [`THROTTLED_CAPACITY`] ring, the writer
+    /// yielding while it is full.
+    TokioThrottled,
     AsyncBroadcast,
 }
 
-const IMPLS: [Impl; 3] = [Impl::Snapstream, Impl::Tokio, Impl::AsyncBroadcast];
+const IMPLS: [Impl; 4] = [
+    Impl::Snapstream,
+    Impl::Tokio,
+    Impl::TokioThrottled,
+    Impl::AsyncBroadcast,
+];
+
+/// Ring size of the throttled tokio configuration.
+const THROTTLED_CAPACITY: usize = 1024;
 
 impl Impl {
     fn name(self) -> &'static str {
         match self {
             Impl::Snapstream => "snapstream",
-            Impl::Tokio => "tokio broadcast",
+            Impl::Tokio => "tokio broadcast (fair: ring = run)",
+            Impl::TokioThrottled => "tokio broadcast (throttled: ring 1024)",
             Impl::AsyncBroadcast => "async-broadcast",
         }
     }
@@ -189,6 +212,29 @@ async fn burst<P: Payload>(imp: Impl, subs: usize, events: u64) -> Burst {
             let _ = ready_rx.recv().await;
             start = Instant::now();
             for i in 0..events {
+                let _ = tx.send(P::make(i));
+            }
+            publish = start.elapsed();
+            for t in tasks.drain(..) {
+                ERRORS.fetch_add(t.await.unwrap(), Ordering::Relaxed);
+            }
+        }
+        Impl::TokioThrottled => {
+            let (tx, _) = tokio::sync::broadcast::channel::<P>(THROTTLED_CAPACITY);
+            spawn_subs!(tx.subscribe(), |rx, check| {
+                match rx.recv().await {
+                    Ok(p) => check.see(p.value()),
+                    Err(_) => break,
+                }
+            });
+            drop(ready_tx);
+            let _ = ready_rx.recv().await;
+            start = Instant::now();
+            for i in 0..events {
+                // Never overwrite what the slowest reader has not read.
+                while tx.len() >= THROTTLED_CAPACITY {
+                    tokio::task::yield_now().await;
+                }
                 let _ = tx.send(P::make(i));
             }
             publish = start.elapsed();
@@ -287,8 +333,14 @@ async fn paced<P: Payload>(imp: Impl, subs: usize, events: u64) -> Vec<u64> {
             });
             publish!(|i| w.append_one(P::make(i)));
         }
-        Impl::Tokio => {
-            let (tx, _) = tokio::sync::broadcast::channel::<P>(events.max(2) as usize);
+        Impl::Tokio | Impl::TokioThrottled => {
+            let capacity = if imp == Impl::Tokio {
+                events.max(2) as usize
+            } else {
+                // At 1,000 events/s the ring never fills: no throttle needed.
+                THROTTLED_CAPACITY
+            };
+            let (tx, _) = tokio::sync::broadcast::channel::<P>(capacity);
             spawn_subs!(tx.subscribe(), |rx, on| {
                 match rx.recv().await {
                     Ok(p) => on.see(p.value()),
@@ -346,7 +398,9 @@ fn retained<P: Payload>(imp: Impl, events: u64) -> Retained {
             drop(stalled);
             (after, t.elapsed().as_nanos())
         }
-        Impl::Tokio => {
+        // A stalled reader of a throttled ring stops the writer: nothing to
+        // retain (the caller skips it).
+        Impl::Tokio | Impl::TokioThrottled => {
             let (tx, stalled) = tokio::sync::broadcast::channel::<P>(events as usize);
             for p in &payloads {
                 let _ = tx.send(p.clone());
@@ -391,6 +445,72 @@ fn pct(v: &mut [u64], p: f64) -> u64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Keeps one core busy while alive: a thread spinning on a flag.
+struct Spinner {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl Spinner {
+    fn start() -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut spins = 0u64;
+            while !flag.load(Ordering::Relaxed) {
+                spins = std::hint::black_box(spins.wrapping_add(1));
+            }
+            spins
+        });
+        Spinner {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Spinner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Median ns/delivery per impl over `rounds` interleaved rounds (who goes
+/// first rotates), for `impls`.
+fn burst_medians<P: Payload>(
+    rt: &tokio::runtime::Runtime,
+    impls: &[Impl],
+    subs: usize,
+    events: u64,
+    rounds: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let n = impls.len();
+    let mut per_delivery: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut per_publish: Vec<Vec<f64>> = vec![Vec::new(); n];
+    for round in 0..rounds {
+        for k in 0..n {
+            let idx = (k + round) % n; // rotate who goes first
+            let b = rt.block_on(burst::<P>(impls[idx], subs, events));
+            per_delivery[idx].push(b.total.as_nanos() as f64 / (events as f64 * subs as f64));
+            per_publish[idx].push(b.publish.as_nanos() as f64 / events as f64);
+        }
+    }
+    (
+        per_delivery.into_iter().map(median).collect(),
+        per_publish.into_iter().map(median).collect(),
+    )
+}
+
+/// One target of issue #14: snapstream's speed-up over fair tokio.
+struct Target {
+    what: String,
+    speedup: f64,
+    min: f64,
+}
+
 fn main() {
     let quick = std::env::var_os("SNAPSTREAM_BENCH_QUICK").is_some();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -408,7 +528,10 @@ fn main() {
     let paced_events: u64 = if quick { 20 } else { 500 };
 
     println!("# fanout: snapstream vs tokio::sync::broadcast vs async-broadcast");
-    println!("2-worker multi-thread runtime, {rounds} interleaved round(s), median shown\n");
+    println!("2-worker multi-thread runtime, {rounds} interleaved round(s), median shown");
+    println!("speed-up = fair tokio's ns/delivery ÷ this impl's (above 1: faster than tokio)\n");
+
+    let mut targets: Vec<Target> = Vec::new();
 
     fn run_payload<P: Payload>(
         rt: &tokio::runtime::Runtime,
@@ -416,52 +539,102 @@ fn main() {
         rounds: usize,
         deliveries: u64,
         paced_events: u64,
+        targets: &mut Vec<Target>,
     ) {
         println!("## payload {}\n", P::NAME);
         println!(
-            "| subscribers | impl | ns/delivery | ratio vs tokio | publisher ns/event | p50 latency µs | p99 latency µs |"
+            "| subscribers | impl | ns/delivery | speed-up vs fair tokio | publisher ns/event | p50 latency µs | p99 latency µs |"
         );
         println!("|---:|---|---:|---:|---:|---:|---:|");
         for &subs in subs_list {
             let events = (deliveries / subs as u64).clamp(200, 1_000_000);
-            let mut per_delivery: [Vec<f64>; 3] = Default::default();
-            let mut per_publish: [Vec<f64>; 3] = Default::default();
-            for round in 0..rounds {
-                for k in 0..3 {
-                    let idx = (k + round) % 3; // rotate who goes first
-                    let b = rt.block_on(burst::<P>(IMPLS[idx], subs, events));
-                    per_delivery[idx]
-                        .push(b.total.as_nanos() as f64 / (events as f64 * subs as f64));
-                    per_publish[idx].push(b.publish.as_nanos() as f64 / events as f64);
-                }
+            let (nd, np) = burst_medians::<P>(rt, &IMPLS, subs, events, rounds);
+            let mut lat: Vec<Vec<u64>> = Vec::new();
+            for imp in IMPLS {
+                lat.push(rt.block_on(paced::<P>(imp, subs, paced_events)));
             }
-            let mut lat: [Vec<u64>; 3] = Default::default();
-            for k in 0..3 {
-                lat[k] = rt.block_on(paced::<P>(IMPLS[k], subs, paced_events));
-            }
-            let tokio_nd = median(per_delivery[1].clone());
+            let tokio_nd = nd[1];
             for (k, imp) in IMPLS.iter().enumerate() {
-                let nd = median(per_delivery[k].clone());
-                let np = median(per_publish[k].clone());
                 let p50 = pct(&mut lat[k], 0.50) as f64 / 1000.0;
                 let p99 = pct(&mut lat[k], 0.99) as f64 / 1000.0;
                 println!(
-                    "| {subs} | {} | {nd:.1} | {:.2}× | {np:.1} | {p50:.1} | {p99:.1} |",
+                    "| {subs} | {} | {:.1} | {:.2}× | {:.1} | {p50:.1} | {p99:.1} |",
                     imp.name(),
-                    nd / tokio_nd
+                    nd[k],
+                    tokio_nd / nd[k],
+                    np[k],
                 );
+            }
+            let min = match subs {
+                1 => Some(2.0),
+                16 => Some(3.0),
+                _ => None,
+            };
+            if let (Some(min), true) = (min, P::NAME == "u64") {
+                targets.push(Target {
+                    what: format!("{subs} reader(s), quiet machine, u64"),
+                    speedup: tokio_nd / nd[0],
+                    min,
+                });
             }
         }
         println!();
     }
-    run_payload::<u64>(&rt, subs_list, rounds, deliveries, paced_events);
-    run_payload::<Big>(&rt, subs_list, rounds, deliveries, paced_events);
+    run_payload::<u64>(
+        &rt,
+        subs_list,
+        rounds,
+        deliveries,
+        paced_events,
+        &mut targets,
+    );
+    run_payload::<Big>(
+        &rt,
+        subs_list,
+        rounds,
+        deliveries,
+        paced_events,
+        &mut targets,
+    );
+
+    // The other core loaded: a spinning thread competes with the runtime.
+    let loaded_rounds = if quick { 1 } else { 7 };
+    println!("## payload u64, the other core loaded by a spinning thread\n");
+    println!("| subscribers | impl | ns/delivery | speed-up vs fair tokio |");
+    println!("|---:|---|---:|---:|");
+    for subs in [1usize, 16] {
+        let events = (deliveries / subs as u64).clamp(200, 1_000_000);
+        // (The throttled ring is left out here: its writer spins on a full
+        // ring, which under load only measures the scheduler.)
+        let impls = [Impl::Snapstream, Impl::Tokio];
+        let (nd, _) = {
+            let _spin = Spinner::start();
+            burst_medians::<u64>(&rt, &impls, subs, events, loaded_rounds)
+        };
+        for (k, imp) in impls.iter().enumerate() {
+            println!(
+                "| {subs} | {} | {:.1} | {:.2}× |",
+                imp.name(),
+                nd[k],
+                nd[1] / nd[k]
+            );
+        }
+        if subs == 1 {
+            targets.push(Target {
+                what: "1 reader, other core loaded, u64".into(),
+                speedup: nd[1] / nd[0],
+                min: 1.2,
+            });
+        }
+    }
+    println!();
 
     let retained_events: u64 = if quick { 10_000 } else { 1_000_000 };
-    println!("## one stalled subscriber, {retained_events} events retained\n");
+    println!("## one stalled subscriber, {retained_events} events retained (requested bytes; RSS: `benches/memory.rs`)\n");
     println!("| payload | impl | bytes/event beyond payload | drop the stalled subscriber (ms) |");
     println!("|---|---|---:|---:|");
-    for imp in IMPLS {
+    let retaining = [Impl::Snapstream, Impl::Tokio, Impl::AsyncBroadcast];
+    for imp in retaining {
         let r = retained::<u64>(imp, retained_events);
         println!(
             "| u64 | {} | {:.1} | {:.2} |",
@@ -470,7 +643,7 @@ fn main() {
             r.drop_ns as f64 / 1e6
         );
     }
-    for imp in IMPLS {
+    for imp in retaining {
         let r = retained::<Big>(imp, retained_events);
         println!(
             "| 256 B (Arc) | {} | {:.1} | {:.2} |",
@@ -479,6 +652,23 @@ fn main() {
             r.drop_ns as f64 / 1e6
         );
     }
+
+    println!("\n## targets (issue #14: speed-up over fair tokio, median)\n");
+    println!("| case | speed-up | target | met |");
+    println!("|---|---:|---:|---|");
+    for t in &targets {
+        println!(
+            "| {} | {:.2}× | ≥ {:.1}× | {} |",
+            t.what,
+            t.speedup,
+            t.min,
+            if t.speedup >= t.min { "yes" } else { "**no**" }
+        );
+    }
+    if quick {
+        println!("(quick mode: tiny sizes, 1 round — the verdicts mean nothing here)");
+    }
+
     let errors = ERRORS.load(Ordering::Relaxed);
     println!("\nlost or reordered deliveries: {errors}");
     if errors != 0 {

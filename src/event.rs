@@ -337,6 +337,22 @@ impl<P> Event<P> {
     pub fn shared_payload(&self) -> &Arc<P> {
         &self.payload
     }
+
+    /// Points the event's topic (and subject, when given) at the given
+    /// equal names, so that a retained event shares them instead of holding
+    /// its own allocation of each.
+    pub(crate) fn share_names(&mut self, topic: &Topic, subject: Option<&Subject>) {
+        if !Arc::ptr_eq(&self.topic.0, &topic.0) && self.topic == *topic {
+            self.topic = topic.clone();
+        }
+        if let Some(subject @ Subject::Key(name)) = subject {
+            if let Subject::Key(own) = &self.subject {
+                if !Arc::ptr_eq(own, name) && own == name {
+                    self.subject = subject.clone();
+                }
+            }
+        }
+    }
 }
 
 impl<P> Clone for Event<P> {

@@ -24,12 +24,12 @@
 //! ## Concepts
 //!
 //! - **[`buffer`]** — the core: an unbounded, lock-free, single-writer linked
-//!   list of batches. Publishing is O(1) whatever the number of readers; one
-//!   notification per append wakes every waiting reader; each reader holds a
-//!   [`Cursor`](buffer::Cursor) and reads at its own pace; nodes nobody holds
-//!   are freed; a terminal error ends every reader. Snapshots are built in
-//!   their own buffer and [spliced](buffer::EventBuffer::splice) onto the live
-//!   one.
+//!   list of blocks of batches. Publishing is O(1) whatever the number of
+//!   readers; one notification per append wakes every waiting reader; each
+//!   reader holds a [`Cursor`](buffer::Cursor) and reads at its own pace;
+//!   blocks nobody holds are freed; a terminal error ends every reader.
+//!   Snapshots are built in their own buffer and
+//!   [spliced](buffer::EventBuffer::splice) onto the live one.
 //! - **[`event`], [`publisher`], [`subscription`]** — topics and keys, each
 //!   key with its own buffer while someone subscribes; snapshot handlers per
 //!   topic; a snapshot cache per key; [`Subscription`](subscription::Subscription)

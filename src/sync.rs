@@ -32,6 +32,27 @@ mod imp {
     pub(crate) fn arc_into_inner<T>(this: Arc<T>) -> Option<T> {
         Arc::into_inner(this)
     }
+
+    /// `std::cell::UnsafeCell` with loom's closure-based access API, so that
+    /// under loom every access is checked for a data race.
+    #[derive(Debug)]
+    pub(crate) struct UnsafeCell<T>(std::cell::UnsafeCell<T>);
+
+    impl<T> UnsafeCell<T> {
+        pub(crate) fn new(value: T) -> Self {
+            Self(std::cell::UnsafeCell::new(value))
+        }
+
+        #[inline(always)]
+        pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+            f(self.0.get())
+        }
+
+        #[inline(always)]
+        pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+            f(self.0.get())
+        }
+    }
 }
 
 #[cfg(loom)]
@@ -59,6 +80,8 @@ mod imp {
     pub(crate) fn arc_into_inner<T>(this: Arc<T>) -> Option<T> {
         Arc::try_unwrap(this).ok()
     }
+
+    pub(crate) use loom::cell::UnsafeCell;
 }
 
 #[allow(unused_imports)]

@@ -1,26 +1,26 @@
 //! The shared broadcast buffer at the centre of snapstream.
 //!
-//! An [`EventBuffer`] is an unbounded, singly linked list of *batches* with
-//! exactly one writer and any number of readers. Readers hold a [`Cursor`],
-//! a position in the list, and move along it at their own pace.
+//! An [`EventBuffer`] is an unbounded sequence of *batches* with exactly one
+//! writer and any number of readers, stored in a singly linked list of
+//! blocks of slots (one batch per slot). Readers hold a [`Cursor`], a
+//! position in the sequence, and move along it at their own pace.
 //!
 //! ```text
-//!  sentinel ──► [e1] ──► [e2, e3] ──► [e4] ──► (tail; next not yet linked)
-//!                 ▲                     ▲
-//!            slow cursor           fast cursor (waiting here)
+//!  block 0: [sentinel, e1, [e2, e3], e4, …, e31] ──► block 1: [e32, e33, _, …]
+//!                       ▲                                          ▲
+//!                  slow cursor                   fast cursor (waiting at the tail)
 //! ```
 //!
 //! # Publishing
 //!
-//! [`EventBuffer::append`] allocates one node for the whole batch, links it
-//! into the old tail's `next` and wakes every reader parked on the old tail,
-//! all at once. The cost of an append does not depend on how many readers
+//! [`EventBuffer::append`] stores the whole batch in one slot, publishes it
+//! and wakes every reader parked at the tail, all at once. The cost of an append does not depend on how many readers
 //! there are or how far behind they are: the writer never waits for a reader,
 //! never visits a reader, and never blocks on one.
 //!
 //! # Reading
 //!
-//! A [`Cursor`] taken with [`EventBuffer::head`] sits on the newest node and
+//! A [`Cursor`] taken with [`EventBuffer::head`] sits on the newest slot and
 //! sees only what is appended after it was taken. [`Cursor::next`] waits for
 //! the next batch and returns it as a slice borrowed from the cursor; it is
 //! cancel-safe: dropping the future leaves the cursor where it was, and the
@@ -32,12 +32,15 @@
 //!
 //! # Memory
 //!
-//! Each node is reference counted: a node is freed as soon as no cursor sits
-//! on or before it. A reader that stops reading keeps everything after its
-//! position alive, so a consumer that can stall must bound its own lag (the
-//! [`Publisher`](crate) does this for its subscriptions). Long chains are
-//! freed iteratively, never by recursion, so dropping millions of nodes at once
-//! cannot overflow the stack.
+//! Slots are allocated in blocks of 32, linked in a list (as tokio's mpsc
+//! does): a retained one-event batch costs its slot (two words for a
+//! pointer-sized event) plus a 32nd of the block's header, instead of a heap
+//! node of its own. Each block is reference counted and freed as soon as no
+//! cursor sits in it or in a block before it. A reader that stops reading
+//! keeps everything after its position alive, so a consumer that can stall
+//! must bound its own lag (the [`Publisher`](crate) does this for its
+//! subscriptions). Long chains are freed iteratively, never by recursion, so
+//! dropping millions of blocks at once cannot overflow the stack.
 //!
 //! # Ending
 //!
@@ -76,11 +79,14 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::future::Future;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::ptr::{self, NonNull};
+use std::ptr;
 use std::task::{Context, Poll, Waker};
 
-use crate::sync::{arc_into_inner, Arc, AtomicPtr, AtomicU64, Mutex, Ordering};
+use crate::sync::{
+    arc_into_inner, Arc, AtomicPtr, AtomicU64, AtomicUsize, Mutex, Ordering, UnsafeCell,
+};
 
 #[cfg(all(test, loom))]
 #[path = "tests/loom_buffer.rs"]
@@ -133,11 +139,11 @@ impl<T, E> fmt::Display for SpliceError<T, E> {
 
 impl<T, E> std::error::Error for SpliceError<T, E> {}
 
-/// What a node carries.
+/// What a slot carries.
 ///
 /// Kept at two words for pointer-sized `T` (a one-event batch is stored
-/// inline; larger batches behind one thin pointer) so that a retained node
-/// costs 40 bytes beyond its payload.
+/// inline; larger batches behind one thin pointer) so that a retained
+/// one-event batch of a pointer-sized event costs 16 bytes of slot.
 enum Item<T, E> {
     /// The sentinel a buffer starts with; skipped by readers.
     Empty,
@@ -147,7 +153,7 @@ enum Item<T, E> {
     #[allow(clippy::box_collection)] // a thin pointer keeps `Item` two words
     Many(Box<Vec<T>>),
     /// Splice point: reading on from here means reading on from after this
-    /// node of another buffer (whose wait list comes along, boxed to keep
+    /// slot of another buffer (whose wait list comes along, boxed to keep
     /// `Item` two words).
     Follow(Box<Splice<T, E>>),
     /// Terminal: the writer failed the buffer.
@@ -156,56 +162,9 @@ enum Item<T, E> {
     Closed,
 }
 
-/// Where a splice point leads: a node of an older buffer, and that buffer's
-/// wait list.
-struct Splice<T, E> {
-    node: Arc<Node<T, E>>,
-    shared: Arc<Shared>,
-}
-
-struct Node<T, E> {
-    /// Null until the writer links the next node; then owns one strong count
-    /// of it (from `Arc::into_raw`). Written once, by the single writer, with
-    /// `Release`; read with `Acquire`.
-    next: AtomicPtr<Node<T, E>>,
-    /// Position of this node in its buffer (the sentinel is 0).
-    seq: u64,
-    item: Item<T, E>,
-}
-
-impl<T, E> Node<T, E> {
-    fn new(seq: u64, item: Item<T, E>) -> Self {
-        Self {
-            next: AtomicPtr::new(ptr::null_mut()),
-            seq,
-            item,
-        }
-    }
-
-    /// The linked successor, borrowed from `self`.
-    fn next_ref(&self) -> Option<&Node<T, E>> {
-        let next = self.next.load(Ordering::Acquire);
-        // SAFETY: a non-null `next` came from `Arc::into_raw` and `self` owns
-        // that strong count until `self` is dropped, so the pointee lives at
-        // least as long as the `&self` borrow. The Acquire load pairs with the
-        // writer's Release store, so the node's contents are visible.
-        unsafe { next.as_ref() }
-    }
-
-    /// Takes ownership of the successor link, leaving this node unlinked.
-    fn take_next(&mut self) -> Option<Arc<Node<T, E>>> {
-        let next = self.next.swap(ptr::null_mut(), Ordering::Acquire);
-        if next.is_null() {
-            None
-        } else {
-            // SAFETY: the pointer came from `Arc::into_raw` and this node
-            // owned its count; swapping in null transfers that ownership here.
-            Some(unsafe { Arc::from_raw(next) })
-        }
-    }
-
+impl<T, E> Item<T, E> {
     fn events(&self) -> &[T] {
-        match &self.item {
+        match self {
             Item::One(event) => std::slice::from_ref(event),
             Item::Many(events) => events,
             _ => &[],
@@ -213,46 +172,159 @@ impl<T, E> Node<T, E> {
     }
 }
 
-impl<T, E> Drop for Node<T, E> {
-    fn drop(&mut self) {
-        // Unlink iteratively: every node we are the last owner of is taken
-        // apart here, so no `Drop` recurses along the chain (or into a spliced
-        // chain through a `Follow`).
-        let mut pending: Vec<Arc<Node<T, E>>> = Vec::new();
-        let mut next = self.take_next();
-        if let Item::Follow(splice) = std::mem::replace(&mut self.item, Item::Empty) {
-            pending.push(splice.node);
+/// Where a splice point leads: a slot of an older buffer, and that buffer's
+/// wait list.
+struct Splice<T, E> {
+    block: Arc<Block<T, E>>,
+    slot: usize,
+    shared: Arc<Shared>,
+}
+
+/// Slots per block. Small under loom, so that the models cross block
+/// boundaries.
+const BLOCK: usize = if cfg!(loom) { 2 } else { 32 };
+
+/// A run of [`BLOCK`] slots, filled in order by the single writer.
+///
+/// Slots `0..len` are initialised and never change while the block is
+/// shared; the writer initialises slot `len` and then publishes it by
+/// storing `len + 1` with `Release`. A reader reads a slot only below a
+/// `len` it loaded with `Acquire` (or slot 0 of a block it reached through
+/// `next`, which is linked only after its slot 0 is written).
+///
+/// Why not `OnceLock<Item>` slots (no `unsafe`): a `OnceLock` adds a state
+/// word, 24 bytes per slot instead of 16 for a `u64` event, which is just
+/// above the 24 B per retained event target once the block header and the
+/// allocator's rounding are counted (measured: `benches/memory.rs`).
+struct Block<T, E> {
+    /// Null until the writer links the next block; then owns one strong
+    /// count of it (from `Arc::into_raw`). Written once, by the single
+    /// writer, with `Release`; read with `Acquire`.
+    next: AtomicPtr<Block<T, E>>,
+    /// `seq` of slot 0 (the buffer's sentinel is seq 0).
+    base: u64,
+    /// How many slots are published.
+    len: AtomicUsize,
+    slots: [UnsafeCell<MaybeUninit<Item<T, E>>>; BLOCK],
+}
+
+// SAFETY: a shared block hands out only shared references to its published
+// items (so `T` and `E` must be `Sync`), and its items may be dropped by
+// whichever thread drops the last reference (so they must be `Send`). The
+// only writes through `&Block` are the single writer's initialisation of
+// unpublished slots, which no other thread reads before the `Release` store
+// of `len` (or of the `next` link) that publishes them.
+unsafe impl<T: Send + Sync, E: Send + Sync> Sync for Block<T, E> {}
+
+impl<T, E> Block<T, E> {
+    fn new(base: u64) -> Self {
+        Self {
+            next: AtomicPtr::new(ptr::null_mut()),
+            base,
+            len: AtomicUsize::new(0),
+            slots: std::array::from_fn(|_| UnsafeCell::new(MaybeUninit::uninit())),
         }
-        loop {
-            let Some(arc) = next.take().or_else(|| pending.pop()) else {
-                break;
-            };
-            if let Some(mut node) = arc_into_inner(arc) {
-                next = node.take_next();
-                if let Item::Follow(splice) = std::mem::replace(&mut node.item, Item::Empty) {
-                    pending.push(splice.node);
-                }
-                // `node` drops here with nothing linked: no recursion.
+    }
+
+    /// Writes `item` into slot `slot` and publishes it.
+    ///
+    /// # Safety
+    ///
+    /// Only the buffer's single writer may call this, with `slot` equal to
+    /// the number of slots published so far and below [`BLOCK`]: no reader
+    /// reads that slot before the `Release` store below.
+    unsafe fn publish(&self, slot: usize, item: Item<T, E>) {
+        self.slots[slot].with_mut(|p| {
+            // SAFETY: per the contract, nobody else accesses this unpublished
+            // slot; it is uninitialised, so nothing is overwritten unfreed.
+            unsafe { (*p).write(item) };
+        });
+        self.len.store(slot + 1, Ordering::Release);
+    }
+
+    /// The item in `slot`.
+    ///
+    /// # Safety
+    ///
+    /// `slot` is published as seen by this thread: below a `len` loaded with
+    /// `Acquire`, or 0 in a block reached through an `Acquire` load of
+    /// `next`.
+    unsafe fn item(&self, slot: usize) -> &Item<T, E> {
+        self.slots[slot].with(|p| {
+            // SAFETY: published slots are initialised and never written
+            // again while `&self` exists (only `clear`, with `&mut self`).
+            unsafe { (*p).assume_init_ref() }
+        })
+    }
+
+    /// The linked successor, borrowed from `self`.
+    fn next_ref(&self) -> Option<&Block<T, E>> {
+        let next = self.next.load(Ordering::Acquire);
+        // SAFETY: a non-null `next` came from `Arc::into_raw` and `self` owns
+        // that strong count until `self` is dropped, so the pointee lives at
+        // least as long as the `&self` borrow. The Acquire load pairs with the
+        // writer's Release store, so the block's slot 0 is visible.
+        unsafe { next.as_ref() }
+    }
+
+    /// A strong reference to the linked successor.
+    fn next_arc(&self) -> Option<Arc<Block<T, E>>> {
+        let next = self.next_ref()?;
+        let raw: *const Block<T, E> = next;
+        // SAFETY: `raw` came from `Arc::into_raw` and is kept alive by the
+        // count `self` owns (see `next_ref`); `from_raw` takes ownership of
+        // exactly the count added here.
+        unsafe {
+            Arc::increment_strong_count(raw);
+            Some(Arc::from_raw(raw))
+        }
+    }
+
+    /// Takes ownership of the successor link, leaving this block unlinked.
+    fn take_next(&mut self) -> Option<Arc<Block<T, E>>> {
+        let next = self.next.swap(ptr::null_mut(), Ordering::Acquire);
+        if next.is_null() {
+            None
+        } else {
+            // SAFETY: the pointer came from `Arc::into_raw` and this block
+            // owned its count; swapping in null transfers that ownership here.
+            Some(unsafe { Arc::from_raw(next) })
+        }
+    }
+
+    /// Drops every item, handing splice targets to `pending` so that the
+    /// caller frees them iteratively.
+    fn clear(&mut self, pending: &mut Vec<Arc<Block<T, E>>>) {
+        let len = self.len.swap(0, Ordering::Acquire);
+        for slot in &self.slots[..len] {
+            // SAFETY: slots below `len` are initialised; `&mut self` means
+            // nobody else can reach them, and `len` is already 0, so each is
+            // read out (and dropped) exactly once, even if a drop panics.
+            let item = slot.with_mut(|p| unsafe { (*p).assume_init_read() });
+            if let Item::Follow(splice) = item {
+                pending.push(splice.block);
             }
         }
     }
 }
 
-/// Nodes the readers are done with, handed back to the writer so that a
-/// steady stream of appends allocates nothing (with glibc, a node allocated
-/// on the writer's thread and freed on a reader's costs more than the rest of
-/// an append).
-struct Bin<T, E> {
-    nodes: Mutex<Vec<Arc<Node<T, E>>>>,
-}
-
-/// Most nodes a bin keeps (about 12 KiB for small payloads).
-const BIN_CAPACITY: usize = 256;
-
-impl<T, E> Bin<T, E> {
-    fn new() -> Self {
-        Self {
-            nodes: Mutex::new(Vec::new()),
+impl<T, E> Drop for Block<T, E> {
+    fn drop(&mut self) {
+        // Unlink iteratively: every block we are the last owner of is taken
+        // apart here, so no `Drop` recurses along the chain (or into a spliced
+        // chain through a `Follow`).
+        let mut pending: Vec<Arc<Block<T, E>>> = Vec::new();
+        let mut next = self.take_next();
+        self.clear(&mut pending);
+        loop {
+            let Some(arc) = next.take().or_else(|| pending.pop()) else {
+                break;
+            };
+            if let Some(mut block) = arc_into_inner(arc) {
+                next = block.take_next();
+                block.clear(&mut pending);
+                // `block` drops here with nothing linked and no items.
+            }
         }
     }
 }
@@ -261,7 +333,7 @@ impl<T, E> Bin<T, E> {
 struct Shared {
     /// Identity for splice ordering: buffers created later have larger ids.
     id: u64,
-    /// `seq` of the buffer's newest node (for [`Cursor::lag`]).
+    /// `seq` of the buffer's newest slot (for [`Cursor::lag`]).
     appended: AtomicU64,
     /// Bumped (under the lock) each time the waiters are woken; lets a cursor
     /// see without locking that its registration is already gone.
@@ -295,7 +367,7 @@ impl Shared {
         }
     }
 
-    /// Wakes every registered reader. Called after the tail's `next` is linked.
+    /// Wakes every registered reader. Called after the new slot is published.
     ///
     /// `spare` is an empty vector owned by the writer: the wakers are swapped
     /// into it under the lock and woken outside it, and both vectors keep
@@ -344,12 +416,12 @@ impl Shared {
 ///
 /// See the [module docs](self) for the semantics.
 pub struct EventBuffer<T, E = Infallible> {
-    tail: Arc<Node<T, E>>,
+    /// The newest block.
+    tail: Arc<Block<T, E>>,
+    /// Slots of `tail` published so far (at least 1); the writer's own copy
+    /// of `tail.len`.
+    len: usize,
     shared: Arc<Shared>,
-    /// Where readers return nodes they are done with.
-    bin: Arc<Bin<T, E>>,
-    /// Recycled nodes taken from `bin`, ready for reuse.
-    stock: Vec<Arc<Node<T, E>>>,
     /// Set once `fail` or `splice` has ended the buffer, so `Drop` does not
     /// append `Closed`.
     ended: bool,
@@ -360,7 +432,7 @@ pub struct EventBuffer<T, E = Infallible> {
 impl<T, E> fmt::Debug for EventBuffer<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EventBuffer")
-            .field("seq", &self.tail.seq)
+            .field("seq", &self.seq())
             .finish_non_exhaustive()
     }
 }
@@ -372,7 +444,7 @@ impl<T, E> Default for EventBuffer<T, E> {
 }
 
 impl<T, E> EventBuffer<T, E> {
-    /// Creates an empty buffer: a single sentinel node that readers can wait on.
+    /// Creates an empty buffer: a single sentinel that readers can wait on.
     ///
     /// # Examples
     ///
@@ -383,23 +455,23 @@ impl<T, E> EventBuffer<T, E> {
     /// assert_eq!(writer.seq(), 0);
     /// ```
     pub fn new() -> Self {
-        let shared = Arc::new(Shared::new());
-        let tail = Arc::new(Node::new(0, Item::Empty));
+        let block = Block::new(0);
+        // SAFETY: the block is not shared yet; slot 0 is the first.
+        unsafe { block.publish(0, Item::Empty) };
         Self {
-            tail,
-            shared,
-            bin: Arc::new(Bin::new()),
-            stock: Vec::new(),
+            tail: Arc::new(block),
+            len: 1,
+            shared: Arc::new(Shared::new()),
             ended: false,
             spare: Vec::new(),
         }
     }
 
-    /// Appends a batch as one node; readers receive it as one slice.
+    /// Appends a batch as one slot; readers receive it as one slice.
     ///
-    /// An empty batch appends nothing. The cost is one allocation (none extra
-    /// for a batch of one) and one wake-up of all parked readers, whatever
-    /// their number.
+    /// An empty batch appends nothing. The cost is no allocation for a batch
+    /// of one (one per [`BLOCK`] slots for the block), one for a larger
+    /// batch, and one wake-up of all parked readers, whatever their number.
     ///
     /// # Examples
     ///
@@ -439,7 +511,7 @@ impl<T, E> EventBuffer<T, E> {
         self.link(Item::One(event));
     }
 
-    /// A cursor on the newest node: it sees exactly what is appended after
+    /// A cursor on the newest slot: it sees exactly what is appended after
     /// this call.
     ///
     /// # Examples
@@ -454,12 +526,17 @@ impl<T, E> EventBuffer<T, E> {
     /// assert_eq!(reader.try_next(), Some(Ok(&[2][..])));
     /// ```
     pub fn head(&self) -> Cursor<T, E> {
-        Cursor::at(self.tail.clone(), self.shared.clone(), self.bin.clone())
+        Cursor {
+            block: self.tail.clone(),
+            slot: self.len - 1,
+            shared: self.shared.clone(),
+            registration: None,
+        }
     }
 
     /// How many batches were appended so far.
     pub fn seq(&self) -> u64 {
-        self.tail.seq
+        self.tail.base + self.len as u64 - 1
     }
 
     /// Ends the buffer with a terminal error.
@@ -520,50 +597,39 @@ impl<T, E> EventBuffer<T, E> {
             return Err(SpliceError(self));
         }
         self.link(Item::Follow(Box::new(Splice {
-            node: at.position_arc(),
+            block: at.block.clone(),
+            slot: at.slot,
             shared: at.shared.clone(),
         })));
         self.ended = true;
         Ok(())
     }
 
-    /// A node for `item`: a recycled one when readers handed some back.
-    fn node(&mut self, seq: u64, item: Item<T, E>) -> Arc<Node<T, E>> {
-        if self.stock.is_empty() {
-            let mut bin = self.bin.nodes.lock();
-            if !bin.is_empty() {
-                // Take them all at once; the bin keeps our empty vector's
-                // capacity.
-                std::mem::swap(&mut *bin, &mut self.stock);
-            }
-        }
-        while let Some(mut node) = self.stock.pop() {
-            // A binned node is unique (see `Cursor::release`); the check
-            // keeps a mistake from ever becoming a data race.
-            if let Some(fresh) = Arc::get_mut(&mut node) {
-                fresh.seq = seq;
-                fresh.item = item;
-                return node;
-            }
-        }
-        Arc::new(Node::new(seq, item))
-    }
-
     fn link(&mut self, item: Item<T, E>) {
-        let seq = self.tail.seq + 1;
-        let node = self.node(seq, item);
-        let new_tail = node.clone();
-        // Publish the node: Release makes its contents visible to any reader
-        // that loads `next` with Acquire. The single writer is the only one to
-        // store here, and the tail's `next` is still null.
-        self.tail
-            .next
-            .store(Arc::into_raw(node).cast_mut(), Ordering::Release);
+        let seq = self.seq() + 1;
+        if self.len < BLOCK {
+            // SAFETY: `&mut self` makes this the single writer, and slot
+            // `len` is the first unpublished one.
+            unsafe { self.tail.publish(self.len, item) };
+            self.len += 1;
+        } else {
+            let block = Block::new(seq);
+            // SAFETY: the block is not shared yet; slot 0 is the first.
+            unsafe { block.publish(0, item) };
+            let block = Arc::new(block);
+            // Link the block: Release makes its slot 0 visible to any reader
+            // that loads `next` with Acquire. The single writer is the only
+            // one to store here, and the full tail's `next` is still null.
+            self.tail
+                .next
+                .store(Arc::into_raw(block.clone()).cast_mut(), Ordering::Release);
+            self.tail = block;
+            self.len = 1;
+        }
         self.shared.appended.store(seq, Ordering::Release);
-        self.tail = new_tail;
-        // `next` is linked before the wake: a reader that registered before
-        // this sees the wake; one that registers after it sees `next` (it
-        // re-checks under the same lock `wake_all` takes).
+        // The slot is published before the wake: a reader that registered
+        // before this sees the wake; one that registers after it sees the
+        // slot (it re-checks under the same lock `wake_all` takes).
         self.shared.wake_all(&mut self.spare);
     }
 }
@@ -580,59 +646,31 @@ impl<T, E> Drop for EventBuffer<T, E> {
 ///
 /// A cursor yields every batch appended after its position, in order, each
 /// once. Cloning a cursor gives an independent reader at the same position.
-/// A cursor keeps the nodes from its position on alive; drop it (or move it
-/// on) to let them go.
+/// A cursor keeps the block it is in, and every block after it, alive; drop
+/// it (or move it on) to let them go.
 ///
 /// See the [module docs](self) for the semantics.
 pub struct Cursor<T, E = Infallible> {
-    /// Keeps `pos` alive: every node owns its successor (and a splice point
-    /// owns its target), so everything reachable from `pin` lives as long as
-    /// `pin` does.
-    pin: Arc<Node<T, E>>,
-    /// The last node consumed (or the node the cursor started on). Always
-    /// reachable from `pin`. Moving it costs no reference-count traffic;
-    /// `pin` catches up every [`REPIN_EVERY`] nodes and before parking.
-    pos: NonNull<Node<T, E>>,
-    /// Nodes moved past since `pin` was last set to `pos`.
-    unpinned: u32,
-    /// Wait list of the buffer `pos` belongs to. Kept here rather than in
-    /// every node: the writer and the readers then share no reference count
-    /// per event, and a node is one word smaller.
+    /// The block of the position; holding it keeps every later block alive
+    /// (each block owns its successor, and a splice point its target).
+    block: Arc<Block<T, E>>,
+    /// The slot last consumed (or the slot the cursor started on).
+    slot: usize,
+    /// Wait list of the buffer the position belongs to. Kept here rather
+    /// than in every block: the writer and the readers then share no
+    /// reference count per block.
     shared: Arc<Shared>,
     /// Where this cursor is parked in `shared`, if it is.
     registration: Option<Registration>,
-    /// The bin of the buffer the cursor started in (nodes of any buffer of
-    /// the same types may go there).
-    bin: Arc<Bin<T, E>>,
-    /// Nodes released by the last re-pin, on their way to the bin (kept to
-    /// reuse its capacity).
-    released: Vec<Arc<Node<T, E>>>,
 }
-
-/// How many nodes a cursor walks on borrowed pointers before it moves its
-/// pin: a cursor keeps at most this many already-read nodes alive, and pays
-/// two reference-count updates per this many deliveries instead of per
-/// delivery.
-const REPIN_EVERY: u32 = if cfg!(loom) { 1 } else { 32 };
-
-// SAFETY: a cursor owns an `Arc<Node<T, E>>` and a pointer into the chain
-// that `Arc` keeps alive; it reads nodes only through shared references. It
-// is therefore exactly as thread-safe as `Arc<Node<T, E>>`, which is `Send`
-// and `Sync` when `T` and `E` are both `Send + Sync`.
-unsafe impl<T: Send + Sync, E: Send + Sync> Send for Cursor<T, E> {}
-// SAFETY: as for `Send` above.
-unsafe impl<T: Send + Sync, E: Send + Sync> Sync for Cursor<T, E> {}
 
 impl<T, E> Clone for Cursor<T, E> {
     fn clone(&self) -> Self {
         Self {
-            pin: self.pin.clone(),
-            pos: self.pos,
-            unpinned: self.unpinned,
+            block: self.block.clone(),
+            slot: self.slot,
             shared: self.shared.clone(),
             registration: None,
-            bin: self.bin.clone(),
-            released: Vec::new(),
         }
     }
 }
@@ -640,7 +678,7 @@ impl<T, E> Clone for Cursor<T, E> {
 impl<T, E> fmt::Debug for Cursor<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Cursor")
-            .field("seq", &self.node().seq)
+            .field("seq", &self.seq())
             .field("lag", &self.lag())
             .finish_non_exhaustive()
     }
@@ -663,88 +701,42 @@ enum Step {
 }
 
 impl<T, E> Cursor<T, E> {
-    fn at(node: Arc<Node<T, E>>, shared: Arc<Shared>, bin: Arc<Bin<T, E>>) -> Self {
-        let pos = NonNull::from(&*node);
-        Self {
-            pin: node,
-            pos,
-            unpinned: 0,
-            shared,
-            registration: None,
-            bin,
-            released: Vec::new(),
-        }
+    fn seq(&self) -> u64 {
+        self.block.base + self.slot as u64
     }
 
-    /// The node at the cursor's position.
-    fn node(&self) -> &Node<T, E> {
-        // SAFETY: `pos` is always reachable from `pin` (it starts equal to it
-        // and only ever moves to a node linked from a reachable node), and
-        // every node keeps its successor and splice target alive, so `pos`
-        // lives at least as long as `self.pin`, which `&self` borrows.
-        unsafe { self.pos.as_ref() }
-    }
-
-    /// A strong reference to the node at the cursor's position.
-    fn position_arc(&self) -> Arc<Node<T, E>> {
-        if ptr::eq(self.pos.as_ptr(), Arc::as_ptr(&self.pin)) {
-            return self.pin.clone();
-        }
-        // SAFETY: `pos` is alive (see `node`) and came from an `Arc` (every
-        // node is allocated by `Arc::new` and linked via `Arc::into_raw`), so
-        // its strong count is at least one while we add ours, and `from_raw`
-        // takes ownership of exactly the count we added.
-        unsafe {
-            Arc::increment_strong_count(self.pos.as_ptr().cast_const());
-            Arc::from_raw(self.pos.as_ptr().cast_const())
-        }
-    }
-
-    /// Moves the pin up to the position, letting everything before it go.
-    fn repin(&mut self) {
-        if self.unpinned > 0 {
-            let pin = self.position_arc();
-            let old = std::mem::replace(&mut self.pin, pin);
-            self.unpinned = 0;
-            self.release(old);
-        }
-    }
-
-    /// Lets go of `node` and of every node after it that nobody else holds,
-    /// handing those to the bin for the writer to reuse.
-    ///
-    /// A node this cursor holds the only reference to is unreachable for
-    /// every other cursor: another cursor's pin before it would hold a
-    /// reference to it through the chain. So it can be cleared and reused.
-    /// The walk ends at the first shared node, at the latest at the new pin.
-    fn release(&mut self, mut node: Arc<Node<T, E>>) {
-        while let Some(unique) = Arc::get_mut(&mut node) {
-            let next = unique.take_next();
-            // Drops the payload (or a splice target) now, on this thread.
-            unique.item = Item::Empty;
-            self.released.push(node);
-            match next {
-                Some(next) => node = next,
-                None => break,
+    /// The published item after the position, if there is one.
+    fn peek(&self) -> Option<&Item<T, E>> {
+        let block = &*self.block;
+        let slot = self.slot + 1;
+        if slot < BLOCK {
+            if slot < block.len.load(Ordering::Acquire) {
+                // SAFETY: `slot` is below a `len` loaded with Acquire.
+                return Some(unsafe { block.item(slot) });
             }
+            return None;
         }
-        // `node` (if the loop stopped on a shared one) is simply let go here.
-        if self.released.is_empty() {
-            return;
+        // SAFETY: slot 0 of a block reached through an Acquire load of
+        // `next` (a block is linked only after its slot 0 is published).
+        block.next_ref().map(|next| unsafe { next.item(0) })
+    }
+
+    /// Moves onto the slot after the position (which `peek` found).
+    fn advance(&mut self) {
+        if self.slot + 1 < BLOCK {
+            self.slot += 1;
+        } else {
+            let next = self.block.next_arc().expect("peek found the next block");
+            // The old block is let go here; if this was its last cursor it is
+            // freed (iteratively) on this thread.
+            self.block = next;
+            self.slot = 0;
         }
-        {
-            let mut bin = self.bin.nodes.lock();
-            let room = BIN_CAPACITY.saturating_sub(bin.len());
-            let keep = room.min(self.released.len());
-            bin.extend(self.released.drain(..keep));
-        }
-        // What did not fit is freed, outside the lock.
-        self.released.clear();
     }
 
     /// Waits for the next batch and returns it.
     ///
-    /// Empty nodes (sentinels, splice points) are skipped. At the end of the
+    /// Empty slots (sentinels, splice points) are skipped. At the end of the
     /// buffer the cursor stays put and every call returns the same error.
     ///
     /// # Errors
@@ -845,13 +837,15 @@ impl<T, E> Cursor<T, E> {
         self.shared
             .appended
             .load(Ordering::Acquire)
-            .saturating_sub(self.node().seq)
+            .saturating_sub(self.seq())
     }
 
     fn outcome(&self, step: Step) -> Result<&[T], ReadError<'_, E>> {
         match step {
-            Step::Batch => Ok(self.node().events()),
-            Step::Failed => match self.node().next_ref().map(|n| &n.item) {
+            // SAFETY: `Batch` means the cursor just moved onto a published
+            // slot of its block.
+            Step::Batch => Ok(unsafe { self.block.item(self.slot) }.events()),
+            Step::Failed => match self.peek() {
                 Some(Item::Failed(error)) => Err(ReadError::Failed(error)),
                 _ => Err(ReadError::Closed),
             },
@@ -859,47 +853,60 @@ impl<T, E> Cursor<T, E> {
         }
     }
 
-    /// Moves past empty nodes to the next batch (the cursor then sits on it),
-    /// or stops at a terminal node (the cursor stays before it) or at the
-    /// tail (registering `cx` if given).
+    /// Moves past empty slots to the next batch (the cursor then sits on
+    /// it), or stops at a terminal slot (the cursor stays before it) or at
+    /// the tail (registering `cx` if given).
     fn step(&mut self, mut cx: Option<&mut Context<'_>>) -> Step {
         loop {
-            let Some(next) = self.node().next_ref() else {
-                // At the tail: hold only the node we are on.
-                self.repin();
-                let Some(cx) = cx.as_deref_mut() else {
-                    return Step::Tail;
-                };
-                if self.park(cx) {
-                    return Step::Tail;
+            enum Found<T, E> {
+                Batch,
+                Skip,
+                Follow(Arc<Block<T, E>>, usize, Arc<Shared>),
+            }
+            let found = match self.peek() {
+                None => {
+                    let Some(cx) = cx.as_deref_mut() else {
+                        return Step::Tail;
+                    };
+                    if self.park(cx) {
+                        return Step::Tail;
+                    }
+                    continue; // published while we took the lock
                 }
-                continue; // linked while we took the lock
-            };
-            let (target, shared, is_batch) = match &next.item {
-                Item::Failed(_) => return Step::Failed,
-                Item::Closed => return Step::Closed,
-                // A splice point moves the cursor onto a node of the older
+                Some(Item::Failed(_)) => return Step::Failed,
+                Some(Item::Closed) => return Step::Closed,
+                Some(Item::One(_) | Item::Many(_)) => Found::Batch,
+                Some(Item::Empty) => Found::Skip,
+                // A splice point moves the cursor onto a slot of the older
                 // buffer *as already consumed*: reading goes on after it.
-                Item::Follow(splice) => (
-                    NonNull::from(&*splice.node),
-                    Some(splice.shared.clone()),
-                    false,
-                ),
-                Item::Empty => (NonNull::from(next), None, false),
-                Item::One(_) | Item::Many(_) => (NonNull::from(next), None, true),
+                Some(Item::Follow(splice)) => {
+                    Found::Follow(splice.block.clone(), splice.slot, splice.shared.clone())
+                }
             };
-            self.move_to(target, shared);
-            if is_batch {
-                return Step::Batch;
+            if let Some(registration) = self.registration.take() {
+                self.shared.deregister(registration);
+            }
+            match found {
+                Found::Batch => {
+                    self.advance();
+                    return Step::Batch;
+                }
+                Found::Skip => self.advance(),
+                Found::Follow(block, slot, shared) => {
+                    self.block = block;
+                    self.slot = slot;
+                    self.shared = shared;
+                }
             }
         }
     }
 
-    /// Registers the waker unless `next` got linked; returns whether it did.
+    /// Registers the waker unless the next slot got published; returns
+    /// whether it did.
     fn park(&mut self, cx: &mut Context<'_>) -> bool {
         let mut waiters = self.shared.waiters.lock();
         // Re-check under the lock the writer takes to wake: no lost wake-up.
-        if !self.node().next.load(Ordering::Acquire).is_null() {
+        if self.peek().is_some() {
             return false;
         }
         let waker = cx.waker();
@@ -926,23 +933,6 @@ impl<T, E> Cursor<T, E> {
             }
         }
         true
-    }
-
-    /// Moves onto `node`, which must be linked from the current position
-    /// (so it is reachable from the pin); `shared` is given when it lies in
-    /// another buffer.
-    fn move_to(&mut self, node: NonNull<Node<T, E>>, shared: Option<Arc<Shared>>) {
-        if let Some(registration) = self.registration.take() {
-            self.shared.deregister(registration);
-        }
-        self.pos = node;
-        if let Some(shared) = shared {
-            self.shared = shared;
-        }
-        self.unpinned += 1;
-        if self.unpinned >= REPIN_EVERY {
-            self.repin();
-        }
     }
 }
 

@@ -730,6 +730,9 @@ impl<P> TopicState<P> {
 
 /// The live buffer of one (topic, subject), alive while someone subscribes.
 struct KeyState<P> {
+    /// The subject's name, shared by every event retained in `live` (see
+    /// `Event::share_names`).
+    subject: Subject,
     live: Buf<P>,
     /// Index of the newest batch appended to `live`.
     last_index: Option<u64>,
@@ -754,8 +757,9 @@ impl<P> KeyState<P> {
             && self.last_index.is_none_or(|j| j <= index)
     }
 
-    fn new(since: Option<u64>) -> Self {
+    fn new(subject: Subject, since: Option<u64>) -> Self {
         Self {
+            subject,
             live: EventBuffer::new(),
             last_index: None,
             since,
@@ -981,7 +985,13 @@ impl<P: Send + Sync + 'static> Inner<P> {
         }
     }
 
-    fn append(&self, t: usize, ks: &mut KeyState<P>, index: u64, run: Vec<Event<P>>) {
+    fn append(&self, t: usize, ks: &mut KeyState<P>, index: u64, mut run: Vec<Event<P>>) {
+        // A retained event keeps the publisher's copies of its names, not
+        // the caller's (`Event::new("t", ..)` allocates a topic per event).
+        let subject = (!ks.subject.is_wildcard()).then_some(&ks.subject);
+        for e in &mut run {
+            e.share_names(&self.topics[t].topic, subject);
+        }
         ks.live.append_one(Item::Batch(EventBatch::new(run)));
         ks.last_index = Some(index);
         if let Some(limit) = self.lag_limit {
@@ -1072,7 +1082,7 @@ impl<P: Send + Sync + 'static> Inner<P> {
             let ks = state
                 .keys
                 .entry(req.subject.clone())
-                .or_insert_with(|| KeyState::new(topic_last));
+                .or_insert_with(|| KeyState::new(req.subject.clone(), topic_last));
             ks.subs.insert(id, shared.clone());
             let quiet = recent_quiet || ks.unchanged_since(req.index, topic_last);
             let start = self.start_position(&runtime, t, ks, &req, quiet);

@@ -228,8 +228,14 @@ fn long_runs_of_empty_nodes_are_skipped_and_dropped_iteratively() {
     assert_eq!(handle.join().unwrap(), vec![7]);
 }
 
+/// Events with seq `from..=last` are alive when the oldest holder sits at
+/// seq `oldest`: everything from the start of its block on.
+fn alive_from(oldest: u64) -> u64 {
+    oldest - oldest % BLOCK as u64
+}
+
 #[test]
-fn nodes_nobody_holds_are_freed() {
+fn blocks_nobody_holds_are_freed() {
     let live = StdArc::new(AtomicUsize::new(0));
     let mut w = EventBuffer::<Counted>::new();
     let mut slow = w.head();
@@ -244,22 +250,56 @@ fn nodes_nobody_holds_are_freed() {
     for _ in 0..60 {
         slow.try_next().unwrap().unwrap();
     }
-    // 60 consumed: `slow` sits on #60 and pins the node it stood on at its
-    // last re-pin (every REPIN_EVERY nodes), so at most that many read nodes
-    // are still held.
-    let pinned_from = 60 - 60 % REPIN_EVERY as usize;
-    assert_eq!(live.load(StdOrdering::SeqCst), 100 - pinned_from + 1);
+    // 60 consumed: `slow` sits on seq 60 and holds its block, which starts
+    // at seq `alive_from(60)` (event `seq - 1`), and every block after it.
+    let expected = 100 - (alive_from(60) as usize - 1);
+    assert!(expected < 100, "some blocks must have been freed");
+    assert_eq!(live.load(StdOrdering::SeqCst), expected);
     let mut at_tail = slow.clone();
     while let Some(Ok(_)) = at_tail.try_next() {}
-    // A cursor at the tail holds only the tail.
+    // A cursor at the tail holds only the tail block.
     drop(slow);
-    assert_eq!(live.load(StdOrdering::SeqCst), 1);
+    let in_tail = 100 - (alive_from(100) as usize - 1);
+    assert_eq!(live.load(StdOrdering::SeqCst), in_tail);
     drop(at_tail);
-    // Only the node `fast` and the writer sit on (the tail) is alive.
-    assert_eq!(live.load(StdOrdering::SeqCst), 1);
     drop(fast);
-    assert_eq!(live.load(StdOrdering::SeqCst), 1);
+    // The writer holds the tail block.
+    assert_eq!(live.load(StdOrdering::SeqCst), in_tail);
     drop(w);
+    assert_eq!(live.load(StdOrdering::SeqCst), 0);
+}
+
+#[test]
+fn a_block_is_freed_when_its_last_holder_leaves_it_whoever_that_is() {
+    let live = StdArc::new(AtomicUsize::new(0));
+    let mut w = EventBuffer::<Counted>::new();
+    let mut a = w.head();
+    let mut b = w.head();
+    let per_block = BLOCK as u64;
+    // Fill exactly two blocks' worth after the sentinel block's first slot.
+    for i in 0..2 * per_block {
+        w.append_one(Counted::new(i, &live));
+    }
+    let all = 2 * per_block as usize;
+    // `a` leaves block 0; `b` still holds it.
+    for _ in 0..per_block {
+        a.try_next().unwrap().unwrap();
+    }
+    assert_eq!(live.load(StdOrdering::SeqCst), all);
+    // `b` leaves block 0 too: its BLOCK - 1 events go.
+    for _ in 0..per_block {
+        b.try_next().unwrap().unwrap();
+    }
+    assert_eq!(live.load(StdOrdering::SeqCst), all - (BLOCK - 1));
+    // A clone is a holder as well.
+    let c = b.clone();
+    while let Some(Ok(_)) = a.try_next() {}
+    while let Some(Ok(_)) = b.try_next() {}
+    assert_eq!(live.load(StdOrdering::SeqCst), all - (BLOCK - 1));
+    drop(c);
+    // Only the tail block (seq 2 * BLOCK, one event) is left.
+    assert_eq!(live.load(StdOrdering::SeqCst), 1);
+    drop((a, b, w));
     assert_eq!(live.load(StdOrdering::SeqCst), 0);
 }
 
@@ -389,13 +429,11 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// A reader in the model: its cursor, the index in the log of the next batch
-/// it must see, where its pin was last set, and reads since.
+/// A reader in the model: its cursor and the index in the log of the next
+/// batch it must see (its position's seq).
 struct ModelReader {
     cursor: Cursor<Counted>,
     at: usize,
-    pinned_at: usize,
-    unpinned: u32,
 }
 
 proptest! {
@@ -416,12 +454,10 @@ proptest! {
                 Op::NewReader => readers.push(ModelReader {
                     cursor: w.head(),
                     at: log.len(),
-                    pinned_at: log.len(),
-                    unpinned: 0,
                 }),
                 Op::CloneReader(i) if !readers.is_empty() => {
                     let r = &readers[i % readers.len()];
-                    let copy = ModelReader { cursor: r.cursor.clone(), ..*r };
+                    let copy = ModelReader { cursor: r.cursor.clone(), at: r.at };
                     readers.push(copy);
                 }
                 Op::Read(i) if !readers.is_empty() => {
@@ -432,17 +468,10 @@ proptest! {
                             let got: Vec<u8> = batch.iter().map(|c| c.0 as u8).collect();
                             prop_assert_eq!(&got, &log[r.at]);
                             r.at += 1;
-                            r.unpinned += 1;
-                            if r.unpinned == REPIN_EVERY {
-                                r.pinned_at = r.at;
-                                r.unpinned = 0;
-                            }
                         }
                         Some(Err(e)) => prop_assert!(false, "unexpected {:?}", e),
                         None => {
                             prop_assert_eq!(r.at, log.len());
-                            r.pinned_at = r.at;
-                            r.unpinned = 0;
                         }
                     }
                 }
@@ -452,11 +481,11 @@ proptest! {
                 }
                 _ => {}
             }
-            // What is alive: everything from the oldest pin on, plus the
-            // tail batch the writer holds. A pin holds the node consumed last
-            // when it was set (batch `pinned_at - 1`).
-            let oldest = readers.iter().map(|r| r.pinned_at).min().unwrap_or(log.len());
-            let from = oldest.saturating_sub(1).min(log.len().saturating_sub(1));
+            // What is alive: everything from the start of the block of the
+            // oldest position on (a reader's, or the writer's tail). Seq `s`
+            // is batch `s - 1` of the log (seq 0 is the sentinel).
+            let oldest = readers.iter().map(|r| r.at).min().unwrap_or(log.len()).min(log.len());
+            let from = (alive_from(oldest as u64) as usize).saturating_sub(1);
             let expected: usize = log.get(from..).map_or(0, |b| b.iter().map(Vec::len).sum());
             prop_assert_eq!(live.load(StdOrdering::SeqCst), expected);
         }
@@ -464,50 +493,99 @@ proptest! {
 }
 
 #[test]
-fn nodes_a_reader_is_done_with_are_reused_by_the_writer() {
-    let mut w = EventBuffer::<u64>::new();
-    let mut r = w.head();
-    for i in 0..100 {
-        w.append_one(i);
-    }
-    let mut seen = 0;
-    while let Some(Ok(batch)) = r.try_next() {
-        seen += batch.len();
-    }
-    assert_eq!(seen, 100);
-    // Every node before the tail came back to the bin (sentinel included).
-    let binned: Vec<*const Node<u64, Infallible>> =
-        w.bin.nodes.lock().iter().map(Arc::as_ptr).collect();
-    assert_eq!(binned.len(), 100);
-    w.append_one(100);
-    assert!(
-        binned.contains(&Arc::as_ptr(&w.tail)),
-        "the new tail is a recycled node"
-    );
-    assert_eq!(r.try_next(), Some(Ok(&[100][..])));
-    assert_eq!(r.try_next(), None);
-}
-
-#[test]
-fn a_node_another_reader_still_needs_is_never_recycled() {
-    let mut w = EventBuffer::<u64>::new();
-    let mut fast = w.head();
-    let mut slow = w.head();
-    for i in 0..100 {
-        w.append_one(i);
-    }
-    while let Some(Ok(_)) = fast.try_next() {}
-    // `slow` pins the sentinel: nothing after it may be reused.
-    assert_eq!(w.bin.nodes.lock().len(), 0);
-    for i in 100..200 {
-        w.append_one(i);
-    }
-    let mut expected = 0;
-    while let Some(Ok(batch)) = slow.try_next() {
-        for &v in batch {
-            assert_eq!(v, expected);
-            expected += 1;
+fn batches_and_terminal_slots_cross_block_boundaries() {
+    // Every append count around a block boundary, ending with an error in
+    // the last slot of a block, in the first slot of a new one, and in the
+    // middle; readers started at every position see exactly what follows.
+    for n in 0..(3 * BLOCK as u64 + 2) {
+        let mut w = EventBuffer::<u64, &'static str>::new();
+        let mut readers = vec![w.head()];
+        for i in 0..n {
+            if i.is_multiple_of(3) {
+                w.append(vec![i, i]);
+            } else {
+                w.append_one(i);
+            }
+            readers.push(w.head());
+        }
+        w.fail("end");
+        for (start, mut r) in readers.into_iter().enumerate() {
+            let mut got = Vec::new();
+            loop {
+                match r.try_next() {
+                    Some(Ok(batch)) => got.extend_from_slice(batch),
+                    Some(Err(e)) => {
+                        assert_eq!(e, ReadError::Failed(&"end"));
+                        break;
+                    }
+                    None => panic!("a failed buffer has no open tail"),
+                }
+            }
+            let expected: Vec<u64> = (start as u64..n)
+                .flat_map(|i| {
+                    if i.is_multiple_of(3) {
+                        vec![i, i]
+                    } else {
+                        vec![i]
+                    }
+                })
+                .collect();
+            assert_eq!(got, expected, "n = {n}, start = {start}");
+            assert_eq!(r.try_next(), Some(Err(ReadError::Failed(&"end"))));
         }
     }
-    assert_eq!(expected, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stress_many_readers_cross_block_boundaries_and_free_them() {
+    const READERS: usize = 64;
+    const APPENDS: u64 = 20 * BLOCK as u64 + 7;
+    let live = StdArc::new(AtomicUsize::new(0));
+    let mut w = EventBuffer::<Counted>::new();
+    let mut tasks = Vec::with_capacity(READERS);
+    for k in 0..READERS {
+        let mut r = w.head();
+        tasks.push(tokio::spawn(async move {
+            let mut expected = 0u64;
+            let mut steps = 0usize;
+            while expected < APPENDS {
+                steps += 1;
+                if (steps + k).is_multiple_of(7) {
+                    tokio::task::yield_now().await;
+                }
+                match r.next().await {
+                    Ok(batch) => {
+                        for c in batch {
+                            assert_eq!(c.0, expected, "out of order or duplicated");
+                            expected += 1;
+                        }
+                    }
+                    Err(e) => panic!("unexpected {e:?}"),
+                }
+            }
+            // Reaching the end: the writer closes, and this reader sees it.
+            assert_eq!(r.next().await.err(), Some(ReadError::Closed));
+            expected
+        }));
+    }
+    let writer = {
+        let live = live.clone();
+        tokio::spawn(async move {
+            let mut next = 0;
+            while next < APPENDS {
+                let n = (next % 3 + 1).min(APPENDS - next);
+                w.append((next..next + n).map(|v| Counted::new(v, &live)).collect());
+                next += n;
+                if next.is_multiple_of(5) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    writer.await.unwrap();
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), APPENDS);
+    }
+    // Writer and readers are gone: every block was freed.
+    assert_eq!(live.load(StdOrdering::SeqCst), 0);
 }
