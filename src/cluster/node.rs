@@ -409,6 +409,18 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Node<P, S> {
         &self.publisher
     }
 
+    /// A receiver of the applied sequence (read-your-index waits on it).
+    #[cfg(feature = "net")]
+    pub(super) fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.core.applied.subscribe()
+    }
+
+    /// The bound of a read-your-index wait.
+    #[cfg(feature = "net")]
+    pub(super) fn catch_up_timeout_value(&self) -> Duration {
+        self.catch_up_timeout
+    }
+
     /// The newest stream sequence this node has applied and published.
     ///
     /// # Examples
