@@ -37,9 +37,10 @@ impl CatchUp for NodeCatchUp {
         let mut rx = self.applied.clone();
         let timeout = self.timeout;
         Box::pin(async move {
-            let waited =
-                tokio::time::timeout(timeout, async { rx.wait_for(|&a| a >= index).await.is_ok() })
-                    .await;
+            let waited = tokio::time::timeout(timeout, async {
+                rx.wait_for(|&a| a >= index).await.is_ok()
+            })
+            .await;
             match waited {
                 Ok(true) => Ok(()),
                 // Stopped, or the bound passed.
