@@ -27,12 +27,16 @@ impl CatchUp for Source {
         let mut rx = self.applied.clone();
         let bound = self.bound;
         async move {
-            match tokio::time::timeout(bound, rx.wait_for(|&a| a >= index)).await {
-                Ok(Ok(_)) => Ok(()),
-                _ => Err(NotCaughtUp {
+            let reached = tokio::time::timeout(bound, rx.wait_for(|&a| a >= index))
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if reached {
+                Ok(())
+            } else {
+                Err(NotCaughtUp {
                     requested: index,
                     applied: *rx.borrow(),
-                }),
+                })
             }
         }
         .boxed()
