@@ -372,14 +372,22 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Outcome {
     let client = nats.connect().await;
     let js = async_nats::jetstream::new(client);
     let bucket = unique("bench_kv");
-    let kv = js
-        .create_key_value(async_nats::jetstream::kv::Config {
-            bucket: bucket.clone(),
-            history: 1,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    // The bucket's stream as `create_key_value` makes it (async-nats'
+    // request carries fields the Debian nats-server 2.9 does not answer in
+    // a shape it parses): one value per key, rollups, direct gets.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kv = js.get_key_value(&bucket).await.unwrap();
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(subs);
     let mut tasks = Vec::new();
     for group in 0..subs.div_ceil(PER_CONNECTION) {
