@@ -490,7 +490,7 @@ fn main() {
                 snap.entry((nodes, subs)).or_default().push(o);
                 // One KV run per subscriber count and round (nodes play no
                 // part there), next to the first snapstream run of that count.
-                if !kv.get(&subs).is_some_and(|v| v.len() > round) {
+                if kv.get(&subs).is_none_or(|v| v.len() <= round) {
                     let o = kv_round(&nats, subs, s.writes).await;
                     eprintln!("round {round}: NATS KV watch, {subs} watchers: {o:?}");
                     kv.entry(subs).or_default().push(o);
