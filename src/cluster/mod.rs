@@ -93,10 +93,10 @@
 //!
 //! # Over the network, failing over between nodes
 //!
-//! With the `net` feature too, [`Node::server`] serves the node's publisher
-//! over gRPC with read-your-index installed ([`NodeCatchUp`]): a resume from
+//! With the `net` feature too, `Node::server` serves the node's publisher
+//! over gRPC with read-your-index installed (`NodeCatchUp`): a resume from
 //! an index the node has not applied waits, bounded, and past the bound
-//! ends with `UNAVAILABLE`. A [`net::Client`](crate::net::Client) given
+//! ends with `UNAVAILABLE`. A `net::Client` given
 //! every node's address moves, when its node goes away, to the next one and
 //! resumes there by index: every node publishes the same events with the
 //! same indexes, so when that node's publisher still holds the index (the
