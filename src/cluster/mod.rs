@@ -91,10 +91,18 @@
 //! `410 Gone` and the client relists, the subscriber gets
 //! `NewSnapshotToFollow` and a snapshot at the node's applied index (≥ `i`).
 //!
-//! # Not here (yet)
+//! # Over the network, failing over between nodes
 //!
-//! Reaching a node over the network and failing over between nodes belong
-//! to the network layer (`net`); a node's publisher is what it serves.
+//! With the `net` feature too, `Node::server` serves the node's publisher
+//! over gRPC with read-your-index installed (`NodeCatchUp`): a resume from
+//! an index the node has not applied waits, bounded, and past the bound
+//! ends with `UNAVAILABLE`. A `net::Client` given
+//! every node's address moves, when its node goes away, to the next one and
+//! resumes there by index: every node publishes the same events with the
+//! same indexes, so when that node's publisher still holds the index (the
+//! key's newest, or one in its cached snapshot chain) the subscriber
+//! continues with the next live event — no new snapshot — and otherwise
+//! gets `NewSnapshotToFollow` and a snapshot at an index at least as new.
 //!
 //! # Examples
 //!
@@ -144,6 +152,8 @@
 mod checkpoint;
 mod error;
 mod node;
+#[cfg(feature = "net")]
+mod serve;
 mod state;
 mod subject;
 mod writer;
@@ -160,6 +170,8 @@ pub use node::{
     Node, NodeBuilder, NodeStats, DEFAULT_CATCH_UP_TIMEOUT, DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CONSUMER_EXPIRY,
 };
+#[cfg(feature = "net")]
+pub use serve::NodeCatchUp;
 pub use state::NodeState;
 pub use subject::{escape_token, subject_for, unescape_token, SubjectError, MAX_SUBJECT_LEN};
 pub use writer::LogWriter;

@@ -409,6 +409,18 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Node<P, S> {
         &self.publisher
     }
 
+    /// A receiver of the applied sequence (read-your-index waits on it).
+    #[cfg(feature = "net")]
+    pub(super) fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.core.applied.subscribe()
+    }
+
+    /// The bound of a read-your-index wait.
+    #[cfg(feature = "net")]
+    pub(super) fn catch_up_timeout_value(&self) -> Duration {
+        self.catch_up_timeout
+    }
+
     /// The newest stream sequence this node has applied and published.
     ///
     /// # Examples
@@ -834,6 +846,9 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
         let mut last = 0;
         if info.state.messages > 0 {
             let consumer = self.stream.create_consumer(self.ordered(None)).await?;
+            // The replay's consumer is deleted once done, rather than left to
+            // JetStream's inactivity expiry: a node holds one consumer.
+            let name = consumer.cached_info().name.clone();
             let mut messages = consumer.messages().await?;
             let mut stop = self.stop.clone();
             loop {
@@ -852,6 +867,10 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
                 if pending == 0 || seq >= target {
                     break;
                 }
+            }
+            drop(messages);
+            if let Err(e) = self.stream.delete_consumer(&name).await {
+                tracing::debug!(error = %e, "replay consumer not deleted; JetStream expires it");
             }
         }
         // Sequences up to `target` that were not delivered are not in the log.

@@ -30,7 +30,7 @@
 //! | `PERMISSION_DENIED` | the [`Authorizer`] refused | ends: [`RemoteError::PermissionDenied`] |
 //! | `ABORTED` | force-closed ([`Publisher::force_close_token`], [`Publisher::refresh_topic`]) | ends: [`RemoteError::ForceClosed`]; a [`View`] drops its state and resubscribes from 0 |
 //! | `RESOURCE_EXHAUSTED` | lagged (with the limit in metadata) / too many streams | ends: [`RemoteError::Lagged`] / retries |
-//! | `UNAVAILABLE` | server or publisher shutting down | reconnects (next address) and resumes |
+//! | `UNAVAILABLE` | server or publisher shutting down; the server's [`CatchUp`] gave up waiting for the resume index | reconnects (next address) and resumes |
 //! | `INTERNAL` | the snapshot handler failed | ends: [`RemoteError::Snapshot`] |
 //!
 //! # Progress marks
@@ -57,6 +57,7 @@
 //! [`Publisher::quiet_index`]: crate::publisher::Publisher::quiet_index
 //! [`Publisher::refresh_topic`]: crate::publisher::Publisher::refresh_topic
 
+mod catch_up;
 mod client;
 mod error;
 pub mod proto;
@@ -65,6 +66,7 @@ mod stats;
 mod view;
 
 pub use crate::codec::{BinaryCodec, CodecError, JsonCodec, PayloadCodec, WireFormat};
+pub use catch_up::{CatchUp, NoWait, NotCaughtUp};
 pub use client::{
     Client, ClientBuilder, RemoteRequest, RemoteSubscriber, DEFAULT_BACKOFF_MAX,
     DEFAULT_BACKOFF_MIN, DEFAULT_CLIENT_KEEPALIVE_INTERVAL, DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,

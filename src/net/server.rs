@@ -14,6 +14,7 @@ use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
+use super::catch_up::{CatchUp, NoWait};
 use super::error::{ServeError, LAG_LIMIT_METADATA};
 use super::proto;
 use super::stats::{Counters, EndReason, ServerStats};
@@ -107,6 +108,7 @@ impl Authorizer for AllowAll {
 /// | option | default |
 /// |---|---|
 /// | [`authorizer`](Self::authorizer) | [`AllowAll`] |
+/// | [`catch_up`](Self::catch_up) | [`NoWait`] (the publisher is the source of its indexes) |
 /// | [`max_streams_per_connection`](Self::max_streams_per_connection) | [`DEFAULT_MAX_STREAMS_PER_CONNECTION`] (4,096) |
 /// | [`max_streams`](Self::max_streams) | [`DEFAULT_MAX_STREAMS`] (65,536) |
 /// | [`max_message_size`](Self::max_message_size) | [`DEFAULT_MAX_MESSAGE_SIZE`] (1 MiB) |
@@ -136,6 +138,7 @@ pub struct ServerBuilder<P, C> {
     publisher: Publisher<P>,
     codec: C,
     authorizer: Arc<dyn Authorizer>,
+    catch_up: Arc<dyn CatchUp>,
     max_streams_per_connection: u32,
     max_streams: usize,
     max_message_size: usize,
@@ -176,6 +179,26 @@ where
     /// See [`Authorizer`].
     pub fn authorizer(mut self, authorizer: impl Authorizer) -> Self {
         self.authorizer = Arc::new(authorizer);
+        self
+    }
+
+    /// Sets what a request resuming from a non-zero index waits for before
+    /// it is subscribed (default [`NoWait`]): read-your-index for a server
+    /// over one node of several fed from one log (see [`CatchUp`]). When
+    /// the wait gives up, the call ends with `UNAVAILABLE` and the client
+    /// tries again at its next address.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, NoWait, Server};
+    /// use snapstream::publisher::Publisher;
+    ///
+    /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec).catch_up(NoWait);
+    /// # drop(builder);
+    /// ```
+    pub fn catch_up(mut self, catch_up: impl CatchUp) -> Self {
+        self.catch_up = Arc::new(catch_up);
         self
     }
 
@@ -289,6 +312,7 @@ where
                 publisher: self.publisher,
                 codec: self.codec,
                 authorizer: self.authorizer,
+                catch_up: self.catch_up,
                 permits: Arc::new(Semaphore::new(self.max_streams)),
                 max_streams: self.max_streams,
                 max_message_size: self.max_message_size,
@@ -419,6 +443,7 @@ impl Server {
             publisher,
             codec,
             authorizer: Arc::new(AllowAll),
+            catch_up: Arc::new(NoWait),
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             max_streams: DEFAULT_MAX_STREAMS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
@@ -580,6 +605,7 @@ struct ServiceInner<P, C> {
     publisher: Publisher<P>,
     codec: C,
     authorizer: Arc<dyn Authorizer>,
+    catch_up: Arc<dyn CatchUp>,
     permits: Arc<Semaphore>,
     max_streams: usize,
     max_message_size: usize,
@@ -688,6 +714,20 @@ where
 
     fn stopper(&self) -> Arc<dyn Stopper> {
         self.inner.clone()
+    }
+
+    /// Waits until the source has applied `index`: `UNAVAILABLE` when it
+    /// gives up or the server shuts down meanwhile.
+    async fn caught_up(&self, index: u64) -> Result<(), Status> {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s) => Err(Status::unavailable("server shutting down")),
+            r = self.inner.catch_up.wait_for(index) => r.map_err(|e| {
+                tracing::debug!(error = %e, "resume refused: not caught up");
+                Status::unavailable(e.to_string())
+            }),
+        }
     }
 
     /// Validates and authorizes a request, then subscribes.
@@ -1041,6 +1081,9 @@ where
     ) -> Result<Response<Self::SubscribeStream>, Status> {
         let req = request.into_inner();
         let token = (!req.token.is_empty()).then(|| req.token.clone());
+        if req.index > 0 {
+            self.caught_up(req.index).await?;
+        }
         let stream = self.open(token.as_deref(), req)?;
         let stream = futures::stream::unfold(stream, |mut s| async move {
             let item = s.step().await?;

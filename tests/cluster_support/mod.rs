@@ -299,6 +299,11 @@ impl View {
         }
     }
 
+    /// Whether the view is complete up to `index` (outside a snapshot).
+    pub fn complete_to(&self, index: u64) -> bool {
+        !self.in_snapshot && self.last_index >= index
+    }
+
     /// Reads `sub` until the view is complete up to `index`.
     pub async fn follow_to(
         &mut self,

@@ -1,0 +1,557 @@
+//! Snapstream nodes fed by JetStream vs subscribers watching a NATS KV
+//! bucket directly, side by side in one run.
+//!
+//! * **snapstream**: 1 or 3 nodes, each an ordered JetStream consumer of the
+//!   log applying it and publishing into its publisher, served over gRPC
+//!   (`Node::server`); the subscribers are remote wildcard subscriptions
+//!   spread evenly over the nodes, one `net::Client` (one HTTP/2
+//!   connection) per 100 subscribers.
+//! * **NATS KV**: every subscriber runs `kv.watch_all()` on the bucket — one
+//!   JetStream consumer each, one NATS connection per 100 watchers.
+//!
+//! Each round writes a burst of changes (32 puts in flight) whose values
+//! carry the write time; every subscriber must receive every change (counted,
+//! the run fails otherwise). Deliveries/s is changes × subscribers over the
+//! time from the first write to the last delivery; p50/p99 is write-to-view
+//! latency over every delivery. The load on NATS is what its own monitoring
+//! says: the stream's consumers (JetStream API) and the messages the server
+//! sent (`/varz` `out_msgs`) during the round. The bench starts its own
+//! `nats-server -js -m PORT` (installed with apt when missing; skipped with
+//! a notice when it cannot be).
+//!
+//! `cargo bench --features jetstream,net --bench cluster`
+//! (`SNAPSTREAM_BENCH_ROUNDS=N` rounds, default 3, interleaved, medians), or
+//! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --features jetstream,net --bench cluster`
+//! (1 node, 100 subscribers, a few changes: checks only).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use snapstream::cluster::{JsonCodec, Log, LogConfig, Node, NodeState};
+use snapstream::event::{Event, Message, Subject, Topic};
+use snapstream::net::{Client, RemoteRequest};
+use tokio::sync::mpsc;
+
+const TOPIC: &str = "bench";
+const PER_CONNECTION: usize = 100;
+const IN_FLIGHT: usize = 32;
+const KEYS: usize = 64;
+const PATIENCE: Duration = Duration::from_secs(300);
+
+struct Sizes {
+    scenarios: Vec<(usize, usize)>,
+    writes: usize,
+    rounds: usize,
+    quick: bool,
+}
+
+fn sizes() -> Sizes {
+    if std::env::var_os("SNAPSTREAM_BENCH_QUICK").is_some() {
+        return Sizes {
+            scenarios: vec![(1, 100)],
+            writes: 20,
+            rounds: 1,
+            quick: true,
+        };
+    }
+    let rounds = std::env::var("SNAPSTREAM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3usize)
+        .max(1);
+    Sizes {
+        scenarios: vec![
+            (1, 100),
+            (1, 1_000),
+            (1, 5_000),
+            (3, 100),
+            (3, 1_000),
+            (3, 5_000),
+        ],
+        writes: 200,
+        rounds,
+        quick: false,
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_nanos() as u64
+}
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}_{}", std::process::id(), now_ns())
+}
+
+// ---- the server ------------------------------------------------------------
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn nats_server_binary() -> Option<PathBuf> {
+    let find = || {
+        std::env::var_os("NATS_SERVER_BIN")
+            .map(PathBuf::from)
+            .into_iter()
+            .chain(
+                [
+                    "/usr/sbin/nats-server",
+                    "/usr/bin/nats-server",
+                    "/usr/local/bin/nats-server",
+                ]
+                .map(PathBuf::from),
+            )
+            .find(|p| p.exists())
+    };
+    if let Some(p) = find() {
+        return Some(p);
+    }
+    eprintln!("nats-server missing: installing it with apt-get (package nats-server)");
+    let _ = Command::new("apt-get")
+        .args(["install", "-y", "nats-server"])
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .stdout(Stdio::null())
+        .status();
+    find()
+}
+
+/// The bench's own `nats-server -js -m PORT`; killed on drop.
+struct Nats {
+    child: Child,
+    port: u16,
+    monitor: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Nats {
+    fn start() -> Option<Self> {
+        let bin = nats_server_binary()?;
+        let dir = tempfile::tempdir().unwrap();
+        let (port, monitor) = (free_port(), free_port());
+        let child = Command::new(bin)
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                &monitor.to_string(),
+                "-sd",
+            ])
+            .arg(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        Some(Self {
+            child,
+            port,
+            monitor,
+            _dir: dir,
+        })
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    async fn connect(&self) -> async_nats::Client {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match async_nats::connect(self.url()).await {
+                Ok(c) => return c,
+                Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("the bench's nats-server does not answer: {e}"),
+            }
+        }
+    }
+
+    /// The consumers of `stream` (`/jsz?streams=true`).
+    async fn consumers(&self, stream: &str) -> usize {
+        let url = format!("http://127.0.0.1:{}/jsz?streams=true", self.monitor);
+        let jsz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .filter(|s| s["name"] == stream)
+            .map(|s| s["state"]["consumer_count"].as_u64().unwrap_or(0) as usize)
+            .sum()
+    }
+
+    /// Messages the server has sent to its clients (`/varz` `out_msgs`).
+    async fn out_msgs(&self) -> u64 {
+        let url = format!("http://127.0.0.1:{}/varz", self.monitor);
+        let varz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        varz["out_msgs"].as_u64().unwrap_or(0)
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---- one round -----------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Outcome {
+    deliveries_per_s: f64,
+    p50_us: f64,
+    p99_us: f64,
+    consumers: usize,
+    out_msgs: u64,
+}
+
+fn percentile(sorted: &[u64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i] as f64 / 1_000.0
+}
+
+fn outcome(mut latencies: Vec<u64>, elapsed: Duration, consumers: usize, out_msgs: u64) -> Outcome {
+    latencies.sort_unstable();
+    Outcome {
+        deliveries_per_s: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: percentile(&latencies, 0.50),
+        p99_us: percentile(&latencies, 0.99),
+        consumers,
+        out_msgs,
+    }
+}
+
+/// The nodes' state: each key's newest value.
+#[derive(Default)]
+struct Kv(BTreeMap<String, Event<String>>);
+
+impl NodeState<String> for Kv {
+    fn apply(&mut self, e: &Event<String>) {
+        if let Some(k) = e.subject().as_key() {
+            self.0.insert(k.to_string(), e.clone());
+        }
+    }
+
+    fn snapshot(&self, _topic: &Topic, subject: &Subject) -> Vec<Event<String>> {
+        match subject.as_key() {
+            Some(k) => self.0.get(k).cloned().into_iter().collect(),
+            None => self.0.values().cloned().collect(),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.0.clear();
+    }
+}
+
+async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize) -> Outcome {
+    let client = nats.connect().await;
+    let stream = unique("BENCH_LOG");
+    let log = Log::open(
+        client,
+        &LogConfig::new(stream.as_str(), format!("bench.{}", stream.to_lowercase())),
+    )
+    .await
+    .unwrap();
+    let writer = log.writer::<String, _>(JsonCodec);
+    // A first change, so that no snapshot waits for one.
+    writer.put(TOPIC, "seed", &"0".to_string()).await.unwrap();
+    let mut running = Vec::new();
+    let mut servers = Vec::new();
+    for _ in 0..nodes {
+        let mut b = Node::builder(&log, Kv::default(), JsonCodec);
+        b.wildcard_topic(TOPIC);
+        let node = b.start().await.unwrap();
+        let server = node
+            .server(JsonCodec)
+            .progress_interval(None)
+            .bind("127.0.0.1:0".parse().unwrap())
+            .await
+            .unwrap();
+        servers.push(server);
+        running.push(node);
+    }
+    let (ready_tx, mut ready_rx) = mpsc::channel::<()>(subs);
+    let mut tasks = Vec::new();
+    for group in 0..subs.div_ceil(PER_CONNECTION) {
+        let address = format!("http://{}", servers[group % nodes].local_addr());
+        let client = Client::builder([address])
+            .buffer(256)
+            .build_with::<String, _>(JsonCodec)
+            .unwrap();
+        for _ in 0..PER_CONNECTION.min(subs - group * PER_CONNECTION) {
+            let mut sub = client.subscribe(RemoteRequest::new(TOPIC, Subject::Wildcard));
+            let ready = ready_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(writes);
+                let mut in_snapshot = true;
+                while latencies.len() < writes {
+                    match sub.next().await.expect("stream").expect("subscriber") {
+                        Message::EndOfSnapshot { .. } => {
+                            in_snapshot = false;
+                            ready.send(()).await.unwrap();
+                        }
+                        Message::NewSnapshotToFollow => panic!("resnapshot in the bench"),
+                        Message::Events(batch) if !in_snapshot => {
+                            let at = now_ns();
+                            for e in batch.events() {
+                                if e.subject().as_key() != Some("seed") {
+                                    let sent: u64 = e.payload().parse().unwrap();
+                                    latencies.push(at.saturating_sub(sent));
+                                }
+                            }
+                        }
+                        Message::Events(_) => {}
+                    }
+                }
+                latencies
+            }));
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..subs {
+        ready_rx
+            .recv()
+            .await
+            .expect("every subscriber gets its snapshot");
+    }
+    let consumers = nats.consumers(log.stream_name()).await;
+    let before = nats.out_msgs().await;
+    let started = Instant::now();
+    futures::stream::iter(0..writes)
+        .map(|k| {
+            let writer = writer.clone();
+            async move {
+                writer
+                    .put(TOPIC, &format!("k{}", k % KEYS), &now_ns().to_string())
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+    let mut latencies = Vec::with_capacity(subs * writes);
+    for t in tasks {
+        let got = tokio::time::timeout(PATIENCE, t).await.unwrap().unwrap();
+        assert_eq!(got.len(), writes, "every subscriber got every change");
+        latencies.extend(got);
+    }
+    let elapsed = started.elapsed();
+    let out = nats.out_msgs().await - before;
+    for s in servers {
+        s.shutdown().await.unwrap();
+    }
+    drop(running);
+    log.jetstream()
+        .delete_stream(log.stream_name())
+        .await
+        .unwrap();
+    outcome(latencies, elapsed, consumers, out)
+}
+
+async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Outcome {
+    let client = nats.connect().await;
+    let js = async_nats::jetstream::new(client);
+    let bucket = unique("bench_kv");
+    // The bucket's stream as `create_key_value` makes it (async-nats'
+    // request carries fields the Debian nats-server 2.9 does not answer in
+    // a shape it parses): one value per key, rollups, direct gets.
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        discard: async_nats::jetstream::stream::DiscardPolicy::New,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let kv = js.get_key_value(&bucket).await.unwrap();
+    let (ready_tx, mut ready_rx) = mpsc::channel::<()>(subs);
+    let mut tasks = Vec::new();
+    for group in 0..subs.div_ceil(PER_CONNECTION) {
+        let conn = nats.connect().await;
+        let bucket_kv = async_nats::jetstream::new(conn)
+            .get_key_value(&bucket)
+            .await
+            .unwrap();
+        for _ in 0..PER_CONNECTION.min(subs - group * PER_CONNECTION) {
+            let kv = bucket_kv.clone();
+            let ready = ready_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut watch = kv.watch_all().await.unwrap();
+                ready.send(()).await.unwrap();
+                let mut latencies = Vec::with_capacity(writes);
+                while latencies.len() < writes {
+                    let entry = watch.next().await.expect("watch").expect("entry");
+                    let at = now_ns();
+                    let sent: u64 = std::str::from_utf8(&entry.value).unwrap().parse().unwrap();
+                    latencies.push(at.saturating_sub(sent));
+                }
+                latencies
+            }));
+        }
+    }
+    drop(ready_tx);
+    for _ in 0..subs {
+        ready_rx.recv().await.expect("every watcher starts");
+    }
+    let consumers = nats.consumers(&format!("KV_{bucket}")).await;
+    let before = nats.out_msgs().await;
+    let started = Instant::now();
+    let kv = Arc::new(kv);
+    futures::stream::iter(0..writes)
+        .map(|k| {
+            let kv = kv.clone();
+            async move {
+                kv.put(format!("k{}", k % KEYS), now_ns().to_string().into())
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect::<Vec<_>>()
+        .await;
+    let mut latencies = Vec::with_capacity(subs * writes);
+    for t in tasks {
+        let got = tokio::time::timeout(PATIENCE, t).await.unwrap().unwrap();
+        assert_eq!(got.len(), writes, "every watcher got every change");
+        latencies.extend(got);
+    }
+    let elapsed = started.elapsed();
+    let out = nats.out_msgs().await - before;
+    js.delete_key_value(&bucket).await.unwrap();
+    outcome(latencies, elapsed, consumers, out)
+}
+
+// ---- the table -------------------------------------------------------------
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn medians(v: &[Outcome]) -> Outcome {
+    Outcome {
+        deliveries_per_s: median(v.iter().map(|o| o.deliveries_per_s).collect()),
+        p50_us: median(v.iter().map(|o| o.p50_us).collect()),
+        p99_us: median(v.iter().map(|o| o.p99_us).collect()),
+        consumers: v.iter().map(|o| o.consumers).max().unwrap_or(0),
+        out_msgs: median(v.iter().map(|o| o.out_msgs as f64).collect()) as u64,
+    }
+}
+
+fn main() {
+    let s = sizes();
+    let Some(nats) = Nats::start() else {
+        eprintln!("notice: no nats-server (set NATS_SERVER_BIN, or install nats-server); cluster bench skipped");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "cluster bench: {} changes per round (burst, {IN_FLIGHT} puts in flight), {} interleaved round(s), medians; load average at start: {}",
+        s.writes,
+        s.rounds,
+        load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    let mut snap: BTreeMap<(usize, usize), Vec<Outcome>> = BTreeMap::new();
+    let mut kv: BTreeMap<usize, Vec<Outcome>> = BTreeMap::new();
+    rt.block_on(async {
+        for round in 0..s.rounds {
+            for &(nodes, subs) in &s.scenarios {
+                let o = snapstream_round(&nats, nodes, subs, s.writes).await;
+                eprintln!("round {round}: snapstream {nodes} node(s), {subs} subscribers: {o:?}");
+                snap.entry((nodes, subs)).or_default().push(o);
+                // One KV run per subscriber count and round (nodes play no
+                // part there), next to the first snapstream run of that count.
+                if kv.get(&subs).is_none_or(|v| v.len() <= round) {
+                    let o = kv_round(&nats, subs, s.writes).await;
+                    eprintln!("round {round}: NATS KV watch, {subs} watchers: {o:?}");
+                    kv.entry(subs).or_default().push(o);
+                }
+            }
+        }
+    });
+    println!();
+    println!("| nodes | subscribers | snapstream deliveries/s | KV watch deliveries/s | ratio | p50 / p99 ms snapstream | p50 / p99 ms KV watch | NATS consumers snapstream / KV | NATS msgs sent snapstream / KV |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let mut consumers_ok = true;
+    let mut target_row = None;
+    for (&(nodes, subs), outcomes) in &snap {
+        let a = medians(outcomes);
+        let b = medians(&kv[&subs]);
+        let ratio = a.deliveries_per_s / b.deliveries_per_s;
+        consumers_ok &= a.consumers == nodes;
+        if (nodes, subs) == (3, 5_000) {
+            target_row = Some((ratio, a.p99_us, b.p99_us));
+        }
+        println!(
+            "| {nodes} | {subs} | {:.0} | {:.0} | **{ratio:.1}×** | {:.1} / {:.1} | {:.1} / {:.1} | {} / {} | {} / {} |",
+            a.deliveries_per_s,
+            b.deliveries_per_s,
+            a.p50_us / 1e3,
+            a.p99_us / 1e3,
+            b.p50_us / 1e3,
+            b.p99_us / 1e3,
+            a.consumers,
+            b.consumers,
+            a.out_msgs,
+            b.out_msgs
+        );
+    }
+    println!();
+    println!(
+        "target: NATS serves one consumer per node whatever the subscriber count: {}",
+        if consumers_ok { "met" } else { "NOT met" }
+    );
+    match target_row {
+        Some((ratio, p99, kv_p99)) => {
+            println!(
+                "target: 5,000 subscribers on 3 nodes, snapstream ≥ 5× the deliveries/s of KV watchers: {} ({ratio:.1}×)",
+                if ratio >= 5.0 { "met" } else { "NOT met" }
+            );
+            println!(
+                "target: ... at p99 ≤ theirs: {} ({:.1} ms vs {:.1} ms)",
+                if p99 <= kv_p99 { "met" } else { "NOT met" },
+                p99 / 1e3,
+                kv_p99 / 1e3
+            );
+        }
+        None if s.quick => println!("quick mode: checks only (every subscriber got every change)"),
+        None => println!("target row (3 nodes, 5,000 subscribers) not run"),
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "load average at end: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+}
