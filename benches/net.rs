@@ -18,9 +18,11 @@
 //! store in the server's process, as designed); a writer behind schedule
 //! writes at once. From 1,000 subscribers on, the rate asks for more
 //! deliveries than any of the three delivers here, so deliveries/s is each
-//! system's capacity and latency includes its backlog. Latency is publish-to-view: the
-//! writer's clock before the write to the subscriber's clock when it read
-//! the value (one machine, one clock: a side table by sequence number).
+//! system's capacity and latency includes its backlog. Latency is
+//! publish-to-view: from the time the write was due (so a writer held back
+//! by a slow system counts against that system, not for it: no coordinated
+//! omission) to the subscriber's clock when it read the value (one machine,
+//! one clock: a side table by sequence number).
 //! Deliveries/s is values delivered to all subscribers over the time from
 //! the first write to the last delivery.
 //!
@@ -119,7 +121,11 @@ fn cpu_ticks(pid: u32) -> u64 {
     // Fields after the command name (which may hold spaces) start at state (3).
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| f.get(n - 3).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let field = |n: usize| {
+        f.get(n - 3)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     field(14) + field(15)
 }
 
@@ -208,7 +214,7 @@ fn server_main() {
             ["write", mode, len, events] => {
                 let (len, events): (usize, u64) = (len.parse().unwrap(), events.parse().unwrap());
                 let mut sent = Vec::with_capacity(events as usize);
-                let start = Instant::now();
+                let (start, start_ns) = (Instant::now(), now_ns());
                 for i in 0..events {
                     let due = start + write_offset(i);
                     if let Some(wait) = due.checked_duration_since(Instant::now()) {
@@ -220,7 +226,7 @@ fn server_main() {
                         format!("k{}", i % TOPIC_KEYS)
                     };
                     let value = Bytes::from(payload(i, len));
-                    sent.push(now_ns());
+                    sent.push(start_ns + write_offset(i).as_nanos() as u64);
                     let mut st = state.lock().unwrap();
                     st.index += 1;
                     publisher
@@ -329,7 +335,12 @@ impl Etcd {
         let child = Command::new(bin)
             .args(["--name", "bench", "--data-dir"])
             .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &url, "--advertise-client-urls", &url])
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
             .args(["--initial-cluster", &format!("bench={peer_url}")])
@@ -363,9 +374,13 @@ struct Nats {
 
 impl Nats {
     async fn start() -> Option<Self> {
-        let bin = ["/usr/sbin/nats-server", "/usr/bin/nats-server", "/usr/local/bin/nats-server"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())?;
+        let bin = [
+            "/usr/sbin/nats-server",
+            "/usr/bin/nats-server",
+            "/usr/local/bin/nats-server",
+        ]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())?;
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         // A connection's pending-bytes limit high enough that 100
@@ -396,7 +411,10 @@ impl Nats {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        println!("notice: nats-server did not come up at {}; skipped", nats.url);
+        println!(
+            "notice: nats-server did not come up at {}; skipped",
+            nats.url
+        );
         None
     }
 }
@@ -502,7 +520,12 @@ fn outcome(sent: &[u64], recvs: &[Vec<u64>], cpu: (u64, u64), rss_mb: f64) -> Ou
         .flat_map(|r| r.iter().zip(sent).map(|(r, s)| r.saturating_sub(*s)))
         .collect();
     lat.sort_unstable();
-    let last = recvs.iter().filter_map(|r| r.last()).max().copied().unwrap();
+    let last = recvs
+        .iter()
+        .filter_map(|r| r.last())
+        .max()
+        .copied()
+        .unwrap();
     let window = (last - sent[0]) as f64 / 1e9;
     let q = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize] as f64 / 1e6;
     Outcome {
@@ -534,7 +557,9 @@ async fn collect(
 /// Waits until `n` subscribers said they are ready.
 async fn ready(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>, n: usize) {
     for _ in 0..n {
-        rx.recv().await.expect("a subscriber failed before it was ready");
+        rx.recv()
+            .await
+            .expect("a subscriber failed before it was ready");
     }
 }
 
@@ -543,7 +568,11 @@ async fn ready(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>, n: usize) {
 
 async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     let clients: Vec<Client<Bytes, BinaryCodec>> = (0..case.subs.div_ceil(SUBS_PER_CONNECTION))
-        .map(|_| Client::builder([srv.addr.clone()]).build::<Bytes>().unwrap())
+        .map(|_| {
+            Client::builder([srv.addr.clone()])
+                .build::<Bytes>()
+                .unwrap()
+        })
         .collect();
     let delivered = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -553,8 +582,8 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     };
     let tasks: Vec<_> = (0..case.subs)
         .map(|s| {
-            let mut sub =
-                clients[s / SUBS_PER_CONNECTION].subscribe(RemoteRequest::new("t", subject.clone()));
+            let mut sub = clients[s / SUBS_PER_CONNECTION]
+                .subscribe(RemoteRequest::new("t", subject.clone()));
             let ready_tx = ready_tx.clone();
             let mut rec = Recorder::new("snapstream", case.events, delivered.clone());
             tokio::spawn(async move {
@@ -579,7 +608,11 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     ready(&mut ready_rx, case.subs).await;
     let pid = srv.proc.pid();
     let cpu0 = cpu_ticks(pid);
-    let mode = if case.scope == Scope::Key { "key" } else { "topic" };
+    let mode = if case.scope == Scope::Key {
+        "key"
+    } else {
+        "topic"
+    };
     let sent = srv.command(&format!("write {mode} {} {}", case.len, case.events));
     let recvs = collect(
         "snapstream",
@@ -595,7 +628,11 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
 async fn run_etcd(etcd: &Etcd, case: Case) -> Outcome {
     let mut clients = Vec::new();
     for _ in 0..case.subs.div_ceil(SUBS_PER_CONNECTION) {
-        clients.push(etcd_client::Client::connect([&etcd.url], None).await.unwrap());
+        clients.push(
+            etcd_client::Client::connect([&etcd.url], None)
+                .await
+                .unwrap(),
+        );
     }
     let delivered = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -628,10 +665,12 @@ async fn run_etcd(etcd: &Etcd, case: Case) -> Outcome {
         .collect();
     ready(&mut ready_rx, case.subs).await;
     let pid = etcd.proc.pid();
-    let mut writer = etcd_client::Client::connect([&etcd.url], None).await.unwrap();
+    let mut writer = etcd_client::Client::connect([&etcd.url], None)
+        .await
+        .unwrap();
     let cpu0 = cpu_ticks(pid);
     let mut sent = Vec::with_capacity(case.events as usize);
-    let start = tokio::time::Instant::now();
+    let (start, start_ns) = (tokio::time::Instant::now(), now_ns());
     for i in 0..case.events {
         tokio::time::sleep_until(start + write_offset(i)).await;
         let key = match case.scope {
@@ -639,7 +678,7 @@ async fn run_etcd(etcd: &Etcd, case: Case) -> Outcome {
             Scope::Topic => format!("k/{}", i % TOPIC_KEYS),
         };
         let value = payload(i, case.len);
-        sent.push(now_ns());
+        sent.push(start_ns + write_offset(i).as_nanos() as u64);
         writer.put(key, value, None).await.unwrap();
     }
     let recvs = collect("etcd", tasks, &delivered, case.events * case.subs as u64).await;
@@ -680,7 +719,7 @@ async fn run_nats(nats: &Nats, case: Case) -> Outcome {
     let writer = async_nats::connect(&nats.url).await.unwrap();
     let cpu0 = cpu_ticks(pid);
     let mut sent = Vec::with_capacity(case.events as usize);
-    let start = tokio::time::Instant::now();
+    let (start, start_ns) = (tokio::time::Instant::now(), now_ns());
     for i in 0..case.events {
         tokio::time::sleep_until(start + write_offset(i)).await;
         let subject = match case.scope {
@@ -688,7 +727,7 @@ async fn run_nats(nats: &Nats, case: Case) -> Outcome {
             Scope::Topic => format!("t.k.{}", i % TOPIC_KEYS),
         };
         let value = Bytes::from(payload(i, case.len));
-        sent.push(now_ns());
+        sent.push(start_ns + write_offset(i).as_nanos() as u64);
         writer.publish(subject, value).await.unwrap();
         writer.flush().await.unwrap();
     }
@@ -710,7 +749,11 @@ struct Storm {
 
 async fn run_storm(srv: &mut SnapServer, subs: usize, window_s: u64) -> Storm {
     let clients: Vec<Client<Bytes, BinaryCodec>> = (0..subs.div_ceil(SUBS_PER_CONNECTION))
-        .map(|_| Client::builder([srv.addr.clone()]).build::<Bytes>().unwrap())
+        .map(|_| {
+            Client::builder([srv.addr.clone()])
+                .build::<Bytes>()
+                .unwrap()
+        })
         .collect();
     let delivered = Arc::new(AtomicU64::new(0));
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel();
