@@ -13,6 +13,8 @@ fn net() {
         .unwrap_or_else(|e| panic!("proto/snapstream.proto: {e}"));
     tonic_prost_build::configure()
         .bytes(".snapstream.v1.Event.payload")
+        // A small encoder yield threshold: see `YIELD_THRESHOLD` in src/net/proto.rs.
+        .codec_path("crate::net::proto::SnapCodec")
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("generating the gRPC code: {e}"));
 }

@@ -123,3 +123,79 @@ async fn a_large_snapshot_is_split_below_the_message_limit_and_joined() {
     ));
     server.shutdown().await.unwrap();
 }
+
+/// The frames of one subscription's snapshot, message by message, up to its
+/// `EndOfSnapshot`: (encoded length, events in it) per message.
+async fn snapshot_messages(addr: String, topic: &str, subject: WireSubject) -> Vec<(usize, usize)> {
+    let mut raw = SubscriberClient::connect(addr).await.unwrap();
+    let mut stream = raw
+        .subscribe(WireRequest {
+            topic: topic.into(),
+            subject: Some(subject),
+            index: 0,
+            token: String::new(),
+            resnapshot_on_lag: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    loop {
+        let m = stream.message().await.unwrap().unwrap();
+        let mut events = 0;
+        let mut done = false;
+        for f in &m.frames {
+            match &f.kind {
+                Some(snapstream::net::proto::frame::Kind::Events(b)) => events += b.events.len(),
+                Some(snapstream::net::proto::frame::Kind::EndOfSnapshot(_)) => done = true,
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        out.push((m.encoded_len(), events));
+        if done {
+            return out;
+        }
+    }
+}
+
+#[tokio::test]
+async fn messages_are_filled_to_message_fill_and_a_larger_event_goes_alone() {
+    const FILL: usize = 8 * 1024;
+    let server = Server::builder(publisher(), BinaryCodec)
+        .message_fill(FILL)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let addr = format!("http://{}", server.local_addr());
+
+    // 2 MB of 1 kB events in messages of at most FILL (plus frame headers),
+    // each but the last holding as many events as fit.
+    let messages = snapshot_messages(addr.clone(), "big", WireSubject::Wildcard(true)).await;
+    let events: usize = messages.iter().map(|m| m.1).sum();
+    assert_eq!(events, ITEMS);
+    for (len, _) in &messages {
+        assert!(*len <= FILL + 64, "a message of {len} bytes");
+    }
+    assert!(
+        messages.len() >= ITEMS * PAYLOAD / FILL,
+        "{} messages",
+        messages.len()
+    );
+    for (len, n) in &messages[..messages.len() - 1] {
+        assert!(
+            *n >= 1 && *len + PAYLOAD + 64 > FILL,
+            "{n} events in {len} bytes"
+        );
+    }
+
+    // One event larger than the fill (but below the max message size) is
+    // sent alone in one message.
+    let messages = snapshot_messages(addr, "huge", WireSubject::Key("k".into())).await;
+    assert!(
+        messages
+            .iter()
+            .any(|&(len, n)| n == 1 && len > 2 * MAX_MESSAGE),
+        "{messages:?}"
+    );
+    server.shutdown().await.unwrap();
+}

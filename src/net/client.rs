@@ -42,6 +42,17 @@ pub const DEFAULT_CLIENT_MAX_MESSAGE_SIZE: usize = 4 << 20;
 /// control holds the server back.
 pub const DEFAULT_SUBSCRIBER_BUFFER: usize = 64;
 
+/// Default HTTP/2 stream window the client announces: 256 KiB. A server
+/// holds at most about this much for one stream of a client that is slow to
+/// read (plus the one message it is writing), instead of hyper's 2 MiB.
+pub const DEFAULT_STREAM_WINDOW: u32 = 256 << 10;
+
+/// Default HTTP/2 connection window the client announces: 1 MiB. Whatever
+/// the number of streams on it, a server holds at most about this much for
+/// one connection of a client that is slow to read (plus one message per
+/// stream being written), instead of hyper's 5 MiB.
+pub const DEFAULT_CONNECTION_WINDOW: u32 = 1 << 20;
+
 /// Default HTTP/2 keepalive ping interval of the client: 30 s.
 pub const DEFAULT_CLIENT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -90,6 +101,19 @@ fn wire(request: &RemoteRequest, index: u64) -> proto::SubscribeRequest {
 /// | [`max_message_size`](Self::max_message_size) | [`DEFAULT_CLIENT_MAX_MESSAGE_SIZE`] (4 MiB) |
 /// | [`buffer`](Self::buffer) | [`DEFAULT_SUBSCRIBER_BUFFER`] (64 messages per subscriber) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_CLIENT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_CLIENT_KEEPALIVE_TIMEOUT`] (20 s) |
+/// | [`windows`](Self::windows) | [`DEFAULT_STREAM_WINDOW`] (256 KiB), [`DEFAULT_CONNECTION_WINDOW`] (1 MiB) |
+///
+/// # What a server holds for this client
+///
+/// The HTTP/2 windows announced here bound what the server sends before
+/// this client reads it, so they bound the server's memory for this client
+/// when it reads slowly: about the connection window per connection (all
+/// its subscriptions share one connection to each server) and the stream
+/// window per subscription, plus the one message of at most the server's
+/// [`max_message_size`](super::ServerBuilder::max_message_size) each
+/// stream is writing. The server encodes a stream's next message only when
+/// the stream may send. Larger windows help a single subscription over a
+/// long, fast path; many subscriptions on one connection need none.
 ///
 /// # Examples
 ///
@@ -115,6 +139,8 @@ pub struct ClientBuilder {
     buffer: usize,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    stream_window: u32,
+    connection_window: u32,
     #[cfg(feature = "net-tls")]
     tls: Option<tonic::transport::ClientTlsConfig>,
 }
@@ -194,6 +220,26 @@ impl ClientBuilder {
         self
     }
 
+    /// Sets the HTTP/2 stream and connection windows the client announces
+    /// (each at least 64 KiB, and the connection window at least the stream
+    /// window). They bound what a server buffers for this client: see
+    /// [What a server holds for this client](Self#what-a-server-holds-for-this-client).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::Client;
+    ///
+    /// // One subscription over a long fat pipe: larger windows.
+    /// let builder = Client::builder(["http://127.0.0.1:7001"]).windows(2 << 20, 4 << 20);
+    /// # drop(builder);
+    /// ```
+    pub fn windows(mut self, stream: u32, connection: u32) -> Self {
+        self.stream_window = stream.max(64 << 10);
+        self.connection_window = connection.max(self.stream_window);
+        self
+    }
+
     /// Builds a client for payloads `P` decoded with [`BinaryCodec`](super::BinaryCodec).
     ///
     /// # Errors
@@ -241,7 +287,9 @@ impl ClientBuilder {
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(self.keepalive_interval)
                 .keep_alive_timeout(self.keepalive_timeout)
-                .keep_alive_while_idle(true);
+                .keep_alive_while_idle(true)
+                .initial_stream_window_size(self.stream_window)
+                .initial_connection_window_size(self.connection_window);
             #[cfg(feature = "net-tls")]
             let endpoint = match &self.tls {
                 Some(tls) => {
@@ -361,6 +409,8 @@ impl Client<(), super::BinaryCodec> {
             buffer: DEFAULT_SUBSCRIBER_BUFFER,
             keepalive_interval: DEFAULT_CLIENT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
+            stream_window: DEFAULT_STREAM_WINDOW,
+            connection_window: DEFAULT_CONNECTION_WINDOW,
             #[cfg(feature = "net-tls")]
             tls: None,
         }

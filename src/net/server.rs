@@ -19,7 +19,7 @@ use super::error::{ServeError, LAG_LIMIT_METADATA};
 use super::proto;
 use super::stats::{Counters, EndReason, ServerStats};
 use crate::codec::PayloadCodec;
-use crate::event::{Message, Subject, Topic};
+use crate::event::{Event, EventBatch, Message, Subject, Topic};
 use crate::publisher::{
     LagPolicy, Publisher, SubscribeError, SubscribeRequest, Subscription, SubscriptionError,
 };
@@ -37,6 +37,14 @@ pub const DEFAULT_MAX_STREAMS: usize = 65_536;
 /// Keep it at or below the clients'
 /// [`max_message_size`](super::ClientBuilder::max_message_size).
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 1 << 20;
+
+/// Default size a response message is filled to: 4 KiB. Events go into
+/// one message until it would pass this size (an event larger than it, up
+/// to [`DEFAULT_MAX_MESSAGE_SIZE`], goes alone), and a stream's next message
+/// is encoded only once HTTP/2 lets the stream send: so a stream holds about
+/// one such message on the server while its client reads slowly, however
+/// large its snapshot. See [`ServerBuilder::message_fill`].
+pub const DEFAULT_MESSAGE_FILL: usize = 4 << 10;
 
 /// Default largest request message: 16 KiB (topic, key and token). A larger
 /// request is rejected with `OUT_OF_RANGE` before it is decoded.
@@ -112,9 +120,23 @@ impl Authorizer for AllowAll {
 /// | [`max_streams_per_connection`](Self::max_streams_per_connection) | [`DEFAULT_MAX_STREAMS_PER_CONNECTION`] (4,096) |
 /// | [`max_streams`](Self::max_streams) | [`DEFAULT_MAX_STREAMS`] (65,536) |
 /// | [`max_message_size`](Self::max_message_size) | [`DEFAULT_MAX_MESSAGE_SIZE`] (1 MiB) |
+/// | [`message_fill`](Self::message_fill) | [`DEFAULT_MESSAGE_FILL`] (4 KiB) |
 /// | [`max_request_size`](Self::max_request_size) | [`DEFAULT_MAX_REQUEST_SIZE`] (16 KiB) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`progress_interval`](Self::progress_interval) | [`DEFAULT_PROGRESS_INTERVAL`] (10 s; `None` disables) |
+///
+/// # What a stream holds on the server
+///
+/// A stream encodes its next message only when HTTP/2 flow control lets it
+/// send, from the publisher's shared batches (a snapshot is built once per
+/// key and shared by every stream of it). So a stream whose client reads
+/// slowly holds about one message of [`message_fill`](Self::message_fill)
+/// bytes (more only for a single larger event), and a connection holds at
+/// most what its client's HTTP/2 windows let through unread (the client's
+/// [`windows`](super::ClientBuilder::windows); the snapstream client
+/// announces 256 KiB per stream and 1 MiB per connection by default). What
+/// the publisher keeps for a stream that stops reading is bounded by its
+/// lag policy.
 ///
 /// # Examples
 ///
@@ -142,6 +164,7 @@ pub struct ServerBuilder<P, C> {
     max_streams_per_connection: u32,
     max_streams: usize,
     max_message_size: usize,
+    message_fill: usize,
     max_request_size: usize,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
@@ -159,6 +182,7 @@ impl<P, C> fmt::Debug for ServerBuilder<P, C> {
             )
             .field("max_streams", &self.max_streams)
             .field("max_message_size", &self.max_message_size)
+            .field("message_fill", &self.message_fill)
             .field("max_request_size", &self.max_request_size)
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
@@ -232,6 +256,28 @@ where
     /// See [`ServerBuilder`].
     pub fn max_message_size(mut self, bytes: usize) -> Self {
         self.max_message_size = bytes.max(1024);
+        self
+    }
+
+    /// Sets the size a response message is filled to (at least 1 KiB, at
+    /// most the [`max_message_size`](Self::max_message_size)). Smaller
+    /// messages bound what each stream holds on the server while its client
+    /// reads slowly (see
+    /// [What a stream holds](Self#what-a-stream-holds-on-the-server)); larger
+    /// ones cost fewer messages per event.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    ///
+    /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec)
+    ///     .message_fill(32 << 10);
+    /// # drop(builder);
+    /// ```
+    pub fn message_fill(mut self, bytes: usize) -> Self {
+        self.message_fill = bytes.max(1024);
         self
     }
 
@@ -316,6 +362,7 @@ where
                 permits: Arc::new(Semaphore::new(self.max_streams)),
                 max_streams: self.max_streams,
                 max_message_size: self.max_message_size,
+                message_fill: self.message_fill.min(self.max_message_size),
                 max_request_size: self.max_request_size,
                 progress_interval: self.progress_interval,
                 shutdown,
@@ -447,6 +494,7 @@ impl Server {
             max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
             max_streams: DEFAULT_MAX_STREAMS,
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
+            message_fill: DEFAULT_MESSAGE_FILL,
             max_request_size: DEFAULT_MAX_REQUEST_SIZE,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
@@ -609,6 +657,7 @@ struct ServiceInner<P, C> {
     permits: Arc<Semaphore>,
     max_streams: usize,
     max_message_size: usize,
+    message_fill: usize,
     max_request_size: usize,
     progress_interval: Option<Duration>,
     shutdown: watch::Sender<bool>,
@@ -837,10 +886,12 @@ fn close_status(e: &SubscriptionError) -> Status {
     }
 }
 
-/// One remote subscriber's response stream: reads its [`Subscription`] only
-/// when HTTP/2 flow control lets the response be sent, so a client that
-/// stops reading stops the server reading for it (and the publisher's lag
-/// policy bounds what the key's buffer keeps for it).
+/// One remote subscriber's response stream: reads its [`Subscription`] and
+/// encodes its next message only when HTTP/2 flow control lets the response
+/// be sent, so a client that stops reading stops the server reading for it
+/// (and the publisher's lag policy bounds what the key's buffer keeps for
+/// it). Batches wait unencoded (they are shared with every other stream of
+/// the key) and are encoded one message at a time.
 struct ServerStream<P, C> {
     sub: Subscription<P>,
     /// What `sub` follows, for progress marks.
@@ -848,8 +899,8 @@ struct ServerStream<P, C> {
     subject: Subject,
     inner: Arc<ServiceInner<P, C>>,
     shutdown: watch::Receiver<bool>,
-    /// Frames encoded but not yet sent (a message filled up).
-    pending: VecDeque<(proto::Frame, usize)>,
+    /// What is still to send, in order.
+    pending: VecDeque<Pending<P>>,
     /// The status to end with once `pending` is sent, and its reason.
     pending_err: Option<(Status, EndReason)>,
     /// Why the stream ended, once its status was returned (`None` at drop:
@@ -857,6 +908,14 @@ struct ServerStream<P, C> {
     ended: Option<EndReason>,
     done: bool,
     _permit: OwnedSemaphorePermit,
+}
+
+/// A part of a stream's output not yet sent.
+enum Pending<P> {
+    /// A frame with its encoded length.
+    Frame(proto::Frame, usize),
+    /// A batch, from event `next` on, not encoded yet.
+    Batch { batch: EventBatch<P>, next: usize },
 }
 
 /// The bytes a frame takes inside a `SubscribeResponse`.
@@ -870,84 +929,120 @@ where
     P: Send + Sync + 'static,
     C: PayloadCodec<P>,
 {
-    /// Encodes `message` into frames at the back of `pending`.
-    fn encode(&mut self, message: Message<P>) -> Result<(), Status> {
+    /// Queues `message` at the back of `pending` (batches unencoded).
+    fn push(&mut self, message: Message<P>) {
         use proto::frame::Kind;
-        let frame = |kind| proto::Frame { kind: Some(kind) };
-        match message {
-            Message::EndOfSnapshot { index } => {
-                let f = frame(Kind::EndOfSnapshot(index));
-                let n = framed_len(&f);
-                self.pending.push_back((f, n));
-            }
+        let frame = |kind| {
+            let f = proto::Frame { kind: Some(kind) };
+            let n = framed_len(&f);
+            Pending::Frame(f, n)
+        };
+        let item = match message {
+            Message::EndOfSnapshot { index } => frame(Kind::EndOfSnapshot(index)),
             Message::NewSnapshotToFollow => {
-                let f = frame(Kind::NewSnapshotToFollow(proto::NewSnapshotToFollow {}));
-                let n = framed_len(&f);
-                self.pending.push_back((f, n));
+                frame(Kind::NewSnapshotToFollow(proto::NewSnapshotToFollow {}))
             }
-            Message::Events(batch) => {
-                // Room for a batch fragment in an otherwise empty message,
-                // leaving space for the frame and batch headers.
-                let budget = self.inner.max_message_size - 32;
-                let mut events = Vec::new();
-                let mut size = 0;
-                for e in batch.iter() {
-                    let mut payload = Vec::new();
-                    self.inner
-                        .codec
-                        .encode(e.payload(), &mut payload)
-                        .map_err(|err| Status::internal(format!("payload codec failed: {err}")))?;
-                    let key = match e.subject() {
-                        Subject::Key(k) => k.to_string(),
-                        Subject::Wildcard => String::new(),
-                    };
-                    let ev = proto::Event {
-                        key,
-                        index: e.index(),
-                        payload: payload.into(),
-                    };
-                    let n = ev.encoded_len();
-                    let n = 1 + prost::encoding::encoded_len_varint(n as u64) + n;
-                    if n > budget {
-                        return Err(Status::out_of_range(format!(
-                            "an event of {n} bytes exceeds the max message size"
-                        )));
-                    }
-                    if size + n > budget {
-                        let f = frame(Kind::Events(proto::Batch {
-                            events: std::mem::take(&mut events),
-                            partial: true,
-                        }));
-                        let len = framed_len(&f);
-                        self.pending.push_back((f, len));
-                        size = 0;
-                    }
-                    size += n;
-                    events.push(ev);
-                }
-                let f = frame(Kind::Events(proto::Batch {
-                    events,
-                    partial: false,
-                }));
-                let len = framed_len(&f);
-                self.pending.push_back((f, len));
-            }
-        }
-        Ok(())
+            Message::Events(batch) if batch.is_empty() => frame(Kind::Events(proto::Batch {
+                events: Vec::new(),
+                partial: false,
+            })),
+            Message::Events(batch) => Pending::Batch { batch, next: 0 },
+        };
+        self.pending.push_back(item);
     }
 
-    /// Moves frames from `pending` into one response, up to the size limit.
-    fn take_response(&mut self) -> proto::SubscribeResponse {
+    /// Whether `pending` holds a message's worth (a batch counts as one).
+    fn full(&self) -> bool {
+        let mut size = 0;
+        for p in &self.pending {
+            match p {
+                Pending::Frame(_, n) => size += n,
+                Pending::Batch { .. } => return true,
+            }
+        }
+        size >= self.inner.message_fill
+    }
+
+    /// Encodes one event of a batch, with the bytes it takes in a batch.
+    fn encode_event(&self, e: &Event<P>) -> Result<(proto::Event, usize), Status> {
+        let mut payload = Vec::new();
+        self.inner
+            .codec
+            .encode(e.payload(), &mut payload)
+            .map_err(|err| Status::internal(format!("payload codec failed: {err}")))?;
+        let key = match e.subject() {
+            Subject::Key(k) => k.to_string(),
+            Subject::Wildcard => String::new(),
+        };
+        let ev = proto::Event {
+            key,
+            index: e.index(),
+            payload: payload.into(),
+        };
+        let n = ev.encoded_len();
+        Ok((ev, 1 + prost::encoding::encoded_len_varint(n as u64) + n))
+    }
+
+    /// Moves frames from `pending` into one response of about
+    /// `message_fill` bytes, encoding batch events as it goes. A batch
+    /// split across responses is sent as `partial` fragments.
+    fn take_response(&mut self) -> Result<proto::SubscribeResponse, Status> {
+        // Room for frame and batch headers.
+        let fill = self.inner.message_fill;
+        let max = self.inner.max_message_size - 32;
         let mut frames = Vec::new();
         let mut size = 0;
-        while let Some((_, n)) = self.pending.front() {
-            if !frames.is_empty() && size + n > self.inner.max_message_size {
-                break;
+        while let Some(front) = self.pending.front_mut() {
+            match front {
+                Pending::Frame(_, n) => {
+                    if !frames.is_empty() && size + *n > fill {
+                        break;
+                    }
+                    size += *n;
+                    match self.pending.pop_front() {
+                        Some(Pending::Frame(f, _)) => frames.push(f),
+                        _ => unreachable!("front is a frame"),
+                    }
+                }
+                Pending::Batch { .. } => {
+                    if !frames.is_empty() && size + 64 > fill {
+                        break;
+                    }
+                    let Some(Pending::Batch { batch, mut next }) = self.pending.pop_front() else {
+                        unreachable!("front is a batch")
+                    };
+                    let mut events = Vec::new();
+                    while next < batch.len() {
+                        let (ev, n) = self.encode_event(&batch[next])?;
+                        if n > max {
+                            return Err(Status::out_of_range(format!(
+                                "an event of {n} bytes exceeds the max message size"
+                            )));
+                        }
+                        if (!events.is_empty() || !frames.is_empty()) && size + n > fill {
+                            break;
+                        }
+                        size += n;
+                        events.push(ev);
+                        next += 1;
+                    }
+                    if events.is_empty() {
+                        // Not one more event fits: the batch starts the next response.
+                        self.pending.push_front(Pending::Batch { batch, next });
+                        break;
+                    }
+                    let partial = next < batch.len();
+                    frames.push(proto::Frame {
+                        kind: Some(proto::frame::Kind::Events(proto::Batch { events, partial })),
+                    });
+                    if partial {
+                        self.pending.push_front(Pending::Batch { batch, next });
+                        break;
+                    }
+                }
             }
-            size += n;
-            frames.push(self.pending.pop_front().expect("front").0);
         }
-        proto::SubscribeResponse { frames }
+        Ok(proto::SubscribeResponse { frames })
     }
 
     fn fail(&mut self, status: Status, reason: EndReason) {
@@ -974,9 +1069,19 @@ where
         }
         loop {
             if !self.pending.is_empty() {
-                let response = self.take_response();
-                self.inner.counters.sent(response.encoded_len());
-                return Some(Ok(response));
+                match self.take_response() {
+                    Ok(r) if !r.frames.is_empty() => {
+                        self.inner.counters.sent(r.encoded_len());
+                        return Some(Ok(r));
+                    }
+                    Ok(_) => {}
+                    Err(status) => {
+                        // What follows the failed event is never sent.
+                        self.pending.clear();
+                        self.pending_err = Some((status, EndReason::Error));
+                    }
+                }
+                continue;
             }
             if let Some((status, reason)) = self.pending_err.take() {
                 return self.end(status, reason);
@@ -1006,11 +1111,7 @@ where
                         EndReason::Shutdown,
                     );
                 }
-                Woke::Message(Ok(m)) => {
-                    if let Err(s) = self.encode(m) {
-                        self.fail(s, EndReason::Error);
-                    }
-                }
+                Woke::Message(Ok(m)) => self.push(m),
                 Woke::Message(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
                 Woke::Quiet => {
                     // The topic's newest index when the subject provably did
@@ -1027,29 +1128,17 @@ where
                             kind: Some(proto::frame::Kind::Progress(index)),
                         };
                         let n = framed_len(&f);
-                        self.pending.push_back((f, n));
+                        self.pending.push_back(Pending::Frame(f, n));
                         self.inner.counters.progress();
                     }
                     continue;
                 }
             }
             // Take whatever else is ready now, up to one message's worth.
-            let mut size: usize = self.pending.iter().map(|(_, n)| n).sum();
-            while self.pending_err.is_none() && size < self.inner.max_message_size {
+            while self.pending_err.is_none() && !self.full() {
                 match self.sub.next().now_or_never() {
                     None => break,
-                    Some(Ok(m)) => {
-                        let before = self.pending.len();
-                        if let Err(s) = self.encode(m) {
-                            self.fail(s, EndReason::Error);
-                        }
-                        size += self
-                            .pending
-                            .iter()
-                            .skip(before)
-                            .map(|(_, n)| n)
-                            .sum::<usize>();
-                    }
+                    Some(Ok(m)) => self.push(m),
                     Some(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
                 }
             }
