@@ -470,7 +470,7 @@ impl<T, E> EventBuffer<T, E> {
     /// Appends a batch as one slot; readers receive it as one slice.
     ///
     /// An empty batch appends nothing. The cost is no allocation for a batch
-    /// of one (one per [`BLOCK`] slots for the block), one for a larger
+    /// of one (one per 32 slots, for the block), one for a larger
     /// batch, and one wake-up of all parked readers, whatever their number.
     ///
     /// # Examples

@@ -10,7 +10,7 @@ tonic::include_proto!("snapstream.v1");
 /// server holds about this plus one message while the client reads slowly.
 pub(crate) const YIELD_THRESHOLD: usize = 4 << 10;
 
-/// The prost codec with [`YIELD_THRESHOLD`] (used by the generated stubs).
+/// The prost codec, handing chunks over at 4 KiB (used by the generated stubs).
 #[derive(Debug, Clone, Copy)]
 pub struct SnapCodec<T, U>(std::marker::PhantomData<(T, U)>);
 
