@@ -368,7 +368,13 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     outcome(latencies, elapsed, consumers, out)
 }
 
-async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Outcome {
+/// How long KV watchers may take to get every change before the round is
+/// recorded as failed (at 5,000 watchers they never do: see the README).
+const KV_PATIENCE: Duration = Duration::from_secs(60);
+
+/// One KV round, or `None` when a put failed or a watcher did not get every
+/// change within [`KV_PATIENCE`].
+async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let client = nats.connect().await;
     let js = async_nats::jetstream::new(client);
     let bucket = unique("bench_kv");
@@ -421,28 +427,50 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Outcome {
     let before = nats.out_msgs().await;
     let started = Instant::now();
     let kv = Arc::new(kv);
-    futures::stream::iter(0..writes)
+    let puts: Vec<bool> = futures::stream::iter(0..writes)
         .map(|k| {
             let kv = kv.clone();
             async move {
                 kv.put(format!("k{}", k % KEYS), now_ns().to_string().into())
                     .await
-                    .unwrap()
+                    .is_ok()
             }
         })
         .buffer_unordered(IN_FLIGHT)
         .collect::<Vec<_>>()
         .await;
+    let puts_ok = puts.iter().all(|ok| *ok);
     let mut latencies = Vec::with_capacity(subs * writes);
+    let deadline = tokio::time::Instant::now() + KV_PATIENCE;
+    let mut complete = puts_ok;
     for t in tasks {
-        let got = tokio::time::timeout(PATIENCE, t).await.unwrap().unwrap();
-        assert_eq!(got.len(), writes, "every watcher got every change");
-        latencies.extend(got);
+        let abort = t.abort_handle();
+        match tokio::time::timeout_at(deadline, t).await {
+            Ok(Ok(got)) if complete => {
+                assert_eq!(got.len(), writes, "every watcher got every change");
+                latencies.extend(got);
+            }
+            _ => {
+                abort.abort();
+                complete = false;
+            }
+        }
     }
     let elapsed = started.elapsed();
     let out = nats.out_msgs().await - before;
-    js.delete_key_value(&bucket).await.unwrap();
-    outcome(latencies, elapsed, consumers, out)
+    let _ = js.delete_key_value(&bucket).await;
+    if !complete {
+        eprintln!(
+            "NATS KV watch, {subs} watchers: FAILED ({})",
+            if puts_ok {
+                format!("not every watcher got every change within {KV_PATIENCE:?}")
+            } else {
+                "a put was not acknowledged".to_string()
+            }
+        );
+        return None;
+    }
+    Some(outcome(latencies, elapsed, consumers, out))
 }
 
 // ---- the table -------------------------------------------------------------
@@ -481,7 +509,7 @@ fn main() {
         load.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
     let mut snap: BTreeMap<(usize, usize), Vec<Outcome>> = BTreeMap::new();
-    let mut kv: BTreeMap<usize, Vec<Outcome>> = BTreeMap::new();
+    let mut kv: BTreeMap<usize, Vec<Option<Outcome>>> = BTreeMap::new();
     rt.block_on(async {
         for round in 0..s.rounds {
             for &(nodes, subs) in &s.scenarios {
@@ -505,9 +533,25 @@ fn main() {
     let mut target_row = None;
     for (&(nodes, subs), outcomes) in &snap {
         let a = medians(outcomes);
-        let b = medians(&kv[&subs]);
-        let ratio = a.deliveries_per_s / b.deliveries_per_s;
         consumers_ok &= a.consumers == nodes;
+        let done: Vec<Outcome> = kv[&subs].iter().flatten().copied().collect();
+        if done.len() < kv[&subs].len() {
+            // A failed KV round fails the case for KV.
+            println!(
+                "| {nodes} | {subs} | {:.0} | FAILED | – | {:.1} / {:.1} | – | {} / {subs} | {} / – |",
+                a.deliveries_per_s,
+                a.p50_us / 1e3,
+                a.p99_us / 1e3,
+                a.consumers,
+                a.out_msgs
+            );
+            if (nodes, subs) == (3, 5_000) {
+                target_row = Some((f64::INFINITY, a.p99_us, f64::INFINITY));
+            }
+            continue;
+        }
+        let b = medians(&done);
+        let ratio = a.deliveries_per_s / b.deliveries_per_s;
         if (nodes, subs) == (3, 5_000) {
             target_row = Some((ratio, a.p99_us, b.p99_us));
         }
