@@ -16,7 +16,9 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use cluster_support::{delete_log, open_log, Kv, Model, View, PATIENCE};
+use cluster_support::{
+    delete_log, free_port, nats_server_binary, open_log, Kv, Model, View, PATIENCE,
+};
 use futures::StreamExt;
 use snapstream::cluster::{JsonCodec, Log, LogConfig, LogWriter, Node, NodeState};
 use snapstream::event::{Event, Message, Subject, Topic};
@@ -250,14 +252,6 @@ fn child_line(line: &str) -> Option<&str> {
     line.find("CHILD ").map(|at| &line[at + "CHILD ".len()..])
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 async fn start_node(log: &Log) -> (Node<String, Kv>, Server) {
     let mut b = Node::builder(log, Kv::default(), JsonCodec);
     b.wildcard_topic(TOPIC)
@@ -418,15 +412,7 @@ struct OwnNats {
 
 impl OwnNats {
     fn start() -> Option<Self> {
-        let bin = [
-            "/usr/sbin/nats-server",
-            "/usr/bin/nats-server",
-            "/usr/local/bin/nats-server",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists())
-        .or_else(|| std::env::var("NATS_SERVER_BIN").ok().map(PathBuf::from));
+        let bin = nats_server_binary();
         let Some(bin) = bin else {
             eprintln!("notice: no nats-server binary (set NATS_SERVER_BIN); skipping");
             return None;

@@ -6,40 +6,17 @@
 mod cluster_support;
 
 use std::collections::BTreeMap;
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster_support::{unique_stream, Kv, View};
+use cluster_support::{free_port, nats_server_binary, unique_stream, Kv, View};
 use snapstream::cluster::{JsonCodec, Log, LogConfig, Node};
 use snapstream::event::Subject;
 use snapstream::publisher::SubscribeRequest;
 
 /// A failover takes the ordered consumer two missed heartbeats to notice.
 const PATIENCE: Duration = Duration::from_secs(90);
-
-fn server_binary() -> Option<PathBuf> {
-    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
-        return Some(p.into());
-    }
-    [
-        "/usr/sbin/nats-server",
-        "/usr/bin/nats-server",
-        "/usr/local/bin/nats-server",
-    ]
-    .iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// Three `nats-server -js` processes routed into one cluster; killed on drop.
 struct NatsCluster {
@@ -129,7 +106,7 @@ async fn open_when_ready(client: &async_nats::Client, config: &LogConfig) -> Log
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_stream_leader_loses_no_acknowledged_change() {
-    let Some(bin) = server_binary() else {
+    let Some(bin) = nats_server_binary() else {
         eprintln!("notice: no nats-server binary (set NATS_SERVER_BIN); skipping");
         return;
     };

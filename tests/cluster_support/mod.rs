@@ -4,6 +4,8 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
@@ -14,6 +16,31 @@ use snapstream::publisher::{BoxError, Subscription, SubscriptionError};
 /// Generous bound for waits that must succeed (a hang fails the test
 /// instead of blocking it forever); never a timing assertion.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `nats-server` binary for tests that start their own servers:
+/// `NATS_SERVER_BIN`, or Debian's and the usual install paths.
+pub fn nats_server_binary() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("NATS_SERVER_BIN") {
+        return Some(p.into());
+    }
+    [
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+        "/usr/local/bin/nats-server",
+    ]
+    .iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists())
+}
+
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
 
 /// `NATS_URL`, or the local server if one answers; `None` (after a printed
 /// notice) when neither is there, so the caller skips.
