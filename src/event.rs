@@ -3,15 +3,15 @@
 //! # Events
 //!
 //! An [`Event`] carries a [`Topic`], a [`Subject`] (the key inside the topic),
-//! the index of the change that produced it and an immutable payload. The
-//! payload sits behind an [`Arc`]: every subscriber reading the event shares
-//! the same allocation, nothing is cloned per subscriber.
+//! the index of the change that produced it and an immutable payload. An
+//! event is a thin handle to one shared allocation holding the payload: every
+//! subscriber reading the event shares it, nothing is copied per subscriber.
 //!
 //! # Batches
 //!
 //! Events of one key at one index travel together as an [`EventBatch`]; a
 //! subscriber receives them as one item. Cloning a batch is one reference
-//! count increment.
+//! count increment; a batch of one event holds the event itself.
 //!
 //! # Framing
 //!
@@ -209,9 +209,34 @@ impl fmt::Display for Subject {
     }
 }
 
+/// An event's topic and subject, in one allocation that a publisher shares
+/// between every event of a key it retains (see `Event::share_names`).
+#[derive(PartialEq)]
+pub(crate) struct Names {
+    topic: Topic,
+    subject: Subject,
+}
+
+impl Names {
+    /// The names of (topic, subject), in a new allocation.
+    pub(crate) fn new(topic: Topic, subject: Subject) -> Arc<Self> {
+        Arc::new(Self { topic, subject })
+    }
+}
+
+/// What the events cloned from one [`Event::new`] share: the names and the
+/// payload, in one allocation (a `triomphe::Arc`: one count, no weak count).
+struct Shared<P> {
+    names: Arc<Names>,
+    payload: P,
+}
+
 /// One change: topic, subject, index and an immutable shared payload.
 ///
-/// Cloning an event clones three reference counts, never the payload.
+/// An event is a thin handle: its index, and a pointer to one shared
+/// allocation that holds the payload (inline) and a pointer to the topic and
+/// subject. Cloning an event is one reference count increment, never a copy
+/// of the payload; every subscriber reading an event shares that allocation.
 ///
 /// The index orders a topic's changes: the events of one
 /// [`Publisher::publish`](crate::publisher::Publisher::publish) call may share
@@ -231,14 +256,13 @@ impl fmt::Display for Subject {
 /// assert_eq!(*e.payload(), "up");
 /// ```
 pub struct Event<P> {
-    topic: Topic,
-    subject: Subject,
     index: u64,
-    payload: Arc<P>,
+    shared: triomphe::Arc<Shared<P>>,
 }
 
 impl<P> Event<P> {
-    /// Creates an event. The payload is moved behind an [`Arc`].
+    /// Creates an event; the payload is moved into the event's shared
+    /// allocation.
     ///
     /// # Examples
     ///
@@ -252,30 +276,30 @@ impl<P> Event<P> {
         index: u64,
         payload: P,
     ) -> Self {
-        Self::from_shared(topic, subject, index, Arc::new(payload))
+        Self {
+            index,
+            shared: triomphe::Arc::new(Shared {
+                names: Names::new(topic.into(), subject.into()),
+                payload,
+            }),
+        }
     }
 
-    /// Creates an event around an already shared payload.
+    /// The same change at another index: same topic, subject and (shared,
+    /// not copied) payload. One reference count increment.
     ///
     /// # Examples
     ///
     /// ```
-    /// use std::sync::Arc;
-    /// let p = Arc::new(vec![1u8, 2]);
-    /// let e = snapstream::event::Event::from_shared("t", "k", 1, p.clone());
-    /// assert!(Arc::ptr_eq(e.shared_payload(), &p));
+    /// let e = snapstream::event::Event::new("t", "k", 1, vec![1u8, 2]);
+    /// let later = e.with_index(5);
+    /// assert_eq!(later.index(), 5);
+    /// assert!(later.shares_payload(&e));
     /// ```
-    pub fn from_shared(
-        topic: impl Into<Topic>,
-        subject: impl Into<Subject>,
-        index: u64,
-        payload: Arc<P>,
-    ) -> Self {
+    pub fn with_index(&self, index: u64) -> Self {
         Self {
-            topic: topic.into(),
-            subject: subject.into(),
             index,
-            payload,
+            shared: self.shared.clone(),
         }
     }
 
@@ -288,7 +312,7 @@ impl<P> Event<P> {
     /// assert_eq!(e.topic().as_str(), "t");
     /// ```
     pub fn topic(&self) -> &Topic {
-        &self.topic
+        &self.shared.names.topic
     }
 
     /// The subject (key).
@@ -300,7 +324,7 @@ impl<P> Event<P> {
     /// assert_eq!(e.subject().as_key(), Some("k"));
     /// ```
     pub fn subject(&self) -> &Subject {
-        &self.subject
+        &self.shared.names.subject
     }
 
     /// The index of the change that produced the event.
@@ -322,34 +346,61 @@ impl<P> Event<P> {
     /// assert_eq!(*snapstream::event::Event::new("t", "k", 1, 'x').payload(), 'x');
     /// ```
     pub fn payload(&self) -> &P {
-        &self.payload
+        &self.shared.payload
     }
 
-    /// The shared payload (clone it to keep the payload beyond the event).
+    /// A handle to the shared payload, to keep it beyond the event without
+    /// copying it (one reference count increment; it also keeps the event's
+    /// topic and subject alive).
     ///
     /// # Examples
     ///
     /// ```
     /// let e = snapstream::event::Event::new("t", "k", 1, 5);
-    /// let p = e.shared_payload().clone();
+    /// let p = e.shared_payload();
+    /// drop(e);
     /// assert_eq!(*p, 5);
     /// ```
-    pub fn shared_payload(&self) -> &Arc<P> {
-        &self.payload
+    pub fn shared_payload(&self) -> SharedPayload<P> {
+        SharedPayload(self.shared.clone())
     }
 
-    /// Points the event's topic (and subject, when given) at the given
-    /// equal names, so that a retained event shares them instead of holding
-    /// its own allocation of each.
-    pub(crate) fn share_names(&mut self, topic: &Topic, subject: Option<&Subject>) {
-        if !Arc::ptr_eq(&self.topic.0, &topic.0) && self.topic == *topic {
-            self.topic = topic.clone();
+    /// Whether both events share one payload allocation (one is a clone of
+    /// the other, or made from it by [`Event::with_index`]).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::Event;
+    /// let e = Event::new("t", "k", 1, 0u8);
+    /// assert!(e.shares_payload(&e.clone()));
+    /// assert!(!e.shares_payload(&Event::new("t", "k", 1, 0u8)));
+    /// ```
+    pub fn shares_payload(&self, other: &Event<P>) -> bool {
+        triomphe::Arc::ptr_eq(&self.shared, &other.shared)
+    }
+
+    /// Points the event at `key`'s names when they are equal to its own, or
+    /// else its topic at `topic` when equal, so that a retained event shares
+    /// the publisher's names instead of holding its own allocation of each.
+    /// Does nothing to an event that is not this handle's alone (a clone is
+    /// alive elsewhere): the names are immutable once shared.
+    pub(crate) fn share_names(&mut self, topic: &Topic, key: Option<&Arc<Names>>) {
+        let Some(shared) = triomphe::Arc::get_mut(&mut self.shared) else {
+            return;
+        };
+        if let Some(key) = key {
+            if Arc::ptr_eq(&shared.names, key) {
+                return;
+            }
+            if *shared.names == **key {
+                shared.names = key.clone();
+                return;
+            }
         }
-        if let Some(subject @ Subject::Key(name)) = subject {
-            if let Subject::Key(own) = &self.subject {
-                if !Arc::ptr_eq(own, name) && own == name {
-                    self.subject = subject.clone();
-                }
+        if let Some(names) = Arc::get_mut(&mut shared.names) {
+            if !Arc::ptr_eq(&names.topic.0, &topic.0) && names.topic == *topic {
+                names.topic = topic.clone();
             }
         }
     }
@@ -358,10 +409,8 @@ impl<P> Event<P> {
 impl<P> Clone for Event<P> {
     fn clone(&self) -> Self {
         Self {
-            topic: self.topic.clone(),
-            subject: self.subject.clone(),
             index: self.index,
-            payload: self.payload.clone(),
+            shared: self.shared.clone(),
         }
     }
 }
@@ -369,26 +418,96 @@ impl<P> Clone for Event<P> {
 impl<P: fmt::Debug> fmt::Debug for Event<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Event")
-            .field("topic", &self.topic)
-            .field("subject", &self.subject)
+            .field("topic", self.topic())
+            .field("subject", self.subject())
             .field("index", &self.index)
-            .field("payload", &self.payload)
+            .field("payload", self.payload())
             .finish()
     }
 }
 
 impl<P: PartialEq> PartialEq for Event<P> {
     fn eq(&self, other: &Self) -> bool {
-        self.topic == other.topic
-            && self.subject == other.subject
-            && self.index == other.index
-            && self.payload == other.payload
+        self.index == other.index
+            && (self.shares_payload(other)
+                || (self.topic() == other.topic()
+                    && self.subject() == other.subject()
+                    && self.payload() == other.payload()))
+    }
+}
+
+/// An event's payload kept on its own: dereferences to the payload, which it
+/// shares with the event it came from (see [`Event::shared_payload`]).
+/// Cloning is one reference count increment.
+///
+/// # Examples
+///
+/// ```
+/// use snapstream::event::{Event, SharedPayload};
+///
+/// let e = Event::new("t", "k", 1, String::from("v"));
+/// let p: SharedPayload<String> = e.shared_payload();
+/// assert_eq!(p.as_str(), "v");
+/// assert!(SharedPayload::ptr_eq(&p, &e.shared_payload()));
+/// ```
+pub struct SharedPayload<P>(triomphe::Arc<Shared<P>>);
+
+impl<P> SharedPayload<P> {
+    /// Whether both handles point at the same payload allocation.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::{Event, SharedPayload};
+    /// let a = Event::new("t", "k", 1, 3).shared_payload();
+    /// let b = Event::new("t", "k", 1, 3).shared_payload();
+    /// assert!(SharedPayload::ptr_eq(&a, &a.clone()));
+    /// assert!(!SharedPayload::ptr_eq(&a, &b));
+    /// assert_eq!(a, b); // equal payloads
+    /// ```
+    pub fn ptr_eq(this: &Self, other: &Self) -> bool {
+        triomphe::Arc::ptr_eq(&this.0, &other.0)
+    }
+}
+
+impl<P> Deref for SharedPayload<P> {
+    type Target = P;
+
+    fn deref(&self) -> &P {
+        &self.0.payload
+    }
+}
+
+impl<P> AsRef<P> for SharedPayload<P> {
+    fn as_ref(&self) -> &P {
+        &self.0.payload
+    }
+}
+
+impl<P> Clone for SharedPayload<P> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<P: fmt::Debug> fmt::Debug for SharedPayload<P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0.payload, f)
+    }
+}
+
+impl<P: PartialEq> PartialEq for SharedPayload<P> {
+    fn eq(&self, other: &Self) -> bool {
+        Self::ptr_eq(self, other) || self.0.payload == other.0.payload
     }
 }
 
 /// Events delivered together: one key's events at one index (or one chunk a
 /// snapshot handler appended). Shared by every reader; cloning is one
 /// reference count increment. Dereferences to `[Event<P>]`.
+///
+/// A batch of one event holds the event itself (no allocation of its own);
+/// a larger batch is one shared slice.
 ///
 /// # Examples
 ///
@@ -399,7 +518,12 @@ impl<P: PartialEq> PartialEq for Event<P> {
 /// assert_eq!(b.len(), 2);
 /// assert_eq!(b.index(), 3);
 /// ```
-pub struct EventBatch<P>(Arc<[Event<P>]>);
+pub struct EventBatch<P>(Batch<P>);
+
+enum Batch<P> {
+    One(Event<P>),
+    Many(Arc<[Event<P>]>),
+}
 
 impl<P> EventBatch<P> {
     /// Wraps events in a shared batch.
@@ -410,8 +534,27 @@ impl<P> EventBatch<P> {
     /// let b = snapstream::event::EventBatch::new(vec![snapstream::event::Event::new("t", "k", 1, ())]);
     /// assert_eq!(b.len(), 1);
     /// ```
-    pub fn new(events: Vec<Event<P>>) -> Self {
-        Self(events.into())
+    pub fn new(mut events: Vec<Event<P>>) -> Self {
+        if events.len() == 1 {
+            if let Some(event) = events.pop() {
+                return Self(Batch::One(event));
+            }
+        }
+        Self(Batch::Many(events.into()))
+    }
+
+    /// A batch of one event (no allocation).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::event::{Event, EventBatch};
+    /// let b = EventBatch::one(Event::new("t", "k", 4, 'x'));
+    /// assert_eq!(b.len(), 1);
+    /// assert_eq!(b.index(), 4);
+    /// ```
+    pub fn one(event: Event<P>) -> Self {
+        Self(Batch::One(event))
     }
 
     /// The highest index of the batch's events (0 for an empty batch). Every
@@ -425,7 +568,10 @@ impl<P> EventBatch<P> {
     /// assert_eq!(b.index(), 5);
     /// ```
     pub fn index(&self) -> u64 {
-        self.0.iter().map(Event::index).max().unwrap_or(0)
+        match &self.0 {
+            Batch::One(e) => e.index(),
+            Batch::Many(events) => events.iter().map(Event::index).max().unwrap_or(0),
+        }
     }
 
     /// The events.
@@ -437,7 +583,16 @@ impl<P> EventBatch<P> {
     /// assert_eq!(*b.events()[0].payload(), 7);
     /// ```
     pub fn events(&self) -> &[Event<P>] {
-        &self.0
+        match &self.0 {
+            Batch::One(e) => std::slice::from_ref(e),
+            Batch::Many(events) => events,
+        }
+    }
+}
+
+impl<P> From<Event<P>> for EventBatch<P> {
+    fn from(event: Event<P>) -> Self {
+        Self::one(event)
     }
 }
 
@@ -445,25 +600,28 @@ impl<P> Deref for EventBatch<P> {
     type Target = [Event<P>];
 
     fn deref(&self) -> &[Event<P>] {
-        &self.0
+        self.events()
     }
 }
 
 impl<P> Clone for EventBatch<P> {
     fn clone(&self) -> Self {
-        Self(self.0.clone())
+        Self(match &self.0 {
+            Batch::One(e) => Batch::One(e.clone()),
+            Batch::Many(events) => Batch::Many(events.clone()),
+        })
     }
 }
 
 impl<P: fmt::Debug> fmt::Debug for EventBatch<P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.0.iter()).finish()
+        f.debug_list().entries(self.events()).finish()
     }
 }
 
 impl<P: PartialEq> PartialEq for EventBatch<P> {
     fn eq(&self, other: &Self) -> bool {
-        self.0 == other.0
+        self.events() == other.events()
     }
 }
 
@@ -530,10 +688,48 @@ mod tests {
     fn clone_shares_payload() {
         let e = Event::new("t", "k", 1, vec![0u8; 1024]);
         let c = e.clone();
-        assert!(Arc::ptr_eq(e.shared_payload(), c.shared_payload()));
+        assert!(e.shares_payload(&c));
         let b = EventBatch::new(vec![e]);
         let b2 = b.clone();
-        assert!(Arc::ptr_eq(b[0].shared_payload(), b2[0].shared_payload()));
+        assert!(b[0].shares_payload(&b2[0]));
+        let many = EventBatch::new(vec![c.clone(), c.with_index(2)]);
+        assert!(many.clone()[1].shares_payload(&c));
+        assert_eq!(many.index(), 2);
+    }
+
+    #[test]
+    fn thin_event_and_inline_batch_of_one() {
+        // What a retained u64 event costs (benches/memory.rs): a 16-byte
+        // handle, a 24-byte shared allocation (count, names, payload: a
+        // 32-byte glibc chunk) and a 24-byte batch, with no allocation for
+        // a batch of one.
+        assert_eq!(std::mem::size_of::<Event<u64>>(), 16);
+        assert_eq!(std::mem::size_of::<EventBatch<u64>>(), 24);
+        assert_eq!(std::mem::size_of::<Shared<u64>>() + 8, 24);
+        let b = EventBatch::new(vec![Event::new("t", "k", 1, 5u64)]);
+        assert!(matches!(b.0, Batch::One(_)));
+        assert!(EventBatch::<u64>::new(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn share_names_only_when_equal_and_unshared() {
+        let topic = Topic::new("t");
+        let key = Names::new(topic.clone(), Subject::key("k"));
+        let mut e = Event::new("t", "k", 1, ());
+        e.share_names(&topic, Some(&key));
+        assert!(Arc::ptr_eq(&e.shared.names, &key));
+        // Another key's names: only the topic is shared.
+        let mut other = Event::new("t", "j", 1, ());
+        other.share_names(&topic, Some(&key));
+        assert!(!Arc::ptr_eq(&other.shared.names, &key));
+        assert!(Arc::ptr_eq(&other.topic().0, &topic.0));
+        assert_eq!(other.subject(), &Subject::key("j"));
+        // A clone alive elsewhere: left alone.
+        let mut shared = Event::new("t", "k", 1, ());
+        let _clone = shared.clone();
+        shared.share_names(&topic, Some(&key));
+        assert!(!Arc::ptr_eq(&shared.shared.names, &key));
+        assert_eq!(shared, Event::new("t", "k", 1, ()));
     }
 
     #[test]

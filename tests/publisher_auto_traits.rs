@@ -1,6 +1,6 @@
 //! `Send`/`Sync`/`Unpin` of the publisher's public handles and futures.
 
-use snapstream::event::{Event, EventBatch, Message, Subject, Topic};
+use snapstream::event::{Event, EventBatch, Message, SharedPayload, Subject, Topic};
 use snapstream::publisher::{
     PublishError, Publisher, PublisherStats, SnapshotError, SnapshotRequest, SnapshotSink,
     SubscribeError, SubscribeRequest, Subscription, SubscriptionError,
@@ -20,6 +20,7 @@ fn handles_are_send_and_sync() {
     send_sync::<SubscribeRequest>();
     send_sync::<Event<u8>>();
     send_sync::<EventBatch<u8>>();
+    send_sync::<SharedPayload<u8>>();
     send_sync::<Message<u8>>();
     send_sync::<Topic>();
     send_sync::<Subject>();

@@ -62,7 +62,21 @@ async fn retained_events_share_the_publishers_topic_and_key() {
         wild.extend(batch.iter().cloned());
     }
     assert_eq!(wild, seen);
-    for e in &wild {
-        assert_eq!(e.topic().as_str().as_ptr(), topic);
+    for (w, e) in wild.iter().zip(&seen) {
+        assert_eq!(w.topic().as_str().as_ptr(), topic);
+        // One event, not a copy per buffer: the same shared allocation.
+        assert!(
+            w.shares_payload(e),
+            "the key and wildcard buffers share {e:?}"
+        );
     }
+    // A key nobody watches on its own: the wildcard's event still points at
+    // the publisher's topic, and keeps its own key.
+    p.publish(vec![Event::new("t", "other", 7, 8)]).unwrap();
+    let Message::Events(batch) = all.next().await.unwrap() else {
+        panic!("expected events");
+    };
+    assert_eq!(batch.len(), 1);
+    assert_eq!(batch[0].subject().as_key(), Some("other"));
+    assert_eq!(batch[0].topic().as_str().as_ptr(), topic);
 }

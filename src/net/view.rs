@@ -15,7 +15,7 @@ use tokio::task::AbortHandle;
 use super::client::{Client, RemoteRequest};
 use super::error::RemoteError;
 use crate::codec::PayloadCodec;
-use crate::event::{Event, Message, Subject, Topic};
+use crate::event::{Event, Message, SharedPayload, Subject, Topic};
 use crate::publisher::LagPolicy;
 
 /// Default time a view nobody holds keeps its subscription: 60 s. A reader
@@ -626,8 +626,8 @@ impl<P: Send + Sync + 'static> View<KeyValue<P>> {
     /// # Examples
     ///
     /// See [`Views`].
-    pub fn get(&self, key: &str) -> Option<Arc<P>> {
-        self.read(|kv| kv.event(key).map(|e| e.shared_payload().clone()))
+    pub fn get(&self, key: &str) -> Option<SharedPayload<P>> {
+        self.read(|kv| kv.event(key).map(|e| e.shared_payload()))
     }
 
     /// Every (key, payload) the view holds, in key order.
@@ -635,11 +635,11 @@ impl<P: Send + Sync + 'static> View<KeyValue<P>> {
     /// # Examples
     ///
     /// See [`Views`].
-    pub fn entries(&self) -> Vec<(Arc<str>, Arc<P>)> {
+    pub fn entries(&self) -> Vec<(Arc<str>, SharedPayload<P>)> {
         self.read(|kv| {
             kv.entries
                 .iter()
-                .map(|(k, e)| (k.clone(), e.shared_payload().clone()))
+                .map(|(k, e)| (k.clone(), e.shared_payload()))
                 .collect()
         })
     }

@@ -139,7 +139,7 @@ use subscription::Detached;
 pub use subscription::{LagPolicy, SubscribeRequest, Subscription, SubscriptionError};
 
 use crate::buffer::{EventBuffer, ReadError};
-use crate::event::{Event, EventBatch, Subject, Topic};
+use crate::event::{Event, EventBatch, Names, Subject, Topic};
 use crate::histogram::{AtomicHistogram, Histogram};
 use crate::sync::Mutex;
 use chain::{Buf, Cur, Item};
@@ -730,9 +730,10 @@ impl<P> TopicState<P> {
 
 /// The live buffer of one (topic, subject), alive while someone subscribes.
 struct KeyState<P> {
-    /// The subject's name, shared by every event retained in `live` (see
-    /// `Event::share_names`).
-    subject: Subject,
+    /// The (topic, subject) names, shared by every event of the key retained
+    /// in `live` (see `Event::share_names`); never equal to an event's names
+    /// for the wildcard.
+    names: Arc<Names>,
     live: Buf<P>,
     /// Index of the newest batch appended to `live`.
     last_index: Option<u64>,
@@ -757,9 +758,9 @@ impl<P> KeyState<P> {
             && self.last_index.is_none_or(|j| j <= index)
     }
 
-    fn new(subject: Subject, since: Option<u64>) -> Self {
+    fn new(topic: Topic, subject: Subject, since: Option<u64>) -> Self {
         Self {
-            subject,
+            names: Names::new(topic, subject),
             live: EventBuffer::new(),
             last_index: None,
             since,
@@ -938,11 +939,41 @@ impl<P: Send + Sync + 'static> Inner<P> {
 
     /// Appends `events` (all of topic `t`, in order) to the buffers of their
     /// keys and to the wildcard buffer. Called with the topic's lock held.
-    fn route(&self, t: usize, state: &mut TopicState<P>, events: Vec<Event<P>>) {
+    ///
+    /// Before an event is first appended (and so shared), it is pointed at
+    /// the publisher's names: a retained event keeps the publisher's copies,
+    /// not the caller's (`Event::new("t", ..)` allocates names per event).
+    fn route(&self, t: usize, state: &mut TopicState<P>, mut events: Vec<Event<P>>) {
         if state.keys.is_empty() {
             return;
         }
-        if self.topics[t].wildcard {
+        let topic = &self.topics[t].topic;
+        let wildcard = self.topics[t].wildcard;
+        if let [_] = events[..] {
+            let mut e = events.pop().expect("one event");
+            let index = e.index();
+            if let Some(ks) = state.keys.get_mut(e.subject()) {
+                e.share_names(topic, Some(&ks.names));
+                if !wildcard {
+                    self.append(t, ks, index, EventBatch::one(e));
+                    return;
+                }
+                self.append(t, ks, index, EventBatch::one(e.clone()));
+            } else {
+                e.share_names(topic, None);
+            }
+            if wildcard {
+                if let Some(ks) = state.keys.get_mut(&Subject::Wildcard) {
+                    self.append(t, ks, index, EventBatch::one(e));
+                }
+            }
+            return;
+        }
+        for e in &mut events {
+            let key = state.keys.get(e.subject()).map(|ks| &ks.names);
+            e.share_names(topic, key);
+        }
+        if wildcard {
             if let Some(ks) = state.keys.get_mut(&Subject::Wildcard) {
                 let mut i = 0;
                 while i < events.len() {
@@ -951,18 +982,11 @@ impl<P: Send + Sync + 'static> Inner<P> {
                         .iter()
                         .take_while(|e| e.index() == index)
                         .count();
-                    self.append(t, ks, index, events[i..i + run].to_vec());
+                    let batch = EventBatch::new(events[i..i + run].to_vec());
+                    self.append(t, ks, index, batch);
                     i += run;
                 }
             }
-        }
-        if let [_] = events[..] {
-            let e = events.into_iter().next().expect("one event");
-            if let Some(ks) = state.keys.get_mut(e.subject()) {
-                let index = e.index();
-                self.append(t, ks, index, vec![e]);
-            }
-            return;
         }
         // Per key: consecutive events of one index form one batch.
         let mut per_key: HashMap<Subject, Vec<Event<P>>> = HashMap::new();
@@ -980,19 +1004,13 @@ impl<P: Send + Sync + 'static> Inner<P> {
                 while let Some(e) = evs.next_if(|e| e.index() == index) {
                     run.push(e);
                 }
-                self.append(t, ks, index, run);
+                self.append(t, ks, index, EventBatch::new(run));
             }
         }
     }
 
-    fn append(&self, t: usize, ks: &mut KeyState<P>, index: u64, mut run: Vec<Event<P>>) {
-        // A retained event keeps the publisher's copies of its names, not
-        // the caller's (`Event::new("t", ..)` allocates a topic per event).
-        let subject = (!ks.subject.is_wildcard()).then_some(&ks.subject);
-        for e in &mut run {
-            e.share_names(&self.topics[t].topic, subject);
-        }
-        ks.live.append_one(Item::Batch(EventBatch::new(run)));
+    fn append(&self, t: usize, ks: &mut KeyState<P>, index: u64, batch: EventBatch<P>) {
+        ks.live.append_one(Item::Batch(batch));
         ks.last_index = Some(index);
         if let Some(limit) = self.lag_limit {
             let seq = ks.live.seq();
@@ -1079,10 +1097,10 @@ impl<P: Send + Sync + 'static> Inner<P> {
             let topic_last = state.last_index;
             let recent_quiet =
                 req.index > 0 && state.recent_unchanged_since(&req.subject, req.index);
-            let ks = state
-                .keys
-                .entry(req.subject.clone())
-                .or_insert_with(|| KeyState::new(req.subject.clone(), topic_last));
+            let ks = state.keys.entry(req.subject.clone()).or_insert_with(|| {
+                let topic = self.topics[t].topic.clone();
+                KeyState::new(topic, req.subject.clone(), topic_last)
+            });
             ks.subs.insert(id, shared.clone());
             let quiet = recent_quiet || ks.unchanged_since(req.index, topic_last);
             let start = self.start_position(&runtime, t, ks, &req, quiet);
