@@ -210,6 +210,13 @@ async fn stream_figures_count_each_way_a_stream_ends() {
             &format!("snapstream_net_progress_marks_sent_total{l}")
         ) >= 1.0
     );
+    assert_eq!(
+        sample(
+            &text,
+            &format!("snapstream_net_connections_closed_idle_total{l}")
+        ),
+        s.connections_closed_idle as f64
+    );
     let servers: serde_json::Value = reqwest::get(format!("http://{admin_addr}/api/servers"))
         .await
         .unwrap()
@@ -220,4 +227,8 @@ async fn stream_figures_count_each_way_a_stream_ends() {
     assert_eq!(servers[0]["streams_opened"], 5);
     assert_eq!(servers[0]["ended_lagged"], 1);
     assert_eq!(servers[0]["bytes_sent"], s.bytes_sent);
+    assert_eq!(
+        servers[0]["connections_closed_idle"],
+        s.connections_closed_idle
+    );
 }

@@ -1,16 +1,20 @@
 //! Subscribing over TLS (rustls): a client trusting the server's CA gets
-//! its snapshot and live events.
+//! its snapshot and live events, and the idle timeout counts its TLS
+//! connection's streams.
 //! Certificates are made with the `openssl` command; the test is skipped
 //! (with a notice) where it is missing.
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use futures::StreamExt;
 use snapstream::event::{Event, Message, Subject};
 use snapstream::net::{BinaryCodec, Client, RemoteRequest, Server};
 use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+const IDLE: Duration = Duration::from_millis(200);
 
 fn openssl(dir: &Path, args: &[&str]) -> bool {
     Command::new("openssl")
@@ -99,6 +103,7 @@ async fn subscribe_over_tls() {
     let publisher = b.build();
     let server = Server::builder(publisher.clone(), BinaryCodec)
         .tls(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))
+        .idle_timeout(Some(IDLE))
         .bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
@@ -119,13 +124,24 @@ async fn subscribe_over_tls() {
         sub.next().await.unwrap(),
         Ok(Message::EndOfSnapshot { index: 1 })
     );
+    // The open stream keeps its TLS connection past the idle timeout.
+    tokio::time::sleep(IDLE * 3).await;
     publisher
         .publish(vec![Event::new("t", "k", 2, 11)])
         .unwrap();
     let live = sub.next().await.unwrap().unwrap();
     assert_eq!(*live.events().unwrap()[0].payload(), 11);
     assert_eq!(sub.reconnects(), 0);
+    assert_eq!(server.stats().connections_closed_idle, 0);
 
+    // Without a stream it is closed.
     drop(sub);
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while server.stats().connections_closed_idle == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the idle TLS connection was never closed");
     server.shutdown().await.unwrap();
 }

@@ -92,6 +92,8 @@ pub struct ServerView {
     pub bytes_sent: u64,
     /// Progress marks sent.
     pub progress_marks_sent: u64,
+    /// Connections closed after carrying no stream for the idle timeout.
+    pub connections_closed_idle: u64,
 }
 
 /// One topic's figures.
@@ -390,6 +392,7 @@ pub(crate) async fn overview(inner: &Inner) -> Overview {
             messages_sent: s.messages_sent,
             bytes_sent: s.bytes_sent,
             progress_marks_sent: s.progress_marks_sent,
+            connections_closed_idle: s.connections_closed_idle,
         });
     }
     view
@@ -555,6 +558,10 @@ pub(crate) fn describe() {
         "snapstream_net_progress_marks_sent_total",
         "Progress marks the server sent to quiet streams"
     );
+    describe_counter!(
+        "snapstream_net_connections_closed_idle_total",
+        "Connections the server closed after they carried no stream for the idle timeout"
+    );
 }
 
 /// Records `view` through the current recorder.
@@ -636,6 +643,8 @@ pub(crate) fn record(inner: &Inner, view: &Overview) {
         counter!("snapstream_net_messages_sent_total", &l).absolute(s.messages_sent);
         counter!("snapstream_net_sent_bytes_total", &l).absolute(s.bytes_sent);
         counter!("snapstream_net_progress_marks_sent_total", &l).absolute(s.progress_marks_sent);
+        counter!("snapstream_net_connections_closed_idle_total", &l)
+            .absolute(s.connections_closed_idle);
     }
 }
 

@@ -53,6 +53,7 @@
 //! | `net_streams_ended_total` | counter | `server`, `reason` | streams ended: `client_gone`, `force_closed`, `shutdown`, `lagged`, `error` |
 //! | `net_messages_sent_total`, `net_sent_bytes_total` | counter | `server` | response messages and their protobuf bytes |
 //! | `net_progress_marks_sent_total` | counter | `server` | progress marks sent to quiet streams |
+//! | `net_connections_closed_idle_total` | counter | `server` | connections closed after carrying no stream for the [idle timeout](crate::net::ServerBuilder::idle_timeout) |
 //!
 //! # Endpoints
 //!

@@ -60,6 +60,7 @@
 mod catch_up;
 mod client;
 mod error;
+mod idle;
 pub mod proto;
 mod server;
 mod stats;
@@ -76,9 +77,9 @@ pub use client::{
 pub use error::{ClientError, RemoteError, ServeError};
 pub use server::{
     AllowAll, Authorizer, Server, ServerBuilder, ServerStatsHandle, SubscribeService,
-    DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT, DEFAULT_MAX_MESSAGE_SIZE,
-    DEFAULT_MAX_REQUEST_SIZE, DEFAULT_MAX_STREAMS, DEFAULT_MAX_STREAMS_PER_CONNECTION,
-    DEFAULT_MESSAGE_FILL, DEFAULT_PROGRESS_INTERVAL,
+    DEFAULT_IDLE_TIMEOUT, DEFAULT_KEEPALIVE_INTERVAL, DEFAULT_KEEPALIVE_TIMEOUT,
+    DEFAULT_MAX_MESSAGE_SIZE, DEFAULT_MAX_REQUEST_SIZE, DEFAULT_MAX_STREAMS,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_MESSAGE_FILL, DEFAULT_PROGRESS_INTERVAL,
 };
 pub use stats::{ServerStats, StreamsEnded};
 pub use view::{

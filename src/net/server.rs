@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, Stream};
+use futures::{FutureExt, Stream, StreamExt};
 use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use super::catch_up::{CatchUp, NoWait};
 use super::error::{ServeError, LAG_LIMIT_METADATA};
+use super::idle::{self, ConnActivity, IdleIo, StreamGuard};
 use super::proto;
 use super::stats::{Counters, EndReason, ServerStats};
 use crate::codec::PayloadCodec;
@@ -57,6 +58,12 @@ pub const DEFAULT_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 /// answer a ping within it is closed (and its streams with it): an idle,
 /// dead peer holds nothing for longer than interval + timeout.
 pub const DEFAULT_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Default idle timeout of a connection: 5 minutes. A connection that has
+/// carried no subscribe stream for that long is closed (a client reconnects
+/// when it next subscribes); keepalive pings do not count as activity.
+/// See [`ServerBuilder::idle_timeout`].
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Default progress-mark interval: 10 s. A stream quiet for that long gets a
 /// progress mark with its current index.
@@ -123,6 +130,7 @@ impl Authorizer for AllowAll {
 /// | [`message_fill`](Self::message_fill) | [`DEFAULT_MESSAGE_FILL`] (4 KiB) |
 /// | [`max_request_size`](Self::max_request_size) | [`DEFAULT_MAX_REQUEST_SIZE`] (16 KiB) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_KEEPALIVE_TIMEOUT`] (20 s) |
+/// | [`idle_timeout`](Self::idle_timeout) | [`DEFAULT_IDLE_TIMEOUT`] (5 min with no stream; `None` disables) |
 /// | [`progress_interval`](Self::progress_interval) | [`DEFAULT_PROGRESS_INTERVAL`] (10 s; `None` disables) |
 ///
 /// # What a stream holds on the server
@@ -168,6 +176,7 @@ pub struct ServerBuilder<P, C> {
     max_request_size: usize,
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
+    idle_timeout: Option<Duration>,
     progress_interval: Option<Duration>,
     #[cfg(feature = "net-tls")]
     tls: Option<tonic::transport::ServerTlsConfig>,
@@ -185,6 +194,7 @@ impl<P, C> fmt::Debug for ServerBuilder<P, C> {
             .field("message_fill", &self.message_fill)
             .field("max_request_size", &self.max_request_size)
             .field("keepalive_interval", &self.keepalive_interval)
+            .field("idle_timeout", &self.idle_timeout)
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("progress_interval", &self.progress_interval)
             .finish_non_exhaustive()
@@ -303,6 +313,30 @@ where
         self
     }
 
+    /// Sets how long a connection may carry no subscribe stream before the
+    /// server closes it (`None`: never). Only open streams count as
+    /// activity, not keepalive pings: a client that ended (or never opened)
+    /// its subscriptions gives its socket back after this long, and
+    /// reconnects when it subscribes again. Applies to servers started with
+    /// [`bind`](Self::bind) or [`serve`](Self::serve), not to a
+    /// [`service`](Self::service) mounted on a server of your own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// # use std::time::Duration;
+    /// # use snapstream::net::{BinaryCodec, Server};
+    /// # use snapstream::publisher::Publisher;
+    /// let publisher = Publisher::<u64>::builder().build();
+    /// let builder = Server::builder(publisher, BinaryCodec)
+    ///     .idle_timeout(Some(Duration::from_secs(60)));
+    /// # drop(builder);
+    /// ```
+    pub fn idle_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.idle_timeout = timeout.filter(|d| !d.is_zero());
+        self
+    }
+
     /// Sets how long a stream may be quiet before it gets a progress mark
     /// (`None`: never).
     ///
@@ -418,6 +452,7 @@ where
         let per_conn = self.max_streams_per_connection;
         let interval = self.keepalive_interval;
         let timeout = self.keepalive_timeout;
+        let idle = self.idle_timeout;
         let server = tonic::transport::Server::builder();
         #[cfg(feature = "net-tls")]
         let server = match self.tls.clone() {
@@ -427,8 +462,10 @@ where
         let service = self.service();
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let grpc = service.grpc();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        let closed = service.inner.counters.idle_closed();
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(move |conn| conn.map(|io| IdleIo::new(io, idle, closed.clone())));
         let task = tokio::spawn(async move {
             server
                 .max_concurrent_streams(per_conn)
@@ -498,6 +535,7 @@ impl Server {
             max_request_size: DEFAULT_MAX_REQUEST_SIZE,
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
+            idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
             #[cfg(feature = "net-tls")]
             tls: None,
@@ -784,6 +822,7 @@ where
         &self,
         token: Option<&str>,
         req: proto::SubscribeRequest,
+        conn: Option<Arc<ConnActivity>>,
     ) -> Result<ServerStream<P, C>, Status> {
         let inner = &self.inner;
         if *inner.shutdown.borrow() {
@@ -823,6 +862,7 @@ where
             ended: None,
             done: false,
             _permit: permit,
+            _conn: conn.map(|c| c.stream_opened()),
         })
     }
 }
@@ -908,6 +948,8 @@ struct ServerStream<P, C> {
     ended: Option<EndReason>,
     done: bool,
     _permit: OwnedSemaphorePermit,
+    /// Counts the stream on its connection, for the idle timeout.
+    _conn: Option<StreamGuard>,
 }
 
 /// A part of a stream's output not yet sent.
@@ -1168,12 +1210,13 @@ where
         &self,
         request: Request<proto::SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let conn = idle::activity_of(&request);
         let req = request.into_inner();
         let token = (!req.token.is_empty()).then(|| req.token.clone());
         if req.index > 0 {
             self.caught_up(req.index).await?;
         }
-        let stream = self.open(token.as_deref(), req)?;
+        let stream = self.open(token.as_deref(), req, conn)?;
         let stream = futures::stream::unfold(stream, |mut s| async move {
             let item = s.step().await?;
             Some((item, s))

@@ -2,6 +2,7 @@
 //! reason, and what was sent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// Figures of a subscribe server, from [`Server::stats`](super::Server::stats),
 /// [`SubscribeService::stats`](super::SubscribeService::stats) or a
@@ -37,6 +38,9 @@ pub struct ServerStats {
     pub bytes_sent: u64,
     /// Progress marks sent to quiet streams.
     pub progress_marks_sent: u64,
+    /// Connections closed after carrying no stream for the
+    /// [idle timeout](super::ServerBuilder::idle_timeout).
+    pub connections_closed_idle: u64,
 }
 
 /// Streams ended, by reason. See [`ServerStats`].
@@ -93,9 +97,16 @@ pub(crate) struct Counters {
     messages: AtomicU64,
     bytes: AtomicU64,
     progress: AtomicU64,
+    /// Shared with every connection's idle timer.
+    idle_closed: Arc<AtomicU64>,
 }
 
 impl Counters {
+    /// The counter of connections closed for idleness.
+    pub(crate) fn idle_closed(&self) -> Arc<AtomicU64> {
+        self.idle_closed.clone()
+    }
+
     pub(crate) fn opened(&self) {
         self.opened.fetch_add(1, Ordering::Relaxed);
     }
@@ -128,6 +139,7 @@ impl Counters {
             messages_sent: self.messages.load(Ordering::Relaxed),
             bytes_sent: self.bytes.load(Ordering::Relaxed),
             progress_marks_sent: self.progress.load(Ordering::Relaxed),
+            connections_closed_idle: self.idle_closed.load(Ordering::Relaxed),
         }
     }
 }
