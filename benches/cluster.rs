@@ -27,6 +27,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -63,19 +64,40 @@ fn sizes() -> Sizes {
         .and_then(|r| r.parse().ok())
         .unwrap_or(3usize)
         .max(1);
+    let all = vec![
+        (1, 100),
+        (1, 1_000),
+        (1, 5_000),
+        (3, 100),
+        (3, 1_000),
+        (3, 5_000),
+    ];
+    // `SNAPSTREAM_BENCH_CASES=3x100,3x5000`: only these (nodes × subscribers).
+    let scenarios = match std::env::var("SNAPSTREAM_BENCH_CASES") {
+        Ok(cases) => cases
+            .split(',')
+            .filter_map(|c| {
+                let (n, s) = c.trim().split_once('x')?;
+                Some((n.parse().ok()?, s.parse().ok()?))
+            })
+            .filter(|&(n, s): &(usize, usize)| n > 0 && s > 0)
+            .collect(),
+        Err(_) => all,
+    };
     Sizes {
-        scenarios: vec![
-            (1, 100),
-            (1, 1_000),
-            (1, 5_000),
-            (3, 100),
-            (3, 1_000),
-            (3, 5_000),
-        ],
+        scenarios,
         writes: 200,
         rounds,
         quick: false,
     }
+}
+
+/// `SNAPSTREAM_BENCH_SYSTEMS=snapstream` or `=kv`: run only that side
+/// (default both).
+fn runs(system: &str) -> bool {
+    std::env::var("SNAPSTREAM_BENCH_SYSTEMS")
+        .map(|v| v.split(',').any(|s| s.trim() == system))
+        .unwrap_or(true)
 }
 
 fn now_ns() -> u64 {
@@ -168,9 +190,16 @@ impl Nats {
     }
 
     async fn connect(&self) -> async_nats::Client {
+        self.connect_with(async_nats::ConnectOptions::new).await
+    }
+
+    async fn connect_with(
+        &self,
+        options: impl Fn() -> async_nats::ConnectOptions,
+    ) -> async_nats::Client {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match async_nats::connect(self.url()).await {
+            match options().connect(self.url()).await {
                 Ok(c) => return c,
                 Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await
@@ -196,9 +225,14 @@ impl Nats {
 
     /// Messages the server has sent to its clients (`/varz` `out_msgs`).
     async fn out_msgs(&self) -> u64 {
+        self.varz("out_msgs").await
+    }
+
+    /// A counter of `/varz` (`out_msgs`, `slow_consumers`).
+    async fn varz(&self, field: &str) -> u64 {
         let url = format!("http://127.0.0.1:{}/varz", self.monitor);
         let varz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-        varz["out_msgs"].as_u64().unwrap_or(0)
+        varz[field].as_u64().unwrap_or(0)
     }
 }
 
@@ -216,7 +250,13 @@ struct Outcome {
     deliveries_per_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// The stream's consumers once every subscriber is ready, before the
+    /// burst.
     consumers: usize,
+    /// ... and after the last delivery (a consumer recreated meanwhile shows
+    /// as a difference only when caught mid-way; the nodes' restart counters
+    /// are printed too).
+    consumers_after: usize,
     out_msgs: u64,
 }
 
@@ -235,6 +275,7 @@ fn outcome(mut latencies: Vec<u64>, elapsed: Duration, consumers: usize, out_msg
         p50_us: percentile(&latencies, 0.50),
         p99_us: percentile(&latencies, 0.99),
         consumers,
+        consumers_after: consumers,
         out_msgs,
     }
 }
@@ -273,7 +314,7 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     .unwrap();
     let writer = log.writer::<String, _>(JsonCodec);
     // A first change, so that no snapshot waits for one.
-    writer.put(TOPIC, "seed", &"0".to_string()).await.unwrap();
+    let seed = writer.put(TOPIC, "seed", &"0".to_string()).await.unwrap();
     let mut running = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..nodes {
@@ -291,13 +332,20 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     }
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(subs);
     let mut tasks = Vec::new();
-    for group in 0..subs.div_ceil(PER_CONNECTION) {
-        let address = format!("http://{}", servers[group % nodes].local_addr());
+    // Subscriber i on node i % nodes (every node serves some, even at 100
+    // subscribers on 3 nodes), one connection per 100 of a node's.
+    let groups = (0..nodes).flat_map(|n| {
+        let on_node = subs / nodes + usize::from(n < subs % nodes);
+        (0..on_node.div_ceil(PER_CONNECTION))
+            .map(move |g| (n, PER_CONNECTION.min(on_node - g * PER_CONNECTION)))
+    });
+    for (node, size) in groups {
+        let address = format!("http://{}", servers[node].local_addr());
         let client = Client::builder([address])
             .buffer(256)
             .build_with::<String, _>(JsonCodec)
             .unwrap();
-        for _ in 0..PER_CONNECTION.min(subs - group * PER_CONNECTION) {
+        for _ in 0..size {
             let mut sub = client.subscribe(RemoteRequest::new(TOPIC, Subject::Wildcard));
             let ready = ready_tx.clone();
             tasks.push(tokio::spawn(async move {
@@ -333,7 +381,14 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
             .await
             .expect("every subscriber gets its snapshot");
     }
+    // Every node has applied the seed: its follower is past its start-up
+    // replay and on the consumer it keeps (snapshots only wait for the node
+    // that serves them).
+    for node in &running {
+        node.wait_for_index(seed, PATIENCE).await.unwrap();
+    }
     let consumers = nats.consumers(log.stream_name()).await;
+    let restarts_before: u64 = running.iter().map(|n| n.stats().consumer_restarts).sum();
     let before = nats.out_msgs().await;
     let started = Instant::now();
     futures::stream::iter(0..writes)
@@ -357,6 +412,18 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     }
     let elapsed = started.elapsed();
     let out = nats.out_msgs().await - before;
+    let consumers_after = nats.consumers(log.stream_name()).await;
+    let restarts: u64 = running
+        .iter()
+        .map(|n| n.stats().consumer_restarts)
+        .sum::<u64>()
+        - restarts_before;
+    if consumers_after != consumers || restarts > 0 {
+        eprintln!(
+            "snapstream {nodes} node(s), {subs} subscribers: {consumers} consumers before the burst, \
+             {consumers_after} after, {restarts} consumer restarts"
+        );
+    }
     for s in servers {
         s.shutdown().await.unwrap();
     }
@@ -365,7 +432,45 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
         .delete_stream(log.stream_name())
         .await
         .unwrap();
-    outcome(latencies, elapsed, consumers, out)
+    let mut o = outcome(latencies, elapsed, consumers, out);
+    o.consumers_after = consumers_after;
+    o
+}
+
+/// What the KV watchers' NATS clients reported (`event_callback`).
+#[derive(Default)]
+struct ClientEvents {
+    slow_consumer: AtomicU64,
+    disconnected: AtomicU64,
+    connected: AtomicU64,
+    other: AtomicU64,
+}
+
+impl ClientEvents {
+    fn count(&self, e: &async_nats::Event) {
+        let c = match e {
+            async_nats::Event::SlowConsumer(_) => &self.slow_consumer,
+            async_nats::Event::Disconnected => &self.disconnected,
+            async_nats::Event::Connected => &self.connected,
+            async_nats::Event::Closed => return,
+            _ => {
+                eprintln!("KV watcher client: {e}");
+                &self.other
+            }
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> String {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "{} slow-consumer drops, {} disconnects, {} connects (the first included), {} other events",
+            l(&self.slow_consumer),
+            l(&self.disconnected),
+            l(&self.connected),
+            l(&self.other)
+        )
+    }
 }
 
 /// How long KV watchers may take to get every change before the round is
@@ -396,8 +501,19 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let kv = js.get_key_value(&bucket).await.unwrap();
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(subs);
     let mut tasks = Vec::new();
+    let events = Arc::new(ClientEvents::default());
+    let received = Arc::new(AtomicU64::new(0));
+    let slow_before = nats.varz("slow_consumers").await;
     for group in 0..subs.div_ceil(PER_CONNECTION) {
-        let conn = nats.connect().await;
+        let conn = nats
+            .connect_with(|| {
+                let events = events.clone();
+                async_nats::ConnectOptions::new().event_callback(move |e| {
+                    let events = events.clone();
+                    async move { events.count(&e) }
+                })
+            })
+            .await;
         let bucket_kv = async_nats::jetstream::new(conn)
             .get_key_value(&bucket)
             .await
@@ -405,6 +521,7 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
         for _ in 0..PER_CONNECTION.min(subs - group * PER_CONNECTION) {
             let kv = bucket_kv.clone();
             let ready = ready_tx.clone();
+            let received = received.clone();
             tasks.push(tokio::spawn(async move {
                 let mut watch = kv.watch_all().await.unwrap();
                 ready.send(()).await.unwrap();
@@ -412,6 +529,7 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
                 while latencies.len() < writes {
                     let entry = watch.next().await.expect("watch").expect("entry");
                     let at = now_ns();
+                    received.fetch_add(1, Ordering::Relaxed);
                     let sent: u64 = std::str::from_utf8(&entry.value).unwrap().parse().unwrap();
                     latencies.push(at.saturating_sub(sent));
                 }
@@ -458,7 +576,16 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     }
     let elapsed = started.elapsed();
     let out = nats.out_msgs().await - before;
+    let slow = nats.varz("slow_consumers").await - slow_before;
     let _ = js.delete_key_value(&bucket).await;
+    eprintln!(
+        "NATS KV watch, {subs} watchers: {} of {} changes received; puts failed: {}; \
+         server slow consumers: {slow}; watcher clients: {}",
+        received.load(Ordering::Relaxed),
+        subs * writes,
+        puts.iter().filter(|ok| !**ok).count(),
+        events.summary()
+    );
     if !complete {
         eprintln!(
             "NATS KV watch, {subs} watchers: FAILED ({})",
@@ -486,6 +613,7 @@ fn medians(v: &[Outcome]) -> Outcome {
         p50_us: median(v.iter().map(|o| o.p50_us).collect()),
         p99_us: median(v.iter().map(|o| o.p99_us).collect()),
         consumers: v.iter().map(|o| o.consumers).max().unwrap_or(0),
+        consumers_after: v.iter().map(|o| o.consumers_after).max().unwrap_or(0),
         out_msgs: median(v.iter().map(|o| o.out_msgs as f64).collect()) as u64,
     }
 }
@@ -513,12 +641,16 @@ fn main() {
     rt.block_on(async {
         for round in 0..s.rounds {
             for &(nodes, subs) in &s.scenarios {
-                let o = snapstream_round(&nats, nodes, subs, s.writes).await;
-                eprintln!("round {round}: snapstream {nodes} node(s), {subs} subscribers: {o:?}");
-                snap.entry((nodes, subs)).or_default().push(o);
+                if runs("snapstream") {
+                    let o = snapstream_round(&nats, nodes, subs, s.writes).await;
+                    eprintln!(
+                        "round {round}: snapstream {nodes} node(s), {subs} subscribers: {o:?}"
+                    );
+                    snap.entry((nodes, subs)).or_default().push(o);
+                }
                 // One KV run per subscriber count and round (nodes play no
                 // part there), next to the first snapstream run of that count.
-                if kv.get(&subs).is_none_or(|v| v.len() <= round) {
+                if runs("kv") && kv.get(&subs).is_none_or(|v| v.len() <= round) {
                     let o = kv_round(&nats, subs, s.writes).await;
                     eprintln!("round {round}: NATS KV watch, {subs} watchers: {o:?}");
                     kv.entry(subs).or_default().push(o);
@@ -531,11 +663,41 @@ fn main() {
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut consumers_ok = true;
     let mut target_row = None;
+    for (&subs, v) in &kv {
+        if !snap.keys().any(|&(_, s)| s == subs) {
+            let done: Vec<Outcome> = v.iter().flatten().copied().collect();
+            if done.len() < v.len() {
+                println!("| – | {subs} | – | FAILED | – | – | – | – / {subs} | – / – |");
+            } else {
+                let b = medians(&done);
+                println!(
+                    "| – | {subs} | – | {:.0} | – | – | {:.1} / {:.1} | – / {} | – / {} |",
+                    b.deliveries_per_s,
+                    b.p50_us / 1e3,
+                    b.p99_us / 1e3,
+                    b.consumers,
+                    b.out_msgs
+                );
+            }
+        }
+    }
     for (&(nodes, subs), outcomes) in &snap {
         let a = medians(outcomes);
-        consumers_ok &= a.consumers == nodes;
-        let done: Vec<Outcome> = kv[&subs].iter().flatten().copied().collect();
-        if done.len() < kv[&subs].len() {
+        let every = |f: fn(&Outcome) -> usize| outcomes.iter().all(|o| f(o) == nodes);
+        consumers_ok &= every(|o| o.consumers) && every(|o| o.consumers_after);
+        let Some(kv_runs) = kv.get(&subs) else {
+            println!(
+                "| {nodes} | {subs} | {:.0} | not run | – | {:.1} / {:.1} | – | {} / – | {} / – |",
+                a.deliveries_per_s,
+                a.p50_us / 1e3,
+                a.p99_us / 1e3,
+                a.consumers,
+                a.out_msgs
+            );
+            continue;
+        };
+        let done: Vec<Outcome> = kv_runs.iter().flatten().copied().collect();
+        if done.len() < kv_runs.len() {
             // A failed KV round fails the case for KV.
             println!(
                 "| {nodes} | {subs} | {:.0} | FAILED | – | {:.1} / {:.1} | – | {} / {subs} | {} / – |",
