@@ -473,6 +473,43 @@ impl ClientEvents {
     }
 }
 
+/// The errors KV watches returned before going on, by kind.
+#[derive(Default)]
+struct WatchErrors(std::sync::Mutex<BTreeMap<String, u64>>);
+
+impl WatchErrors {
+    fn count(&self, e: &async_nats::jetstream::kv::WatcherError) {
+        *self.0.lock().unwrap().entry(e.to_string()).or_default() += 1;
+    }
+
+    fn summary(&self) -> String {
+        let m = self.0.lock().unwrap();
+        if m.is_empty() {
+            return "none".to_string();
+        }
+        m.iter()
+            .map(|(k, n)| format!("{n}× {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The KV bucket's history: values kept per key (`kv::Config::history`,
+/// whose maximum this is).
+///
+/// With KV's default history of 1, a put replaces the key's previous value
+/// in the stream at once, and a watch's consumer that has not delivered that
+/// value yet never does: the watcher gets the key's newest value, not every
+/// change. Under a burst to 5,000 watchers the server falls behind and the
+/// watchers miss changes (seen on this machine: consumers whose
+/// `delivered.consumer_seq` was 190 at `stream_seq` 200, nothing pending,
+/// no slow consumer) — whether a round "completed" then depended on how busy
+/// the machine was. The snapstream log keeps every change, and each of its
+/// subscribers must get all of them; so the bucket keeps every change of a
+/// round too (200 writes over [`KEYS`] keys: at most 4 per key), as a user
+/// whose watchers must see every change would configure it.
+const KV_HISTORY: i64 = 64;
+
 /// How long KV watchers may take to get every change before the round is
 /// recorded as failed (at 5,000 watchers they never do: see the README).
 const KV_PATIENCE: Duration = Duration::from_secs(60);
@@ -485,11 +522,12 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let bucket = unique("bench_kv");
     // The bucket's stream as `create_key_value` makes it (async-nats'
     // request carries fields the Debian nats-server 2.9 does not answer in
-    // a shape it parses): one value per key, rollups, direct gets.
+    // a shape it parses): rollups, direct gets, and a history of
+    // [`KV_HISTORY`] values per key — see there.
     js.create_stream(async_nats::jetstream::stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
+        max_messages_per_subject: KV_HISTORY,
         discard: async_nats::jetstream::stream::DiscardPolicy::New,
         allow_rollup: true,
         deny_delete: true,
@@ -503,6 +541,8 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let mut tasks = Vec::new();
     let events = Arc::new(ClientEvents::default());
     let received = Arc::new(AtomicU64::new(0));
+    let per_watcher: Arc<Vec<AtomicU64>> = Arc::new((0..subs).map(|_| AtomicU64::new(0)).collect());
+    let watch_errors = Arc::new(WatchErrors::default());
     let slow_before = nats.varz("slow_consumers").await;
     for group in 0..subs.div_ceil(PER_CONNECTION) {
         let conn = nats
@@ -522,14 +562,27 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
             let kv = bucket_kv.clone();
             let ready = ready_tx.clone();
             let received = received.clone();
+            let per_watcher = per_watcher.clone();
+            let me = tasks.len();
+            let watch_errors = watch_errors.clone();
             tasks.push(tokio::spawn(async move {
                 let mut watch = kv.watch_all().await.unwrap();
                 ready.send(()).await.unwrap();
                 let mut latencies = Vec::with_capacity(writes);
                 while latencies.len() < writes {
-                    let entry = watch.next().await.expect("watch").expect("entry");
+                    let entry = match watch.next().await.expect("watch ended") {
+                        Ok(entry) => entry,
+                        // Transient: the watch's ordered consumer recreates
+                        // itself from the last change it delivered (a missed
+                        // idle heartbeat, a recreation that failed once).
+                        Err(e) => {
+                            watch_errors.count(&e);
+                            continue;
+                        }
+                    };
                     let at = now_ns();
                     received.fetch_add(1, Ordering::Relaxed);
+                    per_watcher[me].fetch_add(1, Ordering::Relaxed);
                     let sent: u64 = std::str::from_utf8(&entry.value).unwrap().parse().unwrap();
                     latencies.push(at.saturating_sub(sent));
                 }
@@ -545,19 +598,20 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let before = nats.out_msgs().await;
     let started = Instant::now();
     let kv = Arc::new(kv);
-    let puts: Vec<bool> = futures::stream::iter(0..writes)
+    let puts: Vec<Result<(), String>> = futures::stream::iter(0..writes)
         .map(|k| {
             let kv = kv.clone();
             async move {
                 kv.put(format!("k{}", k % KEYS), now_ns().to_string().into())
                     .await
-                    .is_ok()
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             }
         })
         .buffer_unordered(IN_FLIGHT)
         .collect::<Vec<_>>()
         .await;
-    let puts_ok = puts.iter().all(|ok| *ok);
+    let puts_ok = puts.iter().all(Result::is_ok);
     let mut latencies = Vec::with_capacity(subs * writes);
     let deadline = tokio::time::Instant::now() + KV_PATIENCE;
     let mut complete = puts_ok;
@@ -577,14 +631,61 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let elapsed = started.elapsed();
     let out = nats.out_msgs().await - before;
     let slow = nats.varz("slow_consumers").await - slow_before;
+    if !complete {
+        let counts: Vec<u64> = per_watcher
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let short = counts.iter().filter(|&&c| c < writes as u64).count();
+        let mut hist: BTreeMap<u64, usize> = BTreeMap::new();
+        for &c in &counts {
+            *hist.entry(c / 20 * 20).or_default() += 1;
+        }
+        eprintln!(
+            "KV diagnosis: {short} watchers short; received (bucket of 20 → watchers): {hist:?}"
+        );
+        let url = format!(
+            "http://127.0.0.1:{}/jsz?consumers=true&config=true",
+            nats.monitor
+        );
+        let jsz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut delivered: BTreeMap<u64, usize> = BTreeMap::new();
+        let (mut recreated, mut total, mut waiting) = (0, 0, 0);
+        for a in jsz["account_details"].as_array().into_iter().flatten() {
+            for st in a["stream_detail"].as_array().into_iter().flatten() {
+                if st["name"] != format!("KV_{bucket}").as_str() {
+                    continue;
+                }
+                for c in st["consumer_detail"].as_array().into_iter().flatten() {
+                    total += 1;
+                    if c["name"].as_str().is_some_and(|n| n.contains('_')) {
+                        recreated += 1;
+                    }
+                    *pending
+                        .entry(c["num_pending"].as_u64().unwrap_or(0) / 20 * 20)
+                        .or_default() += 1;
+                    *delivered
+                        .entry(c["delivered"]["consumer_seq"].as_u64().unwrap_or(0) / 20 * 20)
+                        .or_default() += 1;
+                    waiting += c["num_waiting"].as_u64().unwrap_or(0);
+                    if total == 1 {
+                        eprintln!("KV diagnosis: a consumer: {c}");
+                    }
+                }
+            }
+        }
+        eprintln!("KV diagnosis: server: {total} consumers, {recreated} recreated; num_pending buckets {pending:?}; delivered consumer_seq buckets {delivered:?}; waiting {waiting}");
+    }
     let _ = js.delete_key_value(&bucket).await;
     eprintln!(
         "NATS KV watch, {subs} watchers: {} of {} changes received; puts failed: {}; \
-         server slow consumers: {slow}; watcher clients: {}",
+         server slow consumers: {slow}; watcher clients: {}; watch errors (went on): {}",
         received.load(Ordering::Relaxed),
         subs * writes,
-        puts.iter().filter(|ok| !**ok).count(),
-        events.summary()
+        puts.iter().filter(|r| r.is_err()).count(),
+        events.summary(),
+        watch_errors.summary()
     );
     if !complete {
         eprintln!(
@@ -592,7 +693,10 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
             if puts_ok {
                 format!("not every watcher got every change within {KV_PATIENCE:?}")
             } else {
-                "a put was not acknowledged".to_string()
+                format!(
+                    "a put was not acknowledged: {}",
+                    puts.iter().find_map(|r| r.as_ref().err()).unwrap()
+                )
             }
         );
         return None;
