@@ -879,20 +879,23 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
         let applied = last.max(target).max(self.applied);
         locked.applied = applied;
         self.applied = applied;
-        drop(locked);
-        Counters::bump(&self.stats.rebuilds);
-        self.stats.applied.store(applied, Ordering::Relaxed);
-        self.core.applied.send_replace(applied);
-        tracing::info!(applied, target, "state rebuilt from the log");
         if refresh {
             // Subscribers' views missed the changes of the gap: they must
-            // re-subscribe, and get a snapshot of the rebuilt state.
+            // re-subscribe, and get a snapshot of the rebuilt state. Done
+            // under the lock and before `applied` is announced, so that a
+            // subscription made once the rebuilt state is readable (e.g.
+            // after `wait_for_index`) is not closed with the stale ones.
             for topic in &self.topics {
                 if let Err(e) = self.publisher.refresh_topic(topic.clone()) {
                     tracing::error!(error = %e, "refresh after rebuild");
                 }
             }
         }
+        drop(locked);
+        Counters::bump(&self.stats.rebuilds);
+        self.stats.applied.store(applied, Ordering::Relaxed);
+        self.core.applied.send_replace(applied);
+        tracing::info!(applied, target, "state rebuilt from the log");
         self.since_checkpoint = 0;
         self.checkpoint_now().await;
         Ok(Next::Mode(Mode::Follow { from: applied + 1 }))
