@@ -223,6 +223,22 @@ impl Nats {
             .sum()
     }
 
+    /// How many consumers of `stream` are replacements an ordered consumer
+    /// made of itself (async-nats names them `{first}_{n}`).
+    async fn recreated_consumers(&self, stream: &str) -> usize {
+        let url = format!("http://127.0.0.1:{}/jsz?consumers=true", self.monitor);
+        let jsz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .filter(|s| s["name"] == stream)
+            .flat_map(|s| s["consumer_detail"].as_array().into_iter().flatten())
+            .filter(|c| c["name"].as_str().is_some_and(|n| n.contains('_')))
+            .count()
+    }
+
     /// Messages the server has sent to its clients (`/varz` `out_msgs`).
     async fn out_msgs(&self) -> u64 {
         self.varz("out_msgs").await
@@ -413,15 +429,16 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     let elapsed = started.elapsed();
     let out = nats.out_msgs().await - before;
     let consumers_after = nats.consumers(log.stream_name()).await;
+    let recreated = nats.recreated_consumers(log.stream_name()).await;
     let restarts: u64 = running
         .iter()
         .map(|n| n.stats().consumer_restarts)
         .sum::<u64>()
         - restarts_before;
-    if consumers_after != consumers || restarts > 0 {
+    if consumers_after != consumers || restarts > 0 || recreated > 0 {
         eprintln!(
             "snapstream {nodes} node(s), {subs} subscribers: {consumers} consumers before the burst, \
-             {consumers_after} after, {restarts} consumer restarts"
+             {consumers_after} after ({recreated} recreated by async-nats), {restarts} consumer restarts"
         );
     }
     for s in servers {
