@@ -3,11 +3,15 @@
 //!
 //! * **snapstream**: 1 or 3 nodes, each an ordered JetStream consumer of the
 //!   log applying it and publishing into its publisher, served over gRPC
-//!   (`Node::server`); the subscribers are remote wildcard subscriptions
-//!   spread evenly over the nodes, one `net::Client` (one HTTP/2
-//!   connection) per 100 subscribers.
+//!   (`Node::server`); the subscribers are remote wildcard subscriptions,
+//!   subscriber i on node i mod nodes, one `net::Client` (one HTTP/2
+//!   connection) per 100 of a node's subscribers.
 //! * **NATS KV**: every subscriber runs `kv.watch_all()` on the bucket — one
-//!   JetStream consumer each, one NATS connection per 100 watchers.
+//!   JetStream consumer each, one NATS connection per 100 watchers. The
+//!   bucket keeps a history of 64 values per key, so that no change of a
+//!   round is superseded before every watch delivered it (see
+//!   [`KV_HISTORY`]); a watch's transient errors are counted and the watcher
+//!   goes on, as its ordered consumer recreates itself.
 //!
 //! Each round writes a burst of changes (32 puts in flight) whose values
 //! carry the write time; every subscriber must receive every change (counted,
@@ -15,7 +19,10 @@
 //! time from the first write to the last delivery; p50/p99 is write-to-view
 //! latency over every delivery. The load on NATS is what its own monitoring
 //! says: the stream's consumers (JetStream API) and the messages the server
-//! sent (`/varz` `out_msgs`) during the round. The bench starts its own
+//! sent (`/varz` `out_msgs`) during the round. The consumers are read once
+//! every subscriber has its snapshot *and* every node has applied the
+//! round's first change (so no node is still in its start-up replay), and
+//! again after the last delivery. The bench starts its own
 //! `nats-server -js -m PORT` (installed with apt when missing; skipped with
 //! a notice when it cannot be).
 //!
@@ -23,6 +30,12 @@
 //! (`SNAPSTREAM_BENCH_ROUNDS=N` rounds, default 3, interleaved, medians), or
 //! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --features jetstream,net --bench cluster`
 //! (1 node, 100 subscribers, a few changes: checks only).
+//!
+//! Knobs: `SNAPSTREAM_BENCH_CASES=3x100,3x5000` runs only those cases
+//! (nodes × subscribers); `SNAPSTREAM_BENCH_SYSTEMS=snapstream` (or `kv`)
+//! runs only that side; `SNAPSTREAM_BENCH_PERF_CTL=FIFO` drives
+//! `perf record -D -1 --control fifo:FIFO` so that it samples only the
+//! snapstream rounds' bursts.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -259,6 +272,17 @@ impl Drop for Nats {
     }
 }
 
+/// With `SNAPSTREAM_BENCH_PERF_CTL=FIFO`, tells `perf record -D -1 --control
+/// fifo:FIFO` to sample only a snapstream round's burst (from the first write
+/// to the last delivery).
+fn perf_control(command: &str) {
+    if let Some(fifo) = std::env::var_os("SNAPSTREAM_BENCH_PERF_CTL") {
+        if let Err(e) = std::fs::write(&fifo, format!("{command}\n")) {
+            eprintln!("perf control {command}: {e}");
+        }
+    }
+}
+
 // ---- one round -----------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -406,6 +430,7 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     let consumers = nats.consumers(log.stream_name()).await;
     let restarts_before: u64 = running.iter().map(|n| n.stats().consumer_restarts).sum();
     let before = nats.out_msgs().await;
+    perf_control("enable");
     let started = Instant::now();
     futures::stream::iter(0..writes)
         .map(|k| {
@@ -427,6 +452,7 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
         latencies.extend(got);
     }
     let elapsed = started.elapsed();
+    perf_control("disable");
     let out = nats.out_msgs().await - before;
     let consumers_after = nats.consumers(log.stream_name()).await;
     let recreated = nats.recreated_consumers(log.stream_name()).await;
