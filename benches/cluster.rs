@@ -34,8 +34,9 @@
 //! Knobs: `SNAPSTREAM_BENCH_CASES=3x100,3x5000` runs only those cases
 //! (nodes × subscribers); `SNAPSTREAM_BENCH_SYSTEMS=snapstream` (or `kv`)
 //! runs only that side; `SNAPSTREAM_BENCH_PERF_CTL=FIFO` drives
-//! `perf record -D -1 --control fifo:FIFO` so that it samples only the
-//! snapstream rounds' bursts.
+//! `perf record -D -1 --control fifo:FIFO` (or `perf stat`) so that it
+//! samples only the rounds' bursts (the bench's `nats-server` is its child:
+//! `perf` follows it too).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -273,8 +274,8 @@ impl Drop for Nats {
 }
 
 /// With `SNAPSTREAM_BENCH_PERF_CTL=FIFO`, tells `perf record -D -1 --control
-/// fifo:FIFO` to sample only a snapstream round's burst (from the first write
-/// to the last delivery).
+/// fifo:FIFO` (or `perf stat`) to sample only the rounds' bursts (from the
+/// first write to the last delivery).
 fn perf_control(command: &str) {
     if let Some(fifo) = std::env::var_os("SNAPSTREAM_BENCH_PERF_CTL") {
         if let Err(e) = std::fs::write(&fifo, format!("{command}\n")) {
@@ -639,6 +640,7 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     }
     let consumers = nats.consumers(&format!("KV_{bucket}")).await;
     let before = nats.out_msgs().await;
+    perf_control("enable");
     let started = Instant::now();
     let kv = Arc::new(kv);
     let puts: Vec<Result<(), String>> = futures::stream::iter(0..writes)
@@ -672,6 +674,7 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
         }
     }
     let elapsed = started.elapsed();
+    perf_control("disable");
     let out = nats.out_msgs().await - before;
     let slow = nats.varz("slow_consumers").await - slow_before;
     if !complete {
