@@ -3,11 +3,15 @@
 //!
 //! * **snapstream**: 1 or 3 nodes, each an ordered JetStream consumer of the
 //!   log applying it and publishing into its publisher, served over gRPC
-//!   (`Node::server`); the subscribers are remote wildcard subscriptions
-//!   spread evenly over the nodes, one `net::Client` (one HTTP/2
-//!   connection) per 100 subscribers.
+//!   (`Node::server`); the subscribers are remote wildcard subscriptions,
+//!   subscriber i on node i mod nodes, one `net::Client` (one HTTP/2
+//!   connection) per 100 of a node's subscribers.
 //! * **NATS KV**: every subscriber runs `kv.watch_all()` on the bucket — one
-//!   JetStream consumer each, one NATS connection per 100 watchers.
+//!   JetStream consumer each, one NATS connection per 100 watchers. The
+//!   bucket keeps a history of 64 values per key, so that no change of a
+//!   round is superseded before every watch delivered it (see
+//!   [`KV_HISTORY`]); a watch's transient errors are counted and the watcher
+//!   goes on, as its ordered consumer recreates itself.
 //!
 //! Each round writes a burst of changes (32 puts in flight) whose values
 //! carry the write time; every subscriber must receive every change (counted,
@@ -15,7 +19,10 @@
 //! time from the first write to the last delivery; p50/p99 is write-to-view
 //! latency over every delivery. The load on NATS is what its own monitoring
 //! says: the stream's consumers (JetStream API) and the messages the server
-//! sent (`/varz` `out_msgs`) during the round. The bench starts its own
+//! sent (`/varz` `out_msgs`) during the round. The consumers are read once
+//! every subscriber has its snapshot *and* every node has applied the
+//! round's first change (so no node is still in its start-up replay), and
+//! again after the last delivery. The bench starts its own
 //! `nats-server -js -m PORT` (installed with apt when missing; skipped with
 //! a notice when it cannot be).
 //!
@@ -23,10 +30,18 @@
 //! (`SNAPSTREAM_BENCH_ROUNDS=N` rounds, default 3, interleaved, medians), or
 //! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --features jetstream,net --bench cluster`
 //! (1 node, 100 subscribers, a few changes: checks only).
+//!
+//! Knobs: `SNAPSTREAM_BENCH_CASES=3x100,3x5000` runs only those cases
+//! (nodes × subscribers); `SNAPSTREAM_BENCH_SYSTEMS=snapstream` (or `kv`)
+//! runs only that side; `SNAPSTREAM_BENCH_PERF_CTL=FIFO` drives
+//! `perf record -D -1 --control fifo:FIFO` (or `perf stat`) so that it
+//! samples only the rounds' bursts (the bench's `nats-server` is its child:
+//! `perf` follows it too).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -63,19 +78,40 @@ fn sizes() -> Sizes {
         .and_then(|r| r.parse().ok())
         .unwrap_or(3usize)
         .max(1);
+    let all = vec![
+        (1, 100),
+        (1, 1_000),
+        (1, 5_000),
+        (3, 100),
+        (3, 1_000),
+        (3, 5_000),
+    ];
+    // `SNAPSTREAM_BENCH_CASES=3x100,3x5000`: only these (nodes × subscribers).
+    let scenarios = match std::env::var("SNAPSTREAM_BENCH_CASES") {
+        Ok(cases) => cases
+            .split(',')
+            .filter_map(|c| {
+                let (n, s) = c.trim().split_once('x')?;
+                Some((n.parse().ok()?, s.parse().ok()?))
+            })
+            .filter(|&(n, s): &(usize, usize)| n > 0 && s > 0)
+            .collect(),
+        Err(_) => all,
+    };
     Sizes {
-        scenarios: vec![
-            (1, 100),
-            (1, 1_000),
-            (1, 5_000),
-            (3, 100),
-            (3, 1_000),
-            (3, 5_000),
-        ],
+        scenarios,
         writes: 200,
         rounds,
         quick: false,
     }
+}
+
+/// `SNAPSTREAM_BENCH_SYSTEMS=snapstream` or `=kv`: run only that side
+/// (default both).
+fn runs(system: &str) -> bool {
+    std::env::var("SNAPSTREAM_BENCH_SYSTEMS")
+        .map(|v| v.split(',').any(|s| s.trim() == system))
+        .unwrap_or(true)
 }
 
 fn now_ns() -> u64 {
@@ -168,9 +204,16 @@ impl Nats {
     }
 
     async fn connect(&self) -> async_nats::Client {
+        self.connect_with(async_nats::ConnectOptions::new).await
+    }
+
+    async fn connect_with(
+        &self,
+        options: impl Fn() -> async_nats::ConnectOptions,
+    ) -> async_nats::Client {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            match async_nats::connect(self.url()).await {
+            match options().connect(self.url()).await {
                 Ok(c) => return c,
                 Err(_) if Instant::now() < deadline => {
                     tokio::time::sleep(Duration::from_millis(50)).await
@@ -194,11 +237,32 @@ impl Nats {
             .sum()
     }
 
+    /// How many consumers of `stream` are replacements an ordered consumer
+    /// made of itself (async-nats names them `{first}_{n}`).
+    async fn recreated_consumers(&self, stream: &str) -> usize {
+        let url = format!("http://127.0.0.1:{}/jsz?consumers=true", self.monitor);
+        let jsz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        jsz["account_details"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
+            .filter(|s| s["name"] == stream)
+            .flat_map(|s| s["consumer_detail"].as_array().into_iter().flatten())
+            .filter(|c| c["name"].as_str().is_some_and(|n| n.contains('_')))
+            .count()
+    }
+
     /// Messages the server has sent to its clients (`/varz` `out_msgs`).
     async fn out_msgs(&self) -> u64 {
+        self.varz("out_msgs").await
+    }
+
+    /// A counter of `/varz` (`out_msgs`, `slow_consumers`).
+    async fn varz(&self, field: &str) -> u64 {
         let url = format!("http://127.0.0.1:{}/varz", self.monitor);
         let varz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-        varz["out_msgs"].as_u64().unwrap_or(0)
+        varz[field].as_u64().unwrap_or(0)
     }
 }
 
@@ -209,6 +273,17 @@ impl Drop for Nats {
     }
 }
 
+/// With `SNAPSTREAM_BENCH_PERF_CTL=FIFO`, tells `perf record -D -1 --control
+/// fifo:FIFO` (or `perf stat`) to sample only the rounds' bursts (from the
+/// first write to the last delivery).
+fn perf_control(command: &str) {
+    if let Some(fifo) = std::env::var_os("SNAPSTREAM_BENCH_PERF_CTL") {
+        if let Err(e) = std::fs::write(&fifo, format!("{command}\n")) {
+            eprintln!("perf control {command}: {e}");
+        }
+    }
+}
+
 // ---- one round -----------------------------------------------------------
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -216,7 +291,13 @@ struct Outcome {
     deliveries_per_s: f64,
     p50_us: f64,
     p99_us: f64,
+    /// The stream's consumers once every subscriber is ready, before the
+    /// burst.
     consumers: usize,
+    /// ... and after the last delivery (a consumer recreated meanwhile shows
+    /// as a difference only when caught mid-way; the nodes' restart counters
+    /// are printed too).
+    consumers_after: usize,
     out_msgs: u64,
 }
 
@@ -235,6 +316,7 @@ fn outcome(mut latencies: Vec<u64>, elapsed: Duration, consumers: usize, out_msg
         p50_us: percentile(&latencies, 0.50),
         p99_us: percentile(&latencies, 0.99),
         consumers,
+        consumers_after: consumers,
         out_msgs,
     }
 }
@@ -273,7 +355,7 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     .unwrap();
     let writer = log.writer::<String, _>(JsonCodec);
     // A first change, so that no snapshot waits for one.
-    writer.put(TOPIC, "seed", &"0".to_string()).await.unwrap();
+    let seed = writer.put(TOPIC, "seed", &"0".to_string()).await.unwrap();
     let mut running = Vec::new();
     let mut servers = Vec::new();
     for _ in 0..nodes {
@@ -291,13 +373,20 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     }
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(subs);
     let mut tasks = Vec::new();
-    for group in 0..subs.div_ceil(PER_CONNECTION) {
-        let address = format!("http://{}", servers[group % nodes].local_addr());
+    // Subscriber i on node i % nodes (every node serves some, even at 100
+    // subscribers on 3 nodes), one connection per 100 of a node's.
+    let groups = (0..nodes).flat_map(|n| {
+        let on_node = subs / nodes + usize::from(n < subs % nodes);
+        (0..on_node.div_ceil(PER_CONNECTION))
+            .map(move |g| (n, PER_CONNECTION.min(on_node - g * PER_CONNECTION)))
+    });
+    for (node, size) in groups {
+        let address = format!("http://{}", servers[node].local_addr());
         let client = Client::builder([address])
             .buffer(256)
             .build_with::<String, _>(JsonCodec)
             .unwrap();
-        for _ in 0..PER_CONNECTION.min(subs - group * PER_CONNECTION) {
+        for _ in 0..size {
             let mut sub = client.subscribe(RemoteRequest::new(TOPIC, Subject::Wildcard));
             let ready = ready_tx.clone();
             tasks.push(tokio::spawn(async move {
@@ -333,8 +422,16 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
             .await
             .expect("every subscriber gets its snapshot");
     }
+    // Every node has applied the seed: its follower is past its start-up
+    // replay and on the consumer it keeps (snapshots only wait for the node
+    // that serves them).
+    for node in &running {
+        node.wait_for_index(seed, PATIENCE).await.unwrap();
+    }
     let consumers = nats.consumers(log.stream_name()).await;
+    let restarts_before: u64 = running.iter().map(|n| n.stats().consumer_restarts).sum();
     let before = nats.out_msgs().await;
+    perf_control("enable");
     let started = Instant::now();
     futures::stream::iter(0..writes)
         .map(|k| {
@@ -356,7 +453,21 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
         latencies.extend(got);
     }
     let elapsed = started.elapsed();
+    perf_control("disable");
     let out = nats.out_msgs().await - before;
+    let consumers_after = nats.consumers(log.stream_name()).await;
+    let recreated = nats.recreated_consumers(log.stream_name()).await;
+    let restarts: u64 = running
+        .iter()
+        .map(|n| n.stats().consumer_restarts)
+        .sum::<u64>()
+        - restarts_before;
+    if consumers_after != consumers || restarts > 0 || recreated > 0 {
+        eprintln!(
+            "snapstream {nodes} node(s), {subs} subscribers: {consumers} consumers before the burst, \
+             {consumers_after} after ({recreated} recreated by async-nats), {restarts} consumer restarts"
+        );
+    }
     for s in servers {
         s.shutdown().await.unwrap();
     }
@@ -365,8 +476,83 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
         .delete_stream(log.stream_name())
         .await
         .unwrap();
-    outcome(latencies, elapsed, consumers, out)
+    let mut o = outcome(latencies, elapsed, consumers, out);
+    o.consumers_after = consumers_after;
+    o
 }
+
+/// What the KV watchers' NATS clients reported (`event_callback`).
+#[derive(Default)]
+struct ClientEvents {
+    slow_consumer: AtomicU64,
+    disconnected: AtomicU64,
+    connected: AtomicU64,
+    other: AtomicU64,
+}
+
+impl ClientEvents {
+    fn count(&self, e: &async_nats::Event) {
+        let c = match e {
+            async_nats::Event::SlowConsumer(_) => &self.slow_consumer,
+            async_nats::Event::Disconnected => &self.disconnected,
+            async_nats::Event::Connected => &self.connected,
+            async_nats::Event::Closed => return,
+            _ => {
+                eprintln!("KV watcher client: {e}");
+                &self.other
+            }
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn summary(&self) -> String {
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "{} slow-consumer drops, {} disconnects, {} connects (the first included), {} other events",
+            l(&self.slow_consumer),
+            l(&self.disconnected),
+            l(&self.connected),
+            l(&self.other)
+        )
+    }
+}
+
+/// The errors KV watches returned before going on, by kind.
+#[derive(Default)]
+struct WatchErrors(std::sync::Mutex<BTreeMap<String, u64>>);
+
+impl WatchErrors {
+    fn count(&self, e: &async_nats::jetstream::kv::WatcherError) {
+        *self.0.lock().unwrap().entry(e.to_string()).or_default() += 1;
+    }
+
+    fn summary(&self) -> String {
+        let m = self.0.lock().unwrap();
+        if m.is_empty() {
+            return "none".to_string();
+        }
+        m.iter()
+            .map(|(k, n)| format!("{n}× {k}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The KV bucket's history: values kept per key (`kv::Config::history`,
+/// whose maximum this is).
+///
+/// With KV's default history of 1, a put replaces the key's previous value
+/// in the stream at once, and a watch's consumer that has not delivered that
+/// value yet never does: the watcher gets the key's newest value, not every
+/// change. Under a burst to 5,000 watchers the server falls behind and the
+/// watchers miss changes (seen on this machine: consumers whose
+/// `delivered.consumer_seq` was 190 at `stream_seq` 200, nothing pending,
+/// no slow consumer) — whether a round "completed" then depended on how busy
+/// the machine was. The snapstream log keeps every change, and each of its
+/// subscribers must get all of them; so the bucket keeps every change of a
+/// round too (200 writes over [`KEYS`] keys: at most 4 per key), as a user
+/// whose watchers must see every change would configure it.
+const KV_HISTORY: i64 = 64;
 
 /// How long KV watchers may take to get every change before the round is
 /// recorded as failed (at 5,000 watchers they never do: see the README).
@@ -380,11 +566,12 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let bucket = unique("bench_kv");
     // The bucket's stream as `create_key_value` makes it (async-nats'
     // request carries fields the Debian nats-server 2.9 does not answer in
-    // a shape it parses): one value per key, rollups, direct gets.
+    // a shape it parses): rollups, direct gets, and a history of
+    // [`KV_HISTORY`] values per key — see there.
     js.create_stream(async_nats::jetstream::stream::Config {
         name: format!("KV_{bucket}"),
         subjects: vec![format!("$KV.{bucket}.>")],
-        max_messages_per_subject: 1,
+        max_messages_per_subject: KV_HISTORY,
         discard: async_nats::jetstream::stream::DiscardPolicy::New,
         allow_rollup: true,
         deny_delete: true,
@@ -396,8 +583,21 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     let kv = js.get_key_value(&bucket).await.unwrap();
     let (ready_tx, mut ready_rx) = mpsc::channel::<()>(subs);
     let mut tasks = Vec::new();
+    let events = Arc::new(ClientEvents::default());
+    let received = Arc::new(AtomicU64::new(0));
+    let per_watcher: Arc<Vec<AtomicU64>> = Arc::new((0..subs).map(|_| AtomicU64::new(0)).collect());
+    let watch_errors = Arc::new(WatchErrors::default());
+    let slow_before = nats.varz("slow_consumers").await;
     for group in 0..subs.div_ceil(PER_CONNECTION) {
-        let conn = nats.connect().await;
+        let conn = nats
+            .connect_with(|| {
+                let events = events.clone();
+                async_nats::ConnectOptions::new().event_callback(move |e| {
+                    let events = events.clone();
+                    async move { events.count(&e) }
+                })
+            })
+            .await;
         let bucket_kv = async_nats::jetstream::new(conn)
             .get_key_value(&bucket)
             .await
@@ -405,13 +605,28 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
         for _ in 0..PER_CONNECTION.min(subs - group * PER_CONNECTION) {
             let kv = bucket_kv.clone();
             let ready = ready_tx.clone();
+            let received = received.clone();
+            let per_watcher = per_watcher.clone();
+            let me = tasks.len();
+            let watch_errors = watch_errors.clone();
             tasks.push(tokio::spawn(async move {
                 let mut watch = kv.watch_all().await.unwrap();
                 ready.send(()).await.unwrap();
                 let mut latencies = Vec::with_capacity(writes);
                 while latencies.len() < writes {
-                    let entry = watch.next().await.expect("watch").expect("entry");
+                    let entry = match watch.next().await.expect("watch ended") {
+                        Ok(entry) => entry,
+                        // Transient: the watch's ordered consumer recreates
+                        // itself from the last change it delivered (a missed
+                        // idle heartbeat, a recreation that failed once).
+                        Err(e) => {
+                            watch_errors.count(&e);
+                            continue;
+                        }
+                    };
                     let at = now_ns();
+                    received.fetch_add(1, Ordering::Relaxed);
+                    per_watcher[me].fetch_add(1, Ordering::Relaxed);
                     let sent: u64 = std::str::from_utf8(&entry.value).unwrap().parse().unwrap();
                     latencies.push(at.saturating_sub(sent));
                 }
@@ -425,21 +640,23 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
     }
     let consumers = nats.consumers(&format!("KV_{bucket}")).await;
     let before = nats.out_msgs().await;
+    perf_control("enable");
     let started = Instant::now();
     let kv = Arc::new(kv);
-    let puts: Vec<bool> = futures::stream::iter(0..writes)
+    let puts: Vec<Result<(), String>> = futures::stream::iter(0..writes)
         .map(|k| {
             let kv = kv.clone();
             async move {
                 kv.put(format!("k{}", k % KEYS), now_ns().to_string().into())
                     .await
-                    .is_ok()
+                    .map(drop)
+                    .map_err(|e| e.to_string())
             }
         })
         .buffer_unordered(IN_FLIGHT)
         .collect::<Vec<_>>()
         .await;
-    let puts_ok = puts.iter().all(|ok| *ok);
+    let puts_ok = puts.iter().all(Result::is_ok);
     let mut latencies = Vec::with_capacity(subs * writes);
     let deadline = tokio::time::Instant::now() + KV_PATIENCE;
     let mut complete = puts_ok;
@@ -457,15 +674,75 @@ async fn kv_round(nats: &Nats, subs: usize, writes: usize) -> Option<Outcome> {
         }
     }
     let elapsed = started.elapsed();
+    perf_control("disable");
     let out = nats.out_msgs().await - before;
+    let slow = nats.varz("slow_consumers").await - slow_before;
+    if !complete {
+        let counts: Vec<u64> = per_watcher
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        let short = counts.iter().filter(|&&c| c < writes as u64).count();
+        let mut hist: BTreeMap<u64, usize> = BTreeMap::new();
+        for &c in &counts {
+            *hist.entry(c / 20 * 20).or_default() += 1;
+        }
+        eprintln!(
+            "KV diagnosis: {short} watchers short; received (bucket of 20 → watchers): {hist:?}"
+        );
+        let url = format!(
+            "http://127.0.0.1:{}/jsz?consumers=true&config=true",
+            nats.monitor
+        );
+        let jsz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        let mut pending: BTreeMap<u64, usize> = BTreeMap::new();
+        let mut delivered: BTreeMap<u64, usize> = BTreeMap::new();
+        let (mut recreated, mut total, mut waiting) = (0, 0, 0);
+        for a in jsz["account_details"].as_array().into_iter().flatten() {
+            for st in a["stream_detail"].as_array().into_iter().flatten() {
+                if st["name"] != format!("KV_{bucket}").as_str() {
+                    continue;
+                }
+                for c in st["consumer_detail"].as_array().into_iter().flatten() {
+                    total += 1;
+                    if c["name"].as_str().is_some_and(|n| n.contains('_')) {
+                        recreated += 1;
+                    }
+                    *pending
+                        .entry(c["num_pending"].as_u64().unwrap_or(0) / 20 * 20)
+                        .or_default() += 1;
+                    *delivered
+                        .entry(c["delivered"]["consumer_seq"].as_u64().unwrap_or(0) / 20 * 20)
+                        .or_default() += 1;
+                    waiting += c["num_waiting"].as_u64().unwrap_or(0);
+                    if total == 1 {
+                        eprintln!("KV diagnosis: a consumer: {c}");
+                    }
+                }
+            }
+        }
+        eprintln!("KV diagnosis: server: {total} consumers, {recreated} recreated; num_pending buckets {pending:?}; delivered consumer_seq buckets {delivered:?}; waiting {waiting}");
+    }
     let _ = js.delete_key_value(&bucket).await;
+    eprintln!(
+        "NATS KV watch, {subs} watchers: {} of {} changes received; puts failed: {}; \
+         server slow consumers: {slow}; watcher clients: {}; watch errors (went on): {}",
+        received.load(Ordering::Relaxed),
+        subs * writes,
+        puts.iter().filter(|r| r.is_err()).count(),
+        events.summary(),
+        watch_errors.summary()
+    );
     if !complete {
         eprintln!(
             "NATS KV watch, {subs} watchers: FAILED ({})",
             if puts_ok {
                 format!("not every watcher got every change within {KV_PATIENCE:?}")
             } else {
-                "a put was not acknowledged".to_string()
+                format!(
+                    "a put was not acknowledged: {}",
+                    puts.iter().find_map(|r| r.as_ref().err()).unwrap()
+                )
             }
         );
         return None;
@@ -486,6 +763,7 @@ fn medians(v: &[Outcome]) -> Outcome {
         p50_us: median(v.iter().map(|o| o.p50_us).collect()),
         p99_us: median(v.iter().map(|o| o.p99_us).collect()),
         consumers: v.iter().map(|o| o.consumers).max().unwrap_or(0),
+        consumers_after: v.iter().map(|o| o.consumers_after).max().unwrap_or(0),
         out_msgs: median(v.iter().map(|o| o.out_msgs as f64).collect()) as u64,
     }
 }
@@ -513,12 +791,16 @@ fn main() {
     rt.block_on(async {
         for round in 0..s.rounds {
             for &(nodes, subs) in &s.scenarios {
-                let o = snapstream_round(&nats, nodes, subs, s.writes).await;
-                eprintln!("round {round}: snapstream {nodes} node(s), {subs} subscribers: {o:?}");
-                snap.entry((nodes, subs)).or_default().push(o);
+                if runs("snapstream") {
+                    let o = snapstream_round(&nats, nodes, subs, s.writes).await;
+                    eprintln!(
+                        "round {round}: snapstream {nodes} node(s), {subs} subscribers: {o:?}"
+                    );
+                    snap.entry((nodes, subs)).or_default().push(o);
+                }
                 // One KV run per subscriber count and round (nodes play no
                 // part there), next to the first snapstream run of that count.
-                if kv.get(&subs).is_none_or(|v| v.len() <= round) {
+                if runs("kv") && kv.get(&subs).is_none_or(|v| v.len() <= round) {
                     let o = kv_round(&nats, subs, s.writes).await;
                     eprintln!("round {round}: NATS KV watch, {subs} watchers: {o:?}");
                     kv.entry(subs).or_default().push(o);
@@ -531,11 +813,41 @@ fn main() {
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut consumers_ok = true;
     let mut target_row = None;
+    for (&subs, v) in &kv {
+        if !snap.keys().any(|&(_, s)| s == subs) {
+            let done: Vec<Outcome> = v.iter().flatten().copied().collect();
+            if done.len() < v.len() {
+                println!("| – | {subs} | – | FAILED | – | – | – | – / {subs} | – / – |");
+            } else {
+                let b = medians(&done);
+                println!(
+                    "| – | {subs} | – | {:.0} | – | – | {:.1} / {:.1} | – / {} | – / {} |",
+                    b.deliveries_per_s,
+                    b.p50_us / 1e3,
+                    b.p99_us / 1e3,
+                    b.consumers,
+                    b.out_msgs
+                );
+            }
+        }
+    }
     for (&(nodes, subs), outcomes) in &snap {
         let a = medians(outcomes);
-        consumers_ok &= a.consumers == nodes;
-        let done: Vec<Outcome> = kv[&subs].iter().flatten().copied().collect();
-        if done.len() < kv[&subs].len() {
+        let every = |f: fn(&Outcome) -> usize| outcomes.iter().all(|o| f(o) == nodes);
+        consumers_ok &= every(|o| o.consumers) && every(|o| o.consumers_after);
+        let Some(kv_runs) = kv.get(&subs) else {
+            println!(
+                "| {nodes} | {subs} | {:.0} | not run | – | {:.1} / {:.1} | – | {} / – | {} / – |",
+                a.deliveries_per_s,
+                a.p50_us / 1e3,
+                a.p99_us / 1e3,
+                a.consumers,
+                a.out_msgs
+            );
+            continue;
+        };
+        let done: Vec<Outcome> = kv_runs.iter().flatten().copied().collect();
+        if done.len() < kv_runs.len() {
             // A failed KV round fails the case for KV.
             println!(
                 "| {nodes} | {subs} | {:.0} | FAILED | – | {:.1} / {:.1} | – | {} / {subs} | {} / – |",

@@ -171,3 +171,43 @@ async fn bad_keys_are_refused_before_anything_is_sent() {
     assert_eq!(info.state.messages, 0, "nothing reached the log");
     delete_log(&log).await;
 }
+
+/// A node holds one consumer of the log: the one its start-up replay read
+/// the log with goes on to deliver the live changes (it is not deleted and
+/// replaced by another once the replay is done).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_keeps_its_replay_consumer_to_follow() {
+    use futures::TryStreamExt;
+
+    let Some((_client, log)) = open_log("one_consumer").await else {
+        return;
+    };
+    let writer = log.writer::<String, _>(JsonCodec);
+    let mut model = Model::default();
+    for i in 0..5 {
+        model
+            .put(&writer, "services", &format!("k{i}"), &format!("v{i}"))
+            .await;
+    }
+    let mut b = Node::builder(&log, Kv::default(), JsonCodec);
+    b.wildcard_topic("services");
+    let node = b.start().await.unwrap();
+    node.wait_for_index(model.last(), PATIENCE).await.unwrap();
+    // A live change, after the replay.
+    model.put(&writer, "services", "k0", "live").await;
+    let last = model.last();
+    node.wait_for_index(last, PATIENCE).await.unwrap();
+
+    let stream = log.jetstream().get_stream(log.stream_name()).await.unwrap();
+    let consumers: Vec<_> = stream.consumers().try_collect().await.unwrap();
+    assert_eq!(consumers.len(), 1, "one consumer: {consumers:?}");
+    let delivered = &consumers[0].delivered;
+    assert_eq!(
+        (delivered.consumer_sequence, delivered.stream_sequence),
+        (last, last),
+        "the consumer that replayed the log delivered the live change too"
+    );
+    assert_eq!(node.stats().rebuilds, 1);
+    node.shutdown().await;
+    delete_log(&log).await;
+}

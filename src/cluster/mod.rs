@@ -52,7 +52,9 @@
 //! node resumes right after it. Without a usable checkpoint — none, one of
 //! another stream or of an earlier stream of the same name, one ahead of the
 //! stream — the node *rebuilds*: it empties its state and replays the whole
-//! log, and only then follows. Snapshots wait during a rebuild.
+//! log, and only then follows — with the consumer it replayed the log with,
+//! so a node holds one consumer of the stream. Snapshots wait during a
+//! rebuild.
 //!
 //! # Bad input
 //!

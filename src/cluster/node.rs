@@ -325,6 +325,7 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> NodeBuilder<P, S> {
             applied,
             checkpointed: applied,
             since_checkpoint: 0,
+            live: None,
         };
         let task = tokio::spawn(follower.run(mode));
         Ok(Node {
@@ -760,6 +761,8 @@ struct Follower<P, S> {
     /// The sequence of the last checkpoint written.
     checkpointed: u64,
     since_checkpoint: u64,
+    /// The rebuild's consumer, handed on to [`follow`](Self::follow).
+    live: Option<jetstream::consumer::pull::Ordered>,
 }
 
 impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
@@ -846,9 +849,6 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
         let mut last = 0;
         if info.state.messages > 0 {
             let consumer = self.stream.create_consumer(self.ordered(None)).await?;
-            // The replay's consumer is deleted once done, rather than left to
-            // JetStream's inactivity expiry: a node holds one consumer.
-            let name = consumer.cached_info().name.clone();
             let mut messages = consumer.messages().await?;
             let mut stop = self.stop.clone();
             loop {
@@ -868,29 +868,34 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
                     break;
                 }
             }
-            drop(messages);
-            if let Err(e) = self.stream.delete_consumer(&name).await {
-                tracing::debug!(error = %e, "replay consumer not deleted; JetStream expires it");
-            }
+            // The replay's consumer goes on delivering what follows `last`:
+            // the follower keeps it rather than deleting it and creating
+            // another (a node holds one consumer, and each recreation costs
+            // JetStream two API calls and leaves the node without one
+            // meanwhile).
+            self.live = Some(messages);
         }
         // Sequences up to `target` that were not delivered are not in the log.
         let applied = last.max(target).max(self.applied);
         locked.applied = applied;
         self.applied = applied;
-        drop(locked);
-        Counters::bump(&self.stats.rebuilds);
-        self.stats.applied.store(applied, Ordering::Relaxed);
-        self.core.applied.send_replace(applied);
-        tracing::info!(applied, target, "state rebuilt from the log");
         if refresh {
             // Subscribers' views missed the changes of the gap: they must
-            // re-subscribe, and get a snapshot of the rebuilt state.
+            // re-subscribe, and get a snapshot of the rebuilt state. Done
+            // under the lock and before `applied` is announced, so that a
+            // subscription made once the rebuilt state is readable (e.g.
+            // after `wait_for_index`) is not closed with the stale ones.
             for topic in &self.topics {
                 if let Err(e) = self.publisher.refresh_topic(topic.clone()) {
                     tracing::error!(error = %e, "refresh after rebuild");
                 }
             }
         }
+        drop(locked);
+        Counters::bump(&self.stats.rebuilds);
+        self.stats.applied.store(applied, Ordering::Relaxed);
+        self.core.applied.send_replace(applied);
+        tracing::info!(applied, target, "state rebuilt from the log");
         self.since_checkpoint = 0;
         self.checkpoint_now().await;
         Ok(Next::Mode(Mode::Follow { from: applied + 1 }))
@@ -898,11 +903,18 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
 
     /// Applies and publishes from `from` on, until a gap, an error or stop.
     async fn follow(&mut self, from: u64) -> Result<Next, NatsError> {
-        let consumer = self
-            .stream
-            .create_consumer(self.ordered(Some(from)))
-            .await?;
-        let mut messages = consumer.messages().await?;
+        let mut messages = match self.live.take() {
+            // The rebuild's consumer, positioned right after the sequence the
+            // rebuild applied (`from - 1`, or before a hole up to it).
+            Some(messages) => messages,
+            None => {
+                self.stream
+                    .create_consumer(self.ordered(Some(from)))
+                    .await?
+                    .messages()
+                    .await?
+            }
+        };
         let mut stop = self.stop.clone();
         loop {
             let Some(msg) = Self::next_message(&mut stop, &mut messages).await else {
