@@ -30,6 +30,8 @@
 //! ```text
 //! cargo bench --features redis --bench queue_push
 //! SNAPSTREAM_BENCH_QUICK=1 cargo bench --features redis --bench queue_push   # checks only
+//! SNAPSTREAM_BENCH_FILTER=disk cargo bench ...   # the cases whose label contains "disk"
+//! SNAPSTREAM_BENCH_FILTER='=WorkQueue disk, 4 producers, push' cargo bench ...   # that case only
 //! ```
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -442,7 +444,11 @@ fn main() {
         ));
     }
     if let Ok(f) = std::env::var("SNAPSTREAM_BENCH_FILTER") {
-        cases.retain(|c| c.0.contains(&f));
+        // `=label` keeps that one case; anything else, the cases containing it.
+        match f.strip_prefix('=') {
+            Some(exact) => cases.retain(|c| c.0 == exact),
+            None => cases.retain(|c| c.0.contains(&f)),
+        }
     }
 
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); cases.len()];

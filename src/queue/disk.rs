@@ -19,7 +19,9 @@
 //!   [`remove_all`](BaseQueue::remove_all) resolve after their commit too.
 //! * A [`pop`](BaseQueue::pop) returns at once; the lease (state, deadline and
 //!   the raised attempt count) is written by the next group commit without the
-//!   caller waiting. Losing that write in a crash is harmless: on open every
+//!   caller waiting; a group of nothing but lease writes commits without
+//!   `fsync` (`Durability::None`), so they reach the disk with the next durable
+//!   commit. Losing that write in a crash is harmless: on open every
 //!   leased item is made ready again anyway (with its attempt count raised if
 //!   the lease reached the disk).
 //!
@@ -35,7 +37,14 @@
 //! 16 384 operations) into the next transaction. Under load one `fsync`
 //! therefore covers hundreds of pushes; a lone push costs one commit.
 //! [`push_batch`](BaseQueue::push_batch) hands all its items to the committer
-//! at once, so a batch costs one commit too. A commit that fails fails every
+//! at once, so a batch costs one commit too. Producers that push in a loop,
+//! each awaiting its push, come back as soon as their commit answers them;
+//! the group after a commit waits for them (until it holds as many pushes as
+//! that commit answered plus those queued during it, at most half the
+//! commit's duration and 500 µs), so four such producers share each `fsync`
+//! by four rather than by two. A wait that runs out skips the next waits
+//! (1, 2, 4, … up to 64), so pushes that never come back (one per request)
+//! seldom pay it. A commit that fails fails every
 //! operation in it: each push of the group gets [`PushError::Backend`] with
 //! its item, and none of them is made ready.
 //!
@@ -123,6 +132,11 @@ use super::base::{
 
 /// Most operations the committer folds into one transaction.
 const MAX_BATCH: usize = 16 * 1024;
+/// The longest a group waits for the pushes the previous commit answered
+/// (see `Regroup`).
+const MAX_REGROUP_WAIT: Duration = Duration::from_micros(500);
+/// Most waits skipped after waits that ran out (see `Regroup`).
+const MAX_REGROUP_SKIP: u32 = 64;
 
 mod salvage;
 
@@ -423,6 +437,16 @@ enum Op {
 }
 
 impl Op {
+    fn is_push(&self) -> bool {
+        matches!(self, Op::Push { .. })
+    }
+
+    /// Whether a caller waits for this operation's commit (so it must be
+    /// durable): everything but a lease write.
+    fn awaited(&self) -> bool {
+        !matches!(self, Op::Patch { reply: None, .. })
+    }
+
     fn queue_name(&self) -> Option<&str> {
         match self {
             Op::Push { q, .. }
@@ -490,21 +514,22 @@ fn committer(db: Database, path: PathBuf, rx: std_mpsc::Receiver<Op>) {
         failed: None,
     };
     let mut batch: Vec<Op> = Vec::new();
+    let mut regroup = Regroup::default();
     loop {
-        let Ok(first) = rx.recv() else { return };
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
+        if batch.is_empty() {
+            let Ok(first) = rx.recv() else { return };
+            batch.push(first);
         }
+        drain(&rx, &mut batch);
+        regroup.wait(&rx, &mut batch);
         let mut group = Vec::new();
-        for op in batch.drain(..) {
+        let mut stop = false;
+        for op in std::mem::take(&mut batch) {
             match op {
                 Op::Shutdown => {
                     commit_group(&mut c, std::mem::take(&mut group));
-                    return;
+                    stop = true;
+                    break;
                 }
                 Op::Load { name, reply } => {
                     commit_group(&mut c, std::mem::take(&mut group));
@@ -518,16 +543,120 @@ fn committer(db: Database, path: PathBuf, rx: std_mpsc::Receiver<Op>) {
                 op => group.push(op),
             }
         }
-        commit_group(&mut c, group);
+        if stop {
+            return;
+        }
+        if group.is_empty() {
+            continue;
+        }
+        let durable = group.iter().any(Op::awaited);
+        let answered = group.iter().filter(|op| op.is_push()).count();
+        let started = std::time::Instant::now();
+        let result = c.run(|db| apply(db, &group, durable));
+        let took = started.elapsed();
+        // What arrived during the commit goes into the next group; so, for a
+        // moment, do the pushes answered now (see `Regroup`).
+        drain(&rx, &mut batch);
+        if durable && answered > 0 && result.is_ok() {
+            regroup.arm(&batch, answered, took);
+        }
+        complete_group(group, result);
     }
 }
 
-/// Applies `ops` in one durable transaction, then completes them.
+/// Takes whatever is waiting on `rx`, up to [`MAX_BATCH`] operations in `batch`.
+fn drain(rx: &std_mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+}
+
+/// Waits, after a durable commit, for the pushes it answered to come back
+/// before the next commit starts.
+///
+/// Producers that push in a loop, each awaiting its push, push again as soon
+/// as their commit answers them; but the committer is faster: without a wait
+/// the first push back starts the next commit alone and the others wait for
+/// the one after it, so four producers share commits by two, not by four
+/// (measured: 2.6 items per `fsync` rather than 3.9). So the group after a
+/// durable commit waits until it holds as many pushes as were queued during
+/// that commit plus as many as it answered, at most half the commit's
+/// duration and at most [`MAX_REGROUP_WAIT`]. The wait ends the moment they
+/// are all back, so a lone producer never waits (it is the one awaited).
+///
+/// Pushes from tasks that do not push again (one push per request) would
+/// make every group wait its whole bound for nothing; so a wait that runs
+/// out skips the next wait, two after a second one in a row, and so on up to
+/// [`MAX_REGROUP_SKIP`]: such a load pays the bound once per that many
+/// commits.
+#[derive(Default)]
+struct Regroup {
+    /// Pushes the next group waits for, and until when.
+    armed: Option<(usize, std::time::Instant)>,
+    /// Waits still to skip, and how many the next run-out skips.
+    skip: u32,
+    next_skip: u32,
+}
+
+impl Regroup {
+    fn arm(&mut self, batch: &[Op], answered: usize, took: Duration) {
+        if self.skip > 0 {
+            self.skip -= 1;
+            return;
+        }
+        let queued = batch.iter().filter(|op| op.is_push()).count();
+        let wait = (took / 2).min(MAX_REGROUP_WAIT);
+        self.armed = Some((queued + answered, std::time::Instant::now() + wait));
+    }
+
+    fn wait(&mut self, rx: &std_mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+        let Some((target, until)) = self.armed.take() else {
+            return;
+        };
+        let mut pushes = batch.iter().filter(|op| op.is_push()).count();
+        while pushes < target && batch.len() < MAX_BATCH {
+            if batch.iter().any(|op| matches!(op, Op::Shutdown)) {
+                return;
+            }
+            let now = std::time::Instant::now();
+            let got = match until.checked_duration_since(now) {
+                Some(left) if !left.is_zero() => rx.recv_timeout(left),
+                _ => Err(std_mpsc::RecvTimeoutError::Timeout),
+            };
+            match got {
+                Ok(op) => {
+                    batch.push(op);
+                    drain(rx, batch);
+                    pushes = batch.iter().filter(|op| op.is_push()).count();
+                }
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    self.next_skip = (self.next_skip * 2).clamp(1, MAX_REGROUP_SKIP);
+                    self.skip = self.next_skip;
+                    return;
+                }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        }
+        self.next_skip = 0;
+    }
+}
+
+/// Applies `ops` in one transaction (durable unless told otherwise), then
+/// completes them.
 fn commit_group(c: &mut Committer, ops: Vec<Op>) {
     if ops.is_empty() {
         return;
     }
-    let result = c.run(|db| apply(db, &ops));
+    let durable = ops.iter().any(Op::awaited);
+    let result = c.run(|db| apply(db, &ops, durable));
+    complete_group(ops, result);
+}
+
+/// Completes the operations of one group commit with its `result`.
+fn complete_group(ops: Vec<Op>, result: Result<(), DiskError>) {
     if let Err(e) = &result {
         tracing::warn!(error = %e, ops = ops.len(), "snapstream disk queue: group commit failed");
     }
@@ -573,7 +702,11 @@ fn commit_group(c: &mut Committer, ops: Vec<Op>) {
     }
 }
 
-fn apply(db: &Database, ops: &[Op]) -> Result<(), DiskError> {
+/// Writes `ops` in one transaction. `durable`: the commit returns after
+/// `fsync` (`Durability::Immediate`); otherwise (a group of lease writes
+/// nobody waits for) it is `Durability::None`: visible at once, on disk with
+/// the next durable commit, and lost harmlessly in a crash before it.
+fn apply(db: &Database, ops: &[Op], durable: bool) -> Result<(), DiskError> {
     // Group by queue, keeping each queue's order, so each table opens once.
     let mut by_queue: BTreeMap<&str, Vec<&Op>> = BTreeMap::new();
     for op in ops {
@@ -581,7 +714,12 @@ fn apply(db: &Database, ops: &[Op]) -> Result<(), DiskError> {
             by_queue.entry(name).or_default().push(op);
         }
     }
-    let txn = db.begin_write().map_err(storage)?;
+    let mut txn = db.begin_write().map_err(storage)?;
+    if !durable {
+        // Refused (never in this single-process mode): the commit stays
+        // durable, which is never wrong.
+        let _ = txn.set_durability(redb::Durability::None);
+    }
     {
         let mut meta = txn.open_table(META).map_err(storage)?;
         for (name, ops) in by_queue {
@@ -2153,6 +2291,72 @@ impl BaseQueue for DiskQueue {
 mod tests {
     use super::*;
     use redb::BackendError as BErr;
+
+    #[test]
+    fn regroup_waits_that_run_out_skip_more_and_more_waits() {
+        let (_tx, rx) = std_mpsc::channel::<Op>();
+        let mut g = Regroup::default();
+        let mut batch = Vec::new();
+        let mut skips = Vec::new();
+        for _ in 0..4 {
+            // A commit of no duration: the wait runs out at once.
+            g.arm(&batch, 1, Duration::ZERO);
+            assert!(g.armed.is_some(), "armed after the skips ran out");
+            g.wait(&rx, &mut batch);
+            assert!(g.armed.is_none());
+            let mut n = 0;
+            loop {
+                g.arm(&batch, 1, Duration::ZERO);
+                if g.armed.is_some() {
+                    break;
+                }
+                n += 1;
+            }
+            g.armed = None;
+            skips.push(n);
+        }
+        assert_eq!(skips, [1, 2, 4, 8]);
+        // A wait that gets what it waits for (here: nothing) resets the back-off.
+        g.arm(&batch, 0, Duration::from_secs(1));
+        g.wait(&rx, &mut batch);
+        assert_eq!(g.next_skip, 0);
+        g.arm(&batch, 1, Duration::ZERO);
+        g.wait(&rx, &mut batch);
+        assert_eq!(g.skip, 1, "a run-out after a success skips one wait again");
+    }
+
+    #[test]
+    fn regroup_wait_is_half_the_commit_and_bounded() {
+        let batch = Vec::new();
+        let mut g = Regroup::default();
+        let before = std::time::Instant::now();
+        g.arm(&batch, 3, Duration::from_millis(10));
+        let (target, until) = g.armed.unwrap();
+        assert_eq!(target, 3);
+        assert!(until <= std::time::Instant::now() + MAX_REGROUP_WAIT);
+        assert!(until >= before + MAX_REGROUP_WAIT.min(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn only_lease_writes_are_not_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = DiskStore::open(dir.path().join("q.redb")).unwrap();
+        let q = store.queue("q", QueueOptions::default()).unwrap();
+        let lease = Op::Patch {
+            q: Arc::clone(&q.shared),
+            patches: Vec::new(),
+            reply: None,
+        };
+        let (tx, _rx) = oneshot::channel();
+        let nack = Op::Patch {
+            q: Arc::clone(&q.shared),
+            patches: Vec::new(),
+            reply: Some(tx),
+        };
+        assert!(!lease.awaited());
+        assert!(nack.awaited());
+        assert!(!lease.is_push());
+    }
     use std::io;
     use std::ops::Bound;
     use std::sync::atomic::{AtomicBool, Ordering};

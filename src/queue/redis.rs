@@ -150,8 +150,17 @@ const PARK_BUDGET: usize = 1_000;
 /// Most items one pop hands out, and most ids one ack script takes.
 const MAX_POP_BATCH: usize = 1_000;
 /// Most push script calls of one handle in flight at once (pipelined on its
-/// connection, so they still run in the order they were sent).
+/// connection, so they still run in the order they were sent). A second one
+/// starts only when [`MAX_PUSH_BATCH`] pushes wait: with a few producers,
+/// one call at a time carries all their pushes (4 producers: 4 items per
+/// call rather than 1, a third less CPU per item in the client and the
+/// server).
 const MAX_FLUSHERS: usize = 4;
+/// How many times a flusher yields, after answering a call, for the pushes
+/// it answered to come back (a producer pushing in a loop pushes again at
+/// once) before it sends the next call; without it the first push back goes
+/// alone. Stops as soon as they are back.
+const REGATHER_YIELDS: usize = 4;
 /// Most pushes sent in one script call.
 const MAX_PUSH_BATCH: usize = 256;
 /// Items larger than this (payload and key) are sent alone, one at a time,
@@ -638,8 +647,9 @@ struct PushBatcher {
     flushers: usize,
 }
 
-/// Queues one push for the flushers, starting one if fewer than
-/// [`MAX_FLUSHERS`] run. Concurrent pushes on one handle thus share a script call (one round trip, one fsync with
+/// Queues one push for the flushers, starting one if none runs (or, up to
+/// [`MAX_FLUSHERS`], if a full call's worth waits). Concurrent pushes on one
+/// handle thus share a script call (one round trip, one fsync with
 /// `appendfsync always`) instead of taking one each.
 ///
 /// An item above [`SOLO_BYTES`] is not batched: it is sent alone on the solo
@@ -658,7 +668,10 @@ async fn push_once(shared: &Arc<Shared>, item: NewItem, flag_ms: u64) -> PushOut
         let start = {
             let mut batcher = shared.lock_pushes();
             batcher.pending.push_back(push);
-            let start = batcher.flushers < MAX_FLUSHERS;
+            // One call in flight gathers every push made meanwhile; another
+            // is sent alongside only when a full call's worth is waiting.
+            let start = batcher.flushers == 0
+                || (batcher.flushers < MAX_FLUSHERS && batcher.pending.len() >= MAX_PUSH_BATCH);
             batcher.flushers += usize::from(start);
             start
         };
@@ -713,7 +726,17 @@ async fn flush_pushes(shared: Arc<Shared>) {
         let reply = push_call(&shared, &batch)
             .invoke_async(&mut shared.conn.clone())
             .await;
+        let answered = batch.len();
         answer_pushes(&mut batch, reply);
+        drop(batch);
+        // Let the tasks just answered push again before the next call, so
+        // that they share it rather than trickle in one call each.
+        for _ in 0..REGATHER_YIELDS {
+            if shared.lock_pushes().pending.len() >= answered {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
     }
 }
 
