@@ -7,7 +7,14 @@
 //! pool** (the seed, built by the anchor's `run.sh` in
 //! `../shared/anchors/go-gitpod-pool/`, or `$GITPOD_POOL_ANCHOR`) and the keyed
 //! pool on the anchor's workload, round by round in one run; see
-//! [`go_section`].
+//! [`go_section`]. For profiling one case: `SNAPSTREAM_BENCH_CASE=uniform10k`
+//! (or `uniform16`, `hot10k`, `hot16`), `SNAPSTREAM_BENCH_SCALE` and
+//! `SNAPSTREAM_BENCH_ROUNDS` override the item scale and the rounds,
+//! `GITPOD_POOL_ANCHOR=/none` skips the Go side, and `SNAPSTREAM_BENCH_DIAG=1`
+//! prints, per snapstream run, the pool's batches and worker parks, the
+//! producer's waits for room, how often the handler's mutex was contended
+//! and how many items each thread handled and added (counts that do not
+//! depend on the machine's load, unlike the rate).
 //!
 //! Other peers:
 //! * **journal scan**: Gitpod's algorithm (one shared journal, workers scan it
