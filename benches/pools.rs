@@ -7,7 +7,14 @@
 //! pool** (the seed, built by the anchor's `run.sh` in
 //! `../shared/anchors/go-gitpod-pool/`, or `$GITPOD_POOL_ANCHOR`) and the keyed
 //! pool on the anchor's workload, round by round in one run; see
-//! [`go_section`].
+//! [`go_section`]. For profiling one case: `SNAPSTREAM_BENCH_CASE=uniform10k`
+//! (or `uniform16`, `hot10k`, `hot16`), `SNAPSTREAM_BENCH_SCALE` and
+//! `SNAPSTREAM_BENCH_ROUNDS` override the item scale and the rounds,
+//! `GITPOD_POOL_ANCHOR=/none` skips the Go side, and `SNAPSTREAM_BENCH_DIAG=1`
+//! prints, per snapstream run, the pool's batches and worker parks, the
+//! producer's waits for room, how often the handler's mutex was contended
+//! and how many items each thread handled and added (counts that do not
+//! depend on the machine's load, unlike the rate).
 //!
 //! Other peers:
 //! * **journal scan**: Gitpod's algorithm (one shared journal, workers scan it
@@ -370,12 +377,21 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
         count: 0,
     }));
     let all_done = Arc::new(Notify::new());
+    let diag = std::env::var_os("SNAPSTREAM_BENCH_DIAG").is_some();
     let pool = {
         let (seen, all_done) = (seen.clone(), all_done.clone());
         KeyedPool::builder()
             .workers(WORKERS)
             .build(move |key: Arc<str>, seq: u64| {
-                let mut guard = seen.lock().unwrap();
+                let mut guard = match seen.try_lock() {
+                    Ok(g) => g,
+                    Err(_) => {
+                        if diag {
+                            HANDLER_CONTENDED.fetch_add(1, Ordering::Relaxed);
+                        }
+                        seen.lock().unwrap()
+                    }
+                };
                 let s = &mut *guard;
                 match s.last.get_mut(&key) {
                     Some(last) => {
@@ -389,6 +405,9 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
                     }
                 }
                 s.count += 1;
+                if diag {
+                    count_on(&HANDLED_ON);
+                }
                 if s.count == events {
                     all_done.notify_one();
                 }
@@ -402,12 +421,30 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
         tokio::spawn(async move {
             for i in 0..events {
                 pool.add(key_of(i), i).await.unwrap();
+                if diag {
+                    count_on(&ADDED_ON);
+                }
             }
         })
     };
     all_done.notified().await;
     let rate = events as f64 / t0.elapsed().as_secs_f64();
     producer.await.unwrap();
+    if diag {
+        let st = pool.stats();
+        println!(
+            "DIAG {} {:.2}M/s: batches {} ({:.1} items each), worker parks {}, producer waits {}, handler lock contended {}, handled per thread {:?}, added per thread {:?}",
+            case.arg,
+            rate / 1e6,
+            st.batches,
+            events as f64 / st.batches as f64,
+            st.worker_waits,
+            st.add_waits,
+            HANDLER_CONTENDED.swap(0, Ordering::Relaxed),
+            take_counts(&HANDLED_ON),
+            take_counts(&ADDED_ON),
+        );
+    }
     assert!(pool.stop(StopMode::Drain).await.is_empty());
     assert_eq!(pool.stats().handled, events, "every item handled once");
     let s = seen.lock().unwrap();
@@ -425,10 +462,42 @@ async fn snap_run(case: &GoCase, scale: u64) -> f64 {
     rate
 }
 
+/// `SNAPSTREAM_BENCH_DIAG`: items handled and added on each thread (by a
+/// small per-thread index), to tell which threads a run used.
+static HANDLED_ON: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static ADDED_ON: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
+static HANDLER_CONTENDED: AtomicU64 = AtomicU64::new(0);
+static NEXT_THREAD: AtomicU64 = AtomicU64::new(0);
+thread_local! {
+    static THREAD_INDEX: usize = (NEXT_THREAD.fetch_add(1, Ordering::Relaxed) % 8) as usize;
+}
+fn count_on(counts: &[AtomicU64; 8]) {
+    THREAD_INDEX.with(|i| counts[*i].fetch_add(1, Ordering::Relaxed));
+}
+fn take_counts(counts: &[AtomicU64; 8]) -> Vec<u64> {
+    counts
+        .iter()
+        .map(|c| c.swap(0, Ordering::Relaxed))
+        .collect()
+}
+
 /// Gitpod's Go pool and the keyed pool, case by case, round by round (which
 /// goes first alternates), at 10x the anchor's item counts (`SCALE=10`).
 async fn go_section(quick: bool) {
-    let (scale, rounds): (u64, usize) = if quick { (1, 1) } else { (10, 5) };
+    let (mut scale, mut rounds): (u64, usize) = if quick { (1, 1) } else { (10, 5) };
+    // Overrides, for profiling one run: SNAPSTREAM_BENCH_SCALE, SNAPSTREAM_BENCH_ROUNDS.
+    if let Some(v) = std::env::var("SNAPSTREAM_BENCH_SCALE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        scale = v;
+    }
+    if let Some(v) = std::env::var("SNAPSTREAM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        rounds = v;
+    }
     println!("# Gitpod's Go EventWorkerPool vs snapstream KeyedPool: {WORKERS} workers, 2 threads (GOMAXPROCS=2 / tokio), one mutex + per-key order map in the handler, SCALE={scale}, {rounds} interleaved rounds");
     let go = match go_ready(quick) {
         Ok(()) => true,

@@ -151,6 +151,10 @@ pub(crate) struct State<K, T> {
     pub(crate) panicked: u64,
     /// `add` calls that found the pool full (counted once per call).
     pub(crate) add_waits: u64,
+    /// Batches workers took.
+    pub(crate) batches: u64,
+    /// Times a worker found nothing to do and parked.
+    pub(crate) worker_waits: u64,
     pub(crate) workers_target: usize,
     pub(crate) workers_live: usize,
     pub(crate) closing: Option<Closing>,
@@ -158,6 +162,9 @@ pub(crate) struct State<K, T> {
     idle: WaitList,
     /// Idle workers woken (popped from `idle`) that have not polled yet.
     woken: usize,
+    /// Workers that found nothing to do and, instead of parking, yielded
+    /// and will look again (see [`worker_spin`](Self::worker_spin)).
+    spinning: usize,
     /// Producers waiting for room.
     pub(crate) room: WaitList,
     /// `stop` callers waiting for the workers to exit.
@@ -183,11 +190,14 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             handled: 0,
             panicked: 0,
             add_waits: 0,
+            batches: 0,
+            worker_waits: 0,
             workers_target: workers,
             workers_live: 0,
             closing: None,
             idle: WaitList::default(),
             woken: 0,
+            spinning: 0,
             room: WaitList::default(),
             done: WaitList::default(),
         }
@@ -388,6 +398,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         if items.len() > 1 {
             self.holding += 1;
         }
+        self.batches += 1;
         Take::Job
     }
 
@@ -430,10 +441,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     }
 
     /// Wakes an idle worker for a ready key, unless enough workers were
-    /// woken already and have not run yet (each takes a ready key when it
-    /// runs), so a fast producer does not wake a worker per item.
+    /// woken already and have not run yet, or are spinning (each takes a
+    /// ready key when it runs), so a fast producer does not wake a worker
+    /// per item.
     fn wake_worker(&mut self, wakes: &mut Wakeups) {
-        if self.ready.len() > self.woken {
+        if self.ready.len() > self.woken + self.spinning {
             if let Some(w) = self.idle.pop() {
                 self.woken += 1;
                 wakes.push(Some(w));
@@ -449,8 +461,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     }
 
     /// A worker starts a poll: forget its old registration, and if it had
-    /// been woken, it no longer counts as on its way.
-    pub(crate) fn worker_polled(&mut self, waiter: &mut Option<u64>) {
+    /// been woken (or was spinning), it no longer counts as on its way.
+    pub(crate) fn worker_polled(&mut self, waiter: &mut Option<u64>, spun: &mut bool) {
+        if std::mem::take(spun) {
+            self.spinning -= 1;
+        }
         if let Some(id) = waiter.take() {
             if !self.idle.remove(id) {
                 self.woken = self.woken.saturating_sub(1);
@@ -458,8 +473,19 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
     }
 
+    /// A worker that found nothing to do yields instead of parking, and
+    /// is sure to look again ([`worker_polled`](Self::worker_polled) with
+    /// `spun` set ends it). Meanwhile it counts as on its way, so adds do not
+    /// wake a parked worker for what this one will take.
+    pub(crate) fn worker_spin(&mut self, spun: &mut bool) {
+        debug_assert!(!*spun);
+        self.spinning += 1;
+        *spun = true;
+    }
+
     /// Parks a worker that found nothing to do.
     pub(crate) fn worker_park(&mut self, waiter: &mut Option<u64>, waker: &std::task::Waker) {
+        self.worker_waits += 1;
         self.idle.register(waiter, waker);
     }
 
@@ -677,6 +703,57 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
 #[cfg(all(test, not(loom)))]
 mod slab_tests {
     use super::*;
+
+    /// A waker that counts its wake-ups.
+    fn counting_waker() -> (
+        std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        std::task::Waker,
+    ) {
+        struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        (
+            n.clone(),
+            std::task::Waker::from(std::sync::Arc::new(Count(n))),
+        )
+    }
+
+    #[test]
+    fn a_spinning_worker_saves_waking_a_parked_one() {
+        let mut st: State<u32, u32> = State::new(100, 1, 2);
+        st.workers_live = 2;
+        let (parked_wakes, parked) = counting_waker();
+        let (mut parked_id, mut parked_spun) = (None, false);
+        let (mut spinner_id, mut spun) = (None, false);
+        let mut wakes = Wakeups::default();
+        let (mut runs, mut items) = (Vec::new(), Batch::new());
+        // Both workers find nothing: one parks, the other spins.
+        st.worker_polled(&mut parked_id, &mut parked_spun);
+        assert_eq!(st.take(&mut runs, &mut items, true, &mut wakes), Take::Wait);
+        st.worker_park(&mut parked_id, &parked);
+        st.worker_polled(&mut spinner_id, &mut spun);
+        assert_eq!(st.take(&mut runs, &mut items, true, &mut wakes), Take::Wait);
+        st.worker_spin(&mut spun);
+        // An add: the spinning worker will take it, so nobody is woken.
+        st.push(1, 1, false, &mut wakes).unwrap();
+        std::mem::take(&mut wakes).wake();
+        assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // A second ready key is more than the spinner is counted for.
+        st.push(2, 2, false, &mut wakes).unwrap();
+        std::mem::take(&mut wakes).wake();
+        assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // The spinner looks again and takes its share; it no longer counts
+        // as on its way.
+        st.worker_polled(&mut spinner_id, &mut spun);
+        assert!(!spun);
+        assert_eq!(st.spinning, 0);
+        assert_eq!(st.take(&mut runs, &mut items, true, &mut wakes), Take::Job);
+        assert_eq!(runs.len(), 1, "one ready key left for the woken worker");
+    }
 
     /// Runs every queued item to completion, one batch at a time.
     fn run_all(st: &mut State<u32, u32>) {
