@@ -1,13 +1,17 @@
 //! The gRPC subscribe service over a [`Publisher`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{FutureExt, Stream};
+use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt};
 use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -15,11 +19,13 @@ use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
 use super::catch_up::{CatchUp, NoWait};
+use super::coalesce::Coalesce;
 use super::error::{ServeError, LAG_LIMIT_METADATA};
 use super::proto;
 use super::stats::{Counters, EndReason, ServerStats};
 use crate::codec::PayloadCodec;
 use crate::event::{Event, EventBatch, Message, Subject, Topic};
+use crate::sync::Mutex;
 use crate::publisher::{
     LagPolicy, Publisher, SubscribeError, SubscribeRequest, Subscription, SubscriptionError,
 };
@@ -366,6 +372,8 @@ where
                 max_request_size: self.max_request_size,
                 progress_interval: self.progress_interval,
                 shutdown,
+                stops: Mutex::new(HashMap::new()),
+                next_stream: AtomicU64::new(0),
                 counters: Counters::default(),
             }),
         }
@@ -427,8 +435,11 @@ where
         let service = self.service();
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let grpc = service.grpc();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+        // Each connection's writes are coalesced: one socket write per burst
+        // of responses (see `coalesce`).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .map(|conn| conn.map(Coalesce::new));
         let task = tokio::spawn(async move {
             server
                 .max_concurrent_streams(per_conn)
@@ -637,7 +648,11 @@ where
     C: PayloadCodec<P>,
 {
     fn stop(&self) {
+        // The flag first: a stream registered after the loop below sees it.
         self.shutdown.send_replace(true);
+        for stop in self.stops.lock().values() {
+            stop.stop();
+        }
     }
 
     fn active(&self) -> usize {
@@ -661,7 +676,29 @@ struct ServiceInner<P, C> {
     max_request_size: usize,
     progress_interval: Option<Duration>,
     shutdown: watch::Sender<bool>,
+    /// The open streams' stop signals, by stream id.
+    stops: Mutex<HashMap<u64, Arc<StreamStop>>>,
+    next_stream: AtomicU64,
     counters: Counters,
+}
+
+/// Tells one stream the server is shutting down: a flag and the stream's
+/// waker (so that an open stream costs no lock per poll).
+#[derive(Default)]
+struct StreamStop {
+    stopped: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl StreamStop {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
 }
 
 /// The subscribe service itself (a tonic service once [`grpc`](Self::grpc)
@@ -812,12 +849,22 @@ where
             .subscribe(request)
             .map_err(subscribe_status)?;
         inner.counters.opened();
+        let id = inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(StreamStop::default());
+        inner.stops.lock().insert(id, stop.clone());
+        // A shutdown that began before the insert did not see this stream.
+        if *inner.shutdown.borrow() {
+            stop.stop();
+        }
         Ok(ServerStream {
             sub,
             topic,
             subject,
             inner: inner.clone(),
-            shutdown: inner.shutdown.subscribe(),
+            id,
+            stop,
+            progress: None,
+            last_sent: tokio::time::Instant::now(),
             pending: VecDeque::new(),
             pending_err: None,
             ended: None,
@@ -898,7 +945,15 @@ struct ServerStream<P, C> {
     topic: Topic,
     subject: Subject,
     inner: Arc<ServiceInner<P, C>>,
-    shutdown: watch::Receiver<bool>,
+    /// This stream's key in `inner.stops`, and its stop signal.
+    id: u64,
+    stop: Arc<StreamStop>,
+    /// The progress-mark timer, made at the first wait and kept: it is reset
+    /// only when it fires (to `last_sent` + the interval, or, when that has
+    /// passed, after sending a mark), never per message.
+    progress: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the stream last sent a response.
+    last_sent: tokio::time::Instant,
     /// What is still to send, in order.
     pending: VecDeque<Pending<P>>,
     /// The status to end with once `pending` is sent, and its reason.
@@ -1062,17 +1117,23 @@ where
         Some(Err(status))
     }
 
-    /// The next response (or the closing status).
-    async fn step(&mut self) -> Option<Result<proto::SubscribeResponse, Status>> {
+    /// The next response (or the closing status): the stream's
+    /// `poll_next`. Shutdown wins over messages, messages over a progress
+    /// mark.
+    fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<proto::SubscribeResponse, Status>>> {
         if self.done {
-            return None;
+            return Poll::Ready(None);
         }
         loop {
             if !self.pending.is_empty() {
                 match self.take_response() {
                     Ok(r) if !r.frames.is_empty() => {
                         self.inner.counters.sent(r.encoded_len());
-                        return Some(Ok(r));
+                        self.last_sent = tokio::time::Instant::now();
+                        return Poll::Ready(Some(Ok(r)));
                     }
                     Ok(_) => {}
                     Err(status) => {
@@ -1084,70 +1145,103 @@ where
                 continue;
             }
             if let Some((status, reason)) = self.pending_err.take() {
-                return self.end(status, reason);
+                return Poll::Ready(self.end(status, reason));
             }
-            let progress = self.inner.progress_interval;
-            let quiet = async {
-                match progress {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            enum Woke<P> {
-                Shutdown,
-                Message(Result<Message<P>, SubscriptionError>),
-                Quiet,
+            if self.stop.is_stopped() {
+                return Poll::Ready(self.end(
+                    Status::unavailable("server shutting down"),
+                    EndReason::Shutdown,
+                ));
             }
-            let woke = tokio::select! {
-                biased;
-                _ = self.shutdown.wait_for(|s| *s) => Woke::Shutdown,
-                m = self.sub.next() => Woke::Message(m),
-                () = quiet => Woke::Quiet,
-            };
-            match woke {
-                Woke::Shutdown => {
-                    return self.end(
-                        Status::unavailable("server shutting down"),
-                        EndReason::Shutdown,
-                    );
-                }
-                Woke::Message(Ok(m)) => self.push(m),
-                Woke::Message(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
-                Woke::Quiet => {
-                    // The topic's newest index when the subject provably did
-                    // not change since what the subscriber saw: its resume
-                    // point moves on with the topic.
-                    let seen = self.sub.last_index();
-                    let quiet = seen.and_then(|i| {
-                        self.inner
-                            .publisher
-                            .quiet_index(&self.topic, &self.subject, i)
-                    });
-                    if let Some(index) = quiet.max(seen) {
-                        let f = proto::Frame {
-                            kind: Some(proto::frame::Kind::Progress(index)),
-                        };
-                        let n = framed_len(&f);
-                        self.pending.push_back(Pending::Frame(f, n));
-                        self.inner.counters.progress();
+            match self.sub.poll_message(cx) {
+                Poll::Ready(Ok(m)) => {
+                    self.push(m);
+                    // Take whatever else is ready now, up to one message's worth.
+                    while self.pending_err.is_none() && !self.full() {
+                        match self.sub.poll_message(cx) {
+                            Poll::Pending => break,
+                            Poll::Ready(Ok(m)) => self.push(m),
+                            Poll::Ready(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
+                        }
                     }
                     continue;
                 }
-            }
-            // Take whatever else is ready now, up to one message's worth.
-            while self.pending_err.is_none() && !self.full() {
-                match self.sub.next().now_or_never() {
-                    None => break,
-                    Some(Ok(m)) => self.push(m),
-                    Some(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
+                Poll::Ready(Err(e)) => {
+                    self.fail(close_status(&e), close_reason(&e));
+                    continue;
                 }
+                Poll::Pending => {}
             }
+            if self.poll_quiet(cx) {
+                continue;
+            }
+            self.stop.waker.register(cx.waker());
+            if self.stop.is_stopped() {
+                continue;
+            }
+            return Poll::Pending;
         }
+    }
+
+    /// Polls the progress timer: true when a progress mark was queued (or
+    /// the timer must be polled again).
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(interval) = self.inner.progress_interval else {
+            return false;
+        };
+        let due = self.last_sent + interval;
+        let timer = self
+            .progress
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        if now < due {
+            // Something was sent since the timer was set: wait on from then.
+            timer.as_mut().reset(due);
+            return true;
+        }
+        timer.as_mut().reset(now + interval);
+        // The topic's newest index when the subject provably did not change
+        // since what the subscriber saw: its resume point moves on with the
+        // topic.
+        let seen = self.sub.last_index();
+        let quiet = seen.and_then(|i| {
+            self.inner
+                .publisher
+                .quiet_index(&self.topic, &self.subject, i)
+        });
+        if let Some(index) = quiet.max(seen) {
+            let f = proto::Frame {
+                kind: Some(proto::frame::Kind::Progress(index)),
+            };
+            let n = framed_len(&f);
+            self.pending.push_back(Pending::Frame(f, n));
+            self.inner.counters.progress();
+        } else {
+            // Nothing to mark yet: the next mark is one interval on.
+            self.last_sent = now;
+        }
+        true
+    }
+}
+
+impl<P, C> Stream for ServerStream<P, C>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    type Item = Result<proto::SubscribeResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_step(cx)
     }
 }
 
 impl<P, C> Drop for ServerStream<P, C> {
     fn drop(&mut self) {
+        self.inner.stops.lock().remove(&self.id);
         self.inner
             .counters
             .ended(self.ended.unwrap_or(EndReason::ClientGone));
@@ -1174,10 +1268,6 @@ where
             self.caught_up(req.index).await?;
         }
         let stream = self.open(token.as_deref(), req)?;
-        let stream = futures::stream::unfold(stream, |mut s| async move {
-            let item = s.step().await?;
-            Some((item, s))
-        });
         Ok(Response::new(Box::pin(stream)))
     }
 }
