@@ -25,10 +25,10 @@ use super::proto;
 use super::stats::{Counters, EndReason, ServerStats};
 use crate::codec::PayloadCodec;
 use crate::event::{Event, EventBatch, Message, Subject, Topic};
-use crate::sync::Mutex;
 use crate::publisher::{
     LagPolicy, Publisher, SubscribeError, SubscribeRequest, Subscription, SubscriptionError,
 };
+use crate::sync::Mutex;
 
 /// Default most concurrent streams on one HTTP/2 connection: 4,096 (a
 /// client multiplexes all its subscriptions over one connection).
@@ -142,7 +142,9 @@ impl Authorizer for AllowAll {
 /// [`windows`](super::ClientBuilder::windows); the snapstream client
 /// announces 256 KiB per stream and 1 MiB per connection by default). What
 /// the publisher keeps for a stream that stops reading is bounded by its
-/// lag policy.
+/// lag policy. A [`Server`]'s connection also keeps small responses (under
+/// 4 KiB in all) until the runtime has run its other ready tasks, so that
+/// one change to many streams of a connection is one socket write.
 ///
 /// # Examples
 ///
