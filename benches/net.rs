@@ -197,6 +197,8 @@ fn server_main() {
     )
     .unwrap();
     let publisher = b.build();
+    // `SNAPSTREAM_BENCH_NET_COALESCE=0` turns the server's write coalescing off.
+    let coalesce = std::env::var("SNAPSTREAM_BENCH_NET_COALESCE").map_or(true, |v| v != "0");
     let server = rt
         .block_on(
             match std::env::var("SNAPSTREAM_BENCH_NET_FILL")
@@ -209,6 +211,7 @@ fn server_main() {
                 }
                 None => Server::builder(publisher.clone(), BinaryCodec),
             }
+            .coalesce_writes(coalesce)
             .bind("127.0.0.1:0".parse().unwrap()),
         )
         .unwrap();

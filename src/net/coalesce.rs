@@ -40,6 +40,8 @@ pub(crate) struct Coalesce<T> {
     pos: usize,
     /// The deferral a pending flush waits for.
     gate: Option<Arc<Gate>>,
+    /// Off: every write goes straight to `inner`.
+    on: bool,
 }
 
 /// Opens once the runtime wakes the deferred waker it was handed.
@@ -60,12 +62,13 @@ impl Wake for Gate {
 }
 
 impl<T> Coalesce<T> {
-    pub(crate) fn new(inner: T) -> Self {
+    pub(crate) fn new(inner: T, on: bool) -> Self {
         Self {
             inner,
             buf: Vec::new(),
             pos: 0,
             gate: None,
+            on,
         }
     }
 
@@ -132,7 +135,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
-        if me.buffered() + data.len() >= COALESCE_BELOW {
+        if !me.on || me.buffered() + data.len() >= COALESCE_BELOW {
             ready!(me.poll_drain(cx))?;
             return Pin::new(&mut me.inner).poll_write(cx, data);
         }
@@ -147,7 +150,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesce<T> {
     ) -> Poll<io::Result<usize>> {
         let me = self.get_mut();
         let len: usize = bufs.iter().map(|b| b.len()).sum();
-        if me.buffered() + len >= COALESCE_BELOW {
+        if !me.on || me.buffered() + len >= COALESCE_BELOW {
             ready!(me.poll_drain(cx))?;
             return Pin::new(&mut me.inner).poll_write_vectored(cx, bufs);
         }
@@ -218,10 +221,13 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn writes_before_a_flush_reach_the_socket_as_one() {
-        let mut io = Coalesce::new(Counting {
-            writes: 0,
-            data: Vec::new(),
-        });
+        let mut io = Coalesce::new(
+            Counting {
+                writes: 0,
+                data: Vec::new(),
+            },
+            true,
+        );
         // 100 small frames, less than COALESCE_BELOW in all.
         for i in 0..100u8 {
             io.write_all(&[i; 10]).await.unwrap();
@@ -239,10 +245,13 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_large_write_goes_straight_through_in_order() {
-        let mut io = Coalesce::new(Counting {
-            writes: 0,
-            data: Vec::new(),
-        });
+        let mut io = Coalesce::new(
+            Counting {
+                writes: 0,
+                data: Vec::new(),
+            },
+            true,
+        );
         io.write_all(b"head").await.unwrap();
         let big = vec![7u8; COALESCE_BELOW + 1];
         io.write_all(&big).await.unwrap();
@@ -256,7 +265,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_flush_waits_for_the_other_ready_tasks() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let mut io = Coalesce::new(a);
+        let mut io = Coalesce::new(a, true);
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let o = order.clone();
         let other = tokio::spawn(async move { o.lock().unwrap().push("other task") });
@@ -273,7 +282,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_bulk_flush_does_not_wait_for_other_tasks() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let mut io = Coalesce::new(a);
+        let mut io = Coalesce::new(a, true);
         let order = Arc::new(std::sync::Mutex::new(Vec::new()));
         let o = order.clone();
         let other = tokio::spawn(async move { o.lock().unwrap().push("other task") });
@@ -287,12 +296,30 @@ mod tests {
         assert!(got.iter().all(|&x| x == 1));
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn off_every_write_goes_through() {
+        let mut io = Coalesce::new(
+            Counting {
+                writes: 0,
+                data: Vec::new(),
+            },
+            false,
+        );
+        io.write_all(b"a").await.unwrap();
+        io.write_all(b"b").await.unwrap();
+        assert_eq!(io.inner.writes, 2);
+        assert_eq!(io.inner.data, b"ab");
+    }
+
     #[test]
     fn outside_a_runtime_a_flush_does_not_wait() {
-        let mut io = Coalesce::new(Counting {
-            writes: 0,
-            data: Vec::new(),
-        });
+        let mut io = Coalesce::new(
+            Counting {
+                writes: 0,
+                data: Vec::new(),
+            },
+            true,
+        );
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
         assert!(matches!(

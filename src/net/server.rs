@@ -130,6 +130,7 @@ impl Authorizer for AllowAll {
 /// | [`max_request_size`](Self::max_request_size) | [`DEFAULT_MAX_REQUEST_SIZE`] (16 KiB) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`progress_interval`](Self::progress_interval) | [`DEFAULT_PROGRESS_INTERVAL`] (10 s; `None` disables) |
+/// | [`coalesce_writes`](Self::coalesce_writes) | `true` |
 ///
 /// # What a stream holds on the server
 ///
@@ -177,6 +178,7 @@ pub struct ServerBuilder<P, C> {
     keepalive_interval: Duration,
     keepalive_timeout: Duration,
     progress_interval: Option<Duration>,
+    coalesce_writes: bool,
     #[cfg(feature = "net-tls")]
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
@@ -195,6 +197,7 @@ impl<P, C> fmt::Debug for ServerBuilder<P, C> {
             .field("keepalive_interval", &self.keepalive_interval)
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("progress_interval", &self.progress_interval)
+            .field("coalesce_writes", &self.coalesce_writes)
             .finish_non_exhaustive()
     }
 }
@@ -322,6 +325,27 @@ where
         self
     }
 
+    /// Whether each connection's small writes are coalesced (default
+    /// `true`): responses under 4 KiB in all are kept until the runtime has
+    /// run its other ready tasks (no timer), so that one change delivered to
+    /// many streams of a connection is one socket write rather than one per
+    /// stream. `false` writes at every HTTP/2 flush.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    ///
+    /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec)
+    ///     .coalesce_writes(false);
+    /// # drop(builder);
+    /// ```
+    pub fn coalesce_writes(mut self, on: bool) -> Self {
+        self.coalesce_writes = on;
+        self
+    }
+
     /// Serves over TLS (rustls) with tonic's `ServerTlsConfig` (feature
     /// `net-tls`); clients then connect to `https://` addresses with
     /// [`ClientBuilder::tls`](super::ClientBuilder::tls).
@@ -428,6 +452,7 @@ where
         let per_conn = self.max_streams_per_connection;
         let interval = self.keepalive_interval;
         let timeout = self.keepalive_timeout;
+        let coalesce = self.coalesce_writes;
         let server = tonic::transport::Server::builder();
         #[cfg(feature = "net-tls")]
         let server = match self.tls.clone() {
@@ -441,7 +466,7 @@ where
         // of responses (see `coalesce`).
         let incoming = tonic::transport::server::TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .map(|conn| conn.map(Coalesce::new));
+            .map(move |conn| conn.map(|c| Coalesce::new(c, coalesce)));
         let task = tokio::spawn(async move {
             server
                 .max_concurrent_streams(per_conn)
@@ -512,6 +537,7 @@ impl Server {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
+            coalesce_writes: true,
             #[cfg(feature = "net-tls")]
             tls: None,
         }
