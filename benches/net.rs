@@ -197,8 +197,8 @@ fn server_main() {
     )
     .unwrap();
     let publisher = b.build();
-    // `SNAPSTREAM_BENCH_NET_COALESCE=0` turns the server's write coalescing off.
-    let coalesce = std::env::var("SNAPSTREAM_BENCH_NET_COALESCE").map_or(true, |v| v != "0");
+    // `SNAPSTREAM_BENCH_NET_COALESCE=1` turns the server's write coalescing on.
+    let coalesce = std::env::var("SNAPSTREAM_BENCH_NET_COALESCE").is_ok_and(|v| v == "1");
     let server = rt
         .block_on(
             match std::env::var("SNAPSTREAM_BENCH_NET_FILL")

@@ -130,7 +130,7 @@ impl Authorizer for AllowAll {
 /// | [`max_request_size`](Self::max_request_size) | [`DEFAULT_MAX_REQUEST_SIZE`] (16 KiB) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`progress_interval`](Self::progress_interval) | [`DEFAULT_PROGRESS_INTERVAL`] (10 s; `None` disables) |
-/// | [`coalesce_writes`](Self::coalesce_writes) | `true` |
+/// | [`coalesce_writes`](Self::coalesce_writes) | `false` |
 ///
 /// # What a stream holds on the server
 ///
@@ -143,9 +143,9 @@ impl Authorizer for AllowAll {
 /// [`windows`](super::ClientBuilder::windows); the snapstream client
 /// announces 256 KiB per stream and 1 MiB per connection by default). What
 /// the publisher keeps for a stream that stops reading is bounded by its
-/// lag policy. A [`Server`]'s connection also keeps small responses (under
-/// 4 KiB in all) until the runtime has run its other ready tasks, so that
-/// one change to many streams of a connection is one socket write.
+/// lag policy. With [`coalesce_writes`](Self::coalesce_writes) a
+/// connection also keeps small responses (under 4 KiB in all) until the
+/// runtime has run its other ready tasks.
 ///
 /// # Examples
 ///
@@ -326,10 +326,13 @@ where
     }
 
     /// Whether each connection's small writes are coalesced (default
-    /// `true`): responses under 4 KiB in all are kept until the runtime has
-    /// run its other ready tasks (no timer), so that one change delivered to
-    /// many streams of a connection is one socket write rather than one per
-    /// stream. `false` writes at every HTTP/2 flush.
+    /// `false`: a write at every HTTP/2 flush). On, responses under 4 KiB in
+    /// all are kept until the runtime has run its other ready tasks (no
+    /// timer), so that one change delivered to many streams of a connection
+    /// is one socket write rather than one per stream: less server CPU for
+    /// many mostly idle streams (the snapshot storm's steady state), but
+    /// lower throughput and higher latency when the server is saturated
+    /// (the flush waits behind every ready task).
     ///
     /// # Examples
     ///
@@ -338,7 +341,7 @@ where
     /// use snapstream::publisher::Publisher;
     ///
     /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec)
-    ///     .coalesce_writes(false);
+    ///     .coalesce_writes(true);
     /// # drop(builder);
     /// ```
     pub fn coalesce_writes(mut self, on: bool) -> Self {
@@ -537,7 +540,7 @@ impl Server {
             keepalive_interval: DEFAULT_KEEPALIVE_INTERVAL,
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
-            coalesce_writes: true,
+            coalesce_writes: false,
             #[cfg(feature = "net-tls")]
             tls: None,
         }
