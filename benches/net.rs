@@ -197,6 +197,8 @@ fn server_main() {
     )
     .unwrap();
     let publisher = b.build();
+    // `SNAPSTREAM_BENCH_NET_COALESCE=1` turns the server's write coalescing on.
+    let coalesce = std::env::var("SNAPSTREAM_BENCH_NET_COALESCE").is_ok_and(|v| v == "1");
     let server = rt
         .block_on(
             match std::env::var("SNAPSTREAM_BENCH_NET_FILL")
@@ -209,6 +211,7 @@ fn server_main() {
                 }
                 None => Server::builder(publisher.clone(), BinaryCodec),
             }
+            .coalesce_writes(coalesce)
             .bind("127.0.0.1:0".parse().unwrap()),
         )
         .unwrap();
@@ -830,6 +833,7 @@ async fn run_storm(srv: &mut SnapServer, subs: usize, window_s: u64) -> Storm {
         .expect("storm: every subscriber holds its snapshot in time");
     let snapshot_s = start.elapsed().as_secs_f64();
     let pid = srv.proc.pid();
+    eprintln!("storm: every subscriber holds its snapshot; server pid {pid}, steady window {window_s} s starts");
     let rss_after_snapshots = rss_mb(pid);
     // Steady state: one change a second.
     let cpu0 = cpu_ticks(pid);
@@ -935,6 +939,13 @@ fn main() {
             }
         }
         let (storm_subs, storm_window) = if quick { (100, 2) } else { (5_000, 10) };
+        // `SNAPSTREAM_BENCH_NET_STORM_S=SECS` lengthens the storm's steady
+        // window (e.g. to profile the server over it).
+        let storm_window = std::env::var("SNAPSTREAM_BENCH_NET_STORM_S")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(storm_window);
         let storm = if only.as_ref().is_none_or(|o| o.iter().any(|s| s == "storm")) {
             Some(run_storm(&mut snap, storm_subs, storm_window).await)
         } else {

@@ -406,6 +406,10 @@ impl<P> Event<P> {
     }
 }
 
+// An event is a handle: moving it never moves the payload, so it is `Unpin`
+// whatever `P` is (as with `std::sync::Arc`; `triomphe::Arc` only derives it).
+impl<P> Unpin for Event<P> {}
+
 impl<P> Clone for Event<P> {
     fn clone(&self) -> Self {
         Self {
@@ -483,6 +487,9 @@ impl<P> AsRef<P> for SharedPayload<P> {
         &self.0.payload
     }
 }
+
+// A handle, like `Event`: `Unpin` whatever `P` is.
+impl<P> Unpin for SharedPayload<P> {}
 
 impl<P> Clone for SharedPayload<P> {
     fn clone(&self) -> Self {

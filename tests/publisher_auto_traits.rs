@@ -31,6 +31,19 @@ fn handles_are_send_and_sync() {
     send_sync::<PublisherStats>();
 }
 
+/// Events, batches, payload handles and subscriptions are `Unpin` whatever
+/// the payload is: they are handles, moving one never moves the payload.
+#[test]
+fn handles_are_unpin_for_any_payload() {
+    fn unpin<T: Unpin>() {}
+    type Pinned = std::marker::PhantomPinned;
+    unpin::<Event<Pinned>>();
+    unpin::<EventBatch<Pinned>>();
+    unpin::<SharedPayload<Pinned>>();
+    unpin::<Message<Pinned>>();
+    unpin::<Subscription<Pinned>>();
+}
+
 #[tokio::test(flavor = "current_thread")]
 async fn next_future_is_send() {
     let mut b = Publisher::<u8>::builder();

@@ -59,6 +59,7 @@
 
 mod catch_up;
 mod client;
+mod coalesce;
 mod error;
 mod idle;
 pub mod proto;

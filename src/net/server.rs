@@ -1,13 +1,17 @@
 //! The gRPC subscribe service over a [`Publisher`].
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::{FutureExt, Stream, StreamExt};
+use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt};
 use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -15,6 +19,7 @@ use tokio::task::JoinHandle;
 use tonic::{Request, Response, Status};
 
 use super::catch_up::{CatchUp, NoWait};
+use super::coalesce::Coalesce;
 use super::error::{ServeError, LAG_LIMIT_METADATA};
 use super::idle::{self, ConnActivity, IdleIo, StreamGuard};
 use super::proto;
@@ -24,6 +29,7 @@ use crate::event::{Event, EventBatch, Message, Subject, Topic};
 use crate::publisher::{
     LagPolicy, Publisher, SubscribeError, SubscribeRequest, Subscription, SubscriptionError,
 };
+use crate::sync::Mutex;
 
 /// Default most concurrent streams on one HTTP/2 connection: 4,096 (a
 /// client multiplexes all its subscriptions over one connection).
@@ -132,6 +138,7 @@ impl Authorizer for AllowAll {
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`idle_timeout`](Self::idle_timeout) | [`DEFAULT_IDLE_TIMEOUT`] (5 min with no stream; `None` disables) |
 /// | [`progress_interval`](Self::progress_interval) | [`DEFAULT_PROGRESS_INTERVAL`] (10 s; `None` disables) |
+/// | [`coalesce_writes`](Self::coalesce_writes) | `false` |
 ///
 /// # What a stream holds on the server
 ///
@@ -144,7 +151,9 @@ impl Authorizer for AllowAll {
 /// [`windows`](super::ClientBuilder::windows); the snapstream client
 /// announces 256 KiB per stream and 1 MiB per connection by default). What
 /// the publisher keeps for a stream that stops reading is bounded by its
-/// lag policy.
+/// lag policy. With [`coalesce_writes`](Self::coalesce_writes) a
+/// connection also keeps small responses (under 4 KiB in all) until the
+/// runtime has run its other ready tasks.
 ///
 /// # Examples
 ///
@@ -178,6 +187,7 @@ pub struct ServerBuilder<P, C> {
     keepalive_timeout: Duration,
     idle_timeout: Option<Duration>,
     progress_interval: Option<Duration>,
+    coalesce_writes: bool,
     #[cfg(feature = "net-tls")]
     tls: Option<tonic::transport::ServerTlsConfig>,
 }
@@ -197,6 +207,7 @@ impl<P, C> fmt::Debug for ServerBuilder<P, C> {
             .field("idle_timeout", &self.idle_timeout)
             .field("keepalive_timeout", &self.keepalive_timeout)
             .field("progress_interval", &self.progress_interval)
+            .field("coalesce_writes", &self.coalesce_writes)
             .finish_non_exhaustive()
     }
 }
@@ -348,6 +359,30 @@ where
         self
     }
 
+    /// Whether each connection's small writes are coalesced (default
+    /// `false`: a write at every HTTP/2 flush). On, responses under 4 KiB in
+    /// all are kept until the runtime has run its other ready tasks (no
+    /// timer), so that one change delivered to many streams of a connection
+    /// is one socket write rather than one per stream: less server CPU for
+    /// many mostly idle streams (the snapshot storm's steady state), but
+    /// lower throughput and higher latency when the server is saturated
+    /// (the flush waits behind every ready task).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::{BinaryCodec, Server};
+    /// use snapstream::publisher::Publisher;
+    ///
+    /// let builder = Server::builder(Publisher::<u64>::builder().build(), BinaryCodec)
+    ///     .coalesce_writes(true);
+    /// # drop(builder);
+    /// ```
+    pub fn coalesce_writes(mut self, on: bool) -> Self {
+        self.coalesce_writes = on;
+        self
+    }
+
     /// Serves over TLS (rustls) with tonic's `ServerTlsConfig` (feature
     /// `net-tls`); clients then connect to `https://` addresses with
     /// [`ClientBuilder::tls`](super::ClientBuilder::tls).
@@ -400,6 +435,8 @@ where
                 max_request_size: self.max_request_size,
                 progress_interval: self.progress_interval,
                 shutdown,
+                stops: Mutex::new(HashMap::new()),
+                next_stream: AtomicU64::new(0),
                 counters: Counters::default(),
             }),
         }
@@ -453,6 +490,7 @@ where
         let interval = self.keepalive_interval;
         let timeout = self.keepalive_timeout;
         let idle = self.idle_timeout;
+        let coalesce = self.coalesce_writes;
         let server = tonic::transport::Server::builder();
         #[cfg(feature = "net-tls")]
         let server = match self.tls.clone() {
@@ -462,10 +500,14 @@ where
         let service = self.service();
         let (stop_tx, mut stop_rx) = watch::channel(false);
         let grpc = service.grpc();
+        // Each socket counts its streams for the idle timeout (see `idle`)
+        // and, when asked, coalesces its writes (see `coalesce`).
         let closed = service.inner.counters.idle_closed();
         let incoming = tonic::transport::server::TcpIncoming::from(listener)
             .with_nodelay(Some(true))
-            .map(move |conn| conn.map(|io| IdleIo::new(io, idle, closed.clone())));
+            .map(move |conn| {
+                conn.map(|io| Coalesce::new(IdleIo::new(io, idle, closed.clone()), coalesce))
+            });
         let task = tokio::spawn(async move {
             server
                 .max_concurrent_streams(per_conn)
@@ -537,6 +579,7 @@ impl Server {
             keepalive_timeout: DEFAULT_KEEPALIVE_TIMEOUT,
             idle_timeout: Some(DEFAULT_IDLE_TIMEOUT),
             progress_interval: Some(DEFAULT_PROGRESS_INTERVAL),
+            coalesce_writes: false,
             #[cfg(feature = "net-tls")]
             tls: None,
         }
@@ -675,7 +718,11 @@ where
     C: PayloadCodec<P>,
 {
     fn stop(&self) {
+        // The flag first: a stream registered after the loop below sees it.
         self.shutdown.send_replace(true);
+        for stop in self.stops.lock().values() {
+            stop.stop();
+        }
     }
 
     fn active(&self) -> usize {
@@ -699,7 +746,29 @@ struct ServiceInner<P, C> {
     max_request_size: usize,
     progress_interval: Option<Duration>,
     shutdown: watch::Sender<bool>,
+    /// The open streams' stop signals, by stream id.
+    stops: Mutex<HashMap<u64, Arc<StreamStop>>>,
+    next_stream: AtomicU64,
     counters: Counters,
+}
+
+/// Tells one stream the server is shutting down: a flag and the stream's
+/// waker (so that an open stream costs no lock per poll).
+#[derive(Default)]
+struct StreamStop {
+    stopped: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl StreamStop {
+    fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
 }
 
 /// The subscribe service itself (a tonic service once [`grpc`](Self::grpc)
@@ -851,12 +920,22 @@ where
             .subscribe(request)
             .map_err(subscribe_status)?;
         inner.counters.opened();
+        let id = inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        let stop = Arc::new(StreamStop::default());
+        inner.stops.lock().insert(id, stop.clone());
+        // A shutdown that began before the insert did not see this stream.
+        if *inner.shutdown.borrow() {
+            stop.stop();
+        }
         Ok(ServerStream {
             sub,
             topic,
             subject,
             inner: inner.clone(),
-            shutdown: inner.shutdown.subscribe(),
+            id,
+            stop,
+            progress: None,
+            last_sent: tokio::time::Instant::now(),
             pending: VecDeque::new(),
             pending_err: None,
             ended: None,
@@ -938,7 +1017,15 @@ struct ServerStream<P, C> {
     topic: Topic,
     subject: Subject,
     inner: Arc<ServiceInner<P, C>>,
-    shutdown: watch::Receiver<bool>,
+    /// This stream's key in `inner.stops`, and its stop signal.
+    id: u64,
+    stop: Arc<StreamStop>,
+    /// The progress-mark timer, made at the first wait and kept: it is reset
+    /// only when it fires (to `last_sent` + the interval, or, when that has
+    /// passed, after sending a mark), never per message.
+    progress: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When the stream last sent a response.
+    last_sent: tokio::time::Instant,
     /// What is still to send, in order.
     pending: VecDeque<Pending<P>>,
     /// The status to end with once `pending` is sent, and its reason.
@@ -1104,17 +1191,23 @@ where
         Some(Err(status))
     }
 
-    /// The next response (or the closing status).
-    async fn step(&mut self) -> Option<Result<proto::SubscribeResponse, Status>> {
+    /// The next response (or the closing status): the stream's
+    /// `poll_next`. Shutdown wins over messages, messages over a progress
+    /// mark.
+    fn poll_step(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<proto::SubscribeResponse, Status>>> {
         if self.done {
-            return None;
+            return Poll::Ready(None);
         }
         loop {
             if !self.pending.is_empty() {
                 match self.take_response() {
                     Ok(r) if !r.frames.is_empty() => {
                         self.inner.counters.sent(r.encoded_len());
-                        return Some(Ok(r));
+                        self.last_sent = tokio::time::Instant::now();
+                        return Poll::Ready(Some(Ok(r)));
                     }
                     Ok(_) => {}
                     Err(status) => {
@@ -1126,70 +1219,103 @@ where
                 continue;
             }
             if let Some((status, reason)) = self.pending_err.take() {
-                return self.end(status, reason);
+                return Poll::Ready(self.end(status, reason));
             }
-            let progress = self.inner.progress_interval;
-            let quiet = async {
-                match progress {
-                    Some(d) => tokio::time::sleep(d).await,
-                    None => std::future::pending().await,
-                }
-            };
-            enum Woke<P> {
-                Shutdown,
-                Message(Result<Message<P>, SubscriptionError>),
-                Quiet,
+            if self.stop.is_stopped() {
+                return Poll::Ready(self.end(
+                    Status::unavailable("server shutting down"),
+                    EndReason::Shutdown,
+                ));
             }
-            let woke = tokio::select! {
-                biased;
-                _ = self.shutdown.wait_for(|s| *s) => Woke::Shutdown,
-                m = self.sub.next() => Woke::Message(m),
-                () = quiet => Woke::Quiet,
-            };
-            match woke {
-                Woke::Shutdown => {
-                    return self.end(
-                        Status::unavailable("server shutting down"),
-                        EndReason::Shutdown,
-                    );
-                }
-                Woke::Message(Ok(m)) => self.push(m),
-                Woke::Message(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
-                Woke::Quiet => {
-                    // The topic's newest index when the subject provably did
-                    // not change since what the subscriber saw: its resume
-                    // point moves on with the topic.
-                    let seen = self.sub.last_index();
-                    let quiet = seen.and_then(|i| {
-                        self.inner
-                            .publisher
-                            .quiet_index(&self.topic, &self.subject, i)
-                    });
-                    if let Some(index) = quiet.max(seen) {
-                        let f = proto::Frame {
-                            kind: Some(proto::frame::Kind::Progress(index)),
-                        };
-                        let n = framed_len(&f);
-                        self.pending.push_back(Pending::Frame(f, n));
-                        self.inner.counters.progress();
+            match self.sub.poll_message(cx) {
+                Poll::Ready(Ok(m)) => {
+                    self.push(m);
+                    // Take whatever else is ready now, up to one message's worth.
+                    while self.pending_err.is_none() && !self.full() {
+                        match self.sub.poll_message(cx) {
+                            Poll::Pending => break,
+                            Poll::Ready(Ok(m)) => self.push(m),
+                            Poll::Ready(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
+                        }
                     }
                     continue;
                 }
-            }
-            // Take whatever else is ready now, up to one message's worth.
-            while self.pending_err.is_none() && !self.full() {
-                match self.sub.next().now_or_never() {
-                    None => break,
-                    Some(Ok(m)) => self.push(m),
-                    Some(Err(e)) => self.fail(close_status(&e), close_reason(&e)),
+                Poll::Ready(Err(e)) => {
+                    self.fail(close_status(&e), close_reason(&e));
+                    continue;
                 }
+                Poll::Pending => {}
             }
+            if self.poll_quiet(cx) {
+                continue;
+            }
+            self.stop.waker.register(cx.waker());
+            if self.stop.is_stopped() {
+                continue;
+            }
+            return Poll::Pending;
         }
+    }
+
+    /// Polls the progress timer: true when a progress mark was queued (or
+    /// the timer must be polled again).
+    fn poll_quiet(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(interval) = self.inner.progress_interval else {
+            return false;
+        };
+        let due = self.last_sent + interval;
+        let timer = self
+            .progress
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        if timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let now = tokio::time::Instant::now();
+        if now < due {
+            // Something was sent since the timer was set: wait on from then.
+            timer.as_mut().reset(due);
+            return true;
+        }
+        timer.as_mut().reset(now + interval);
+        // The topic's newest index when the subject provably did not change
+        // since what the subscriber saw: its resume point moves on with the
+        // topic.
+        let seen = self.sub.last_index();
+        let quiet = seen.and_then(|i| {
+            self.inner
+                .publisher
+                .quiet_index(&self.topic, &self.subject, i)
+        });
+        if let Some(index) = quiet.max(seen) {
+            let f = proto::Frame {
+                kind: Some(proto::frame::Kind::Progress(index)),
+            };
+            let n = framed_len(&f);
+            self.pending.push_back(Pending::Frame(f, n));
+            self.inner.counters.progress();
+        } else {
+            // Nothing to mark yet: the next mark is one interval on.
+            self.last_sent = now;
+        }
+        true
+    }
+}
+
+impl<P, C> Stream for ServerStream<P, C>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    type Item = Result<proto::SubscribeResponse, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_step(cx)
     }
 }
 
 impl<P, C> Drop for ServerStream<P, C> {
     fn drop(&mut self) {
+        self.inner.stops.lock().remove(&self.id);
         self.inner
             .counters
             .ended(self.ended.unwrap_or(EndReason::ClientGone));
@@ -1217,10 +1343,6 @@ where
             self.caught_up(req.index).await?;
         }
         let stream = self.open(token.as_deref(), req, conn)?;
-        let stream = futures::stream::unfold(stream, |mut s| async move {
-            let item = s.step().await?;
-            Some((item, s))
-        });
         Ok(Response::new(Box::pin(stream)))
     }
 }
