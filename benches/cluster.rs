@@ -223,9 +223,9 @@ impl Nats {
         }
     }
 
-    /// The consumers of `stream` (`/jsz?streams=true`).
-    async fn consumers(&self, stream: &str) -> usize {
-        let url = format!("http://127.0.0.1:{}/jsz?streams=true", self.monitor);
+    /// `stream`'s entries in the monitoring endpoint's `/jsz?{query}`.
+    async fn stream_details(&self, query: &str, stream: &str) -> Vec<serde_json::Value> {
+        let url = format!("http://127.0.0.1:{}/jsz?{query}", self.monitor);
         let jsz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
         jsz["account_details"]
             .as_array()
@@ -233,6 +233,15 @@ impl Nats {
             .flatten()
             .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
             .filter(|s| s["name"] == stream)
+            .cloned()
+            .collect()
+    }
+
+    /// The consumers of `stream` (`/jsz?streams=true`).
+    async fn consumers(&self, stream: &str) -> usize {
+        self.stream_details("streams=true", stream)
+            .await
+            .iter()
             .map(|s| s["state"]["consumer_count"].as_u64().unwrap_or(0) as usize)
             .sum()
     }
@@ -240,14 +249,9 @@ impl Nats {
     /// How many consumers of `stream` are replacements an ordered consumer
     /// made of itself (async-nats names them `{first}_{n}`).
     async fn recreated_consumers(&self, stream: &str) -> usize {
-        let url = format!("http://127.0.0.1:{}/jsz?consumers=true", self.monitor);
-        let jsz: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
-        jsz["account_details"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten())
-            .filter(|s| s["name"] == stream)
+        self.stream_details("consumers=true", stream)
+            .await
+            .iter()
             .flat_map(|s| s["consumer_detail"].as_array().into_iter().flatten())
             .filter(|c| c["name"].as_str().is_some_and(|n| n.contains('_')))
             .count()

@@ -150,8 +150,9 @@ async fn read_snapshot(stream: &mut tonic::Streaming<snapstream::net::proto::Sub
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_is_closed_once_its_last_stream_ended_not_before() {
+/// A store with key `a` written once, and a server over it with the short
+/// idle timeout.
+async fn idle_server() -> (Store, snapstream::publisher::Publisher<u64>, Server) {
     let store = Store::default();
     let publisher = store.publisher();
     store.write(&publisher, "a");
@@ -160,6 +161,12 @@ async fn a_connection_is_closed_once_its_last_stream_ended_not_before() {
         .bind("127.0.0.1:0".parse().unwrap())
         .await
         .unwrap();
+    (store, publisher, server)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_is_closed_once_its_last_stream_ended_not_before() {
+    let (store, publisher, server) = idle_server().await;
     let sockets = Arc::new(Sockets::default());
     let mut client =
         SubscriberClient::new(watched_channel(server.local_addr(), sockets.clone()).await);
@@ -222,14 +229,7 @@ async fn a_connection_that_never_opens_a_stream_is_closed() {
 /// then live events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_subscribes_again_after_an_idle_close() {
-    let store = Store::default();
-    let publisher = store.publisher();
-    store.write(&publisher, "a");
-    let server = Server::builder(publisher.clone(), BinaryCodec)
-        .idle_timeout(Some(IDLE))
-        .bind("127.0.0.1:0".parse().unwrap())
-        .await
-        .unwrap();
+    let (store, publisher, server) = idle_server().await;
     let client = Client::builder([format!("http://{}", server.local_addr())])
         .backoff(Duration::from_millis(10), Duration::from_millis(100))
         .build::<u64>()
