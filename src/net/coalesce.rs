@@ -194,6 +194,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// Counts the writes that reach it.
+    #[derive(Default)]
     struct Counting {
         writes: usize,
         data: Vec<u8>,
@@ -221,13 +222,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn writes_before_a_flush_reach_the_socket_as_one() {
-        let mut io = Coalesce::new(
-            Counting {
-                writes: 0,
-                data: Vec::new(),
-            },
-            true,
-        );
+        let mut io = Coalesce::new(Counting::default(), true);
         // 100 small frames, less than COALESCE_BELOW in all.
         for i in 0..100u8 {
             io.write_all(&[i; 10]).await.unwrap();
@@ -245,13 +240,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn a_large_write_goes_straight_through_in_order() {
-        let mut io = Coalesce::new(
-            Counting {
-                writes: 0,
-                data: Vec::new(),
-            },
-            true,
-        );
+        let mut io = Coalesce::new(Counting::default(), true);
         io.write_all(b"head").await.unwrap();
         let big = vec![7u8; COALESCE_BELOW + 1];
         io.write_all(&big).await.unwrap();
@@ -298,13 +287,7 @@ mod tests {
 
     #[tokio::test(flavor = "current_thread")]
     async fn off_every_write_goes_through() {
-        let mut io = Coalesce::new(
-            Counting {
-                writes: 0,
-                data: Vec::new(),
-            },
-            false,
-        );
+        let mut io = Coalesce::new(Counting::default(), false);
         io.write_all(b"a").await.unwrap();
         io.write_all(b"b").await.unwrap();
         assert_eq!(io.inner.writes, 2);
@@ -313,13 +296,7 @@ mod tests {
 
     #[test]
     fn outside_a_runtime_a_flush_does_not_wait() {
-        let mut io = Coalesce::new(
-            Counting {
-                writes: 0,
-                data: Vec::new(),
-            },
-            true,
-        );
+        let mut io = Coalesce::new(Counting::default(), true);
         let waker = Waker::noop();
         let mut cx = Context::from_waker(waker);
         assert!(matches!(
