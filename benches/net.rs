@@ -582,7 +582,7 @@ async fn ready(rx: &mut tokio::sync::mpsc::UnboundedReceiver<()>, n: usize) {
 async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     let clients: Vec<Client<Bytes, BinaryCodec>> = (0..case.subs.div_ceil(SUBS_PER_CONNECTION))
         .map(|_| {
-            let b = Client::builder([srv.addr.clone()]);
+            let b = Client::builder([srv.addr.clone()]).multiplex(multiplex());
             match windows_override() {
                 Some((stream, conn)) => b.windows(stream, conn),
                 None => b,
@@ -767,6 +767,13 @@ fn windows_override() -> Option<(u32, u32)> {
     ))
 }
 
+/// `SNAPSTREAM_BENCH_NET_MUX=0` makes every snapstream subscription a
+/// `Subscribe` call of its own (default: the client's multiplexing, one
+/// `Multiplex` call per client).
+fn multiplex() -> bool {
+    std::env::var("SNAPSTREAM_BENCH_NET_MUX").map_or(true, |v| v != "0")
+}
+
 /// `SNAPSTREAM_BENCH_NET_ONLY=storm,1000` runs only the storm and the
 /// listed subscriber counts (default: everything).
 fn only() -> Option<Vec<String>> {
@@ -786,6 +793,7 @@ async fn run_storm(srv: &mut SnapServer, subs: usize, window_s: u64) -> Storm {
     let clients: Vec<Client<Bytes, BinaryCodec>> = (0..subs.div_ceil(SUBS_PER_CONNECTION))
         .map(|_| {
             Client::builder([srv.addr.clone()])
+                .multiplex(multiplex())
                 .build::<Bytes>()
                 .unwrap()
         })
@@ -1007,9 +1015,14 @@ fn main() {
                 snapstream::net::DEFAULT_CONNECTION_WINDOW,
             ));
             println!(
-                "- (storm clients' HTTP/2 windows: {} KiB per stream, {} KiB per connection)",
+                "- (storm clients' HTTP/2 windows: {} KiB per stream, {} KiB per connection; {})",
                 sw >> 10,
-                cw >> 10
+                cw >> 10,
+                if multiplex() {
+                    "one Multiplex call per client"
+                } else {
+                    "one Subscribe call per subscription"
+                }
             );
             println!(
                 "- snapshot storm, {} subscribers × {STORM_ITEMS}-item snapshot: all hold it after {:.2} s; server RSS {:.1} MB (target ≤ 100 MB: {}); steady CPU {:.2}% of a core over {} s at one change/s (target ≤ 2%: {})",

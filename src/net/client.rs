@@ -7,7 +7,7 @@ use std::fmt;
 use std::hash::{BuildHasher, Hasher};
 use std::marker::PhantomData;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -16,12 +16,17 @@ use futures::stream::{FusedStream, Stream};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tonic::transport::{Channel, Endpoint};
+use tonic::Status;
 
+use self::mux::{MuxConn, MuxSub};
 use super::error::{ClientError, RemoteError};
 use super::proto;
 use crate::codec::PayloadCodec;
 use crate::event::{Event, EventBatch, Message, Subject, Topic};
 use crate::publisher::LagPolicy;
+use crate::sync::Mutex;
+
+mod mux;
 
 /// Default first reconnect delay: 50 ms (doubled per failed attempt, with
 /// jitter: each delay is drawn between half and all of it).
@@ -102,6 +107,20 @@ fn wire(request: &RemoteRequest, index: u64) -> proto::SubscribeRequest {
 /// | [`buffer`](Self::buffer) | [`DEFAULT_SUBSCRIBER_BUFFER`] (64 messages per subscriber) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_CLIENT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_CLIENT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`windows`](Self::windows) | [`DEFAULT_STREAM_WINDOW`] (256 KiB), [`DEFAULT_CONNECTION_WINDOW`] (1 MiB) |
+/// | [`multiplex`](Self::multiplex) | `true` (one stream per address carries every subscription) |
+///
+/// # Multiplexing
+///
+/// By default every subscription of a client to one address travels over
+/// one `Multiplex` call (as etcd's watches share one `Watch` stream): one
+/// change delivered to a hundred subscriptions is one message on one
+/// HTTP/2 stream, not a hundred streams' frames and flushes, which is most
+/// of a server's CPU for many mostly idle subscribers. Each subscription
+/// still ends, reconnects and resumes on its own, and takes at most its
+/// credit of responses (the stream window ÷ 4 KiB, 64 by default) ahead of
+/// its reader, so one slow reader holds up nobody else. Against a server
+/// without `Multiplex` the client falls back to one `Subscribe` call per
+/// subscription; [`multiplex(false)`](Self::multiplex) asks for that.
 ///
 /// # What a server holds for this client
 ///
@@ -141,6 +160,7 @@ pub struct ClientBuilder {
     keepalive_timeout: Duration,
     stream_window: u32,
     connection_window: u32,
+    multiplex: bool,
     #[cfg(feature = "net-tls")]
     tls: Option<tonic::transport::ClientTlsConfig>,
 }
@@ -240,6 +260,23 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether the subscriptions to one address share one `Multiplex`
+    /// call (default `true`; see [Multiplexing](Self#multiplexing)) or each
+    /// make a `Subscribe` call of their own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::net::Client;
+    ///
+    /// let builder = Client::builder(["http://127.0.0.1:7001"]).multiplex(false);
+    /// # drop(builder);
+    /// ```
+    pub fn multiplex(mut self, on: bool) -> Self {
+        self.multiplex = on;
+        self
+    }
+
     /// Builds a client for payloads `P` decoded with [`BinaryCodec`](super::BinaryCodec).
     ///
     /// # Errors
@@ -304,10 +341,15 @@ impl ClientBuilder {
             };
             channels.push(endpoint.connect_lazy());
         }
+        let n = channels.len();
         Ok(Client {
             inner: Arc::new(ClientInner {
                 addresses: self.addresses,
                 channels,
+                multiplex: self.multiplex,
+                muxes: (0..n).map(|_| Mutex::new(None)).collect(),
+                no_mux: (0..n).map(|_| Arc::new(AtomicBool::new(false))).collect(),
+                credit: (self.stream_window / (4 << 10)).max(4),
                 codec,
                 preferred: AtomicUsize::new(0),
                 backoff_min: self.backoff_min,
@@ -323,6 +365,13 @@ impl ClientBuilder {
 struct ClientInner<C> {
     addresses: Vec<String>,
     channels: Vec<Channel>,
+    multiplex: bool,
+    /// The multiplexed call to each address, once started.
+    muxes: Vec<Mutex<Option<Arc<MuxConn>>>>,
+    /// The address's server does not know `Multiplex`.
+    no_mux: Vec<Arc<AtomicBool>>,
+    /// Responses each multiplexed subscription takes ahead of its reader.
+    credit: u32,
     codec: C,
     /// The address subscriptions try first; moves on when one fails there.
     preferred: AtomicUsize,
@@ -411,6 +460,7 @@ impl Client<(), super::BinaryCodec> {
             keepalive_timeout: DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
+            multiplex: true,
             #[cfg(feature = "net-tls")]
             tls: None,
         }
@@ -713,6 +763,53 @@ impl<P: Send + Sync + 'static> Decoder<P> {
     }
 }
 
+impl<C> ClientInner<C> {
+    /// Subscribes at address `at`: on its multiplexed call (started or
+    /// restarted here) or with a `Subscribe` call of its own.
+    async fn call(&self, at: usize, request: proto::SubscribeRequest) -> Result<Call, Status> {
+        if self.multiplex && !self.no_mux[at].load(Ordering::Relaxed) {
+            let mut slot = self.muxes[at].lock();
+            if let Some(sub) = slot
+                .as_ref()
+                .filter(|c| !c.is_dead())
+                .and_then(|c| c.open(request.clone(), self.credit))
+            {
+                return Ok(Call::Mux(sub));
+            }
+            let no_mux = self.no_mux[at].clone();
+            let conn = MuxConn::start(self.channels[at].clone(), self.max_message_size, move || {
+                no_mux.store(true, Ordering::Relaxed)
+            });
+            *slot = Some(conn.clone());
+            return match conn.open(request, self.credit) {
+                Some(sub) => Ok(Call::Mux(sub)),
+                None => Err(Status::unavailable("multiplexed stream failed at once")),
+            };
+        }
+        let mut grpc = proto::subscriber_client::SubscriberClient::new(self.channels[at].clone())
+            .max_decoding_message_size(self.max_message_size);
+        let response = grpc.subscribe(request).await?;
+        Ok(Call::Single(response.into_inner()))
+    }
+}
+
+/// One attempt's responses: a `Subscribe` call's, or one subscription's on
+/// a multiplexed call.
+enum Call {
+    Single(tonic::Streaming<proto::SubscribeResponse>),
+    Mux(MuxSub),
+}
+
+impl Call {
+    /// The next response's frames; `Ok(None)` when the call ended cleanly.
+    async fn next(&mut self) -> Result<Option<Vec<proto::Frame>>, Status> {
+        match self {
+            Call::Single(stream) => Ok(stream.message().await?.map(|r| r.frames)),
+            Call::Mux(sub) => sub.next().await.map(Some),
+        }
+    }
+}
+
 /// The subscriber's task: subscribe, forward, reconnect and resume.
 async fn run<P, C>(
     client: Arc<ClientInner<C>>,
@@ -736,12 +833,9 @@ async fn run<P, C>(
         let n = client.channels.len();
         let at = client.preferred.load(Ordering::Relaxed) % n;
         let index = tracker.last_index.unwrap_or(0);
-        let mut grpc = proto::subscriber_client::SubscriberClient::new(client.channels[at].clone())
-            .max_decoding_message_size(client.max_message_size);
-        let failed = match grpc.subscribe(wire(&request, index)).await {
+        let failed = match client.call(at, wire(&request, index)).await {
             Err(status) => Some(status),
-            Ok(response) => {
-                let mut stream = response.into_inner();
+            Ok(mut call) => {
                 let mut decoder = Decoder {
                     topic: request.topic.clone(),
                     partial: Vec::new(),
@@ -756,10 +850,10 @@ async fn run<P, C>(
                     }
                 }
                 loop {
-                    match stream.message().await {
-                        Ok(Some(resp)) => {
+                    match call.next().await {
+                        Ok(Some(frames)) => {
                             attempt = 0;
-                            for frame in resp.frames {
+                            for frame in frames {
                                 match decoder.frame(&client.codec, frame) {
                                     Err(e) => {
                                         let _ = tx.send(Item::Failed(e)).await;
@@ -791,6 +885,14 @@ async fn run<P, C>(
             }
         };
         if let Some(status) = &failed {
+            if status.code() == tonic::Code::Unimplemented
+                && client.multiplex
+                && client.no_mux[at].load(Ordering::Relaxed)
+            {
+                // That server has no `Multiplex`: at once, with `Subscribe`.
+                first = true;
+                continue;
+            }
             if let Err(e) = RemoteError::from_status(status) {
                 let _ = tx.send(Item::Failed(e)).await;
                 return;

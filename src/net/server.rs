@@ -31,6 +31,8 @@ use crate::publisher::{
 };
 use crate::sync::Mutex;
 
+mod mux;
+
 /// Default most concurrent streams on one HTTP/2 connection: 4,096 (a
 /// client multiplexes all its subscriptions over one connection).
 pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 4_096;
@@ -430,6 +432,7 @@ where
                 catch_up: self.catch_up,
                 permits: Arc::new(Semaphore::new(self.max_streams)),
                 max_streams: self.max_streams,
+                max_streams_per_connection: self.max_streams_per_connection as usize,
                 max_message_size: self.max_message_size,
                 message_fill: self.message_fill.min(self.max_message_size),
                 max_request_size: self.max_request_size,
@@ -741,6 +744,8 @@ struct ServiceInner<P, C> {
     catch_up: Arc<dyn CatchUp>,
     permits: Arc<Semaphore>,
     max_streams: usize,
+    /// Also the most subscriptions on one multiplexed stream.
+    max_streams_per_connection: usize,
     max_message_size: usize,
     message_fill: usize,
     max_request_size: usize,
@@ -1345,4 +1350,20 @@ where
         let stream = self.open(token.as_deref(), req, conn)?;
         Ok(Response::new(Box::pin(stream)))
     }
+
+    type MultiplexStream = MuxResponseStream;
+
+    async fn multiplex(
+        &self,
+        request: Request<tonic::Streaming<proto::MuxRequest>>,
+    ) -> Result<Response<Self::MultiplexStream>, Status> {
+        if *self.inner.shutdown.borrow() {
+            return Err(Status::unavailable("server shutting down"));
+        }
+        let conn = idle::activity_of(&request);
+        let stream = mux::MuxStream::new(self.clone(), request.into_inner(), conn);
+        Ok(Response::new(Box::pin(stream)))
+    }
 }
+
+type MuxResponseStream = Pin<Box<dyn Stream<Item = Result<proto::MuxResponse, Status>> + Send>>;

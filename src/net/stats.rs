@@ -31,7 +31,11 @@ pub struct ServerStats {
     pub streams_opened: u64,
     /// Opened streams that ended, by reason.
     pub streams_ended: StreamsEnded,
-    /// Response messages sent (each packs one or more frames).
+    /// `Multiplex` calls accepted (each carries any number of the streams
+    /// counted above: see [`ClientBuilder::multiplex`](super::ClientBuilder::multiplex)).
+    pub multiplexed_calls: u64,
+    /// Response messages sent (each packs one or more frames); on a
+    /// `Multiplex` call, each subscription's item counts as one.
     pub messages_sent: u64,
     /// Bytes of the response messages sent, protobuf-encoded (before gRPC
     /// framing, compression and HTTP/2).
@@ -93,6 +97,7 @@ pub(crate) enum EndReason {
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
     opened: AtomicU64,
+    mux: AtomicU64,
     ended: [AtomicU64; 5],
     messages: AtomicU64,
     bytes: AtomicU64,
@@ -109,6 +114,10 @@ impl Counters {
 
     pub(crate) fn opened(&self) {
         self.opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn multiplexed(&self) {
+        self.mux.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn ended(&self, reason: EndReason) {
@@ -136,6 +145,7 @@ impl Counters {
                 lagged: e(EndReason::Lagged),
                 error: e(EndReason::Error),
             },
+            multiplexed_calls: self.mux.load(Ordering::Relaxed),
             messages_sent: self.messages.load(Ordering::Relaxed),
             bytes_sent: self.bytes.load(Ordering::Relaxed),
             progress_marks_sent: self.progress.load(Ordering::Relaxed),
