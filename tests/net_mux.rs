@@ -113,7 +113,10 @@ async fn many_subscriptions_share_one_call_and_see_what_separate_calls_see() {
     }
     let s = stats.stats();
     assert_eq!(s.open_streams, KEYS * SUBS_PER_KEY);
-    assert_eq!(s.multiplexed_calls, 1, "one call carries every multiplexed subscription");
+    assert_eq!(
+        s.multiplexed_calls, 1,
+        "one call carries every multiplexed subscription"
+    );
     for _ in 0..WRITES {
         for k in 0..KEYS {
             store.write(&publisher, &format!("k{k}"));
@@ -249,7 +252,10 @@ fn open(id: u64, topic: &str, key: Option<&str>, credit: u32) -> MuxRequest {
 }
 
 /// The next items of a raw call, until `n` arrived.
-async fn items(responses: &mut tonic::Streaming<proto::MuxResponse>, n: usize) -> Vec<proto::MuxItem> {
+async fn items(
+    responses: &mut tonic::Streaming<proto::MuxResponse>,
+    n: usize,
+) -> Vec<proto::MuxItem> {
     let mut out = Vec::new();
     while out.len() < n {
         let r = tokio::time::timeout(Duration::from_secs(10), responses.message())
@@ -279,10 +285,16 @@ async fn bad_requests_on_the_call_end_only_their_subscription() {
     tx.send(open(2, TOPIC, None, 1)).unwrap(); // no request
     tx.send(open(3, "nope", Some("a"), 1)).unwrap(); // unknown topic
     tx.send(MuxRequest {
-        kind: Some(Kind::Credit(MuxCredit { id: 99, responses: 5 })),
+        kind: Some(Kind::Credit(MuxCredit {
+            id: 99,
+            responses: 5,
+        })),
     })
     .unwrap(); // credit for nobody: ignored
-    tx.send(MuxRequest { kind: Some(Kind::Close(98)) }).unwrap(); // ignored
+    tx.send(MuxRequest {
+        kind: Some(Kind::Close(98)),
+    })
+    .unwrap(); // ignored
     tx.send(MuxRequest { kind: None }).unwrap(); // ignored
     let ends: BTreeMap<u64, Code> = items(&mut responses, 3)
         .await
@@ -297,7 +309,11 @@ async fn bad_requests_on_the_call_end_only_their_subscription() {
             (3, Code::NotFound),
         ])
     );
-    assert_eq!(server.stats().open_streams, 1, "the first subscription lives on");
+    assert_eq!(
+        server.stats().open_streams,
+        1,
+        "the first subscription lives on"
+    );
 
     // Out of credit, subscription 1 holds its next response back until given
     // more: a subscription opened after the write gets its snapshot first.
@@ -309,7 +325,10 @@ async fn bad_requests_on_the_call_end_only_their_subscription() {
     }
     assert!(before.iter().all(|i| i.id == 4), "{before:?}");
     tx.send(MuxRequest {
-        kind: Some(Kind::Credit(MuxCredit { id: 1, responses: 1 })),
+        kind: Some(Kind::Credit(MuxCredit {
+            id: 1,
+            responses: 1,
+        })),
     })
     .unwrap();
     let next = items(&mut responses, 1).await;
@@ -318,8 +337,14 @@ async fn bad_requests_on_the_call_end_only_their_subscription() {
 
     // Closing it ends its stream on the server; half-closing the call with
     // nothing open ends the call cleanly.
-    tx.send(MuxRequest { kind: Some(Kind::Close(1)) }).unwrap();
-    tx.send(MuxRequest { kind: Some(Kind::Close(4)) }).unwrap();
+    tx.send(MuxRequest {
+        kind: Some(Kind::Close(1)),
+    })
+    .unwrap();
+    tx.send(MuxRequest {
+        kind: Some(Kind::Close(4)),
+    })
+    .unwrap();
     drop(tx);
     let end = tokio::time::timeout(Duration::from_secs(10), responses.message())
         .await
@@ -408,10 +433,11 @@ async fn against_a_server_without_multiplex_the_client_subscribes_one_call_each(
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let router = tonic::transport::Server::builder().add_service(WithoutMux(service.grpc()));
-    let task = tokio::spawn(router.serve_with_incoming(
-        tonic::transport::server::TcpIncoming::from(listener),
-    ));
+    let task = tokio::spawn(
+        router.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
+    );
     let c = Client::builder([format!("http://{addr}")])
+        .multiplex(true)
         .build::<u64>()
         .unwrap();
     let mut subs: Vec<_> = (0..3)

@@ -107,12 +107,14 @@ fn wire(request: &RemoteRequest, index: u64) -> proto::SubscribeRequest {
 /// | [`buffer`](Self::buffer) | [`DEFAULT_SUBSCRIBER_BUFFER`] (64 messages per subscriber) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_CLIENT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_CLIENT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`windows`](Self::windows) | [`DEFAULT_STREAM_WINDOW`] (256 KiB), [`DEFAULT_CONNECTION_WINDOW`] (1 MiB) |
-/// | [`multiplex`](Self::multiplex) | `true` (one stream per address carries every subscription) |
+/// | [`multiplex`](Self::multiplex) | `false` (opt-in for now: one stream per address carries every subscription) |
 ///
 /// # Multiplexing
 ///
-/// By default every subscription of a client to one address travels over
-/// one `Multiplex` call (as etcd's watches share one `Watch` stream): one
+/// With [`multiplex(true)`](Self::multiplex) (opt-in for now: a request the
+/// server cannot decode breaks the whole call, and the subscriptions retry it
+/// instead of ending with `OUT_OF_RANGE`) every subscription of a client to
+/// one address travels over one `Multiplex` call (as etcd's watches share one `Watch` stream): one
 /// change delivered to a hundred subscriptions is one message on one
 /// HTTP/2 stream, not a hundred streams' frames and flushes, which is most
 /// of a server's CPU for many mostly idle subscribers. Each subscription
@@ -261,7 +263,7 @@ impl ClientBuilder {
     }
 
     /// Whether the subscriptions to one address share one `Multiplex`
-    /// call (default `true`; see [Multiplexing](Self#multiplexing)) or each
+    /// call (default `false`; see [Multiplexing](Self#multiplexing)) or each
     /// make a `Subscribe` call of their own.
     ///
     /// # Examples
@@ -460,7 +462,7 @@ impl Client<(), super::BinaryCodec> {
             keepalive_timeout: DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
-            multiplex: true,
+            multiplex: false,
             #[cfg(feature = "net-tls")]
             tls: None,
         }
@@ -777,9 +779,11 @@ impl<C> ClientInner<C> {
                 return Ok(Call::Mux(sub));
             }
             let no_mux = self.no_mux[at].clone();
-            let conn = MuxConn::start(self.channels[at].clone(), self.max_message_size, move || {
-                no_mux.store(true, Ordering::Relaxed)
-            });
+            let conn = MuxConn::start(
+                self.channels[at].clone(),
+                self.max_message_size,
+                move || no_mux.store(true, Ordering::Relaxed),
+            );
             *slot = Some(conn.clone());
             return match conn.open(request, self.credit) {
                 Some(sub) => Ok(Call::Mux(sub)),

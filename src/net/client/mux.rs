@@ -248,7 +248,11 @@ mod tests {
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert_eq!(s.message(), "lagged");
         assert_eq!(
-            s.metadata().get(LAG_LIMIT_METADATA).unwrap().to_str().unwrap(),
+            s.metadata()
+                .get(LAG_LIMIT_METADATA)
+                .unwrap()
+                .to_str()
+                .unwrap(),
             "128"
         );
         let ok = end_status(proto::MuxEnd {
