@@ -4,15 +4,17 @@
 //! real socket counting them.
 
 mod admin_support;
+mod net_common;
 
 use std::time::Duration;
 
 use admin_support::serve;
+use net_common::until;
 use snapstream::event::Event;
 use snapstream::net::proto::subscribe_request::Subject as WireSubject;
 use snapstream::net::proto::subscriber_client::SubscriberClient;
 use snapstream::net::proto::SubscribeRequest as WireRequest;
-use snapstream::net::{BinaryCodec, Server, ServerStats, ServerStatsHandle};
+use snapstream::net::{BinaryCodec, Server, ServerStats};
 use snapstream::publisher::{Publisher, SnapshotRequest, SnapshotSink};
 use tonic::Code;
 
@@ -24,21 +26,6 @@ fn req(topic: &str, token: &str) -> WireRequest {
         token: token.into(),
         resnapshot_on_lag: false,
     }
-}
-
-/// Waits until the server's figures satisfy `done`. The server counts a
-/// stream's end when it drops the stream, after the client saw the status:
-/// there is no signal to wait on across the socket, so this re-reads the
-/// figures (bounded, never a timing assertion).
-async fn until(stats: &ServerStatsHandle, done: impl Fn(&ServerStats) -> bool) -> ServerStats {
-    for _ in 0..2_000 {
-        let s = stats.stats();
-        if done(&s) {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("the server's figures never got there: {:?}", stats.stats());
 }
 
 fn sample(text: &str, series: &str) -> f64 {

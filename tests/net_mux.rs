@@ -11,15 +11,13 @@ use std::time::Duration;
 
 use futures::future::{Either, Ready};
 use futures::StreamExt;
-use net_common::{Store, TOPIC};
+use net_common::{until, Store, TOPIC};
 use snapstream::event::{Message, Subject};
 use snapstream::net::proto::mux_request::Kind;
 use snapstream::net::proto::subscribe_request::Subject as WireSubject;
 use snapstream::net::proto::subscriber_client::SubscriberClient;
 use snapstream::net::proto::{self, MuxCredit, MuxOpen, MuxRequest};
-use snapstream::net::{
-    BinaryCodec, Client, RemoteRequest, RemoteSubscriber, Server, ServerStats, ServerStatsHandle,
-};
+use snapstream::net::{BinaryCodec, Client, RemoteRequest, RemoteSubscriber, Server};
 use snapstream::publisher::Publisher;
 use tokio::sync::mpsc;
 use tonic::codegen::http;
@@ -38,17 +36,6 @@ fn client(server: &Server, multiplex: bool) -> Client<u64, BinaryCodec> {
         .multiplex(multiplex)
         .build::<u64>()
         .unwrap()
-}
-
-async fn until(stats: &ServerStatsHandle, done: impl Fn(&ServerStats) -> bool) -> ServerStats {
-    for _ in 0..2_000 {
-        let s = stats.stats();
-        if done(&s) {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("the server's figures never got there: {:?}", stats.stats());
 }
 
 /// Reads `sub` until its view holds sequence `last` of its key: every
@@ -78,13 +65,17 @@ async fn read_until(sub: &mut RemoteSubscriber<u64>, last: u64) -> Vec<String> {
     }
 }
 
+/// The sequences of the events in `seen` ("index:sequence" entries).
+fn sequences(seen: &[String]) -> Vec<u64> {
+    seen.iter()
+        .map(|s| s.split(':').nth(1).unwrap().parse().unwrap())
+        .collect()
+}
+
 /// The live sequences a subscriber saw after its snapshot: 1, 2, ... in order.
 fn live_sequences(seen: &[String]) -> Vec<u64> {
     let end = seen.iter().position(|s| s.starts_with("end@")).unwrap();
-    seen[end + 1..]
-        .iter()
-        .map(|s| s.split(':').nth(1).unwrap().parse().unwrap())
-        .collect()
+    sequences(&seen[end + 1..])
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,19 +168,11 @@ async fn a_reader_that_stops_holds_up_nobody_else_on_the_call() {
         })
     };
     let seen = read_until(&mut fast, WRITES + 1).await;
-    let live: Vec<u64> = seen
-        .iter()
-        .map(|s| s.split(':').nth(1).unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(live, (2..=WRITES + 1).collect::<Vec<_>>());
+    assert_eq!(sequences(&seen), (2..=WRITES + 1).collect::<Vec<_>>());
     writer.await.unwrap();
     // Then `slow` gets everything too, in order: held back, not lost.
     let seen = read_until(&mut slow, WRITES + 1).await;
-    let live: Vec<u64> = seen
-        .iter()
-        .map(|s| s.split(':').nth(1).unwrap().parse().unwrap())
-        .collect();
-    assert_eq!(live, (2..=WRITES + 1).collect::<Vec<_>>());
+    assert_eq!(sequences(&seen), (2..=WRITES + 1).collect::<Vec<_>>());
     assert_eq!(slow.reconnects() + fast.reconnects(), 0);
     server.shutdown().await.unwrap();
 }

@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use snapstream::event::{Event, Subject};
-use snapstream::net::ViewState;
+use snapstream::net::{ServerStats, ServerStatsHandle, ViewState};
 use snapstream::publisher::{Publisher, PublisherBuilder, SnapshotRequest, SnapshotSink};
 
 pub const TOPIC: &str = "kv";
@@ -113,4 +114,19 @@ impl ViewState<u64> for Checked {
         }
         self.keys.insert(key, (e.index(), seq));
     }
+}
+
+/// Waits until the server's figures satisfy `done`. The server counts a
+/// stream's end when it drops the stream, after the client saw the status:
+/// there is no signal to wait on across the socket, so this re-reads the
+/// figures (bounded, never a timing assertion).
+pub async fn until(stats: &ServerStatsHandle, done: impl Fn(&ServerStats) -> bool) -> ServerStats {
+    for _ in 0..2_000 {
+        let s = stats.stats();
+        if done(&s) {
+            return s;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("the server's figures never got there: {:?}", stats.stats());
 }
