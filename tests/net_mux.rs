@@ -17,7 +17,7 @@ use snapstream::net::proto::mux_request::Kind;
 use snapstream::net::proto::subscribe_request::Subject as WireSubject;
 use snapstream::net::proto::subscriber_client::SubscriberClient;
 use snapstream::net::proto::{self, MuxCredit, MuxOpen, MuxRequest};
-use snapstream::net::{BinaryCodec, Client, RemoteRequest, RemoteSubscriber, Server};
+use snapstream::net::{BinaryCodec, Client, RemoteError, RemoteRequest, RemoteSubscriber, Server};
 use snapstream::publisher::Publisher;
 use tokio::sync::mpsc;
 use tonic::codegen::http;
@@ -334,6 +334,67 @@ async fn bad_requests_on_the_call_end_only_their_subscription() {
         .unwrap();
     assert!(matches!(end, Ok(None)), "{end:?}");
     assert_eq!(server.stats().open_streams, 0);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_open_too_large_for_the_server_ends_only_its_subscription() {
+    let store = Store::default();
+    let publisher = store.publisher();
+    store.write(&publisher, "a");
+    let server = Server::builder(publisher.clone(), BinaryCodec)
+        .max_request_size(1024)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let c = client(&server, true);
+    let mut keep = c.subscribe(RemoteRequest::new(TOPIC, Subject::key("a")));
+    let seen = read_until(&mut keep, 1).await;
+    assert_eq!(seen.last().unwrap(), "1:1");
+    // The client knows the server's limit from the call's headers and ends
+    // the oversized open itself, as the server would end such a `Subscribe`.
+    let mut big = c.subscribe(RemoteRequest::new(TOPIC, Subject::key("x".repeat(4096))));
+    let end = tokio::time::timeout(Duration::from_secs(10), big.next())
+        .await
+        .expect("an answer within 10 s");
+    assert!(
+        matches!(
+            end,
+            Some(Err(RemoteError::Rejected {
+                code: Code::OutOfRange,
+                ..
+            }))
+        ),
+        "{end:?}"
+    );
+    assert!(
+        big.next().await.is_none(),
+        "the stream ends after its error"
+    );
+    assert_eq!(big.reconnects(), 0, "a terminal answer is not retried");
+    // The call it shared goes on: the other subscription still gets events.
+    store.write(&publisher, "a");
+    let seen = read_until(&mut keep, 2).await;
+    assert_eq!(seen.last().unwrap(), "2:2");
+    assert_eq!(keep.reconnects(), 0);
+    assert_eq!(server.stats().multiplexed_calls, 1);
+    server.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_the_server_cannot_read_ends_the_call_with_why() {
+    let publisher = Store::default().publisher();
+    let server = Server::builder(publisher, BinaryCodec)
+        .max_request_size(1024)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let (tx, mut responses) = raw_call(&server).await;
+    tx.send(open(1, TOPIC, Some(&"x".repeat(4096)), 1)).unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(10), responses.message())
+        .await
+        .expect("an answer within 10 s");
+    assert_eq!(end.unwrap_err().code(), Code::OutOfRange);
     server.shutdown().await.unwrap();
 }
 

@@ -107,20 +107,20 @@ fn wire(request: &RemoteRequest, index: u64) -> proto::SubscribeRequest {
 /// | [`buffer`](Self::buffer) | [`DEFAULT_SUBSCRIBER_BUFFER`] (64 messages per subscriber) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_CLIENT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_CLIENT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`windows`](Self::windows) | [`DEFAULT_STREAM_WINDOW`] (256 KiB), [`DEFAULT_CONNECTION_WINDOW`] (1 MiB) |
-/// | [`multiplex`](Self::multiplex) | `false` (opt-in for now: one stream per address carries every subscription) |
+/// | [`multiplex`](Self::multiplex) | `true` (one stream per address carries every subscription) |
 ///
 /// # Multiplexing
 ///
-/// With [`multiplex(true)`](Self::multiplex) (opt-in for now: a request the
-/// server cannot decode breaks the whole call, and the subscriptions retry it
-/// instead of ending with `OUT_OF_RANGE`) every subscription of a client to
+/// By default every subscription of a client to
 /// one address travels over one `Multiplex` call (as etcd's watches share one `Watch` stream): one
 /// change delivered to a hundred subscriptions is one message on one
 /// HTTP/2 stream, not a hundred streams' frames and flushes, which is most
 /// of a server's CPU for many mostly idle subscribers. Each subscription
 /// still ends, reconnects and resumes on its own, and takes at most its
 /// credit of responses (the stream window ÷ 4 KiB, 64 by default) ahead of
-/// its reader, so one slow reader holds up nobody else. Against a server
+/// its reader, so one slow reader holds up nobody else. A request larger
+/// than the server takes (it says its limit when the call starts) ends
+/// only its own subscription, with `OUT_OF_RANGE`. Against a server
 /// without `Multiplex` the client falls back to one `Subscribe` call per
 /// subscription; [`multiplex(false)`](Self::multiplex) asks for that.
 ///
@@ -263,7 +263,7 @@ impl ClientBuilder {
     }
 
     /// Whether the subscriptions to one address share one `Multiplex`
-    /// call (default `false`; see [Multiplexing](Self#multiplexing)) or each
+    /// call (default `true`; see [Multiplexing](Self#multiplexing)) or each
     /// make a `Subscribe` call of their own.
     ///
     /// # Examples
@@ -462,7 +462,7 @@ impl Client<(), super::BinaryCodec> {
             keepalive_timeout: DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
-            multiplex: false,
+            multiplex: true,
             #[cfg(feature = "net-tls")]
             tls: None,
         }

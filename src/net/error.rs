@@ -7,6 +7,11 @@ use crate::publisher::SubscriptionError;
 /// The metadata key of a lag status carrying the server's lag limit.
 pub(crate) const LAG_LIMIT_METADATA: &str = "snapstream-lag-limit";
 
+/// The metadata key of a `Multiplex` response's headers carrying the
+/// server's request size limit, so that the client can end an open that
+/// is too large on its own instead of breaking the call it shares.
+pub(crate) const MAX_REQUEST_METADATA: &str = "snapstream-max-request-size";
+
 /// Starting or stopping a [`Server`](super::Server) failed.
 ///
 /// # Examples

@@ -1362,7 +1362,12 @@ where
         }
         let conn = idle::activity_of(&request);
         let stream = mux::MuxStream::new(self.clone(), request.into_inner(), conn);
-        Ok(Response::new(Box::pin(stream)))
+        let mut response = Response::new(Box::pin(stream) as Self::MultiplexStream);
+        response.metadata_mut().insert(
+            crate::net::error::MAX_REQUEST_METADATA,
+            self.inner.max_request_size.into(),
+        );
+        Ok(response)
     }
 }
 

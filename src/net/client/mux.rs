@@ -20,7 +20,9 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::net::error::LAG_LIMIT_METADATA;
+use prost::Message as _;
+
+use crate::net::error::{LAG_LIMIT_METADATA, MAX_REQUEST_METADATA};
 use crate::net::proto;
 use crate::sync::Mutex;
 
@@ -183,14 +185,29 @@ fn requests(
     futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
+/// The status of an open that the server's request size limit refuses:
+/// what the server itself would answer to a `Subscribe` that large.
+fn too_large(size: usize, limit: usize) -> Status {
+    Status::out_of_range(format!(
+        "a request of {size} bytes exceeds the server's limit of {limit} bytes"
+    ))
+}
+
 /// Runs one call until it fails, then fails every subscription on it.
+///
+/// The driver forwards the subscriptions' requests to the call only once
+/// the server's response headers are in: they carry its request size limit,
+/// and an open over it ends that one subscription here (`OUT_OF_RANGE`, as
+/// a `Subscribe` would) instead of breaking the call every other
+/// subscription shares.
 async fn drive(
     mut grpc: proto::subscriber_client::SubscriberClient<Channel>,
     rx: mpsc::UnboundedReceiver<proto::MuxRequest>,
     subs: Arc<Mutex<Subs>>,
     unimplemented: impl FnOnce(),
 ) {
-    let status = match grpc.multiplex(requests(rx)).await {
+    let (forward, forwarded) = mpsc::unbounded_channel();
+    let status = match grpc.multiplex(requests(forwarded)).await {
         Err(status) => {
             if status.code() == Code::Unimplemented {
                 unimplemented();
@@ -198,28 +215,52 @@ async fn drive(
             status
         }
         Ok(response) => {
+            let limit = response
+                .metadata()
+                .get(MAX_REQUEST_METADATA)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok());
             let mut stream = response.into_inner();
+            // `None` once every handle is gone: the call is half-closed.
+            let mut rx = Some(rx);
+            let mut forward = Some(forward);
             loop {
-                match stream.message().await {
-                    Ok(Some(response)) => {
-                        let mut subs = subs.lock();
-                        for item in response.items {
-                            match item.end {
-                                Some(end) => {
-                                    if let Some(tx) = subs.map.remove(&item.id) {
-                                        let _ = tx.send(MuxEvent::End(end_status(end)));
+                let request = async {
+                    match rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    message = stream.message() => match message {
+                        Ok(Some(response)) => deliver(&subs, response),
+                        Ok(None) => break Status::unavailable("multiplexed stream ended"),
+                        Err(status) => break status,
+                    },
+                    request = request => match request {
+                        Some(request) => {
+                            let size = request.encoded_len();
+                            match (&request.kind, limit) {
+                                (Some(proto::mux_request::Kind::Open(open)), Some(limit))
+                                    if size > limit =>
+                                {
+                                    if let Some(tx) = subs.lock().map.remove(&open.id) {
+                                        let _ = tx.send(MuxEvent::End(too_large(size, limit)));
                                     }
                                 }
-                                None => {
-                                    if let Some(tx) = subs.map.get(&item.id) {
-                                        let _ = tx.send(MuxEvent::Response(item.frames));
+                                _ => {
+                                    if let Some(f) = &forward {
+                                        let _ = f.send(request);
                                     }
                                 }
                             }
                         }
-                    }
-                    Ok(None) => break Status::unavailable("multiplexed stream ended"),
-                    Err(status) => break status,
+                        None => {
+                            rx = None;
+                            forward = None;
+                        }
+                    },
                 }
             }
         }
@@ -231,6 +272,25 @@ async fn drive(
     };
     for tx in map.into_values() {
         let _ = tx.send(MuxEvent::End(status.clone()));
+    }
+}
+
+/// Hands each item of `response` to its subscription.
+fn deliver(subs: &Mutex<Subs>, response: proto::MuxResponse) {
+    let mut subs = subs.lock();
+    for item in response.items {
+        match item.end {
+            Some(end) => {
+                if let Some(tx) = subs.map.remove(&item.id) {
+                    let _ = tx.send(MuxEvent::End(end_status(end)));
+                }
+            }
+            None => {
+                if let Some(tx) = subs.map.get(&item.id) {
+                    let _ = tx.send(MuxEvent::Response(item.frames));
+                }
+            }
+        }
     }
 }
 

@@ -283,10 +283,14 @@ where
             match this.requests.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(request))) => this.request(request),
                 Poll::Ready(Some(Err(status))) => {
-                    // The client's side broke: nothing more can reach it.
+                    // A request that could not be read (too large, or not a
+                    // request at all) ends the call with why: the stream of
+                    // requests cannot be read past it. The client ends
+                    // oversized opens itself (it knows the limit from the
+                    // response headers), so this is a broken client or link.
                     tracing::debug!(code = ?status.code(), "multiplexed request stream failed");
                     this.done = true;
-                    return Poll::Ready(None);
+                    return Poll::Ready(Some(Err(status)));
                 }
                 Poll::Ready(None) => this.requests_done = true,
                 Poll::Pending => break,
