@@ -646,10 +646,7 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     } else {
         "topic"
     };
-    let sent = srv.command(&format!(
-        "write {mode} {} {} {base}",
-        case.len, case.events
-    ));
+    let sent = srv.command(&format!("write {mode} {} {} {base}", case.len, case.events));
     let recvs = collect(
         "snapstream",
         tasks,
