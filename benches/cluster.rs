@@ -386,8 +386,12 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     });
     for (node, size) in groups {
         let address = format!("http://{}", servers[node].local_addr());
+        // `SNAPSTREAM_BENCH_NET_MUX=1`: one `Multiplex` call per connection
+        // (default, as the client's: one `Subscribe` call per subscriber).
+        let multiplex = std::env::var("SNAPSTREAM_BENCH_NET_MUX").is_ok_and(|v| v == "1");
         let client = Client::builder([address])
             .buffer(256)
+            .multiplex(multiplex)
             .build_with::<String, _>(JsonCodec)
             .unwrap();
         for _ in 0..size {

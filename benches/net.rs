@@ -783,11 +783,11 @@ fn windows_override() -> Option<(u32, u32)> {
     ))
 }
 
-/// `SNAPSTREAM_BENCH_NET_MUX=0` makes every snapstream subscription a
-/// `Subscribe` call of its own (default: the client's multiplexing, one
-/// `Multiplex` call per client).
+/// `SNAPSTREAM_BENCH_NET_MUX=1` puts every snapstream subscription of a
+/// client on its one `Multiplex` call (default, as the client's: a
+/// `Subscribe` call per subscription).
 fn multiplex() -> bool {
-    std::env::var("SNAPSTREAM_BENCH_NET_MUX").map_or(true, |v| v != "0")
+    std::env::var("SNAPSTREAM_BENCH_NET_MUX").is_ok_and(|v| v == "1")
 }
 
 /// `SNAPSTREAM_BENCH_NET_ONLY=storm,1000` runs only the storm and the
