@@ -238,25 +238,9 @@ async fn drive(
                         Ok(None) => break Status::unavailable("multiplexed stream ended"),
                         Err(status) => break status,
                     },
-                    request = request => match request {
-                        Some(request) => {
-                            let size = request.encoded_len();
-                            match (&request.kind, limit) {
-                                (Some(proto::mux_request::Kind::Open(open)), Some(limit))
-                                    if size > limit =>
-                                {
-                                    if let Some(tx) = subs.lock().map.remove(&open.id) {
-                                        let _ = tx.send(MuxEvent::End(too_large(size, limit)));
-                                    }
-                                }
-                                _ => {
-                                    if let Some(f) = &forward {
-                                        let _ = f.send(request);
-                                    }
-                                }
-                            }
-                        }
-                        None => {
+                    request = request => match (request, &forward) {
+                        (Some(request), Some(forward)) => send(&subs, forward, limit, request),
+                        _ => {
                             rx = None;
                             forward = None;
                         }
@@ -272,6 +256,29 @@ async fn drive(
     };
     for tx in map.into_values() {
         let _ = tx.send(MuxEvent::End(status.clone()));
+    }
+}
+
+/// Sends `request` on the call, unless it is an open larger than the
+/// server's `limit`: that one subscription ends here instead.
+fn send(
+    subs: &Mutex<Subs>,
+    forward: &mpsc::UnboundedSender<proto::MuxRequest>,
+    limit: Option<usize>,
+    request: proto::MuxRequest,
+) {
+    let size = request.encoded_len();
+    match (&request.kind, limit) {
+        (Some(proto::mux_request::Kind::Open(open)), Some(limit)) if size > limit => {
+            if let Some(tx) = subs.lock().map.remove(&open.id) {
+                let _ = tx.send(MuxEvent::End(too_large(size, limit)));
+            }
+        }
+        // A failed send means the call ended: the loop learns it from the
+        // response stream.
+        _ => {
+            let _ = forward.send(request);
+        }
     }
 }
 
