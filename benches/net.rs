@@ -29,7 +29,8 @@
 //! # Servers and connections
 //!
 //! Every server runs in its own process, so its RSS (`VmRSS`) and CPU
-//! (utime + stime over the case's delivery window) are its own: snapstream's
+//! (utime + stime over the case's delivery window) are its own (the
+//! clients' CPU is this process's, where every system's clients run): snapstream's
 //! server is this binary re-executed with `SNAPSTREAM_NETBENCH_SERVER=1`,
 //! etcd (`/usr/bin/etcd`, data dir on tmpfs) and `nats-server` are started
 //! on free ports and killed at the end. A missing peer is skipped with a
@@ -538,9 +539,21 @@ struct Outcome {
     p99_ms: f64,
     rss_mb: f64,
     cpu_pct: f64,
+    /// The bench process's CPU (every system's clients live in it).
+    client_cpu_pct: f64,
 }
 
-fn outcome(sent: &[u64], recvs: &[Vec<u64>], cpu: (u64, u64), rss_mb: f64) -> Outcome {
+/// The server's and this process's (the clients') CPU ticks.
+fn cpu_now(server: u32) -> (u64, u64) {
+    (cpu_ticks(server), cpu_ticks(std::process::id()))
+}
+
+fn outcome(
+    sent: &[u64],
+    recvs: &[Vec<u64>],
+    cpu: ((u64, u64), (u64, u64)),
+    rss_mb: f64,
+) -> Outcome {
     let mut lat: Vec<u64> = recvs
         .iter()
         .flat_map(|r| r.iter().zip(sent).map(|(r, s)| r.saturating_sub(*s)))
@@ -559,7 +572,8 @@ fn outcome(sent: &[u64], recvs: &[Vec<u64>], cpu: (u64, u64), rss_mb: f64) -> Ou
         p50_ms: q(0.50),
         p99_ms: q(0.99),
         rss_mb,
-        cpu_pct: (cpu.1 - cpu.0) as f64 / CLOCK_TICKS_PER_S / window * 100.0,
+        cpu_pct: (cpu.1 .0 - cpu.0 .0) as f64 / CLOCK_TICKS_PER_S / window * 100.0,
+        client_cpu_pct: (cpu.1 .1 - cpu.0 .1) as f64 / CLOCK_TICKS_PER_S / window * 100.0,
     }
 }
 
@@ -640,7 +654,7 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
         .collect();
     ready(&mut ready_rx, case.subs).await;
     let pid = srv.proc.pid();
-    let cpu0 = cpu_ticks(pid);
+    let cpu0 = cpu_now(pid);
     let mode = if case.scope == Scope::Key {
         "key"
     } else {
@@ -654,7 +668,7 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
         case.events * case.subs as u64,
     )
     .await;
-    let cpu1 = cpu_ticks(pid);
+    let cpu1 = cpu_now(pid);
     outcome(&sent, &recvs, (cpu0, cpu1), rss_mb(pid))
 }
 
@@ -701,7 +715,7 @@ async fn run_etcd(etcd: &Etcd, case: Case) -> Outcome {
     let mut writer = etcd_client::Client::connect([&etcd.url], None)
         .await
         .unwrap();
-    let cpu0 = cpu_ticks(pid);
+    let cpu0 = cpu_now(pid);
     let mut sent = Vec::with_capacity(case.events as usize);
     let (start, start_ns) = (tokio::time::Instant::now(), now_ns());
     for i in 0..case.events {
@@ -715,7 +729,7 @@ async fn run_etcd(etcd: &Etcd, case: Case) -> Outcome {
         writer.put(key, value, None).await.unwrap();
     }
     let recvs = collect("etcd", tasks, &delivered, case.events * case.subs as u64).await;
-    let cpu1 = cpu_ticks(pid);
+    let cpu1 = cpu_now(pid);
     outcome(&sent, &recvs, (cpu0, cpu1), rss_mb(pid))
 }
 
@@ -750,7 +764,7 @@ async fn run_nats(nats: &Nats, case: Case) -> Outcome {
     }
     let pid = nats.proc.pid();
     let writer = async_nats::connect(&nats.url).await.unwrap();
-    let cpu0 = cpu_ticks(pid);
+    let cpu0 = cpu_now(pid);
     let mut sent = Vec::with_capacity(case.events as usize);
     let (start, start_ns) = (tokio::time::Instant::now(), now_ns());
     for i in 0..case.events {
@@ -765,7 +779,7 @@ async fn run_nats(nats: &Nats, case: Case) -> Outcome {
         writer.flush().await.unwrap();
     }
     let recvs = collect("nats", tasks, &delivered, case.events * case.subs as u64).await;
-    let cpu1 = cpu_ticks(pid);
+    let cpu1 = cpu_now(pid);
     outcome(&sent, &recvs, (cpu0, cpu1), rss_mb(pid))
 }
 
@@ -892,6 +906,7 @@ fn median(mut v: Vec<Outcome>) -> Outcome {
         p99_ms: pick(&mut v, |o| o.p99_ms),
         rss_mb: pick(&mut v, |o| o.rss_mb),
         cpu_pct: pick(&mut v, |o| o.cpu_pct),
+        client_cpu_pct: pick(&mut v, |o| o.client_cpu_pct),
     }
 }
 
@@ -984,13 +999,13 @@ fn main() {
             if quick { 1 } else { 3 }
         );
         println!(
-            "\n| case | system | deliveries/s | p50 ms | p99 ms | server RSS MB | server CPU % |"
+            "\n| case | system | deliveries/s | p50 ms | p99 ms | server RSS MB | server CPU % | clients' CPU % |"
         );
-        println!("|---|---|---|---|---|---|---|");
+        println!("|---|---|---|---|---|---|---|---|");
         for (case, outcomes) in &results {
             for (s, o) in outcomes {
                 println!(
-                    "| {} ({} writes) | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} |",
+                    "| {} ({} writes) | {} | {:.0} | {:.2} | {:.2} | {:.1} | {:.0} | {:.0} |",
                     case.name(),
                     case.events,
                     s.name(),
@@ -998,7 +1013,8 @@ fn main() {
                     o.p50_ms,
                     o.p99_ms,
                     o.rss_mb,
-                    o.cpu_pct
+                    o.cpu_pct,
+                    o.client_cpu_pct
                 );
             }
         }

@@ -334,7 +334,15 @@ impl ClientBuilder {
                 .http2_keep_alive_interval(self.keepalive_interval)
                 .keep_alive_timeout(self.keepalive_timeout)
                 .keep_alive_while_idle(true)
-                .initial_stream_window_size(self.stream_window)
+                // One `Multiplex` stream carries every subscription of the
+                // connection: it gets the connection's window. Each
+                // subscription's credit (from the stream window) still
+                // bounds what it alone may take of it.
+                .initial_stream_window_size(if self.multiplex {
+                    self.connection_window
+                } else {
+                    self.stream_window
+                })
                 .initial_connection_window_size(self.connection_window);
             #[cfg(feature = "net-tls")]
             let endpoint = match &self.tls {
