@@ -947,6 +947,7 @@ where
             done: false,
             _permit: permit,
             _conn: conn.map(|c| c.stream_opened()),
+            encoded: None,
         })
     }
 }
@@ -1042,6 +1043,52 @@ struct ServerStream<P, C> {
     _permit: OwnedSemaphorePermit,
     /// Counts the stream on its connection, for the idle timeout.
     _conn: Option<StreamGuard>,
+    /// Events this stream shares the encoding of with others (the other
+    /// subscriptions of a `Multiplex` call).
+    encoded: Option<Arc<EncodeCache<P>>>,
+}
+
+/// The wire form of the events most recently encoded for a group of
+/// streams, so that an event going to a hundred subscriptions of one
+/// `Multiplex` call is run through the payload codec once, not a hundred
+/// times. An entry holds its event (so the allocation it is recognised by
+/// cannot be reused for another while the entry lives); the last
+/// [`EncodeCache::ENTRIES`] events are kept.
+pub(super) struct EncodeCache<P> {
+    entries: Mutex<VecDeque<(Event<P>, proto::Event, usize)>>,
+}
+
+impl<P> EncodeCache<P> {
+    const ENTRIES: usize = 16;
+
+    pub(super) fn new() -> Self {
+        Self {
+            entries: Mutex::new(VecDeque::with_capacity(Self::ENTRIES)),
+        }
+    }
+
+    /// The encoding of `e` (the same event: the same shared allocation at
+    /// the same index), or `encode`'s, remembered.
+    fn get_or_encode(
+        &self,
+        e: &Event<P>,
+        encode: impl FnOnce() -> Result<(proto::Event, usize), Status>,
+    ) -> Result<(proto::Event, usize), Status> {
+        let mut entries = self.entries.lock();
+        if let Some((_, ev, n)) = entries
+            .iter()
+            .rev()
+            .find(|(c, _, _)| c.index() == e.index() && c.shares_payload(e))
+        {
+            return Ok((ev.clone(), *n));
+        }
+        let (ev, n) = encode()?;
+        if entries.len() == Self::ENTRIES {
+            entries.pop_front();
+        }
+        entries.push_back((e.clone(), ev.clone(), n));
+        Ok((ev, n))
+    }
 }
 
 /// A part of a stream's output not yet sent.
@@ -1099,6 +1146,18 @@ where
 
     /// Encodes one event of a batch, with the bytes it takes in a batch.
     fn encode_event(&self, e: &Event<P>) -> Result<(proto::Event, usize), Status> {
+        match &self.encoded {
+            Some(cache) => cache.get_or_encode(e, || self.encode_new(e)),
+            None => self.encode_new(e),
+        }
+    }
+
+    /// Shares the encoding of events with the other streams of `cache`.
+    pub(super) fn share_encoding(&mut self, cache: Arc<EncodeCache<P>>) {
+        self.encoded = Some(cache);
+    }
+
+    fn encode_new(&self, e: &Event<P>) -> Result<(proto::Event, usize), Status> {
         let mut payload = Vec::new();
         self.inner
             .codec
@@ -1372,3 +1431,60 @@ where
 }
 
 type MuxResponseStream = Pin<Box<dyn Stream<Item = Result<proto::MuxResponse, Status>> + Send>>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(i: u64) -> Result<(proto::Event, usize), Status> {
+        Ok((
+            proto::Event {
+                key: "k".into(),
+                index: i,
+                payload: bytes::Bytes::new(),
+            },
+            i as usize,
+        ))
+    }
+
+    #[test]
+    fn the_encode_cache_knows_an_event_by_its_allocation_and_index() {
+        let cache = EncodeCache::new();
+        let calls = std::cell::Cell::new(0);
+        let mut get = |e: &Event<u64>| {
+            cache
+                .get_or_encode(e, || {
+                    calls.set(calls.get() + 1);
+                    encoded(e.index())
+                })
+                .unwrap()
+                .1
+        };
+        let e = Event::new("t", "k", 1, 7u64);
+        assert_eq!(get(&e), 1);
+        assert_eq!(get(&e.clone()), 1);
+        assert_eq!(calls.get(), 1, "a clone is the same event");
+        // Equal contents in another allocation, or the same payload at
+        // another index, are other events.
+        assert_eq!(get(&Event::new("t", "k", 1, 7u64)), 1);
+        assert_eq!(get(&e.with_index(2)), 2);
+        assert_eq!(calls.get(), 3);
+        // The oldest entries go once ENTRIES newer ones came.
+        for i in 10..10 + EncodeCache::<u64>::ENTRIES as u64 {
+            get(&Event::new("t", "k", i, 0u64));
+        }
+        let before = calls.get();
+        get(&e);
+        assert_eq!(calls.get(), before + 1, "evicted");
+    }
+
+    #[test]
+    fn a_failed_encoding_is_not_remembered() {
+        let cache = EncodeCache::new();
+        let e = Event::new("t", "k", 1, 7u64);
+        assert!(cache
+            .get_or_encode(&e, || Err(Status::internal("no")))
+            .is_err());
+        assert_eq!(cache.get_or_encode(&e, || encoded(1)).unwrap().1, 1);
+    }
+}

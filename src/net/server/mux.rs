@@ -23,7 +23,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use prost::Message as _;
 use tonic::{Status, Streaming};
 
-use super::{ServerStream, StreamStop, SubscribeService};
+use super::{EncodeCache, ServerStream, StreamStop, SubscribeService};
 use crate::codec::PayloadCodec;
 use crate::net::error::LAG_LIMIT_METADATA;
 use crate::net::idle::ConnActivity;
@@ -168,6 +168,8 @@ pub(super) struct MuxStream<P, C> {
     stop: Arc<StreamStop>,
     /// An item that did not fit the last message.
     carry: Option<(proto::MuxItem, usize)>,
+    /// The events the legs encoded last, shared among them.
+    encoded: Arc<EncodeCache<P>>,
     fill: usize,
     max: usize,
     done: bool,
@@ -205,6 +207,7 @@ where
             stop_id,
             stop,
             carry: None,
+            encoded: Arc::new(EncodeCache::new()),
             fill,
             max,
             done: false,
@@ -248,6 +251,7 @@ where
         let state = {
             let service = self.service.clone();
             let conn = self.conn.clone();
+            let encoded = self.encoded.clone();
             LegState::Opening(
                 async move {
                     let Some(req) = open.request else {
@@ -257,7 +261,9 @@ where
                     if req.index > 0 {
                         service.caught_up(req.index).await?;
                     }
-                    service.open(token.as_deref(), req, conn)
+                    let mut stream = service.open(token.as_deref(), req, conn)?;
+                    stream.share_encoding(encoded);
+                    Ok(stream)
                 }
                 .boxed(),
             )
