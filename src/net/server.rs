@@ -1451,7 +1451,7 @@ mod tests {
     fn the_encode_cache_knows_an_event_by_its_allocation_and_index() {
         let cache = EncodeCache::new();
         let calls = std::cell::Cell::new(0);
-        let mut get = |e: &Event<u64>| {
+        let get = |e: &Event<u64>| {
             cache
                 .get_or_encode(e, || {
                     calls.set(calls.get() + 1);
