@@ -64,6 +64,11 @@ const SUBS_PER_CONNECTION: usize = 100;
 /// Keys of the topic in the whole-topic cases, written in turn.
 const TOPIC_KEYS: u64 = 100;
 const STORM_ITEMS: u64 = 2_000;
+/// Topics the snapstream runs take in turn, so that no run's subscribers
+/// get a snapshot the publisher cached (for 10 s) in an earlier run and
+/// then that run's writes replayed: a run takes well over a second, so a
+/// topic comes round again long after its cached snapshot expired.
+const CASE_TOPICS: u64 = 16;
 /// The writer's fixed rate, in writes per second.
 const WRITE_RATE: u64 = 1_000;
 /// Linux's USER_HZ: the unit of utime and stime in /proc/<pid>/stat.
@@ -168,12 +173,17 @@ fn server_main() {
         storm: (0..STORM_ITEMS).map(|_| (1, 0)).collect(),
     }));
     let mut b = Publisher::<Bytes>::builder();
-    let st = state.clone();
-    b.register_with_wildcard("t", move |_r: SnapshotRequest, _s: SnapshotSink<Bytes>| {
-        let index = st.lock().unwrap().index;
-        async move { Ok(index) }
-    })
-    .unwrap();
+    for t in 0..CASE_TOPICS {
+        let st = state.clone();
+        b.register_with_wildcard(
+            format!("t{t}"),
+            move |_r: SnapshotRequest, _s: SnapshotSink<Bytes>| {
+                let index = st.lock().unwrap().index;
+                async move { Ok(index) }
+            },
+        )
+        .unwrap();
+    }
     let st = state.clone();
     b.register_with_wildcard(
         "storm",
@@ -225,7 +235,7 @@ fn server_main() {
         let line = line.unwrap();
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
-            ["write", mode, len, events, base] => {
+            ["write", topic, mode, len, events, base] => {
                 let (len, events): (usize, u64) = (len.parse().unwrap(), events.parse().unwrap());
                 let base: u64 = base.parse().unwrap();
                 let mut sent = Vec::with_capacity(events as usize);
@@ -245,7 +255,7 @@ fn server_main() {
                     let mut st = state.lock().unwrap();
                     st.index += 1;
                     publisher
-                        .publish(vec![Event::new("t", key, st.index, value)])
+                        .publish(vec![Event::new(*topic, key, st.index, value)])
                         .unwrap();
                 }
                 let sent: Vec<String> = sent.iter().map(u64::to_string).collect();
@@ -268,6 +278,15 @@ fn server_main() {
                     )])
                     .unwrap();
                 writeln!(out, "sent {at}").unwrap();
+            }
+            ["streams"] => {
+                let stats = server.stats();
+                writeln!(
+                    out,
+                    "sent {} {}",
+                    stats.open_streams, stats.multiplexed_calls
+                )
+                .unwrap();
             }
             _ => panic!("unknown command {line:?}"),
         }
@@ -485,12 +504,13 @@ impl System {
 
 /// Every value from `base` on once, in order; the receive time of each.
 ///
-/// Values below `base` are an earlier case's writes, which a new snapstream
-/// subscriber may legitimately get: the publisher caches a key's snapshot
-/// for 10 s and replays the buffer from its index, so a subscriber of the
-/// next case can be spliced onto a snapshot taken before the last case's
-/// writes. They are skipped, not timed: each snapstream case writes values
-/// from a fresh `base` (etcd and NATS subscribers start at the live end).
+/// Values below `base` are an earlier run's writes. Each snapstream run
+/// has a topic of its own (`CASE_TOPICS`) so it gets none: were a topic
+/// reused within the publisher's 10 s snapshot cache, a new subscriber
+/// would be spliced onto the cached snapshot and get the earlier run's
+/// writes replayed (as it should), work the peers' subscribers, starting
+/// at the live end, do not do. Should one come anyway, it is skipped, not
+/// timed: each run writes values from a fresh `base`.
 struct Recorder {
     label: &'static str,
     events: u64,
@@ -610,6 +630,12 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     // Each run's values start where the last run's ended (see `Recorder`).
     static NEXT_BASE: AtomicU64 = AtomicU64::new(0);
     let base = NEXT_BASE.fetch_add(case.events, Ordering::Relaxed);
+    // A topic of its own (see `CASE_TOPICS`).
+    static NEXT_TOPIC: AtomicU64 = AtomicU64::new(0);
+    let topic = format!(
+        "t{}",
+        NEXT_TOPIC.fetch_add(1, Ordering::Relaxed) % CASE_TOPICS
+    );
     let clients: Vec<Client<Bytes, BinaryCodec>> = (0..case.subs.div_ceil(SUBS_PER_CONNECTION))
         .map(|_| {
             let b = Client::builder([srv.addr.clone()]).multiplex(multiplex());
@@ -630,7 +656,7 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     let tasks: Vec<_> = (0..case.subs)
         .map(|s| {
             let mut sub = clients[s / SUBS_PER_CONNECTION]
-                .subscribe(RemoteRequest::new("t", subject.clone()));
+                .subscribe(RemoteRequest::new(topic.clone(), subject.clone()));
             let ready_tx = ready_tx.clone();
             let mut rec = Recorder::new("snapstream", case.events, base, delivered.clone());
             tokio::spawn(async move {
@@ -660,7 +686,10 @@ async fn run_snapstream(srv: &mut SnapServer, case: Case) -> Outcome {
     } else {
         "topic"
     };
-    let sent = srv.command(&format!("write {mode} {} {} {base}", case.len, case.events));
+    let sent = srv.command(&format!(
+        "write {topic} {mode} {} {} {base}",
+        case.len, case.events
+    ));
     let recvs = collect(
         "snapstream",
         tasks,
@@ -963,7 +992,15 @@ fn main() {
                         None => per.push((s, vec![o])),
                     };
                     for _ in 0..rounds {
-                        push(System::Snapstream, run_snapstream(&mut snap, case).await);
+                        let o = run_snapstream(&mut snap, case).await;
+                        eprintln!(
+                            "round: {} snapstream {:.0}/s p99 {:.1} ms; server streams open, calls: {:?}",
+                            case.name(),
+                            o.deliveries_per_s,
+                            o.p99_ms,
+                            snap.command("streams")
+                        );
+                        push(System::Snapstream, o);
                         if let Some(etcd) = &etcd {
                             push(System::Etcd, run_etcd(etcd, case).await);
                         }

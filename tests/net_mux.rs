@@ -503,3 +503,42 @@ async fn against_a_server_without_multiplex_the_client_subscribes_one_call_each(
     drop(subs);
     task.abort();
 }
+
+/// A reader that goes away while its key is quiet ends its subscription on
+/// the server then, not at the next message for the key (which may never
+/// come): with and without `Multiplex`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_quiet_subscriber_ends_its_stream_on_the_server() {
+    let store = Store::default();
+    let publisher = store.publisher();
+    store.write(&publisher, "quiet");
+    let server = Server::builder(publisher, BinaryCodec)
+        // No progress marks: nothing at all comes for the key.
+        .progress_interval(None)
+        .bind("127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let stats = server.stats_handle();
+    for multiplex in [true, false] {
+        let c = client(&server, multiplex);
+        let mut subs: Vec<_> = (0..3)
+            .map(|_| c.subscribe(RemoteRequest::new(TOPIC, Subject::key("quiet"))))
+            .collect();
+        for sub in &mut subs {
+            loop {
+                let m = sub.next().await.unwrap().unwrap();
+                if matches!(m, Message::EndOfSnapshot { .. }) {
+                    break;
+                }
+            }
+        }
+        assert_eq!(stats.stats().open_streams, 3, "multiplex {multiplex}");
+        drop(subs.pop());
+        let s = until(&stats, |s| s.open_streams == 2).await;
+        assert_eq!(s.open_streams, 2, "multiplex {multiplex}");
+        // The client itself gone too: every stream ends.
+        drop(subs);
+        drop(c);
+        until(&stats, |s| s.open_streams == 0).await;
+    }
+}

@@ -845,14 +845,25 @@ async fn run<P, C>(
     loop {
         if !first {
             stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(backoff(client.backoff_min, client.backoff_max, attempt)).await;
+            let pause =
+                tokio::time::sleep(backoff(client.backoff_min, client.backoff_max, attempt));
+            tokio::select! {
+                biased;
+                () = tx.closed() => return,
+                () = pause => {}
+            }
             attempt = attempt.saturating_add(1);
         }
         first = false;
         let n = client.channels.len();
         let at = client.preferred.load(Ordering::Relaxed) % n;
         let index = tracker.last_index.unwrap_or(0);
-        let failed = match client.call(at, wire(&request, index)).await {
+        let call = tokio::select! {
+            biased;
+            () = tx.closed() => return,
+            call = client.call(at, wire(&request, index)) => call,
+        };
+        let failed = match call {
             Err(status) => Some(status),
             Ok(mut call) => {
                 let mut decoder = Decoder {
@@ -869,7 +880,15 @@ async fn run<P, C>(
                     }
                 }
                 loop {
-                    match call.next().await {
+                    // The reader may go away while nothing arrives (a quiet
+                    // key): end then, so the server drops the subscription
+                    // now rather than at the next message for it.
+                    let next = tokio::select! {
+                        biased;
+                        () = tx.closed() => return,
+                        next = call.next() => next,
+                    };
+                    match next {
                         Ok(Some(frames)) => {
                             attempt = 0;
                             for frame in frames {

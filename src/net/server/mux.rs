@@ -99,6 +99,10 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        // Woken by a close (and by credit) whatever the leg waits on: a
+        // subscription closed while its key is quiet ends now, not at its
+        // next message.
+        this.credit.waker.register(cx.waker());
         if this.credit.closed.load(Ordering::Acquire) {
             // Dropping the stream ends the publisher's subscription.
             this.state = LegState::Done;
@@ -117,13 +121,9 @@ where
                 },
                 LegState::Open(stream) => {
                     if this.credit.responses.load(Ordering::Acquire) == 0 {
-                        this.credit.waker.register(cx.waker());
-                        if this.credit.responses.load(Ordering::Acquire) == 0
-                            && !this.credit.closed.load(Ordering::Acquire)
-                        {
-                            return Poll::Pending;
-                        }
-                        continue;
+                        // The waker is registered (above): a grant or a
+                        // close after this load wakes the leg.
+                        return Poll::Pending;
                     }
                     return match stream.poll_step(cx) {
                         Poll::Pending => Poll::Pending,
