@@ -386,9 +386,9 @@ async fn snapstream_round(nats: &Nats, nodes: usize, subs: usize, writes: usize)
     });
     for (node, size) in groups {
         let address = format!("http://{}", servers[node].local_addr());
-        // `SNAPSTREAM_BENCH_NET_MUX=1`: one `Multiplex` call per connection
-        // (default, as the client's: one `Subscribe` call per subscriber).
-        let multiplex = std::env::var("SNAPSTREAM_BENCH_NET_MUX").is_ok_and(|v| v == "1");
+        // `SNAPSTREAM_BENCH_NET_MUX=0`: one `Subscribe` call per subscriber
+        // (default, as the client's: one `Multiplex` call per connection).
+        let multiplex = std::env::var("SNAPSTREAM_BENCH_NET_MUX").map_or(true, |v| v != "0");
         let client = Client::builder([address])
             .buffer(256)
             .multiplex(multiplex)

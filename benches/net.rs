@@ -826,11 +826,11 @@ fn windows_override() -> Option<(u32, u32)> {
     ))
 }
 
-/// `SNAPSTREAM_BENCH_NET_MUX=1` puts every snapstream subscription of a
-/// client on its one `Multiplex` call (default, as the client's: a
-/// `Subscribe` call per subscription).
+/// `SNAPSTREAM_BENCH_NET_MUX=0` gives every snapstream subscription a
+/// `Subscribe` call of its own (default, as the client's: every
+/// subscription of a client on its one `Multiplex` call).
 fn multiplex() -> bool {
-    std::env::var("SNAPSTREAM_BENCH_NET_MUX").is_ok_and(|v| v == "1")
+    std::env::var("SNAPSTREAM_BENCH_NET_MUX").map_or(true, |v| v != "0")
 }
 
 /// `SNAPSTREAM_BENCH_NET_ONLY=storm,1000` runs only the storm and the

@@ -107,29 +107,30 @@ fn wire(request: &RemoteRequest, index: u64) -> proto::SubscribeRequest {
 /// | [`buffer`](Self::buffer) | [`DEFAULT_SUBSCRIBER_BUFFER`] (64 messages per subscriber) |
 /// | [`keepalive`](Self::keepalive) | [`DEFAULT_CLIENT_KEEPALIVE_INTERVAL`] (30 s), [`DEFAULT_CLIENT_KEEPALIVE_TIMEOUT`] (20 s) |
 /// | [`windows`](Self::windows) | [`DEFAULT_STREAM_WINDOW`] (256 KiB), [`DEFAULT_CONNECTION_WINDOW`] (1 MiB) |
-/// | [`multiplex`](Self::multiplex) | `false` (`true`: one stream per address carries every subscription) |
+/// | [`multiplex`](Self::multiplex) | `true`: one stream per address carries every subscription (`false`: a `Subscribe` call each) |
 ///
 /// # Multiplexing
 ///
-/// With [`multiplex(true)`](Self::multiplex) every subscription of a client to
-/// one address travels over one `Multiplex` call (as etcd's watches share one `Watch` stream): one
+/// By default every subscription of a client to one address travels over
+/// one `Multiplex` call (as etcd's watches share one `Watch` stream): one
 /// change delivered to a hundred subscriptions is one message on one
 /// HTTP/2 stream, not a hundred streams' frames and flushes, which is most
-/// of a server's CPU for many mostly idle subscribers. Each subscription
-/// still ends, reconnects and resumes on its own, and takes at most its
-/// credit of responses (the stream window ÷ 4 KiB, 64 by default) ahead of
-/// its reader, so one slow reader holds up nobody else. A request larger
-/// than the server takes (it says its limit when the call starts) ends
-/// only its own subscription, with `OUT_OF_RANGE`. Against a server
-/// without `Multiplex` the client falls back to one `Subscribe` call per
-/// subscription.
+/// of a server's CPU for many mostly idle subscribers; and the server runs
+/// each event through the payload codec once for all of them. Each
+/// subscription still ends, reconnects and resumes on its own, and takes
+/// at most its credit of responses (the stream window ÷ 4 KiB, 64 by
+/// default) ahead of its reader, so one slow reader holds up nobody else.
+/// The one stream gets the connection's window. A request larger than the
+/// server takes (it says its limit when the call starts) ends only its own
+/// subscription, with `OUT_OF_RANGE`. Against a server without `Multiplex`
+/// the client falls back to one `Subscribe` call per subscription.
 ///
-/// It is off by default because it costs throughput when every subscription
-/// gets every change at once: measured, about half the deliveries/s of one
-/// `Subscribe` stream per subscription at 1,000 busy subscribers, for a
-/// sixth of the server's steady CPU and a third of its memory in a
-/// 5,000-subscriber snapshot storm (the README's network bench). Turn it on
-/// for many mostly idle subscriptions per address.
+/// Measured (the README's network bench): at 1,000 busy subscribers it
+/// delivers what one `Subscribe` stream per subscription does, and in a
+/// 5,000-subscriber snapshot storm it takes a fifth of the server's steady
+/// CPU and under half its memory, but fills the snapshots more slowly (one
+/// stream per connection carries them all). [`multiplex(false)`](Self::multiplex)
+/// gives each subscription a `Subscribe` call of its own.
 ///
 /// # What a server holds for this client
 ///
@@ -270,7 +271,7 @@ impl ClientBuilder {
     }
 
     /// Whether the subscriptions to one address share one `Multiplex`
-    /// call (default `false`; see [Multiplexing](Self#multiplexing)) or each
+    /// call (default `true`; see [Multiplexing](Self#multiplexing)) or each
     /// make a `Subscribe` call of their own.
     ///
     /// # Examples
@@ -278,7 +279,8 @@ impl ClientBuilder {
     /// ```
     /// use snapstream::net::Client;
     ///
-    /// let builder = Client::builder(["http://127.0.0.1:7001"]).multiplex(true);
+    /// // One HTTP/2 stream per subscription.
+    /// let builder = Client::builder(["http://127.0.0.1:7001"]).multiplex(false);
     /// # drop(builder);
     /// ```
     pub fn multiplex(mut self, on: bool) -> Self {
@@ -477,7 +479,7 @@ impl Client<(), super::BinaryCodec> {
             keepalive_timeout: DEFAULT_CLIENT_KEEPALIVE_TIMEOUT,
             stream_window: DEFAULT_STREAM_WINDOW,
             connection_window: DEFAULT_CONNECTION_WINDOW,
-            multiplex: false,
+            multiplex: true,
             #[cfg(feature = "net-tls")]
             tls: None,
         }
