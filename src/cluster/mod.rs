@@ -70,8 +70,24 @@
 //!   and force-closes the publisher's subscriptions (their views missed the
 //!   same changes): re-subscribing gives them a snapshot of the rebuilt
 //!   state. The stream must therefore keep every message (the default of
-//!   [`LogConfig`]): a per-subject limit would make holes the follower takes
-//!   for gaps.
+//!   [`LogConfig`]) — unless it is compacted (below), where holes are expected.
+//!
+//! # Compacted logs
+//!
+//! A log opened with [`LogConfig::compacted`] keeps only the newest message
+//! of each key (any per-subject limit counts: the follower reads the
+//! stream's setting when the node starts). Rebuilding a node's state then
+//! replays one change per key, a tombstone for each deleted one, however
+//! long the log's history: as cheap as a snapshot, for the node that starts
+//! without a checkpoint and for the one resuming from an old one alike.
+//! Holes in the sequence are expected — a change superseded by a newer one
+//! of its key before this node read it — so the follower passes over them
+//! (counted in [`NodeStats::compacted`]) instead of rebuilding. A node that
+//! resumes after a hole has every key's newest change, which is all a state
+//! of keys needs; what it gives up is gap detection: a change deleted from
+//! the stream by hand (or aged out by another limit) looks like a compacted
+//! one. Deletes must therefore be written as tombstones, never made by
+//! purging a key's subject.
 //!
 //! # Read-your-index, beside Kubernetes' "not older than"
 //!
@@ -189,9 +205,11 @@ pub const DEFAULT_REPLICAS: usize = 1;
 /// | option | default |
 /// |---|---|
 /// | [`replicas`](Self::replicas) | [`DEFAULT_REPLICAS`] (1) |
+/// | [`compacted`](Self::compacted) | `false`: every message kept |
 ///
 /// A stream created here keeps every message on file storage (no age, count,
-/// size or per-subject limit), as gap detection expects.
+/// size or per-subject limit), as gap detection expects — or, compacted, the
+/// newest message of each key (see [`compacted`](Self::compacted)).
 ///
 /// # Examples
 ///
@@ -206,6 +224,7 @@ pub struct LogConfig {
     stream: String,
     prefix: String,
     replicas: usize,
+    compacted: bool,
 }
 
 impl LogConfig {
@@ -219,6 +238,7 @@ impl LogConfig {
             stream: stream.into(),
             prefix: prefix.into(),
             replicas: DEFAULT_REPLICAS,
+            compacted: false,
         }
     }
 
@@ -230,6 +250,39 @@ impl LogConfig {
     /// See [`LogConfig`].
     pub fn replicas(mut self, replicas: usize) -> Self {
         self.replicas = replicas.max(1);
+        self
+    }
+
+    /// Whether a stream that [`Log::open`] creates is *compacted*: it keeps
+    /// only the newest message of each key (JetStream's
+    /// `max_messages_per_subject = 1`), so the log holds one message per key
+    /// whatever the number of changes, and a node rebuilding its state from
+    /// it applies one change per key — a rebuild costs what a snapshot does.
+    /// An existing stream keeps its own setting; [`Log::is_compacted`] tells
+    /// which one the log has.
+    ///
+    /// What it costs: the stream sequence has holes by design (each change
+    /// superseded by a newer one of its key), so a node can no longer tell a
+    /// change it missed from one compacted away — a follower of a compacted
+    /// log detects no sequence gaps (see the [module docs](self#compacted-logs)).
+    ///
+    /// **Deletes are tombstones**: write a change whose payload says the key
+    /// is gone (e.g. `None` of an `Option<V>` payload) and let the state
+    /// remove the key when it applies it. The tombstone stays as the key's
+    /// one message, so a node that was down or rebuilds learns of the delete.
+    /// Never delete a key by purging its subject: a node that was down then
+    /// keeps the key forever.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use snapstream::cluster::LogConfig;
+    ///
+    /// let config = LogConfig::new("STATE", "app.state").compacted(true);
+    /// assert!(config.validate().is_ok());
+    /// ```
+    pub fn compacted(mut self, compacted: bool) -> Self {
+        self.compacted = compacted;
         self
     }
 
@@ -258,6 +311,12 @@ impl LogConfig {
     }
 }
 
+/// Whether a stream keeps a limited number of messages per subject: its
+/// sequence then has holes by design.
+fn is_compacted(config: &jetstream::stream::Config) -> bool {
+    config.max_messages_per_subject > 0
+}
+
 /// An open log: the stream, its subject prefix, and the JetStream context to
 /// reach it. Cheap to clone.
 ///
@@ -278,6 +337,7 @@ pub struct Log {
     js: jetstream::Context,
     stream: Arc<str>,
     prefix: Arc<str>,
+    compacted: bool,
 }
 
 impl std::fmt::Debug for Log {
@@ -285,14 +345,15 @@ impl std::fmt::Debug for Log {
         f.debug_struct("Log")
             .field("stream", &self.stream)
             .field("prefix", &self.prefix)
+            .field("compacted", &self.compacted)
             .finish_non_exhaustive()
     }
 }
 
 impl Log {
     /// Opens the log: looks up its stream, or creates it (subjects
-    /// `<prefix>.>`, every message kept, file storage, the configured
-    /// replicas).
+    /// `<prefix>.>`, file storage, every message kept or — compacted — the
+    /// newest of each key, the configured replicas).
     ///
     /// # Errors
     ///
@@ -317,10 +378,12 @@ impl Log {
                 subjects: vec![wanted.clone()],
                 num_replicas: config.replicas,
                 storage: jetstream::stream::StorageType::File,
+                max_messages_per_subject: if config.compacted { 1 } else { 0 },
                 ..Default::default()
             })
             .await
             .map_err(|e| OpenError::Nats(Box::new(e)))?;
+        let compacted = is_compacted(&stream.cached_info().config);
         let subjects = &stream.cached_info().config.subjects;
         if !subjects.contains(&wanted) {
             return Err(OpenError::SubjectsMismatch {
@@ -333,7 +396,28 @@ impl Log {
             js,
             stream: config.stream.as_str().into(),
             prefix: config.prefix.as_str().into(),
+            compacted,
         })
+    }
+
+    /// Whether the stream keeps a limited number of messages per key (a
+    /// [compacted](LogConfig::compacted) log), as it was when the log was
+    /// opened. A node reads the setting again when it starts.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// # #![allow(dead_code)]
+    /// use snapstream::cluster::{Log, LogConfig};
+    ///
+    /// # async fn f() -> Result<(), Box<dyn std::error::Error>> {
+    /// let client = async_nats::connect("127.0.0.1:4222").await?;
+    /// let log = Log::open(client, &LogConfig::new("STATE", "state").compacted(true)).await?;
+    /// assert!(log.is_compacted());
+    /// # Ok(()) }
+    /// ```
+    pub fn is_compacted(&self) -> bool {
+        self.compacted
     }
 
     /// The stream's name.

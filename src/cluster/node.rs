@@ -315,6 +315,7 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> NodeBuilder<P, S> {
             stream,
             stream_name: log.stream.to_string(),
             stream_created_ns: created_ns,
+            compacted: super::is_compacted(&info.config),
             prefix: log.prefix.to_string(),
             topics: topics.iter().map(|(t, _)| t.clone()).collect(),
             checkpoint,
@@ -632,8 +633,12 @@ pub struct NodeStats {
     pub last_quarantined: Option<u64>,
     /// Messages of topics this node does not serve (not applied).
     pub skipped: u64,
-    /// Sequence gaps detected (each triggers a rebuild).
+    /// Sequence gaps detected (each triggers a rebuild; never on a
+    /// [compacted](super::LogConfig::compacted) log).
     pub gaps: u64,
+    /// Sequences passed over while following a compacted log: changes
+    /// superseded by a newer one of their key before this node read them.
+    pub compacted: u64,
     /// Rebuilds of the state from the whole log (at start without a usable
     /// checkpoint, and after each gap).
     pub rebuilds: u64,
@@ -655,6 +660,7 @@ struct Counters {
     last_quarantined: AtomicU64,
     skipped: AtomicU64,
     gaps: AtomicU64,
+    compacted: AtomicU64,
     rebuilds: AtomicU64,
     consumer_restarts: AtomicU64,
     publish_errors: AtomicU64,
@@ -672,6 +678,7 @@ impl Counters {
             last_quarantined: Some(l(&self.last_quarantined)).filter(|&s| s > 0),
             skipped: l(&self.skipped),
             gaps: l(&self.gaps),
+            compacted: l(&self.compacted),
             rebuilds: l(&self.rebuilds),
             consumer_restarts: l(&self.consumer_restarts),
             publish_errors: l(&self.publish_errors),
@@ -749,6 +756,9 @@ struct Follower<P, S> {
     stream: jetstream::stream::Stream,
     stream_name: String,
     stream_created_ns: i128,
+    /// The stream keeps a limited number of messages per key: holes in the
+    /// sequence are compaction, not gaps.
+    compacted: bool,
     prefix: String,
     topics: HashSet<Topic>,
     checkpoint: Option<PathBuf>,
@@ -932,7 +942,12 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
                 tracing::debug!(seq, expected, "message already applied; skipped");
                 continue;
             }
-            if seq > expected {
+            if seq > expected && self.compacted {
+                // Superseded by newer changes of their keys, which follow.
+                self.stats
+                    .compacted
+                    .fetch_add(seq - expected, Ordering::Relaxed);
+            } else if seq > expected {
                 Counters::bump(&self.stats.gaps);
                 tracing::error!(
                     expected,

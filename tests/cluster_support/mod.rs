@@ -73,11 +73,19 @@ pub fn unique_stream(test: &str) -> String {
 
 /// Opens a fresh log for `test`; `None` when NATS is not there.
 pub async fn open_log(test: &str) -> Option<(async_nats::Client, Log)> {
+    open_log_with(test, |c| c).await
+}
+
+/// As [`open_log`], with `configure` applied to the log's config.
+pub async fn open_log_with(
+    test: &str,
+    configure: impl FnOnce(LogConfig) -> LogConfig,
+) -> Option<(async_nats::Client, Log)> {
     let url = url().await?;
     let client = async_nats::connect(url).await.expect("connect to NATS");
     let stream = unique_stream(test);
     let prefix = format!("snapstream-test.{}", stream.to_lowercase());
-    let log = Log::open(client.clone(), &LogConfig::new(stream, prefix))
+    let log = Log::open(client.clone(), &configure(LogConfig::new(stream, prefix)))
         .await
         .expect("open log");
     Some((client, log))
