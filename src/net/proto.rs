@@ -41,3 +41,76 @@ where
         tonic_prost::ProstDecoder::default()
     }
 }
+
+/// The server side of the service (`subscriber_server`), generated over the
+/// messages above except that it sends [`EncodedSubscribeResponse`] and
+/// [`EncodedMuxResponse`].
+mod server {
+    include!(concat!(env!("OUT_DIR"), "/server/snapstream.v1.rs"));
+}
+pub use server::subscriber_server;
+
+macro_rules! encoded_message {
+    ($(#[$doc:meta])* $name:ident, $of:literal) => {
+        $(#[$doc])*
+        ///
+        /// The server encodes its responses itself, sharing the encoding of
+        /// an event among the subscriptions it goes to, instead of building
+        /// the message's structs for every one. The bytes are exactly
+        #[doc = concat!("what [`", $of, "`]'s encoding would be, so a client decodes them as a [`", $of, "`].")]
+        /// This type only encodes: decoding one skips every field.
+        #[derive(Clone, Default, PartialEq, Eq)]
+        pub struct $name(pub(crate) bytes::Bytes);
+
+        impl $name {
+            /// The encoded message.
+            pub fn as_bytes(&self) -> &[u8] {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Debug for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("len", &self.0.len())
+                    .finish()
+            }
+        }
+
+        impl prost::Message for $name {
+            fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+                buf.put_slice(&self.0);
+            }
+
+            fn merge_field(
+                &mut self,
+                tag: u32,
+                wire_type: prost::encoding::WireType,
+                buf: &mut impl bytes::Buf,
+                ctx: prost::encoding::DecodeContext,
+            ) -> Result<(), prost::DecodeError> {
+                prost::encoding::skip_field(wire_type, tag, buf, ctx)
+            }
+
+            fn encoded_len(&self) -> usize {
+                self.0.len()
+            }
+
+            fn clear(&mut self) {
+                self.0.clear();
+            }
+        }
+    };
+}
+
+encoded_message!(
+    /// A [`SubscribeResponse`] as the server sends it: the message's bytes.
+    EncodedSubscribeResponse,
+    "SubscribeResponse"
+);
+
+encoded_message!(
+    /// A [`MuxResponse`] as the server sends it: the message's bytes.
+    EncodedMuxResponse,
+    "MuxResponse"
+);

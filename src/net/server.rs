@@ -10,13 +10,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::task::AtomicWaker;
 use futures::{Stream, StreamExt};
-use prost::Message as _;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Status};
 
 use super::catch_up::{CatchUp, NoWait};
 use super::coalesce::Coalesce;
@@ -30,8 +30,10 @@ use crate::publisher::{
     LagPolicy, Publisher, SubscribeError, SubscribeRequest, Subscription, SubscriptionError,
 };
 use crate::sync::Mutex;
+use wire::{EncodedEvent, Response};
 
 mod mux;
+mod wire;
 
 /// Default most concurrent streams on one HTTP/2 connection: 4,096 (a
 /// client multiplexes all its subscriptions over one connection).
@@ -1055,7 +1057,7 @@ struct ServerStream<P, C> {
 /// cannot be reused for another while the entry lives); the last
 /// [`EncodeCache::ENTRIES`] events are kept.
 pub(super) struct EncodeCache<P> {
-    entries: Mutex<VecDeque<(Event<P>, proto::Event, usize)>>,
+    entries: Mutex<VecDeque<(Event<P>, EncodedEvent)>>,
 }
 
 impl<P> EncodeCache<P> {
@@ -1072,37 +1074,31 @@ impl<P> EncodeCache<P> {
     fn get_or_encode(
         &self,
         e: &Event<P>,
-        encode: impl FnOnce() -> Result<(proto::Event, usize), Status>,
-    ) -> Result<(proto::Event, usize), Status> {
+        encode: impl FnOnce() -> Result<EncodedEvent, Status>,
+    ) -> Result<EncodedEvent, Status> {
         let mut entries = self.entries.lock();
-        if let Some((_, ev, n)) = entries
+        if let Some((_, ev)) = entries
             .iter()
             .rev()
-            .find(|(c, _, _)| c.index() == e.index() && c.shares_payload(e))
+            .find(|(c, _)| c.index() == e.index() && c.shares_payload(e))
         {
-            return Ok((ev.clone(), *n));
+            return Ok(ev.clone());
         }
-        let (ev, n) = encode()?;
+        let ev = encode()?;
         if entries.len() == Self::ENTRIES {
             entries.pop_front();
         }
-        entries.push_back((e.clone(), ev.clone(), n));
-        Ok((ev, n))
+        entries.push_back((e.clone(), ev.clone()));
+        Ok(ev)
     }
 }
 
 /// A part of a stream's output not yet sent.
 enum Pending<P> {
-    /// A frame with its encoded length.
-    Frame(proto::Frame, usize),
+    /// An encoded frame (its body).
+    Frame(Bytes),
     /// A batch, from event `next` on, not encoded yet.
     Batch { batch: EventBatch<P>, next: usize },
-}
-
-/// The bytes a frame takes inside a `SubscribeResponse`.
-fn framed_len(f: &proto::Frame) -> usize {
-    let n = f.encoded_len();
-    1 + prost::encoding::encoded_len_varint(n as u64) + n
 }
 
 impl<P, C> ServerStream<P, C>
@@ -1113,11 +1109,7 @@ where
     /// Queues `message` at the back of `pending` (batches unencoded).
     fn push(&mut self, message: Message<P>) {
         use proto::frame::Kind;
-        let frame = |kind| {
-            let f = proto::Frame { kind: Some(kind) };
-            let n = framed_len(&f);
-            Pending::Frame(f, n)
-        };
+        let frame = |kind| Pending::Frame(wire::frame(&proto::Frame { kind: Some(kind) }));
         let item = match message {
             Message::EndOfSnapshot { index } => frame(Kind::EndOfSnapshot(index)),
             Message::NewSnapshotToFollow => {
@@ -1137,7 +1129,7 @@ where
         let mut size = 0;
         for p in &self.pending {
             match p {
-                Pending::Frame(_, n) => size += n,
+                Pending::Frame(f) => size += wire::field_len(f.len()),
                 Pending::Batch { .. } => return true,
             }
         }
@@ -1145,7 +1137,7 @@ where
     }
 
     /// Encodes one event of a batch, with the bytes it takes in a batch.
-    fn encode_event(&self, e: &Event<P>) -> Result<(proto::Event, usize), Status> {
+    fn encode_event(&self, e: &Event<P>) -> Result<EncodedEvent, Status> {
         match &self.encoded {
             Some(cache) => cache.get_or_encode(e, || self.encode_new(e)),
             None => self.encode_new(e),
@@ -1157,7 +1149,7 @@ where
         self.encoded = Some(cache);
     }
 
-    fn encode_new(&self, e: &Event<P>) -> Result<(proto::Event, usize), Status> {
+    fn encode_new(&self, e: &Event<P>) -> Result<EncodedEvent, Status> {
         let mut payload = Vec::new();
         self.inner
             .codec
@@ -1167,52 +1159,50 @@ where
             Subject::Key(k) => k.to_string(),
             Subject::Wildcard => String::new(),
         };
-        let ev = proto::Event {
+        Ok(EncodedEvent::new(&proto::Event {
             key,
             index: e.index(),
             payload: payload.into(),
-        };
-        let n = ev.encoded_len();
-        Ok((ev, 1 + prost::encoding::encoded_len_varint(n as u64) + n))
+        }))
     }
 
     /// Moves frames from `pending` into one response of about
     /// `message_fill` bytes, encoding batch events as it goes. A batch
     /// split across responses is sent as `partial` fragments.
-    fn take_response(&mut self) -> Result<proto::SubscribeResponse, Status> {
+    fn take_response(&mut self) -> Result<Response, Status> {
         // Room for frame and batch headers.
         let fill = self.inner.message_fill;
         let max = self.inner.max_message_size - 32;
-        let mut frames = Vec::new();
-        let mut size = 0;
+        let mut response = Response::default();
         while let Some(front) = self.pending.front_mut() {
             match front {
-                Pending::Frame(_, n) => {
-                    if !frames.is_empty() && size + *n > fill {
+                Pending::Frame(f) => {
+                    if !response.is_empty() && response.len + wire::field_len(f.len()) > fill {
                         break;
                     }
-                    size += *n;
                     match self.pending.pop_front() {
-                        Some(Pending::Frame(f, _)) => frames.push(f),
+                        Some(Pending::Frame(f)) => response.push(f),
                         _ => unreachable!("front is a frame"),
                     }
                 }
                 Pending::Batch { .. } => {
-                    if !frames.is_empty() && size + 64 > fill {
+                    if !response.is_empty() && response.len + 64 > fill {
                         break;
                     }
                     let Some(Pending::Batch { batch, mut next }) = self.pending.pop_front() else {
                         unreachable!("front is a batch")
                     };
                     let mut events = Vec::new();
+                    let mut size = response.len;
                     while next < batch.len() {
-                        let (ev, n) = self.encode_event(&batch[next])?;
+                        let ev = self.encode_event(&batch[next])?;
+                        let n = ev.entry_len();
                         if n > max {
                             return Err(Status::out_of_range(format!(
                                 "an event of {n} bytes exceeds the max message size"
                             )));
                         }
-                        if (!events.is_empty() || !frames.is_empty()) && size + n > fill {
+                        if (!events.is_empty() || !response.is_empty()) && size + n > fill {
                             break;
                         }
                         size += n;
@@ -1225,9 +1215,7 @@ where
                         break;
                     }
                     let partial = next < batch.len();
-                    frames.push(proto::Frame {
-                        kind: Some(proto::frame::Kind::Events(proto::Batch { events, partial })),
-                    });
+                    response.push(wire::batch_frame(&events, partial));
                     if partial {
                         self.pending.push_front(Pending::Batch { batch, next });
                         break;
@@ -1235,7 +1223,7 @@ where
                 }
             }
         }
-        Ok(proto::SubscribeResponse { frames })
+        Ok(response)
     }
 
     fn fail(&mut self, status: Status, reason: EndReason) {
@@ -1245,11 +1233,7 @@ where
     }
 
     /// Ends the stream with `status`, counted as `reason`.
-    fn end(
-        &mut self,
-        status: Status,
-        reason: EndReason,
-    ) -> Option<Result<proto::SubscribeResponse, Status>> {
+    fn end(&mut self, status: Status, reason: EndReason) -> Option<Result<Response, Status>> {
         self.done = true;
         self.ended = Some(reason);
         Some(Err(status))
@@ -1258,18 +1242,15 @@ where
     /// The next response (or the closing status): the stream's
     /// `poll_next`. Shutdown wins over messages, messages over a progress
     /// mark.
-    fn poll_step(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<proto::SubscribeResponse, Status>>> {
+    fn poll_step(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Response, Status>>> {
         if self.done {
             return Poll::Ready(None);
         }
         loop {
             if !self.pending.is_empty() {
                 match self.take_response() {
-                    Ok(r) if !r.frames.is_empty() => {
-                        self.inner.counters.sent(r.encoded_len());
+                    Ok(r) if !r.is_empty() => {
+                        self.inner.counters.sent(r.len);
                         self.last_sent = tokio::time::Instant::now();
                         return Poll::Ready(Some(Ok(r)));
                     }
@@ -1354,8 +1335,7 @@ where
             let f = proto::Frame {
                 kind: Some(proto::frame::Kind::Progress(index)),
             };
-            let n = framed_len(&f);
-            self.pending.push_back(Pending::Frame(f, n));
+            self.pending.push_back(Pending::Frame(wire::frame(&f)));
             self.inner.counters.progress();
         } else {
             // Nothing to mark yet: the next mark is one interval on.
@@ -1370,10 +1350,12 @@ where
     P: Send + Sync + 'static,
     C: PayloadCodec<P>,
 {
-    type Item = Result<proto::SubscribeResponse, Status>;
+    type Item = Result<proto::EncodedSubscribeResponse, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.get_mut().poll_step(cx)
+        self.get_mut()
+            .poll_step(cx)
+            .map(|r| r.map(|r| r.map(Response::into_subscribe)))
     }
 }
 
@@ -1386,7 +1368,8 @@ impl<P, C> Drop for ServerStream<P, C> {
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<proto::SubscribeResponse, Status>> + Send>>;
+type ResponseStream =
+    Pin<Box<dyn Stream<Item = Result<proto::EncodedSubscribeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl<P, C> proto::subscriber_server::Subscriber for SubscribeService<P, C>
@@ -1399,7 +1382,7 @@ where
     async fn subscribe(
         &self,
         request: Request<proto::SubscribeRequest>,
-    ) -> Result<Response<Self::SubscribeStream>, Status> {
+    ) -> Result<tonic::Response<Self::SubscribeStream>, Status> {
         let conn = idle::activity_of(&request);
         let req = request.into_inner();
         let token = (!req.token.is_empty()).then(|| req.token.clone());
@@ -1407,7 +1390,7 @@ where
             self.caught_up(req.index).await?;
         }
         let stream = self.open(token.as_deref(), req, conn)?;
-        Ok(Response::new(Box::pin(stream)))
+        Ok(tonic::Response::new(Box::pin(stream)))
     }
 
     type MultiplexStream = MuxResponseStream;
@@ -1415,13 +1398,13 @@ where
     async fn multiplex(
         &self,
         request: Request<tonic::Streaming<proto::MuxRequest>>,
-    ) -> Result<Response<Self::MultiplexStream>, Status> {
+    ) -> Result<tonic::Response<Self::MultiplexStream>, Status> {
         if *self.inner.shutdown.borrow() {
             return Err(Status::unavailable("server shutting down"));
         }
         let conn = idle::activity_of(&request);
         let stream = mux::MuxStream::new(self.clone(), request.into_inner(), conn);
-        let mut response = Response::new(Box::pin(stream) as Self::MultiplexStream);
+        let mut response = tonic::Response::new(Box::pin(stream) as Self::MultiplexStream);
         response.metadata_mut().insert(
             crate::net::error::MAX_REQUEST_METADATA,
             self.inner.max_request_size.into(),
@@ -1430,21 +1413,19 @@ where
     }
 }
 
-type MuxResponseStream = Pin<Box<dyn Stream<Item = Result<proto::MuxResponse, Status>> + Send>>;
+type MuxResponseStream =
+    Pin<Box<dyn Stream<Item = Result<proto::EncodedMuxResponse, Status>> + Send>>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn encoded(i: u64) -> Result<(proto::Event, usize), Status> {
-        Ok((
-            proto::Event {
-                key: "k".into(),
-                index: i,
-                payload: bytes::Bytes::new(),
-            },
-            i as usize,
-        ))
+    fn encoded(i: u64) -> Result<EncodedEvent, Status> {
+        Ok(EncodedEvent::new(&proto::Event {
+            key: "k".into(),
+            index: i,
+            payload: bytes::Bytes::new(),
+        }))
     }
 
     #[test]
@@ -1458,7 +1439,8 @@ mod tests {
                     encoded(e.index())
                 })
                 .unwrap()
-                .1
+                .event()
+                .index
         };
         let e = Event::new("t", "k", 1, 7u64);
         assert_eq!(get(&e), 1);
@@ -1485,6 +1467,7 @@ mod tests {
         assert!(cache
             .get_or_encode(&e, || Err(Status::internal("no")))
             .is_err());
-        assert_eq!(cache.get_or_encode(&e, || encoded(1)).unwrap().1, 1);
+        let ev = cache.get_or_encode(&e, || encoded(1)).unwrap();
+        assert_eq!(ev.event().index, 1);
     }
 }

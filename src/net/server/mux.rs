@@ -20,9 +20,9 @@ use futures::future::BoxFuture;
 use futures::stream::SelectAll;
 use futures::task::AtomicWaker;
 use futures::{FutureExt, Stream, StreamExt};
-use prost::Message as _;
 use tonic::{Status, Streaming};
 
+use super::wire::{self, Item};
 use super::{EncodeCache, ServerStream, StreamStop, SubscribeService};
 use crate::codec::PayloadCodec;
 use crate::net::error::LAG_LIMIT_METADATA;
@@ -73,13 +73,13 @@ struct Leg<P, C> {
 }
 
 /// The item ending subscription `id` with `status`.
-fn end_item(id: u64, status: &Status) -> proto::MuxItem {
+fn end_item(id: u64, status: &Status) -> Item {
     let lag_limit = status
         .metadata()
         .get(LAG_LIMIT_METADATA)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
-    proto::MuxItem {
+    Item::end(&proto::MuxItem {
         id,
         frames: Vec::new(),
         end: Some(proto::MuxEnd {
@@ -87,7 +87,14 @@ fn end_item(id: u64, status: &Status) -> proto::MuxItem {
             message: status.message().to_string(),
             lag_limit,
         }),
-    }
+    })
+}
+
+/// A leg's next item, and whether it is the leg's last.
+struct LegItem {
+    item: Item,
+    /// The subscription ended: its id is free again.
+    end: Option<u64>,
 }
 
 impl<P, C> Stream for Leg<P, C>
@@ -95,7 +102,7 @@ where
     P: Send + Sync + 'static,
     C: PayloadCodec<P>,
 {
-    type Item = proto::MuxItem;
+    type Item = LegItem;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -116,7 +123,10 @@ where
                     Poll::Ready(Ok(stream)) => this.state = LegState::Open(Box::new(stream)),
                     Poll::Ready(Err(status)) => {
                         this.state = LegState::Done;
-                        return Poll::Ready(Some(end_item(this.id, &status)));
+                        return Poll::Ready(Some(LegItem {
+                            item: end_item(this.id, &status),
+                            end: Some(this.id),
+                        }));
                     }
                 },
                 LegState::Open(stream) => {
@@ -129,15 +139,20 @@ where
                         Poll::Pending => Poll::Pending,
                         Poll::Ready(Some(Ok(response))) => {
                             this.credit.responses.fetch_sub(1, Ordering::AcqRel);
-                            Poll::Ready(Some(proto::MuxItem {
-                                id: this.id,
-                                frames: response.frames,
+                            Poll::Ready(Some(LegItem {
+                                item: Item::Response {
+                                    id: this.id,
+                                    response,
+                                },
                                 end: None,
                             }))
                         }
                         Poll::Ready(Some(Err(status))) => {
                             this.state = LegState::Done;
-                            Poll::Ready(Some(end_item(this.id, &status)))
+                            Poll::Ready(Some(LegItem {
+                                item: end_item(this.id, &status),
+                                end: Some(this.id),
+                            }))
                         }
                         Poll::Ready(None) => {
                             this.state = LegState::Done;
@@ -159,7 +174,7 @@ pub(super) struct MuxStream<P, C> {
     legs: SelectAll<Leg<P, C>>,
     /// End items of opens refused before they became legs (a duplicate id:
     /// its end must not close the open leg of that id).
-    refused: Vec<proto::MuxItem>,
+    refused: Vec<Item>,
     /// The open legs' credits, by id.
     open: HashMap<u64, Arc<Credit>>,
     conn: Option<Arc<ConnActivity>>,
@@ -167,7 +182,7 @@ pub(super) struct MuxStream<P, C> {
     stop_id: u64,
     stop: Arc<StreamStop>,
     /// An item that did not fit the last message.
-    carry: Option<(proto::MuxItem, usize)>,
+    carry: Option<(Item, usize)>,
     /// The events the legs encoded last, shared among them.
     encoded: Arc<EncodeCache<P>>,
     fill: usize,
@@ -278,7 +293,7 @@ where
     P: Send + Sync + 'static,
     C: PayloadCodec<P>,
 {
-    type Item = Result<proto::MuxResponse, Status>;
+    type Item = Result<proto::EncodedMuxResponse, Status>;
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
@@ -309,16 +324,18 @@ where
             items.push(item);
         }
         // Refusals are a few bytes each, and `open` bounds them per request.
-        items.append(&mut this.refused);
+        for item in this.refused.drain(..) {
+            size += item.len();
+            items.push(item);
+        }
         while size < this.fill {
-            let Poll::Ready(Some(item)) = this.legs.poll_next_unpin(cx) else {
+            let Poll::Ready(Some(LegItem { item, end })) = this.legs.poll_next_unpin(cx) else {
                 break;
             };
-            if item.end.is_some() {
-                this.open.remove(&item.id);
+            if let Some(id) = end {
+                this.open.remove(&id);
             }
-            let n = item.encoded_len();
-            let n = 1 + prost::encoding::encoded_len_varint(n as u64) + n;
+            let n = item.len();
             if !items.is_empty() && size + n > this.max {
                 this.carry = Some((item, n));
                 break;
@@ -327,7 +344,7 @@ where
             items.push(item);
         }
         if !items.is_empty() {
-            return Poll::Ready(Some(Ok(proto::MuxResponse { items })));
+            return Poll::Ready(Some(Ok(wire::mux_response(&items, size))));
         }
         if this.legs.is_empty() {
             if this.stop.is_stopped() {
