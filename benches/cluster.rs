@@ -31,8 +31,12 @@
 //! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --features jetstream,net --bench cluster`
 //! (1 node, 100 subscribers, a few changes: checks only).
 //!
+//! After the cases, a node's rebuild (no checkpoint) from a log of 1,000
+//! keys changed 100 times each, the whole log against a compacted one
+//! (`LogConfig::compacted`), interleaved, at least 3 rounds.
+//!
 //! Knobs: `SNAPSTREAM_BENCH_CASES=3x100,3x5000` runs only those cases
-//! (nodes × subscribers); `SNAPSTREAM_BENCH_SYSTEMS=snapstream` (or `kv`)
+//! (nodes × subscribers; add `rebuild` for the rebuild comparison); `SNAPSTREAM_BENCH_SYSTEMS=snapstream` (or `kv`)
 //! runs only that side; `SNAPSTREAM_BENCH_PERF_CTL=FIFO` drives
 //! `perf record -D -1 --control fifo:FIFO` (or `perf stat`) so that it
 //! samples only the rounds' bursts (the bench's `nats-server` is its child:
@@ -62,6 +66,8 @@ struct Sizes {
     writes: usize,
     rounds: usize,
     quick: bool,
+    /// Run the rebuild comparison (whole log against compacted).
+    rebuild: bool,
 }
 
 fn sizes() -> Sizes {
@@ -71,6 +77,7 @@ fn sizes() -> Sizes {
             writes: 20,
             rounds: 1,
             quick: true,
+            rebuild: false,
         };
     }
     let rounds = std::env::var("SNAPSTREAM_BENCH_ROUNDS")
@@ -87,7 +94,12 @@ fn sizes() -> Sizes {
         (3, 5_000),
     ];
     // `SNAPSTREAM_BENCH_CASES=3x100,3x5000`: only these (nodes × subscribers).
-    let scenarios = match std::env::var("SNAPSTREAM_BENCH_CASES") {
+    // `rebuild` among them: the rebuild comparison too.
+    let cases = std::env::var("SNAPSTREAM_BENCH_CASES");
+    let rebuild = cases
+        .as_ref()
+        .map_or(true, |c| c.split(',').any(|c| c.trim() == "rebuild"));
+    let scenarios = match cases {
         Ok(cases) => cases
             .split(',')
             .filter_map(|c| {
@@ -103,6 +115,7 @@ fn sizes() -> Sizes {
         writes: 200,
         rounds,
         quick: false,
+        rebuild,
     }
 }
 
@@ -285,6 +298,102 @@ fn perf_control(command: &str) {
         if let Err(e) = std::fs::write(&fifo, format!("{command}\n")) {
             eprintln!("perf control {command}: {e}");
         }
+    }
+}
+
+// ---- rebuilds: the whole log against a compacted one -----------------------
+
+/// Keys, and changes of each, in the logs the rebuilds read.
+const REBUILD_KEYS: usize = 1_000;
+const REBUILD_PER_KEY: usize = 100;
+
+/// A log holding `REBUILD_PER_KEY` changes of each of `REBUILD_KEYS` keys,
+/// compacted or not: the log, its last index, and the messages it holds.
+async fn rebuild_log(nats: &Nats, compacted: bool) -> (Log, u64, u64) {
+    let client = nats.connect().await;
+    let stream = unique(if compacted {
+        "BENCH_COMPACTED"
+    } else {
+        "BENCH_FULL"
+    });
+    let config = LogConfig::new(stream.as_str(), format!("bench.{}", stream.to_lowercase()))
+        .compacted(compacted);
+    let log = Log::open(client, &config).await.unwrap();
+    let writer = log.writer::<String, _>(JsonCodec);
+    let last = futures::stream::iter(0..REBUILD_KEYS * REBUILD_PER_KEY)
+        .map(|i| {
+            let writer = writer.clone();
+            async move {
+                writer
+                    .put(TOPIC, &format!("k{}", i % REBUILD_KEYS), &i.to_string())
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .fold(0, |last, i| async move { last.max(i) })
+        .await;
+    let mut stream = log.jetstream().get_stream(log.stream_name()).await.unwrap();
+    let messages = stream.info().await.unwrap().state.messages;
+    (log, last, messages)
+}
+
+/// A node started without a checkpoint on `log`, until it has applied
+/// `last`: how long that took, and the keys its state then holds.
+async fn rebuild_once(log: &Log, last: u64) -> (Duration, usize) {
+    let started = Instant::now();
+    let mut b = Node::builder(log, Kv::default(), JsonCodec);
+    b.wildcard_topic(TOPIC);
+    let node = b.start().await.unwrap();
+    node.wait_for_index(last, PATIENCE).await.unwrap();
+    let took = started.elapsed();
+    let keys = node.read(|kv, _| kv.0.len()).await;
+    assert_eq!(node.stats().gaps, 0, "a rebuild sees no gap");
+    node.shutdown().await;
+    (took, keys)
+}
+
+/// Rebuilds from the whole log and from a compacted one, interleaved,
+/// `rounds` times each; prints the table.
+async fn rebuild_comparison(nats: &Nats, rounds: usize) {
+    let mut logs = Vec::new();
+    for compacted in [false, true] {
+        logs.push((compacted, rebuild_log(nats, compacted).await));
+    }
+    let mut took: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..rounds {
+        for (i, (compacted, (log, last, _))) in logs.iter().enumerate() {
+            let (t, keys) = rebuild_once(log, *last).await;
+            assert_eq!(keys, REBUILD_KEYS, "the rebuilt state holds every key");
+            eprintln!("round {round}: rebuild, compacted {compacted}: {t:?}");
+            took[i].push(t);
+        }
+    }
+    println!();
+    println!(
+        "A node's rebuild (no checkpoint) from a log of {} keys changed {} times each, median of {rounds}:",
+        REBUILD_KEYS, REBUILD_PER_KEY
+    );
+    println!();
+    println!("| log | changes written | messages in the stream | rebuild ms |");
+    println!("|---|---:|---:|---:|");
+    for (i, (compacted, (log, _, messages))) in logs.iter().enumerate() {
+        took[i].sort();
+        let median = took[i][took[i].len() / 2];
+        println!(
+            "| {} | {} | {messages} | {:.1} |",
+            if *compacted {
+                "compacted (`LogConfig::compacted`)"
+            } else {
+                "every change kept (default)"
+            },
+            REBUILD_KEYS * REBUILD_PER_KEY,
+            median.as_secs_f64() * 1e3
+        );
+        log.jetstream()
+            .delete_stream(log.stream_name())
+            .await
+            .unwrap();
     }
 }
 
@@ -909,6 +1018,9 @@ fn main() {
         }
         None if s.quick => println!("quick mode: checks only (every subscriber got every change)"),
         None => println!("target row (3 nodes, 5,000 subscribers) not run"),
+    }
+    if s.rebuild && runs("snapstream") {
+        rt.block_on(rebuild_comparison(&nats, s.rounds.max(3)));
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
