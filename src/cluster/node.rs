@@ -171,8 +171,14 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> NodeBuilder<P, S> {
     /// Sets how long one pull request of the follower's consumer lasts
     /// (at least 1 s): the consumer's idle heartbeat is half of it, and two
     /// missed heartbeats make it recreate the consumer on a live server.
-    /// Shorter notices a dead server sooner, at the cost of one request per
-    /// expiry while the log is idle.
+    /// It is also the follower's watchdog: after an expiry with no message,
+    /// the follower asks the stream for its last sequence, and when the
+    /// stream is ahead it replaces the consumer itself (counted in
+    /// [`NodeStats::consumer_restarts`]) rather than wait for the client's
+    /// own recreation, whose back-off after a JetStream leader change
+    /// reaches 10 s a try. Shorter notices a dead server sooner, at the
+    /// cost of a pull request and a stream-info request per expiry while
+    /// the log is idle.
     ///
     /// # Examples
     ///
@@ -824,19 +830,44 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
         }
     }
 
-    /// The next message, or `None` when the node is stopping.
+    /// The message after `after`, or `None` when the node is stopping.
+    ///
+    /// A watchdog as well: when nothing comes for `expiry` while
+    /// the stream holds sequences past `after`, the consumer is stalled —
+    /// after a JetStream leader change an ordered consumer may take tens of
+    /// seconds to recreate itself (its own back-off reaches 10 s a try) —
+    /// and the follower replaces it now (an error: the caller recreates the
+    /// consumer from `after + 1`, counted in `consumer_restarts`). A stream
+    /// that cannot be asked (no leader yet) is asked again at the next tick.
     async fn next_message(
+        stream: &jetstream::stream::Stream,
+        expiry: Duration,
         stop: &mut watch::Receiver<bool>,
         messages: &mut jetstream::consumer::pull::Ordered,
+        after: u64,
     ) -> Option<Result<jetstream::Message, NatsError>> {
-        tokio::select! {
-            biased;
-            _ = stop.wait_for(|&s| s) => None,
-            m = messages.next() => Some(match m {
-                Some(Ok(m)) => Ok(m),
-                Some(Err(e)) => Err(Box::new(e) as NatsError),
-                None => Err("log consumer ended".into()),
-            }),
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.wait_for(|&s| s) => return None,
+                m = messages.next() => return Some(match m {
+                    Some(Ok(m)) => Ok(m),
+                    Some(Err(e)) => Err(Box::new(e) as NatsError),
+                    None => Err("log consumer ended".into()),
+                }),
+                () = tokio::time::sleep(expiry) => {}
+            }
+            match stream.get_info().await {
+                Ok(info) if info.state.last_sequence > after => {
+                    return Some(Err(format!(
+                        "log consumer stalled: nothing after {after} for {:?} while the stream is at {}",
+                        expiry, info.state.last_sequence
+                    )
+                    .into()));
+                }
+                Ok(_) => {}
+                Err(e) => tracing::debug!(error = %e, "stream info for the consumer watchdog"),
+            }
         }
     }
 
@@ -862,7 +893,14 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
             let mut messages = consumer.messages().await?;
             let mut stop = self.stop.clone();
             loop {
-                let Some(msg) = Self::next_message(&mut stop, &mut messages).await else {
+                let next = Self::next_message(
+                    &self.stream,
+                    self.consumer_expiry,
+                    &mut stop,
+                    &mut messages,
+                    last,
+                );
+                let Some(msg) = next.await else {
                     return Ok(Next::Stop);
                 };
                 let msg = msg?;
@@ -927,7 +965,14 @@ impl<P: Send + Sync + 'static, S: NodeState<P>> Follower<P, S> {
         };
         let mut stop = self.stop.clone();
         loop {
-            let Some(msg) = Self::next_message(&mut stop, &mut messages).await else {
+            let next = Self::next_message(
+                &self.stream,
+                self.consumer_expiry,
+                &mut stop,
+                &mut messages,
+                self.applied,
+            );
+            let Some(msg) = next.await else {
                 return Ok(Next::Stop);
             };
             let msg = msg?;
