@@ -5,7 +5,7 @@ mod cluster_support;
 
 use std::sync::{Arc, Mutex};
 
-use cluster_support::{delete_log, open_log, Disk, Kv, Model, View, PATIENCE};
+use cluster_support::{delete_log, open_log, start_durable, Disk, Kv, Model, View, PATIENCE};
 use snapstream::cluster::{JsonCodec, Node};
 use snapstream::event::Subject;
 use snapstream::publisher::SubscribeRequest;
@@ -76,17 +76,12 @@ async fn a_sequence_gap_triggers_a_rebuild() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("node.checkpoint");
     let disk = Arc::new(Mutex::new(Disk::default()));
-    let start = || {
-        let mut b = Node::builder(&log, Kv::durable(disk.clone()), JsonCodec);
-        b.wildcard_topic("services").checkpoint(&checkpoint);
-        b.start()
-    };
     let writer = log.writer::<String, _>(JsonCodec);
     let mut model = Model::default();
     for i in 0..5 {
         model.put(&writer, "services", &format!("k{i}"), "a").await;
     }
-    let node = start().await.unwrap();
+    let node = start_durable(&log, &disk, &checkpoint).await;
     node.wait_for_index(5, PATIENCE).await.unwrap();
     node.shutdown().await;
     assert_eq!(disk.lock().unwrap().persisted_at, 5);
@@ -100,7 +95,7 @@ async fn a_sequence_gap_triggers_a_rebuild() {
     model.changes.retain(|c| c.0 != lost);
     let last = model.last();
 
-    let node = start().await.unwrap();
+    let node = start_durable(&log, &disk, &checkpoint).await;
     node.wait_for_index(last, PATIENCE).await.unwrap();
     let stats = node.stats();
     assert_eq!(

@@ -8,7 +8,7 @@ mod cluster_support;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use cluster_support::{delete_log, open_log_with, Disk, Kv, Model, View, PATIENCE};
+use cluster_support::{delete_log, open_log_with, start_durable, Disk, Model, View, PATIENCE};
 use snapstream::cluster::{JsonCodec, Node, NodeState};
 use snapstream::event::{Event, Subject, Topic};
 use snapstream::publisher::SubscribeRequest;
@@ -125,17 +125,12 @@ async fn a_node_resuming_behind_a_compacted_log_passes_over_its_holes() {
     let dir = tempfile::tempdir().unwrap();
     let checkpoint = dir.path().join("node.checkpoint");
     let disk = Arc::new(Mutex::new(Disk::default()));
-    let start = || {
-        let mut b = Node::builder(&log, Kv::durable(disk.clone()), JsonCodec);
-        b.wildcard_topic("services").checkpoint(&checkpoint);
-        b.start()
-    };
     let writer = log.writer::<String, _>(JsonCodec);
     let mut model = Model::default();
     for k in 0..5 {
         model.put(&writer, "services", &format!("k{k}"), "a").await;
     }
-    let node = start().await.unwrap();
+    let node = start_durable(&log, &disk, &checkpoint).await;
     node.wait_for_index(5, PATIENCE).await.unwrap();
     let mut sub = node
         .subscribe(SubscribeRequest::new("services", Subject::Wildcard))
@@ -162,7 +157,7 @@ async fn a_node_resuming_behind_a_compacted_log_passes_over_its_holes() {
     assert_eq!(last, 11);
     let surviving = vec![9, 10, 11];
 
-    let node = start().await.unwrap();
+    let node = start_durable(&log, &disk, &checkpoint).await;
     node.wait_for_index(last, PATIENCE).await.unwrap();
     let stats = node.stats();
     assert_eq!(

@@ -6,20 +6,12 @@ mod cluster_support;
 
 use std::sync::{Arc, Mutex};
 
-use cluster_support::{delete_log, open_log, Disk, Kv, Model, View, PATIENCE};
-use snapstream::cluster::{JsonCodec, Log, Node};
+use cluster_support::{
+    delete_log, open_log, start_durable as start, Disk, Kv, Model, View, PATIENCE,
+};
+use snapstream::cluster::{JsonCodec, Node};
 use snapstream::event::Subject;
 use snapstream::publisher::SubscribeRequest;
-
-async fn start(
-    log: &Log,
-    disk: &Arc<Mutex<Disk>>,
-    checkpoint: &std::path::Path,
-) -> Node<String, Kv> {
-    let mut b = Node::builder(log, Kv::durable(disk.clone()), JsonCodec);
-    b.wildcard_topic("services").checkpoint(checkpoint);
-    b.start().await.unwrap()
-}
 
 /// The client resumes on the (re)started `node` where its view ended, and
 /// follows it to `last`: nothing lost, every live event once, never older

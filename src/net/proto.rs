@@ -51,14 +51,15 @@ mod server {
 pub use server::subscriber_server;
 
 macro_rules! encoded_message {
-    ($(#[$doc:meta])* $name:ident, $of:literal) => {
+    ($(#[$doc:meta])* $name:ident, $of:ident) => {
         $(#[$doc])*
         ///
         /// The server encodes its responses itself, sharing the encoding of
         /// an event among the subscriptions it goes to, instead of building
         /// the message's structs for every one. The bytes are exactly
-        #[doc = concat!("what [`", $of, "`]'s encoding would be, so a client decodes them as a [`", $of, "`].")]
-        /// This type only encodes: decoding one skips every field.
+        #[doc = concat!("what [`", stringify!($of), "`]'s encoding would be, so a client decodes them as a [`", stringify!($of), "`].")]
+        /// This type only encodes: decoding one skips every field (decode a
+        #[doc = concat!("[`", stringify!($of), "`] instead).")]
         #[derive(Clone, Default, PartialEq, Eq)]
         pub struct $name(pub(crate) bytes::Bytes);
 
@@ -66,6 +67,19 @@ macro_rules! encoded_message {
             /// The encoded message.
             pub fn as_bytes(&self) -> &[u8] {
                 &self.0
+            }
+
+            /// A message from its encoding (not checked: the bytes are sent
+            /// as they are).
+            pub fn from_encoded(bytes: bytes::Bytes) -> Self {
+                Self(bytes)
+            }
+        }
+
+        #[doc = concat!("Encodes a [`", stringify!($of), "`] (for an own implementation of the service trait).")]
+        impl From<&$of> for $name {
+            fn from(message: &$of) -> Self {
+                Self(prost::Message::encode_to_vec(message).into())
             }
         }
 
@@ -106,11 +120,11 @@ macro_rules! encoded_message {
 encoded_message!(
     /// A [`SubscribeResponse`] as the server sends it: the message's bytes.
     EncodedSubscribeResponse,
-    "SubscribeResponse"
+    SubscribeResponse
 );
 
 encoded_message!(
     /// A [`MuxResponse`] as the server sends it: the message's bytes.
     EncodedMuxResponse,
-    "MuxResponse"
+    MuxResponse
 );

@@ -1170,9 +1170,11 @@ where
     /// `message_fill` bytes, encoding batch events as it goes. A batch
     /// split across responses is sent as `partial` fragments.
     fn take_response(&mut self) -> Result<Response, Status> {
-        // Room for frame and batch headers.
-        let fill = self.inner.message_fill;
+        // Room for the headers of the frame, of its batch and (in a
+        // `Multiplex` call) of the item around them: a response never
+        // passes the max message size, even with a fill as large.
         let max = self.inner.max_message_size - 32;
+        let fill = self.inner.message_fill.min(max);
         let mut response = Response::default();
         while let Some(front) = self.pending.front_mut() {
             match front {

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use snapstream::cluster::{JsonCodec, Log, LogConfig, LogWriter, NodeState};
+use snapstream::cluster::{JsonCodec, Log, LogConfig, LogWriter, Node, NodeState};
 use snapstream::event::{Event, Message, Subject, Topic};
 use snapstream::publisher::{BoxError, Subscription, SubscriptionError};
 
@@ -267,6 +267,18 @@ impl NodeState<String> for Kv {
         }
         Ok(())
     }
+}
+
+/// Starts a node on `log` serving `services` (wildcards on) with the
+/// durable state `disk` and a checkpoint file.
+pub async fn start_durable(
+    log: &Log,
+    disk: &Arc<Mutex<Disk>>,
+    checkpoint: &std::path::Path,
+) -> Node<String, Kv> {
+    let mut b = Node::builder(log, Kv::durable(disk.clone()), JsonCodec);
+    b.wildcard_topic("services").checkpoint(checkpoint);
+    b.start().await.unwrap()
 }
 
 /// A subscriber's materialized view of one topic (wildcard subscription).

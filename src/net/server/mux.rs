@@ -323,11 +323,15 @@ where
             size += n;
             items.push(item);
         }
-        // Refusals are a few bytes each, and `open` bounds them per request.
-        for item in this.refused.drain(..) {
+        // Refusals are a few bytes each, but a burst of opens may make many:
+        // what does not fit this message waits for the next.
+        let mut refused = this.refused.drain(..).peekable();
+        while let Some(item) = refused.next_if(|i| items.is_empty() || size + i.len() <= this.max) {
             size += item.len();
             items.push(item);
         }
+        let rest: Vec<_> = refused.collect();
+        this.refused = rest;
         while size < this.fill {
             let Poll::Ready(Some(LegItem { item, end })) = this.legs.poll_next_unpin(cx) else {
                 break;
