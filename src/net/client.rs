@@ -885,10 +885,14 @@ async fn run<P, C>(
                     // The reader may go away while nothing arrives (a quiet
                     // key): end then, so the server drops the subscription
                     // now rather than at the next message for it.
+                    // The next response first: while responses come, the
+                    // reader's close is seen by `send` and the close
+                    // future is never polled (polling it registers a
+                    // waiter on the channel each time).
                     let next = tokio::select! {
                         biased;
-                        () = tx.closed() => return,
                         next = call.next() => next,
+                        () = tx.closed() => return,
                     };
                     match next {
                         Ok(Some(frames)) => {
