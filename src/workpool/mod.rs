@@ -499,6 +499,23 @@ const SPINS: u32 = 32;
 #[cfg(loom)]
 const SPINS: u32 = 1;
 
+/// A worker whose batch held fewer items than this (and whose handlers all
+/// completed at once) yields once before it reports the batch and takes the
+/// next one.
+///
+/// Without it a busy pool can settle into taking two or three items per
+/// batch: the workers keep up with the producers, so each look under the
+/// state lock finds a few items, and the producers' adds and the workers'
+/// looks contend for the lock and its cache lines item by item, which slows
+/// the producers, which keeps the batches small. One yield (about a µs, and
+/// a turn for any task on the worker's thread, a producer included) lets
+/// the next batch fill. Measured with `SNAPSTREAM_BENCH_SECTION=go cargo
+/// bench --bench pools`, 2026-12-03: 16 uniform keys from 3.3-4.2M to
+/// 7.5-8.6M items/s, 10,000 keys from 3.2-3.4M to 4.3-5.0M, 2 to 6
+/// items per batch before in most runs, 10 to 47 after (`SNAPSTREAM_BENCH_DIAG=1`). Half
+/// of [`MAX_BATCH`](state::MAX_BATCH) did better than 8, 16 or all of it.
+const SMALL_BATCH: usize = 32;
+
 /// Lets every other ready task run, then resumes: tokio's `yield_now`, which
 /// defers the wake-up until the thread has nothing else to run (so it never
 /// wakes another thread).
@@ -591,6 +608,7 @@ where
         }
         many = true;
         held = items.len() > 1;
+        let small = items.len() < SMALL_BATCH;
         #[cfg(not(loom))]
         let (mut started, mut count) = (None::<std::time::Instant>, 0u32);
         let mut stop = false;
@@ -678,6 +696,10 @@ where
         }
         runs = runs_iter.collect(); // empty: keeps the allocation
         debug_assert!(items.is_empty());
+        if small && many {
+            // See `SMALL_BATCH`: let more items come before the next look.
+            spin_yield().await;
+        }
     }
 }
 
