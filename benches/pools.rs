@@ -1,12 +1,14 @@
 //! Keyed pool and lease pool against their peers, interleaved in one process.
 //!
-//! `cargo bench --bench pools` (full, about 3 minutes) or
+//! `cargo bench --bench pools` (full, 1-3 minutes) or
 //! `SNAPSTREAM_BENCH_QUICK=1 cargo bench --bench pools` (tiny sizes, checks only).
 //!
 //! The first section (`SNAPSTREAM_BENCH_SECTION=go`) runs **Gitpod's own Go
 //! pool** (the seed, built by the anchor's `run.sh` in
 //! `../shared/anchors/go-gitpod-pool/`, or `$GITPOD_POOL_ANCHOR`) and the keyed
-//! pool on the anchor's workload, round by round in one run; see
+//! pool on the anchor's workload, round by round in one run, and with them
+//! the workload's **channel ceiling** (the same producer and handler with no
+//! pool: one mpsc channel into one task; see [`channel_run`]); see
 //! [`go_section`]. For profiling one case: `SNAPSTREAM_BENCH_CASE=uniform10k`
 //! (or `uniform16`, `hot10k`, `hot16`), `SNAPSTREAM_BENCH_SCALE` and
 //! `SNAPSTREAM_BENCH_ROUNDS` override the item scale and the rounds,
