@@ -136,14 +136,27 @@ async fn bench_publish(s: &Sizes) -> f64 {
         p.publish(vec![Event::new("t", key, i + 2, i)]).unwrap();
     }
     let rate = s.publishes as f64 / start.elapsed().as_secs_f64();
-    // Check: every subscriber has exactly its key's events waiting.
+    // Check: every subscriber gets exactly its key's events. Awaited, not
+    // polled once: a subscriber can have read its snapshot's end before the
+    // snapshot's task (on the other thread) has joined it to the live
+    // buffer, and then its events come once that task runs (a busy CI
+    // machine delayed it past a single poll). The timeout only bounds a
+    // failure.
     let per_key = s.publishes / s.publish_keys as u64;
     for sub in &mut subs {
         let mut n = 0;
-        while let Some(m) = futures::FutureExt::now_or_never(sub.next()) {
-            n += m.unwrap().events().unwrap().len() as u64;
+        while n < per_key {
+            let m = tokio::time::timeout(Duration::from_secs(60), sub.next())
+                .await
+                .expect("a subscriber's events arrive")
+                .expect("the subscription goes on");
+            n += m.events().unwrap().len() as u64;
         }
         assert_eq!(n, per_key);
+        assert!(
+            futures::FutureExt::now_or_never(sub.next()).is_none(),
+            "no event beyond its key's"
+        );
     }
     rate
 }
