@@ -503,16 +503,15 @@ const SPINS: u32 = 1;
 /// completed at once) yields once before it reports the batch and takes the
 /// next one.
 ///
-/// Without it a busy pool can settle into taking two or three items per
+/// Without it a busy pool can settle into taking a few items per
 /// batch: the workers keep up with the producers, so each look under the
 /// state lock finds a few items, and the producers' adds and the workers'
 /// looks contend for the lock and its cache lines item by item, which slows
 /// the producers, which keeps the batches small. One yield (about a µs, and
 /// a turn for any task on the worker's thread, a producer included) lets
-/// the next batch fill. Measured with `SNAPSTREAM_BENCH_SECTION=go cargo
-/// bench --bench pools`, 2026-12-03: 16 uniform keys from 3.3-4.2M to
-/// 7.5-8.6M items/s, 10,000 keys from 3.2-3.4M to 4.3-5.0M, 2 to 6
-/// items per batch before in most runs, 10 to 47 after (`SNAPSTREAM_BENCH_DIAG=1`). Half
+/// the next batch fill: 10 to 47 items per batch after it, against 2 to 6
+/// (`SNAPSTREAM_BENCH_DIAG=1 SNAPSTREAM_BENCH_SECTION=go cargo bench --bench
+/// pools`); the throughput it brought is in the README's pool section. Half
 /// of [`MAX_BATCH`](state::MAX_BATCH) did better than 8, 16 or all of it.
 const SMALL_BATCH: usize = 32;
 

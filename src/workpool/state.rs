@@ -116,7 +116,7 @@ struct KeyQueue<K, T> {
 }
 
 /// The hasher of the key index.
-type IndexHasher = foldhash::fast::RandomState;
+type IndexHasher = crate::FastHasher;
 
 #[derive(Debug)]
 pub(crate) struct State<K, T> {
