@@ -208,12 +208,29 @@ async fn raw_call(
     mpsc::UnboundedSender<MuxRequest>,
     tonic::Streaming<proto::MuxResponse>,
 ) {
+    raw_call_with(server, false).await
+}
+
+/// A raw `Multiplex` call that asks for shared items when `shared`.
+async fn raw_call_with(
+    server: &Server,
+    shared: bool,
+) -> (
+    mpsc::UnboundedSender<MuxRequest>,
+    tonic::Streaming<proto::MuxResponse>,
+) {
     let mut c = SubscriberClient::connect(format!("http://{}", server.local_addr()))
         .await
         .unwrap();
     let (tx, mut rx) = mpsc::unbounded_channel();
     let requests = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let responses = c.multiplex(requests).await.unwrap().into_inner();
+    let mut request = tonic::Request::new(requests);
+    if shared {
+        request
+            .metadata_mut()
+            .insert("snapstream-mux-shared", "1".parse().unwrap());
+    }
+    let responses = c.multiplex(request).await.unwrap().into_inner();
     (tx, responses)
 }
 
@@ -541,4 +558,130 @@ async fn dropping_a_quiet_subscriber_ends_its_stream_on_the_server() {
         drop(c);
         until(&stats, |s| s.open_streams == 0).await;
     }
+}
+
+/// The (id, sequence) of every event the items carry, for each
+/// subscription an item is for (its `id` and `also`).
+fn per_subscription(items: &[proto::MuxItem], into: &mut BTreeMap<u64, Vec<u64>>) {
+    for item in items {
+        assert!(item.end.is_none(), "no subscription ended: {item:?}");
+        for id in std::iter::once(item.id).chain(item.also.iter().copied()) {
+            let seen = into.entry(id).or_default();
+            for frame in &item.frames {
+                if let Some(proto::frame::Kind::Events(batch)) = &frame.kind {
+                    for e in &batch.events {
+                        // The binary codec's u64: 8 bytes, little-endian.
+                        let bytes: [u8; 8] = e.payload[..].try_into().expect("a u64 payload");
+                        seen.push(u64::from_le_bytes(bytes));
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_change_for_many_subscriptions_is_one_item_to_a_client_that_asks() {
+    const SUBS: u64 = 50;
+    for shared in [false, true] {
+        let store = Store::default();
+        let publisher = store.publisher();
+        store.write(&publisher, "a");
+        let server = serve(publisher.clone()).await;
+        let (tx, mut responses) = raw_call_with(&server, shared).await;
+        for id in 0..SUBS {
+            tx.send(open(id, TOPIC, Some("a"), 16)).unwrap();
+        }
+        // Every subscription's snapshot (sequence 1), however it comes.
+        let mut seen = BTreeMap::new();
+        while seen.len() < SUBS as usize || seen.values().any(|s: &Vec<u64>| s.is_empty()) {
+            per_subscription(&items(&mut responses, 1).await, &mut seen);
+        }
+        assert!(seen.values().all(|s| s == &[1]), "{seen:?}");
+        // One change, for all of them: the test's thread runs the server
+        // only once the publish woke every subscription.
+        store.write(&publisher, "a");
+        let live = items(&mut responses, 1).await;
+        let mut after = BTreeMap::new();
+        per_subscription(&live, &mut after);
+        if shared {
+            assert_eq!(live.len(), 1, "one item for every subscription");
+            let mut ids: Vec<u64> = std::iter::once(live[0].id)
+                .chain(live[0].also.iter().copied())
+                .collect();
+            ids.sort_unstable();
+            assert_eq!(ids, (0..SUBS).collect::<Vec<_>>(), "each once");
+        } else {
+            let more = items(&mut responses, SUBS as usize - live.len()).await;
+            per_subscription(&more, &mut after);
+            assert!(live.iter().chain(&more).all(|i| i.also.is_empty()));
+            assert_eq!(live.len() + more.len(), SUBS as usize, "one item each");
+        }
+        assert_eq!(after.len(), SUBS as usize);
+        assert!(after.values().all(|s| s == &[2]), "{after:?}");
+        drop(tx);
+        server.shutdown().await.unwrap();
+    }
+}
+
+/// Subscriptions of one key whose readers read at different paces drift
+/// apart on the server (each is held to its own credit), so that a message
+/// holds different subscriptions' responses to different changes: each
+/// still gets every change once, in order, through shared items.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_items_keep_each_subscriptions_order_as_subscriptions_drift_apart() {
+    const SUBS: usize = 24;
+    const WRITES: u64 = 600;
+    let store = Store::default();
+    let publisher = store.publisher();
+    store.write(&publisher, "a");
+    let server = serve(publisher.clone()).await;
+    let c = Client::builder([format!("http://{}", server.local_addr())])
+        .backoff(Duration::from_millis(1), Duration::from_millis(20))
+        .buffer(1)
+        .build::<u64>()
+        .unwrap();
+    let mut readers = Vec::new();
+    for i in 0..SUBS {
+        let mut sub = c.subscribe(RemoteRequest::new(TOPIC, Subject::key("a")));
+        // The snapshot first, so that every subscriber sees every write.
+        assert!(sub.next().await.unwrap().unwrap().events().is_some());
+        readers.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            let mut n = 0;
+            while seen.last() != Some(&(WRITES + 1)) {
+                let m = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                    .await
+                    .expect("a message within 30 s")
+                    .expect("the stream goes on")
+                    .expect("no error");
+                if let Message::Events(batch) = m {
+                    seen.extend(batch.iter().map(|e| *e.payload()));
+                }
+                // Reader i yields i % 4 times per message: some keep up,
+                // some fall behind.
+                n += 1;
+                for _ in 0..(i + n) % 4 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            (seen, sub.reconnects())
+        }));
+    }
+    for i in 0..WRITES {
+        store.write(&publisher, "a");
+        if i % 8 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    for (i, r) in readers.into_iter().enumerate() {
+        let (seen, reconnects) = r.await.unwrap();
+        assert_eq!(
+            seen,
+            (2..=WRITES + 1).collect::<Vec<_>>(),
+            "subscriber {i}: every change once, in order"
+        );
+        assert_eq!(reconnects, 0);
+    }
+    server.shutdown().await.unwrap();
 }

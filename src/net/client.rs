@@ -18,7 +18,7 @@ use tokio::task::AbortHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Status;
 
-use self::mux::{MuxConn, MuxSub};
+use self::mux::{MuxConn, MuxFrames, MuxSub, SharedItem};
 use super::error::{ClientError, RemoteError};
 use super::proto;
 use crate::codec::PayloadCodec;
@@ -740,27 +740,30 @@ fn backoff(min: Duration, max: Duration, attempt: u32) -> Duration {
     full.mul_f64(0.5 + 0.5 * unit)
 }
 
-/// Turns wire frames into messages, joining split batches.
-struct Decoder<P> {
-    topic: Topic,
-    partial: Vec<Event<P>>,
+/// One wire frame, decoded (its payloads too), before a subscription's
+/// [`Decoder`] joins it to what came before: a shared item's frames are
+/// decoded into these once for all its subscriptions.
+enum Decoded<P> {
+    Events { batch: EventBatch<P>, partial: bool },
+    EndOfSnapshot(u64),
+    NewSnapshotToFollow,
+    Progress(u64),
 }
 
-impl<P: Send + Sync + 'static> Decoder<P> {
-    fn frame<C: PayloadCodec<P>>(
-        &mut self,
+impl<P: Send + Sync + 'static> Decoded<P> {
+    fn new<C: PayloadCodec<P>>(
         codec: &C,
+        topic: &Topic,
         frame: proto::Frame,
-    ) -> Result<Option<Item<P>>, RemoteError> {
+    ) -> Result<Self, RemoteError> {
         use proto::frame::Kind;
         Ok(match frame.kind {
             None => return Err(RemoteError::Decode("empty frame".into())),
-            Some(Kind::EndOfSnapshot(index)) => {
-                Some(Item::Message(Message::EndOfSnapshot { index }))
-            }
-            Some(Kind::NewSnapshotToFollow(_)) => Some(Item::Message(Message::NewSnapshotToFollow)),
-            Some(Kind::Progress(index)) => Some(Item::Progress(index)),
+            Some(Kind::EndOfSnapshot(index)) => Self::EndOfSnapshot(index),
+            Some(Kind::NewSnapshotToFollow(_)) => Self::NewSnapshotToFollow,
+            Some(Kind::Progress(index)) => Self::Progress(index),
             Some(Kind::Events(batch)) => {
+                let mut events = Vec::with_capacity(batch.events.len());
                 for e in batch.events {
                     if e.key.is_empty() {
                         return Err(RemoteError::Decode("event without a key".into()));
@@ -768,17 +771,82 @@ impl<P: Send + Sync + 'static> Decoder<P> {
                     let payload = codec
                         .decode(e.payload)
                         .map_err(|err| RemoteError::Decode(err.to_string()))?;
-                    self.partial
-                        .push(Event::new(self.topic.clone(), e.key, e.index, payload));
+                    events.push(Event::new(topic.clone(), e.key, e.index, payload));
                 }
-                if batch.partial {
+                Self::Events {
+                    batch: EventBatch::new(events),
+                    partial: batch.partial,
+                }
+            }
+        })
+    }
+}
+
+/// A shared item as its subscriptions' [`Decoder`]s read it: its frames
+/// decoded for `topic` (the subscriptions of another topic decode it
+/// themselves), or why it could not be.
+struct SharedFrames<P> {
+    topic: Topic,
+    frames: Result<Vec<Decoded<P>>, SharedError>,
+}
+
+#[derive(Clone)]
+enum SharedError {
+    /// The item itself did not decode, or is not a response.
+    Wire(String),
+    /// A frame did not.
+    Frame(RemoteError),
+}
+
+impl<P: Send + Sync + 'static> SharedFrames<P> {
+    fn new<C: PayloadCodec<P>>(codec: &C, topic: &Topic, bytes: &bytes::Bytes) -> Self {
+        use prost::Message as _;
+        let frames = match proto::MuxItem::decode(bytes.clone()) {
+            Err(e) => Err(SharedError::Wire(e.to_string())),
+            Ok(proto::MuxItem { end: Some(_), .. }) => Err(SharedError::Wire(
+                "a shared item ends a subscription".into(),
+            )),
+            Ok(item) => item
+                .frames
+                .into_iter()
+                .map(|f| Decoded::new(codec, topic, f))
+                .collect::<Result<_, _>>()
+                .map_err(SharedError::Frame),
+        };
+        Self {
+            topic: topic.clone(),
+            frames,
+        }
+    }
+}
+
+/// Turns wire frames into messages, joining split batches.
+struct Decoder<P> {
+    partial: Vec<Event<P>>,
+}
+
+impl<P: Send + Sync + 'static> Decoder<P> {
+    /// The message `frame` completes, if any.
+    fn take(&mut self, frame: &Decoded<P>) -> Option<Item<P>> {
+        match frame {
+            Decoded::EndOfSnapshot(index) => {
+                Some(Item::Message(Message::EndOfSnapshot { index: *index }))
+            }
+            Decoded::NewSnapshotToFollow => Some(Item::Message(Message::NewSnapshotToFollow)),
+            Decoded::Progress(index) => Some(Item::Progress(*index)),
+            Decoded::Events { batch, partial } => {
+                if !partial && self.partial.is_empty() {
+                    return Some(Item::Message(Message::Events(batch.clone())));
+                }
+                self.partial.extend(batch.iter().cloned());
+                if *partial {
                     None
                 } else {
                     let events = std::mem::take(&mut self.partial);
                     Some(Item::Message(Message::Events(EventBatch::new(events))))
                 }
             }
-        })
+        }
     }
 }
 
@@ -823,10 +891,41 @@ enum Call {
 
 impl Call {
     /// The next response's frames; `Ok(None)` when the call ended cleanly.
-    async fn next(&mut self) -> Result<Option<Vec<proto::Frame>>, Status> {
+    async fn next(&mut self) -> Result<Option<MuxFrames>, Status> {
         match self {
-            Call::Single(stream) => Ok(stream.message().await?.map(|r| r.frames)),
+            Call::Single(stream) => Ok(stream.message().await?.map(|r| MuxFrames::Own(r.frames))),
             Call::Mux(sub) => sub.next().await.map(Some),
+        }
+    }
+
+    /// Ends the call over a response that did not decode (see
+    /// [`MuxSub::undecodable`]); only a multiplexed call has shared items.
+    fn undecodable(&mut self, why: &str) -> Status {
+        match self {
+            Call::Single(_) => Status::internal(format!("a response did not decode: {why}")),
+            Call::Mux(sub) => sub.undecodable(why),
+        }
+    }
+}
+
+/// The frames of a shared item for a subscription of `topic`: decoded once
+/// for every subscription of that topic (the first to ask decodes), or here
+/// for this one alone when the item was decoded for another topic.
+fn shared_frames<'a, P, C>(
+    item: &'a SharedItem,
+    codec: &C,
+    topic: &Topic,
+    own: &'a mut Option<SharedFrames<P>>,
+) -> &'a Result<Vec<Decoded<P>>, SharedError>
+where
+    P: Send + Sync + 'static,
+    C: PayloadCodec<P>,
+{
+    match item.decoded(|bytes| SharedFrames::new(codec, topic, bytes)) {
+        Some(shared) if shared.topic == *topic => &shared.frames,
+        _ => {
+            &own.insert(SharedFrames::new(codec, topic, item.bytes()))
+                .frames
         }
     }
 }
@@ -869,9 +968,11 @@ async fn run<P, C>(
             Err(status) => Some(status),
             Ok(mut call) => {
                 let mut decoder = Decoder {
-                    topic: request.topic.clone(),
                     partial: Vec::new(),
                 };
+                // The messages a response completes, in order (kept for
+                // the next response's).
+                let mut items: Vec<Item<P>> = Vec::new();
                 // A snapshot cut short restarts at index 0 with no framing
                 // from the server: tell the reader to drop what it got.
                 if tracker.last_index.is_none() && tracker.dirty {
@@ -895,35 +996,49 @@ async fn run<P, C>(
                         () = tx.closed() => return,
                     };
                     match next {
-                        Ok(Some(frames)) => {
-                            attempt = 0;
+                        Ok(Some(MuxFrames::Own(frames))) => {
                             for frame in frames {
-                                match decoder.frame(&client.codec, frame) {
+                                match Decoded::new(&client.codec, &request.topic, frame) {
+                                    Ok(d) => items.extend(decoder.take(&d)),
                                     Err(e) => {
-                                        let _ = tx.send(Item::Failed(e)).await;
-                                        return;
+                                        items.push(Item::Failed(e));
+                                        break;
                                     }
-                                    Ok(None) => {}
-                                    Ok(Some(item)) => {
-                                        match &item {
-                                            Item::Message(m) => tracker.observe(m),
-                                            Item::Progress(i) => {
-                                                stats
-                                                    .progress_marks
-                                                    .fetch_add(1, Ordering::Relaxed);
-                                                tracker.progress(*i);
-                                            }
-                                            Item::Failed(_) => {}
-                                        }
-                                        if tx.send(item).await.is_err() {
-                                            return;
-                                        }
-                                    }
+                                }
+                            }
+                        }
+                        Ok(Some(MuxFrames::Shared(item))) => {
+                            let mut own = None;
+                            match shared_frames(&item, &client.codec, &request.topic, &mut own) {
+                                Ok(frames) => {
+                                    items.extend(frames.iter().filter_map(|d| decoder.take(d)))
+                                }
+                                Err(SharedError::Frame(e)) => items.push(Item::Failed(e.clone())),
+                                Err(SharedError::Wire(why)) => {
+                                    let why = why.clone();
+                                    break Some(call.undecodable(&why));
                                 }
                             }
                         }
                         Ok(None) => break None,
                         Err(status) => break Some(status),
+                    }
+                    attempt = 0;
+                    for item in items.drain(..) {
+                        match &item {
+                            Item::Message(m) => tracker.observe(m),
+                            Item::Progress(i) => {
+                                stats.progress_marks.fetch_add(1, Ordering::Relaxed);
+                                tracker.progress(*i);
+                            }
+                            Item::Failed(_) => {
+                                let _ = tx.send(item).await;
+                                return;
+                            }
+                        }
+                        if tx.send(item).await.is_err() {
+                            return;
+                        }
                     }
                 }
             }

@@ -12,6 +12,11 @@ pub(crate) const LAG_LIMIT_METADATA: &str = "snapstream-lag-limit";
 /// is too large on its own instead of breaking the call it shares.
 pub(crate) const MAX_REQUEST_METADATA: &str = "snapstream-max-request-size";
 
+/// The metadata key of a `Multiplex` request's headers by which the client
+/// asks for shared items: one `MuxItem` for every subscription whose next
+/// response it is (`MuxItem.also`), rather than one each.
+pub(crate) const MUX_SHARED_METADATA: &str = "snapstream-mux-shared";
+
 /// Starting or stopping a [`Server`](super::Server) failed.
 ///
 /// # Examples

@@ -1405,7 +1405,11 @@ where
             return Err(Status::unavailable("server shutting down"));
         }
         let conn = idle::activity_of(&request);
-        let stream = mux::MuxStream::new(self.clone(), request.into_inner(), conn);
+        let shared = request
+            .metadata()
+            .get(crate::net::error::MUX_SHARED_METADATA)
+            .is_some_and(|v| v.as_bytes() == b"1");
+        let stream = mux::MuxStream::new(self.clone(), request.into_inner(), conn, shared);
         let mut response = tonic::Response::new(Box::pin(stream) as Self::MultiplexStream);
         response.metadata_mut().insert(
             crate::net::error::MAX_REQUEST_METADATA,

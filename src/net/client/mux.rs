@@ -17,9 +17,16 @@
 //! what a task allocates while decoding it frees itself (the driver
 //! allocating every item for other threads to free was two thirds of the
 //! client's CPU in the allocator, measured).
+//!
+//! The driver asks the server for shared items
+//! ([`MUX_SHARED_METADATA`]): a response that is the next of many
+//! subscriptions of the call comes once, listing them all, and is handed to
+//! each as one [`SharedItem`], which the first of them to read it decodes
+//! for all (see [`SharedItem::decoded`]).
 
+use std::any::Any;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Buf, Bytes};
 use futures::Stream;
@@ -31,16 +38,61 @@ use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::net::error::{LAG_LIMIT_METADATA, MAX_REQUEST_METADATA};
+use crate::net::error::{LAG_LIMIT_METADATA, MAX_REQUEST_METADATA, MUX_SHARED_METADATA};
 use crate::net::proto;
 use crate::sync::Mutex;
 
 /// What the driver hands one subscription.
 enum MuxEvent {
-    /// One `MuxItem`, still encoded.
+    /// One `MuxItem` of this subscription alone, still encoded.
     Item(Bytes),
+    /// One `MuxItem` for several subscriptions, this one among them.
+    Shared(Arc<SharedItem>),
     /// The call ended, or the open was refused here.
     End(Status),
+}
+
+/// A `MuxItem` that is the next response of several subscriptions (its
+/// `id` and `also`), still encoded; decoded once, by the first of them to
+/// read it, for all.
+pub(in crate::net) struct SharedItem {
+    bytes: Bytes,
+    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl SharedItem {
+    fn new(bytes: Bytes) -> Self {
+        Self {
+            bytes,
+            decoded: OnceLock::new(),
+        }
+    }
+
+    /// The item decoded: by `decode`, the first time any of its
+    /// subscriptions asks, and kept for the others. `None` when what was
+    /// kept is not a `T` (another subscription decoded it another way): the
+    /// caller decodes [`bytes`](Self::bytes) itself.
+    pub(in crate::net) fn decoded<T: Any + Send + Sync>(
+        &self,
+        decode: impl FnOnce(&Bytes) -> T,
+    ) -> Option<&T> {
+        self.decoded
+            .get_or_init(|| Box::new(decode(&self.bytes)))
+            .downcast_ref()
+    }
+
+    /// The encoded `MuxItem`.
+    pub(in crate::net) fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+/// A subscription's next response, as [`MuxSub::next`] returns it.
+pub(in crate::net) enum MuxFrames {
+    /// Its own, decoded.
+    Own(Vec<proto::Frame>),
+    /// Shared with other subscriptions of the call.
+    Shared(Arc<SharedItem>),
 }
 
 /// A `MuxResponse` as the client reads it: wire-compatible (a message
@@ -52,16 +104,23 @@ struct LazyMuxResponse {
     items: Vec<Bytes>,
 }
 
-/// The id of an encoded `MuxItem`. Its frames are skipped by their
+/// The id of an encoded `MuxItem`, and the ids of the other subscriptions
+/// it is for (`also`, packed or not). Its frames are skipped by their
 /// lengths, not read.
-fn item_id(mut item: &[u8]) -> Result<u64, prost::DecodeError> {
+fn item_ids(mut item: &[u8], also: &mut Vec<u64>) -> Result<u64, prost::DecodeError> {
+    also.clear();
     let mut id = 0;
     while item.has_remaining() {
         let (tag, wire_type) = decode_key(&mut item)?;
-        if tag == 1 && wire_type == WireType::Varint {
-            id = decode_varint(&mut item)?;
-        } else {
-            skip_field(wire_type, tag, &mut item, DecodeContext::default())?;
+        match (tag, wire_type) {
+            (1, WireType::Varint) => id = decode_varint(&mut item)?,
+            (4, _) => prost::encoding::uint64::merge_repeated(
+                wire_type,
+                also,
+                &mut item,
+                DecodeContext::default(),
+            )?,
+            _ => skip_field(wire_type, tag, &mut item, DecodeContext::default())?,
         }
     }
     Ok(id)
@@ -159,7 +218,7 @@ pub(super) struct MuxSub {
 impl MuxSub {
     /// The subscription's next response, or the status it ended with. Each
     /// call first gives back credit for the responses taken before it.
-    pub(super) async fn next(&mut self) -> Result<Vec<proto::Frame>, Status> {
+    pub(super) async fn next(&mut self) -> Result<MuxFrames, Status> {
         if self.taken >= (self.credit / 2).max(1) {
             let credit = proto::MuxCredit {
                 id: self.id,
@@ -170,12 +229,16 @@ impl MuxSub {
             self.taken = 0;
         }
         match self.rx.recv().await {
+            Some(MuxEvent::Shared(item)) => {
+                self.taken += 1;
+                Ok(MuxFrames::Shared(item))
+            }
             Some(MuxEvent::Item(bytes)) => match proto::MuxItem::decode(bytes) {
                 Ok(proto::MuxItem {
                     end: None, frames, ..
                 }) => {
                     self.taken += 1;
-                    Ok(frames)
+                    Ok(MuxFrames::Own(frames))
                 }
                 Ok(proto::MuxItem { end: Some(end), .. }) => {
                     // Its last item: the server sends nothing more under
@@ -184,17 +247,7 @@ impl MuxSub {
                     self.conn.subs.lock().map.remove(&self.id);
                     Err(end_status(end))
                 }
-                Err(e) => {
-                    // What `Subscribe` does with a response it cannot
-                    // decode (tonic's INTERNAL: reconnect and resume).
-                    // Closing it here keeps the server from sending more.
-                    self.ended = true;
-                    self.conn.subs.lock().map.remove(&self.id);
-                    let _ = self.conn.send(proto::mux_request::Kind::Close(self.id));
-                    Err(Status::internal(format!(
-                        "a multiplexed response did not decode: {e}"
-                    )))
-                }
+                Err(e) => Err(self.undecodable(&e.to_string())),
             },
             Some(MuxEvent::End(status)) => {
                 self.ended = true;
@@ -205,6 +258,20 @@ impl MuxSub {
                 Err(Status::unavailable("multiplexed stream ended"))
             }
         }
+    }
+}
+
+impl MuxSub {
+    /// Ends the subscription over a response that did not decode: what
+    /// `Subscribe` does with one (tonic's INTERNAL: reconnect and resume).
+    /// Closing it here keeps the server from sending more.
+    pub(super) fn undecodable(&mut self, why: &str) -> Status {
+        if !self.ended {
+            self.ended = true;
+            self.conn.subs.lock().map.remove(&self.id);
+            let _ = self.conn.send(proto::mux_request::Kind::Close(self.id));
+        }
+        Status::internal(format!("a multiplexed response did not decode: {why}"))
     }
 }
 
@@ -353,20 +420,34 @@ async fn call(
         .map_err(|e| Status::unknown(format!("Service was not ready: {e}")))?;
     let path = PathAndQuery::from_static("/snapstream.v1.Subscriber/Multiplex");
     let codec = proto::SnapCodec::<proto::MuxRequest, LazyMuxResponse>::default();
-    grpc.streaming(tonic::Request::new(requests), path, codec)
-        .await
+    let mut request = tonic::Request::new(requests);
+    request
+        .metadata_mut()
+        .insert(MUX_SHARED_METADATA, MetadataValue::from_static("1"));
+    grpc.streaming(request, path, codec).await
 }
 
-/// Hands each item of `response` to its subscription, still encoded. An
-/// item whose id cannot be read fails the call (its subscription would
-/// miss it): every subscription reconnects and resumes.
+/// Hands each item of `response` to its subscription (or, shared, to each
+/// of its subscriptions), still encoded. An item whose ids cannot be read
+/// fails the call (its subscriptions would miss it): every subscription
+/// reconnects and resumes.
 fn deliver(subs: &Mutex<Subs>, response: LazyMuxResponse) -> Result<(), Status> {
     let subs = subs.lock();
+    let mut also = Vec::new();
     for item in response.items {
-        let id = item_id(&item)
+        let id = item_ids(&item, &mut also)
             .map_err(|e| Status::internal(format!("a multiplexed item did not decode: {e}")))?;
-        if let Some(tx) = subs.map.get(&id) {
-            let _ = tx.send(MuxEvent::Item(item));
+        if also.is_empty() {
+            if let Some(tx) = subs.map.get(&id) {
+                let _ = tx.send(MuxEvent::Item(item));
+            }
+            continue;
+        }
+        let shared = Arc::new(SharedItem::new(item));
+        for id in std::iter::once(id).chain(also.iter().copied()) {
+            if let Some(tx) = subs.map.get(&id) {
+                let _ = tx.send(MuxEvent::Shared(shared.clone()));
+            }
         }
     }
     Ok(())
@@ -395,16 +476,19 @@ mod tests {
                     id: 0,
                     frames: vec![event(1)],
                     end: None,
+                    also: vec![],
                 },
                 proto::MuxItem {
                     id: 300,
                     frames: vec![event(2), event(3)],
                     end: None,
+                    also: vec![],
                 },
                 proto::MuxItem {
                     id: u64::MAX,
                     frames: vec![],
                     end: None,
+                    also: vec![],
                 },
                 proto::MuxItem {
                     id: 7,
@@ -414,24 +498,59 @@ mod tests {
                         message: "bye".into(),
                         lag_limit: None,
                     }),
+                    also: vec![],
+                },
+                proto::MuxItem {
+                    id: 4,
+                    frames: vec![event(4)],
+                    end: None,
+                    also: vec![0, 5, 300, u64::MAX],
                 },
             ],
         };
         let lazy = LazyMuxResponse::decode(response.encode_to_vec().as_slice()).unwrap();
         assert_eq!(lazy.items.len(), response.items.len());
+        let mut also = vec![99];
         for (raw, item) in lazy.items.iter().zip(&response.items) {
-            assert_eq!(item_id(raw).unwrap(), item.id);
+            assert_eq!(item_ids(raw, &mut also).unwrap(), item.id);
+            assert_eq!(also, item.also);
             assert_eq!(&proto::MuxItem::decode(raw.clone()).unwrap(), item);
         }
+        // `also` unpacked (as a proto2 writer would send it) reads the same:
+        // id 4, then 5 and 300 as separate fields.
+        let unpacked = [0x08, 4, 0x20, 5, 0x20, 0xac, 0x02];
+        assert_eq!(item_ids(&unpacked, &mut also).unwrap(), 4);
+        assert_eq!(also, [5, 300]);
     }
 
     #[test]
     fn an_unreadable_item_is_an_error_not_an_id() {
+        let mut also = Vec::new();
         // A key with wire type 7 (none such), then a length past the end.
-        assert!(item_id(&[0x0f]).is_err());
-        assert!(item_id(&[0x12, 0x05, 0x00]).is_err());
-        assert!(item_id(&[0x08]).is_err());
-        assert_eq!(item_id(&[]).unwrap(), 0);
+        assert!(item_ids(&[0x0f], &mut also).is_err());
+        assert!(item_ids(&[0x12, 0x05, 0x00], &mut also).is_err());
+        assert!(item_ids(&[0x08], &mut also).is_err());
+        // Packed ids longer than the item, or cut in the middle of one.
+        assert!(item_ids(&[0x22, 0x05, 0x01], &mut also).is_err());
+        assert!(item_ids(&[0x22, 0x01, 0x80], &mut also).is_err());
+        assert_eq!(item_ids(&[], &mut also).unwrap(), 0);
+        assert!(also.is_empty());
+    }
+
+    #[test]
+    fn a_shared_item_is_decoded_once() {
+        let item = SharedItem::new(Bytes::from_static(b"x"));
+        let calls = std::cell::Cell::new(0);
+        let decode = |b: &Bytes| {
+            calls.set(calls.get() + 1);
+            b.len()
+        };
+        assert_eq!(item.decoded(decode), Some(&1usize));
+        assert_eq!(item.decoded(decode), Some(&1usize));
+        assert_eq!(calls.get(), 1);
+        // Kept as another type: the caller decodes by itself.
+        assert_eq!(item.decoded(|_| 0u8), None);
+        assert_eq!(item.bytes(), &Bytes::from_static(b"x"));
     }
 
     #[test]

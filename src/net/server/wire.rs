@@ -11,7 +11,7 @@
 //! |---|---|---|
 //! | `SubscribeResponse` | `frames = 1` (Frame) | `0x0A` |
 //! | `MuxResponse` | `items = 1` (MuxItem) | `0x0A` |
-//! | `MuxItem` | `id = 1` (varint), `frames = 2` (Frame) | `0x08`, `0x12` |
+//! | `MuxItem` | `id = 1` (varint), `frames = 2` (Frame), `also = 4` (packed varints) | `0x08`, `0x12`, `0x22` |
 //! | `Frame` | `events = 1` (Batch) | `0x0A` |
 //! | `Batch` | `events = 1` (Event), `partial = 2` (bool) | `0x0A`, `0x10` |
 //!
@@ -31,6 +31,7 @@ const RESPONSE_FRAMES: u8 = 0x0A;
 const MUX_ITEMS: u8 = 0x0A;
 const ITEM_ID: u8 = 0x08;
 const ITEM_FRAMES: u8 = 0x12;
+const ITEM_ALSO: u8 = 0x22;
 const FRAME_EVENTS: u8 = 0x0A;
 const BATCH_EVENTS: u8 = 0x0A;
 const BATCH_PARTIAL: u8 = 0x10;
@@ -145,24 +146,89 @@ impl Response {
     }
 }
 
-/// One item of a `Multiplex` response: a subscription's response, or its
-/// end (a `MuxItem` encoded by prost).
+/// The other subscriptions an item's response is sent for (`MuxItem.also`).
+#[derive(Debug, Default)]
+pub(super) struct Also {
+    ids: Vec<u64>,
+    /// The bytes the packed ids take (without the field's tag and length).
+    len: usize,
+}
+
+impl Also {
+    /// The bytes the field takes in the item (none when empty).
+    fn field_len(&self) -> usize {
+        if self.ids.is_empty() {
+            0
+        } else {
+            field_len(self.len)
+        }
+    }
+}
+
+/// One item of a `Multiplex` response: a subscription's response (perhaps
+/// shared with others), or its end (a `MuxItem` encoded by prost).
 #[derive(Debug)]
 pub(super) enum Item {
-    Response { id: u64, response: Response },
+    Response {
+        id: u64,
+        response: Response,
+        also: Also,
+    },
     End(Bytes),
 }
 
 impl Item {
+    pub(super) fn response(id: u64, response: Response) -> Self {
+        Self::Response {
+            id,
+            response,
+            also: Also::default(),
+        }
+    }
+
     pub(super) fn end(item: &proto::MuxItem) -> Self {
         Self::End(item.encode_to_vec().into())
+    }
+
+    /// The subscription of a response (not of an end).
+    pub(super) fn response_id(&self) -> Option<u64> {
+        match self {
+            Self::Response { id, .. } => Some(*id),
+            Self::End(_) => None,
+        }
+    }
+
+    /// The response's frames, if this is a response with any.
+    pub(super) fn frames(&self) -> Option<&[Bytes]> {
+        match self {
+            Self::Response { response, .. } if !response.is_empty() => Some(&response.frames),
+            _ => None,
+        }
+    }
+
+    /// Sends this item's response for subscription `id` too; returns the
+    /// bytes this adds to the item in a message (at most
+    /// [`SHARE_GROWTH`]). Only for responses.
+    pub(super) fn share(&mut self, with: u64) -> usize {
+        let before = self.len();
+        if let Self::Response { also, .. } = self {
+            also.len += encoded_len_varint(with);
+            also.ids.push(with);
+        }
+        self.len() - before
     }
 
     /// The `MuxItem`'s length.
     fn body_len(&self) -> usize {
         match self {
-            Self::Response { id: 0, response } => response.len,
-            Self::Response { id, response } => 1 + encoded_len_varint(*id) + response.len,
+            Self::Response { id, response, also } => {
+                let id_len = if *id == 0 {
+                    0
+                } else {
+                    1 + encoded_len_varint(*id)
+                };
+                id_len + response.len + also.field_len()
+            }
             Self::End(b) => b.len(),
         }
     }
@@ -176,7 +242,7 @@ impl Item {
         buf.put_u8(MUX_ITEMS);
         encode_varint(self.body_len() as u64, buf);
         match self {
-            Self::Response { id, response } => {
+            Self::Response { id, response, also } => {
                 if *id != 0 {
                     buf.put_u8(ITEM_ID);
                     encode_varint(*id, buf);
@@ -184,11 +250,23 @@ impl Item {
                 for f in &response.frames {
                     put_field(buf, ITEM_FRAMES, f);
                 }
+                if !also.ids.is_empty() {
+                    buf.put_u8(ITEM_ALSO);
+                    encode_varint(also.len as u64, buf);
+                    for &id in &also.ids {
+                        encode_varint(id, buf);
+                    }
+                }
             }
             Self::End(b) => buf.put_slice(b),
         }
     }
 }
+
+/// The most bytes one [`Item::share`] adds to an item: an id (at most 10
+/// bytes), and the field's tag and the growth of its length and of the
+/// item's length (a byte or two each).
+pub(super) const SHARE_GROWTH: usize = 16;
 
 /// Encodes `items` (whose lengths add up to `len`) as one `MuxResponse`.
 pub(super) fn mux_response(items: &[Item], len: usize) -> proto::EncodedMuxResponse {
@@ -276,21 +354,42 @@ mod tests {
                 message: "gone".into(),
                 lag_limit: Some(5),
             }),
+            also: Vec::new(),
         };
-        let items = [
-            Item::Response {
-                id: 300,
-                response: Response {
+        let mut shared = Item::response(
+            9,
+            Response {
+                frames: mux_frames.clone(),
+                len: mux_len,
+            },
+        );
+        // Ids of every varint length, 0 (left out as `id`, not in `also`)
+        // and a repeat of `id` included.
+        let also = vec![0, 1, 127, 128, 1 << 20, 9, u64::MAX];
+        for &id in &also {
+            let grew = shared.share(id);
+            assert!(grew <= SHARE_GROWTH, "{id}: {grew}");
+        }
+        assert_eq!(shared.frames().map(<[_]>::len), Some(mux_frames.len()));
+        let mut items = vec![
+            Item::response(
+                300,
+                Response {
                     frames: mux_frames,
                     len: mux_len,
                 },
-            },
+            ),
             Item::end(&end),
-            Item::Response {
-                id: 0,
-                response: Response::default(),
-            },
+            Item::response(0, Response::default()),
+            shared,
         ];
+        // Enough ids that the packed field's length takes two bytes.
+        let mut many = Item::response(0, Response::default());
+        for id in 0..100 {
+            many.share(id);
+        }
+        items.push(many);
+        assert!(items[1].frames().is_none() && items[2].frames().is_none());
         let len = items.iter().map(Item::len).sum();
         let mux = mux_response(&items, len);
         assert_eq!(mux.as_bytes().len(), len);
@@ -298,11 +397,22 @@ mod tests {
             items: vec![
                 proto::MuxItem {
                     id: 300,
-                    frames,
+                    frames: frames.clone(),
                     end: None,
+                    also: Vec::new(),
                 },
                 end,
                 proto::MuxItem::default(),
+                proto::MuxItem {
+                    id: 9,
+                    frames,
+                    end: None,
+                    also,
+                },
+                proto::MuxItem {
+                    also: (0..100).collect(),
+                    ..Default::default()
+                },
             ],
         };
         assert_eq!(mux.as_bytes(), &want.encode_to_vec()[..]);
