@@ -125,11 +125,18 @@ fn wire(request: &RemoteRequest, index: u64) -> proto::SubscribeRequest {
 /// subscription, with `OUT_OF_RANGE`. Against a server without `Multiplex`
 /// the client falls back to one `Subscribe` call per subscription.
 ///
-/// Measured (the README's network bench): at 1,000 busy subscribers it
-/// delivers what one `Subscribe` stream per subscription does, and in a
-/// 5,000-subscriber snapshot storm it takes a fifth of the server's steady
-/// CPU and under half its memory, but fills the snapshots more slowly (one
-/// stream per connection carries them all). [`multiplex(false)`](Self::multiplex)
+/// A change that is the next response of several subscriptions of the call
+/// (subscribers of one key or topic that keep up) comes once, as one item
+/// listing them all, and is decoded once: each of them gets the same
+/// decoded batch. The client asks for these shared items when it starts the
+/// call; a server that does not know them sends one item per subscription.
+///
+/// Measured (the README's network and cluster benches): with many
+/// subscribers of a topic per client it delivers more than one
+/// `Subscribe` stream per subscription does, and in a 5,000-subscriber
+/// snapshot storm it takes a fifth of the server's steady CPU and under
+/// half its memory, but fills the snapshots more slowly (one stream per
+/// connection carries them all). [`multiplex(false)`](Self::multiplex)
 /// gives each subscription a `Subscribe` call of its own.
 ///
 /// # What a server holds for this client
