@@ -624,10 +624,13 @@ async fn a_change_for_many_subscriptions_is_one_item_to_a_client_that_asks() {
     }
 }
 
-/// Subscriptions of one key whose readers read at different paces drift
-/// apart on the server (each is held to its own credit), so that a message
-/// holds different subscriptions' responses to different changes: each
-/// still gets every change once, in order, through shared items.
+/// Subscriptions of one key on a call with shared items, whose readers read
+/// at different paces (each subscription is held to its own credit, so
+/// they can fall apart on the server): each still gets every change once,
+/// in order. A stress test of the whole path; the rule that keeps each
+/// subscription's order when they do fall apart within one message is
+/// proven by the server's `Pack` tests (`src/net/server/mux.rs`), which
+/// fail without it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_items_keep_each_subscriptions_order_as_subscriptions_drift_apart() {
     const SUBS: usize = 24;

@@ -1021,10 +1021,7 @@ async fn run<P, C>(
                                     items.extend(frames.iter().filter_map(|d| decoder.take(d)))
                                 }
                                 Err(SharedError::Frame(e)) => items.push(Item::Failed(e.clone())),
-                                Err(SharedError::Wire(why)) => {
-                                    let why = why.clone();
-                                    break Some(call.undecodable(&why));
-                                }
+                                Err(SharedError::Wire(why)) => break Some(call.undecodable(why)),
                             }
                         }
                         Ok(None) => break None,

@@ -259,9 +259,7 @@ impl MuxSub {
             }
         }
     }
-}
 
-impl MuxSub {
     /// Ends the subscription over a response that did not decode: what
     /// `Subscribe` does with one (tonic's INTERNAL: reconnect and resume).
     /// Closing it here keeps the server from sending more.
@@ -443,8 +441,13 @@ fn deliver(subs: &Mutex<Subs>, response: LazyMuxResponse) -> Result<(), Status> 
             }
             continue;
         }
+        // Each listed subscription gets the item once, even from a server
+        // that lists one twice.
+        also.push(id);
+        also.sort_unstable();
+        also.dedup();
         let shared = Arc::new(SharedItem::new(item));
-        for id in std::iter::once(id).chain(also.iter().copied()) {
+        for &id in &also {
             if let Some(tx) = subs.map.get(&id) {
                 let _ = tx.send(MuxEvent::Shared(shared.clone()));
             }
@@ -551,6 +554,33 @@ mod tests {
         // Kept as another type: the caller decodes by itself.
         assert_eq!(item.decoded(|_| 0u8), None);
         assert_eq!(item.bytes(), &Bytes::from_static(b"x"));
+    }
+
+    #[test]
+    fn a_shared_item_reaches_each_listed_subscription_once() {
+        let subs = Mutex::new(Subs::default());
+        let mut rxs = Vec::new();
+        for id in 0..3u64 {
+            let (tx, rx) = mpsc::unbounded_channel();
+            subs.lock().map.insert(id, tx);
+            rxs.push(rx);
+        }
+        // Id 1, with 1 listed again and 2 twice; 9 is no subscription here.
+        let item = proto::MuxItem {
+            id: 1,
+            frames: vec![],
+            end: None,
+            also: vec![2, 1, 2, 9],
+        };
+        let response = LazyMuxResponse {
+            items: vec![item.encode_to_vec().into()],
+        };
+        deliver(&subs, response).unwrap();
+        let counts: Vec<usize> = rxs
+            .iter_mut()
+            .map(|rx| std::iter::from_fn(|| rx.try_recv().ok()).count())
+            .collect();
+        assert_eq!(counts, [0, 1, 1]);
     }
 
     #[test]
