@@ -157,7 +157,7 @@ use futures::{FutureExt, Stream, StreamExt};
 pub use error::{BuildError, StopTimeoutError, StoppedError, TryAddError};
 
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
-use state::{Batch, Closing, Done, Refused, Run, Slot, State, Take};
+use state::{Batch, Closing, Done, Intake, Refused, Run, Slot, State, Take};
 use wait::Wakeups;
 
 /// Default number of workers.
@@ -241,7 +241,24 @@ pub struct Stats {
 type PanicHook<K> = std::sync::Arc<dyn Fn(HandlerPanic<K>) + Send + Sync>;
 type Spawner<K, T> = std::sync::Arc<dyn Fn(Arc<Shared<K, T>>) + Send + Sync>;
 
+/// Keeps what it holds on a cache line (two, for the adjacent-line
+/// prefetcher) of its own, so adds and the workers' bookkeeping do not write
+/// to the same line.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
 pub(crate) struct Shared<K, T> {
+    /// What adds touch: the intake and the count of pending items (see
+    /// `state`'s [Intake](state#intake)).
+    intake: Padded<(Mutex<Intake<K, T>>, Arc<AtomicUsize>)>,
+    capacity: usize,
     state: Mutex<State<K, T>>,
     /// Live [`KeyedPool`] handles; the last one dropped starts a drain.
     handles: AtomicUsize,
@@ -258,13 +275,20 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         per_key: usize,
         on_panic: Option<PanicHook<K>>,
     ) -> Arc<Self> {
+        let state = State::new(capacity, per_key, 0);
         Arc::new(Shared {
-            state: Mutex::new(State::new(capacity, per_key, 0)),
+            intake: Padded((Mutex::new(Intake::new()), state.used())),
+            capacity: state.capacity(),
+            state: Mutex::new(state),
             handles: AtomicUsize::new(1),
             aborting: AtomicBool::new(false),
             on_panic,
             id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
+    }
+
+    fn intake(&self) -> &Mutex<Intake<K, T>> {
+        &self.intake.0 .0
     }
 
     /// Whether the current task runs one of this pool's handlers.
@@ -279,12 +303,24 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         }
     }
 
+    /// Admits an item to the intake, and wakes a worker if one parked with
+    /// nothing to do (see `state`'s [Intake](state#intake)).
+    fn push(&self, key: K, item: T, from_handler: bool) -> Result<(), (Refused, K, T)> {
+        let (intake, used) = &*self.intake;
+        let wake = intake
+            .lock()
+            .push(key, item, from_handler, self.capacity, used)?;
+        if wake {
+            let mut wakes = Wakeups::default();
+            self.state.lock().wake_for_intake(&mut wakes);
+            wakes.wake();
+        }
+        Ok(())
+    }
+
     fn try_add(&self, key: K, item: T) -> Result<(), TryAddError<K, T>> {
         let from_handler = self.in_own_handler();
-        let mut wakes = Wakeups::default();
-        let res = self.state.lock().push(key, item, from_handler, &mut wakes);
-        wakes.wake();
-        res.map_err(|(why, k, t)| match why {
+        self.push(key, item, from_handler).map_err(|(why, k, t)| match why {
             Refused::Full => TryAddError::Full(k, t),
             Refused::Stopped => TryAddError::Stopped(k, t),
         })
@@ -298,31 +334,31 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             id: None,
         };
         let mut waited = false;
-        poll_fn(|cx| {
+        poll_fn(|cx| loop {
             let (key, item) = slot.take().expect("polled after completion");
-            let mut wakes = Wakeups::default();
-            let mut st = self.state.lock();
-            let res = match st.push(key, item, from_handler, &mut wakes) {
-                Ok(()) => Poll::Ready(Ok(())),
-                Err((Refused::Stopped, key, item)) => Poll::Ready(Err(StoppedError { key, item })),
+            let res = match self.push(key, item, from_handler) {
+                Ok(()) => Ok(()),
+                Err((Refused::Stopped, key, item)) => Err(StoppedError { key, item }),
                 Err((Refused::Full, key, item)) => {
+                    // Workers make room under the state lock, and wake the
+                    // producers registered there: check again under it.
+                    let mut st = self.state.lock();
+                    slot = Some((key, item));
+                    if st.has_room() {
+                        continue;
+                    }
                     if !waited {
                         waited = true;
                         st.add_waits += 1;
                     }
                     st.room.register(&mut guard.id, cx.waker());
-                    slot = Some((key, item));
-                    Poll::Pending
+                    return Poll::Pending;
                 }
             };
-            if res.is_ready() {
-                if let Some(id) = guard.id.take() {
-                    st.room.remove(id);
-                }
+            if let Some(id) = guard.id.take() {
+                self.state.lock().room.remove(id);
             }
-            drop(st);
-            wakes.wake();
-            res
+            return Poll::Ready(res);
         })
         .await
     }
@@ -345,7 +381,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             if !dones.is_empty() {
                 st.finish(dones, left, &mut wakes);
             }
-            st.hand_back_rest(slot, rest);
+            st.hand_back_rest(slot, rest, &mut wakes);
             st.release(&mut wakes);
         }
         wakes.wake();
@@ -358,7 +394,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             if how == Closing::Abort {
                 self.aborting.store(true, Ordering::Relaxed);
             }
-            st.close(how, &mut wakes);
+            st.close(how, self.intake(), &mut wakes);
         }
         wakes.wake();
     }
@@ -410,8 +446,11 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
     }
 
     fn stats(&self) -> Stats {
-        let st = self.state.lock();
-        Stats {
+        let mut wakes = Wakeups::default();
+        let mut st = self.state.lock();
+        // Items still in the intake count under their keys.
+        st.drain(self.intake(), &mut wakes);
+        let stats = Stats {
             pending: st.pending(),
             in_flight: st.in_flight(),
             keys: st.keys(),
@@ -422,7 +461,10 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             add_waits: st.add_waits,
             batches: st.batches,
             worker_waits: st.worker_waits,
-        }
+        };
+        drop(st);
+        wakes.wake();
+        stats
     }
 
     fn report_panic(&self, key: K, payload: Box<dyn Any + Send>) {
@@ -579,17 +621,22 @@ where
             if std::mem::take(&mut held) {
                 st.release(&mut wakes);
             }
-            let res = match st.take(&mut runs, &mut items, many, &mut wakes) {
-                Take::Job => Poll::Ready(Next::Job),
-                Take::Exit => Poll::Ready(Next::Exit),
-                Take::Wait if spins < SPINS => {
-                    st.worker_spin(&mut spun);
-                    Poll::Ready(Next::Spin)
-                }
-                Take::Wait => {
-                    st.worker_park(&mut waiter, cx.waker());
-                    Poll::Pending
-                }
+            let res = loop {
+                break match st.take(&mut runs, &mut items, many, shared.intake(), &mut wakes) {
+                    Take::Job => Poll::Ready(Next::Job),
+                    Take::Exit => Poll::Ready(Next::Exit),
+                    Take::Wait if spins < SPINS => {
+                        st.worker_spin(&mut spun);
+                        Poll::Ready(Next::Spin)
+                    }
+                    Take::Wait => {
+                        if !st.worker_park(&mut waiter, cx.waker(), shared.intake(), &mut wakes) {
+                            // Adds came since the look: look again.
+                            continue;
+                        }
+                        Poll::Pending
+                    }
+                };
             };
             drop(st);
             wakes.wake();

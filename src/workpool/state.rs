@@ -1,6 +1,23 @@
-//! The dispatcher: per-key FIFO queues plus a queue of ready keys.
+//! The dispatcher: an intake, per-key FIFO queues and a queue of ready keys.
 //!
-//! Everything here runs under one mutex and is O(1) (amortised) per item:
+//! # Intake
+//!
+//! An add touches only the [`Intake`]: a vector behind its own small lock,
+//! held for a push. Workers move its items into their keys' queues in bulk,
+//! under the state lock, when they look for work ([`State::take`]), so
+//! producers never wait on the workers' bookkeeping (hashing keys, the ready
+//! queue, reports) and the state lock is the workers' alone. The bound on
+//! pending items is one atomic count (`used`) of the items in the intake and
+//! in the queues: producers raise it under the intake lock after checking
+//! it, so it never passes the capacity; workers lower it under the state
+//! lock, where producers waiting for room register, so no wake-up is lost.
+//! A worker that parks marks the intake (`parked`) while it holds both
+//! locks and has just seen it empty; the next add clears the mark and wakes
+//! a worker.
+//!
+//! # Queues
+//!
+//! Everything past the intake runs under one mutex and is O(1) (amortised) per item:
 //! a key sits in `ready` at most once, and only while it has queued items and
 //! fewer than `per_key` of them in flight. A key's entry exists only while it
 //! has queued or in-flight items.
@@ -27,6 +44,7 @@ use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 
 use super::wait::{WaitList, Wakeups};
+use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
 
 /// The largest per-key queue buffer (in items) a free slot keeps for reuse.
 const SPARE_QUEUE_CAPACITY: usize = 16;
@@ -44,7 +62,7 @@ pub(crate) const MAX_BATCH: usize = 2;
 
 /// The most keys a worker takes at once.
 #[cfg(not(loom))]
-pub(crate) const MAX_KEYS: usize = 16;
+pub(crate) const MAX_KEYS: usize = 64;
 #[cfg(loom)]
 pub(crate) const MAX_KEYS: usize = 2;
 
@@ -102,6 +120,66 @@ pub(crate) struct Done<K> {
     pub(crate) left: usize,
 }
 
+/// Items added and not yet moved into their keys' queues (see
+/// [Intake](self#intake)), with the add order and whether intake is closed.
+#[derive(Debug)]
+pub(crate) struct Intake<K, T> {
+    /// `(add order, key, item)`, in add order.
+    items: Vec<(u64, K, T)>,
+    seq: u64,
+    closing: Option<Closing>,
+    /// A worker parked after it found the intake empty, and no add has woken
+    /// one since: the next add must.
+    parked: bool,
+}
+
+impl<K, T> Intake<K, T> {
+    pub(crate) fn new() -> Self {
+        Self {
+            items: Vec::new(),
+            seq: 0,
+            closing: None,
+            parked: false,
+        }
+    }
+
+    /// Admits an item, if intake is open and (unless `from_handler`, which
+    /// is admitted above the bound and while draining, so a handler adding
+    /// to its own pool never waits on itself) `used` is below `capacity`.
+    /// `Ok(true)`: a worker parked with nothing to do, and the caller must
+    /// wake one ([`State::wake_for_intake`]).
+    pub(crate) fn push(
+        &mut self,
+        key: K,
+        item: T,
+        from_handler: bool,
+        capacity: usize,
+        used: &AtomicUsize,
+    ) -> Result<bool, (Refused, K, T)> {
+        match self.closing {
+            None => {}
+            Some(Closing::Drain) if from_handler => {}
+            Some(_) => return Err((Refused::Stopped, key, item)),
+        }
+        // Only adds raise `used`, and only under this lock: checked here, it
+        // stays below the capacity.
+        if !from_handler && used.load(Ordering::Acquire) >= capacity {
+            return Err((Refused::Full, key, item));
+        }
+        used.fetch_add(1, Ordering::AcqRel);
+        self.items.push((self.seq, key, item));
+        self.seq += 1;
+        Ok(std::mem::take(&mut self.parked))
+    }
+}
+
+/// `n` pending items were started or left the pool.
+fn unpend(used: &AtomicUsize, n: usize) {
+    if n > 0 {
+        used.fetch_sub(n, Ordering::AcqRel);
+    }
+}
+
 /// A slot of the slab: a key's entry, or free (`key` is `None`, `items`
 /// empty, perhaps with a buffer kept for the next key).
 #[derive(Debug)]
@@ -138,7 +216,12 @@ pub(crate) struct State<K, T> {
     /// back afterwards. They stay here until [`State::take_returned`]
     /// collects them, so a `stop` given up on loses none.
     returned: Vec<(u64, K, T)>,
-    pending: usize,
+    /// Pending items: in the intake, in the queues, and the unstarted items
+    /// of workers' batches (see [Intake](self#intake)).
+    used: Arc<AtomicUsize>,
+    /// The intake's other vector: a look swaps it in and moves the items out
+    /// of the one it took.
+    spare: Vec<(u64, K, T)>,
     in_flight: usize,
     /// Workers holding items of their batch they have not started (a batch
     /// of more than one item, until the worker reports or hands the rest
@@ -146,7 +229,6 @@ pub(crate) struct State<K, T> {
     holding: usize,
     capacity: usize,
     per_key: usize,
-    seq: u64,
     pub(crate) handled: u64,
     pub(crate) panicked: u64,
     /// `add` calls that found the pool full (counted once per call).
@@ -181,12 +263,12 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             shrink_mark: usize::MAX,
             ready: VecDeque::new(),
             returned: Vec::new(),
-            pending: 0,
+            used: Arc::new(AtomicUsize::new(0)),
+            spare: Vec::new(),
             in_flight: 0,
             holding: 0,
             capacity,
             per_key,
-            seq: 0,
             handled: 0,
             panicked: 0,
             add_waits: 0,
@@ -204,8 +286,18 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     }
 
     pub(crate) fn pending(&self) -> usize {
-        self.pending
+        self.used.load(Ordering::Acquire)
     }
+
+    /// The count of pending items adds raise (see [Intake](self#intake)).
+    pub(crate) fn used(&self) -> Arc<AtomicUsize> {
+        self.used.clone()
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.capacity
+    }
+
 
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
@@ -289,29 +381,36 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     }
 
     pub(crate) fn has_room(&self) -> bool {
-        self.pending < self.capacity
+        self.pending() < self.capacity
     }
 
-    /// Queues an item. `from_handler` admits it above the bound (and while
-    /// draining), so a handler adding to its own pool never waits on itself.
-    pub(crate) fn push(
-        &mut self,
-        key: K,
-        item: T,
-        from_handler: bool,
-        wakes: &mut Wakeups,
-    ) -> Result<(), (Refused, K, T)> {
-        match self.closing {
-            None => {}
-            Some(Closing::Drain) if from_handler => {}
-            Some(_) => return Err((Refused::Stopped, key, item)),
+    /// Moves every item of the intake into its key's queue, in add order.
+    pub(crate) fn drain(&mut self, intake: &Mutex<Intake<K, T>>, wakes: &mut Wakeups) {
+        let mut items = std::mem::take(&mut self.spare);
+        std::mem::swap(&mut items, &mut intake.lock().items);
+        for (seq, key, item) in items.drain(..) {
+            self.queue(seq, key, item, wakes);
         }
-        if !from_handler && self.pending >= self.capacity {
-            return Err((Refused::Full, key, item));
+        if items.capacity() > 2 * self.capacity.max(SHRINK_ABOVE) {
+            // Grown by a burst of adds from handlers (admitted above the bound).
+            items = Vec::new();
         }
-        let seq = self.seq;
-        self.seq += 1;
-        self.pending += 1;
+        self.spare = items;
+    }
+
+    /// Wakes an idle worker for what an add put in the intake, unless one
+    /// is on its way already (woken, or spinning: each looks again).
+    pub(crate) fn wake_for_intake(&mut self, wakes: &mut Wakeups) {
+        if self.woken + self.spinning == 0 {
+            if let Some(w) = self.idle.pop() {
+                self.woken += 1;
+                wakes.push(Some(w));
+            }
+        }
+    }
+
+    /// Queues an item taken from the intake.
+    fn queue(&mut self, seq: u64, key: K, item: T, wakes: &mut Wakeups) {
         let per_key = self.per_key;
         let slot = self.slot_of(key);
         let entry = self.entry(slot);
@@ -321,7 +420,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             self.ready.push_back(slot);
             self.wake_worker(wakes);
         }
-        Ok(())
     }
 
     /// Hands the next job to a worker, or tells it to wait or exit.
@@ -344,14 +442,17 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         runs: &mut Vec<Run<K>>,
         items: &mut Batch<T>,
         many: bool,
+        intake: &Mutex<Intake<K, T>>,
         wakes: &mut Wakeups,
     ) -> Take {
         debug_assert!(runs.is_empty() && items.is_empty());
+        // First, so a worker that exits wakes another for what it found.
+        self.drain(intake, wakes);
         if self.workers_live > self.workers_target {
             return self.exit(wakes);
         }
         if self.ready.is_empty() {
-            if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
+            if self.closing.is_some() && self.pending() == 0 && self.in_flight == 0 {
                 return self.exit(wakes);
             }
             return Take::Wait;
@@ -382,7 +483,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 items.extend(entry.items.drain(..n));
             }
             entry.in_flight += 1;
-            self.pending -= 1;
+            unpend(&self.used, 1);
             self.in_flight += 1;
             let key = entry.key.clone().expect("a ready key has an entry");
             if !entry.items.is_empty() && entry.in_flight < per_key {
@@ -419,12 +520,13 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// the items handed back. The key stays in flight until the worker
     /// reports the run (with the items that ran, `left` 0), so no other
     /// worker starts them before the waiting one finishes.
-    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>) {
+    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>, wakes: &mut Wakeups) {
+        self.wake_producers_for_room(wakes);
         if rest.is_empty() {
             return;
         }
         if self.closing == Some(Closing::Abort) {
-            self.pending -= rest.len();
+            unpend(&self.used, rest.len());
             let key = self.slots[slot]
                 .key
                 .as_ref()
@@ -483,10 +585,29 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         *spun = true;
     }
 
-    /// Parks a worker that found nothing to do.
-    pub(crate) fn worker_park(&mut self, waiter: &mut Option<u64>, waker: &std::task::Waker) {
+    /// Parks a worker that found nothing to do, unless adds came since its
+    /// look (then it returns `false` and the worker looks again). A parked
+    /// worker marks the intake, so the next add wakes one.
+    pub(crate) fn worker_park(
+        &mut self,
+        waiter: &mut Option<u64>,
+        waker: &std::task::Waker,
+        intake: &Mutex<Intake<K, T>>,
+        wakes: &mut Wakeups,
+    ) -> bool {
+        {
+            let mut intake = intake.lock();
+            if !intake.items.is_empty() {
+                return false;
+            }
+            intake.parked = true;
+        }
+        // Under the state lock still: an add that saw the mark wakes a
+        // worker under it too, so after this registration.
+        self.wake_producers_for_room(wakes);
         self.worker_waits += 1;
         self.idle.register(waiter, waker);
+        true
     }
 
     /// Wakes a producer waiting for room: one per slot freed. (Waking them
@@ -494,8 +615,21 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// wait while there is room, and deadlock against handlers that wait for
     /// that producer.)
     fn wake_producers(&mut self, wakes: &mut Wakeups) {
-        if self.pending < self.capacity {
+        let margin = (self.capacity / 8).max(1);
+        if self.pending() + margin <= self.capacity {
             wakes.push(self.room.pop());
+        }
+    }
+
+    /// Wakes a producer for each free slot: a worker is about to stop freeing
+    /// room (it parks, or its handler waits), so nobody else may.
+    fn wake_producers_for_room(&mut self, wakes: &mut Wakeups) {
+        let free = self.capacity.saturating_sub(self.pending());
+        for _ in 0..free {
+            match self.room.pop() {
+                Some(w) => wakes.push(Some(w)),
+                None => break,
+            }
         }
     }
 
@@ -510,7 +644,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 wakes.extend(self.done.take_all());
             }
             // Shrunk to nothing is refused by the API; closing is the only way here.
-        } else if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
+        } else if self.closing.is_some() && self.pending() == 0 && self.in_flight == 0 {
             self.wake_all_workers(wakes);
         }
         Take::Exit
@@ -546,9 +680,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             let ran = (handled + panicked) as usize;
             debug_assert!(ran == 0 || untouched == 0, "untouched runs come last");
             if ran == 0 {
-                self.pending += 1;
+                self.used.fetch_add(1, Ordering::AcqRel);
             } else {
-                self.pending -= ran - 1;
+                unpend(&self.used, ran - 1);
                 for _ in 1..ran {
                     self.wake_producers(wakes);
                 }
@@ -559,7 +693,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             if left > 0 {
                 if self.closing == Some(Closing::Abort) {
                     // `close` already emptied the queues: hand these back too.
-                    self.pending -= left;
+                    unpend(&self.used, left);
                     self.returned.extend(
                         items
                             .drain(..left)
@@ -588,7 +722,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         debug_assert!(items.is_empty(), "every item reported");
         // Keys handed back untouched go back to the front, in their order.
         self.ready.rotate_right(untouched);
-        if self.closing.is_some() && self.pending == 0 && self.in_flight == 0 {
+        if self.closing.is_some() && self.pending() == 0 && self.in_flight == 0 {
             // Drained: every idle worker may exit now.
             self.wake_all_workers(wakes);
         }
@@ -644,15 +778,28 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// started join them later (through [`finish`](Self::finish) and
     /// [`hand_back_rest`](Self::hand_back_rest)). Nothing leaves the pool
     /// before [`take_returned`](Self::take_returned).
-    pub(crate) fn close(&mut self, how: Closing, wakes: &mut Wakeups) {
+    pub(crate) fn close(
+        &mut self,
+        how: Closing,
+        intake: &Mutex<Intake<K, T>>,
+        wakes: &mut Wakeups,
+    ) {
         match (self.closing, how) {
             (Some(Closing::Abort), _) => {}
-            (_, Closing::Drain) => self.closing = Some(Closing::Drain),
+            (_, Closing::Drain) => {
+                self.closing = Some(Closing::Drain);
+                intake.lock().closing = Some(Closing::Drain);
+            }
             (_, Closing::Abort) => {
                 self.closing = Some(Closing::Abort);
                 let before = self.returned.len();
                 let taken = &mut self.returned;
-                taken.reserve(self.pending);
+                {
+                    let mut intake = intake.lock();
+                    intake.closing = Some(Closing::Abort);
+                    taken.append(&mut intake.items);
+                }
+                taken.reserve(self.used.load(Ordering::Acquire));
                 let mut idle = Vec::new();
                 for (slot, entry) in self.slots.iter_mut().enumerate() {
                     let Some(key) = &entry.key else { continue };
@@ -669,12 +816,12 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 }
                 self.ready.clear();
                 // Items in workers' batches stay pending until handed back.
-                self.pending -= self.returned.len() - before;
+                unpend(&self.used, self.returned.len() - before);
                 self.maybe_shrink();
             }
         }
         wakes.extend(self.room.take_all());
-        if self.pending == 0 && self.in_flight == 0 {
+        if self.pending() == 0 && self.in_flight == 0 {
             self.wake_all_workers(wakes);
         }
         if self.workers_live == 0 || (how == Closing::Abort && self.holding == 0) {
@@ -722,9 +869,25 @@ mod slab_tests {
         )
     }
 
+    /// An add as the pool makes it: into the intake, then a wake-up if a
+    /// worker parked with nothing to do.
+    fn add(st: &mut State<u32, u32>, intake: &Mutex<Intake<u32, u32>>, key: u32, item: u32) {
+        let used = st.used();
+        let wake = intake
+            .lock()
+            .push(key, item, false, st.capacity(), &used)
+            .unwrap();
+        if wake {
+            let mut wakes = Wakeups::default();
+            st.wake_for_intake(&mut wakes);
+            wakes.wake();
+        }
+    }
+
     #[test]
     fn a_spinning_worker_saves_waking_a_parked_one() {
         let mut st: State<u32, u32> = State::new(100, 1, 2);
+        let intake = Mutex::new(Intake::new());
         st.workers_live = 2;
         let (parked_wakes, parked) = counting_waker();
         let (mut parked_id, mut parked_spun) = (None, false);
@@ -733,34 +896,92 @@ mod slab_tests {
         let (mut runs, mut items) = (Vec::new(), Batch::new());
         // Both workers find nothing: one parks, the other spins.
         st.worker_polled(&mut parked_id, &mut parked_spun);
-        assert_eq!(st.take(&mut runs, &mut items, true, &mut wakes), Take::Wait);
-        st.worker_park(&mut parked_id, &parked);
+        assert_eq!(
+            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            Take::Wait
+        );
+        assert!(st.worker_park(&mut parked_id, &parked, &intake, &mut wakes));
         st.worker_polled(&mut spinner_id, &mut spun);
-        assert_eq!(st.take(&mut runs, &mut items, true, &mut wakes), Take::Wait);
+        assert_eq!(
+            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            Take::Wait
+        );
         st.worker_spin(&mut spun);
-        // An add: the spinning worker will take it, so nobody is woken.
-        st.push(1, 1, false, &mut wakes).unwrap();
-        std::mem::take(&mut wakes).wake();
+        // Adds: the spinning worker will look at the intake, so nobody is woken.
+        add(&mut st, &intake, 1, 1);
+        add(&mut st, &intake, 2, 2);
         assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 0);
-        // A second ready key is more than the spinner is counted for.
-        st.push(2, 2, false, &mut wakes).unwrap();
-        std::mem::take(&mut wakes).wake();
-        assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
-        // The spinner looks again and takes its share; it no longer counts
-        // as on its way.
+        // The spinner looks again: two ready keys are more than it takes, so
+        // it wakes the parked worker for the other, and takes its share.
         st.worker_polled(&mut spinner_id, &mut spun);
         assert!(!spun);
         assert_eq!(st.spinning, 0);
-        assert_eq!(st.take(&mut runs, &mut items, true, &mut wakes), Take::Job);
+        assert_eq!(
+            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            Take::Job
+        );
+        std::mem::take(&mut wakes).wake();
+        assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(runs.len(), 1, "one ready key left for the woken worker");
     }
 
+    #[test]
+    fn an_add_wakes_a_parked_worker_once_and_a_worker_parks_only_on_an_empty_intake() {
+        let mut st: State<u32, u32> = State::new(100, 1, 1);
+        let intake = Mutex::new(Intake::new());
+        st.workers_live = 1;
+        let (wakes_seen, waker) = counting_waker();
+        let (mut id, mut spun) = (None, false);
+        let mut wakes = Wakeups::default();
+        let (mut runs, mut items) = (Vec::new(), Batch::new());
+        st.worker_polled(&mut id, &mut spun);
+        assert_eq!(
+            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            Take::Wait
+        );
+        // An add between the look and the park: the worker must not park.
+        add(&mut st, &intake, 1, 1);
+        assert!(!st.worker_park(&mut id, &waker, &intake, &mut wakes));
+        assert_eq!(st.worker_waits, 0, "not parked");
+        assert_eq!(
+            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            Take::Job
+        );
+        let mut dones: Vec<Done<u32>> = runs
+            .drain(..)
+            .map(|Run { key, slot, len }| Done {
+                key,
+                slot,
+                handled: len as u64,
+                panicked: 0,
+                left: 0,
+            })
+            .collect();
+        items.clear();
+        st.finish(&mut dones, &mut items, &mut wakes);
+        // Nothing left: it parks; many adds wake it once.
+        st.worker_polled(&mut id, &mut spun);
+        assert_eq!(
+            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            Take::Wait
+        );
+        assert!(st.worker_park(&mut id, &waker, &intake, &mut wakes));
+        for i in 0..10 {
+            add(&mut st, &intake, i, i);
+        }
+        assert_eq!(wakes_seen.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(st.pending(), 10);
+        assert_eq!(st.keys(), 0, "still in the intake");
+        st.drain(&intake, &mut wakes);
+        assert_eq!(st.keys(), 10);
+    }
+
     /// Runs every queued item to completion, one batch at a time.
-    fn run_all(st: &mut State<u32, u32>) {
+    fn run_all(st: &mut State<u32, u32>, intake: &Mutex<Intake<u32, u32>>) {
         let mut wakes = Wakeups::default();
         loop {
             let (mut runs, mut items) = (Vec::new(), Batch::new());
-            if st.take(&mut runs, &mut items, true, &mut wakes) != Take::Job {
+            if st.take(&mut runs, &mut items, true, intake, &mut wakes) != Take::Job {
                 return;
             }
             let mut dones: Vec<Done<u32>> = runs
@@ -781,11 +1002,13 @@ mod slab_tests {
     #[test]
     fn slots_are_reused_and_the_slab_shrinks_once_idle() {
         let mut st: State<u32, u32> = State::new(100_000, 1, 1);
+        let intake = Mutex::new(Intake::new());
         st.workers_live = 1;
         let mut wakes = Wakeups::default();
         for k in 0..10_000 {
-            st.push(k, k, false, &mut wakes).unwrap();
+            add(&mut st, &intake, k, k);
         }
+        st.drain(&intake, &mut wakes);
         assert_eq!((st.keys(), st.slots.len()), (10_000, 10_000));
         // One key stays busy at the far end of the slab: its slot cannot move.
         let (mut runs, mut items) = (Vec::new(), Batch::new());
@@ -793,9 +1016,9 @@ mod slab_tests {
             st.ready.rotate_left(1);
         }
         st.ready.rotate_right(1);
-        assert_eq!(st.take(&mut runs, &mut items, false, &mut wakes), Take::Job);
+        assert_eq!(st.take(&mut runs, &mut items, false, &intake, &mut wakes), Take::Job);
         assert_eq!(runs[0].key, 9_999);
-        run_all(&mut st);
+        run_all(&mut st, &intake);
         assert_eq!(st.keys(), 1, "only the busy key has an entry");
         assert_eq!(
             st.slots.len(),
@@ -833,10 +1056,11 @@ mod slab_tests {
         // Reuse: a new key takes a free slot, the slab does not grow.
         for round in 0..3 {
             for k in 0..100 {
-                st.push(round * 1000 + k, k, false, &mut wakes).unwrap();
+                add(&mut st, &intake, round * 1000 + k, k);
             }
+            st.drain(&intake, &mut wakes);
             assert_eq!(st.slots.len(), 100, "free slots reused");
-            run_all(&mut st);
+            run_all(&mut st, &intake);
             assert_eq!(st.keys(), 0);
         }
         assert!(st.slots.iter().all(|e| e.key.is_none()));
@@ -868,6 +1092,9 @@ mod model_tests {
         /// finishes only with all its remaining items run.
         Wait(usize, usize),
         Close(bool),
+        /// Move the intake into the queues, as `stats` does, and compare
+        /// the live keys.
+        Stats,
     }
 
     fn op() -> impl Strategy<Value = Op> {
@@ -878,6 +1105,7 @@ mod model_tests {
                 .prop_map(|(i, r, p)| Op::Finish(i, r, p)),
             3 => (any::<usize>(), any::<usize>()).prop_map(|(i, r)| Op::Wait(i, r)),
             1 => any::<bool>().prop_map(Op::Close),
+            1 => Just(Op::Stats),
         ]
     }
 
@@ -937,6 +1165,8 @@ mod model_tests {
             ops in proptest::collection::vec(op(), 1..160),
         ) {
             let mut st: State<u8, u32> = State::new(capacity, per_key, 1);
+            let intake = Mutex::new(Intake::new());
+            let used = st.used();
             st.workers_live = 1;
             let mut model = Model::default();
             let mut next = 0u32;
@@ -952,8 +1182,8 @@ mod model_tests {
                             Some(Closing::Abort) => true,
                         };
                         let full = !from_handler && model.pending() >= capacity;
-                        match st.push(k, next, from_handler, &mut wakes) {
-                            Ok(()) => {
+                        match intake.lock().push(k, next, from_handler, capacity, &used) {
+                            Ok(_) => {
                                 prop_assert!(!stopped && !full);
                                 model.queues.entry(k).or_default().push_back(next);
                             }
@@ -971,7 +1201,7 @@ mod model_tests {
                     Op::Take(many) => {
                         let mut runs = Vec::new();
                         let mut batch = Batch::new();
-                        match st.take(&mut runs, &mut batch, many, &mut wakes) {
+                        match st.take(&mut runs, &mut batch, many, &intake, &mut wakes) {
                             Take::Job => {
                                 prop_assert!(!runs.is_empty());
                                 prop_assert!(many || (runs.len() == 1 && batch.len() == 1));
@@ -1047,7 +1277,7 @@ mod model_tests {
                             let started = 1 + r % items.len();
                             let rest_items = items.split_off(started);
                             let mut rest: Batch<u32> = rest_items.iter().copied().collect();
-                            st.hand_back_rest(*slot, &mut rest);
+                            st.hand_back_rest(*slot, &mut rest, &mut wakes);
                             prop_assert!(rest.is_empty(), "hand_back_rest takes everything");
                             if model.closing == Some(Closing::Abort) {
                                 model.returned.extend(rest_items.iter().map(|(_, i)| (*k, *i)));
@@ -1060,9 +1290,13 @@ mod model_tests {
                         }
                     }
                     Op::Wait(..) => {}
+                    Op::Stats => {
+                        st.drain(&intake, &mut wakes);
+                        prop_assert_eq!(st.keys(), model.keys(), "entries only for keys with work");
+                    }
                     Op::Close(abort) => {
                         let how = if abort { Closing::Abort } else { Closing::Drain };
-                        st.close(how, &mut wakes);
+                        st.close(how, &intake, &mut wakes);
                         if abort || model.closing == Some(Closing::Abort) {
                             // The queues are empty after the first abort.
                             model.closing = Some(Closing::Abort);
@@ -1077,7 +1311,6 @@ mod model_tests {
                 prop_assert_eq!(st.pending(), model.pending());
                 prop_assert_eq!(st.aborted(), model.returned.len(), "abort keeps what it took");
                 prop_assert_eq!(st.in_flight(), model.jobs.len());
-                prop_assert_eq!(st.keys(), model.keys(), "entries only for keys with work");
                 prop_assert_eq!(st.handled, handled);
                 prop_assert_eq!(st.panicked, panicked);
             }
