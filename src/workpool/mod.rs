@@ -157,7 +157,7 @@ use futures::{FutureExt, Stream, StreamExt};
 pub use error::{BuildError, StopTimeoutError, StoppedError, TryAddError};
 
 use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
-use state::{Batch, Closing, Done, Intake, Refused, Run, Slot, State, Take};
+use state::{Batch, Closing, Done, Intake, Refused, Room, Run, Slot, State, Take};
 use wait::Wakeups;
 
 /// Default number of workers.
@@ -254,10 +254,16 @@ impl<T> std::ops::Deref for Padded<T> {
     }
 }
 
+/// What adds touch (see `state`'s [Intake](state#intake)).
+struct Front<K, T> {
+    intake: Mutex<Intake<K, T>>,
+    /// Pending items (the state's count).
+    used: Arc<AtomicUsize>,
+    room: Room,
+}
+
 pub(crate) struct Shared<K, T> {
-    /// What adds touch: the intake and the count of pending items (see
-    /// `state`'s [Intake](state#intake)).
-    intake: Padded<(Mutex<Intake<K, T>>, Arc<AtomicUsize>)>,
+    front: Padded<Front<K, T>>,
     capacity: usize,
     state: Mutex<State<K, T>>,
     /// Live [`KeyedPool`] handles; the last one dropped starts a drain.
@@ -277,7 +283,11 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
     ) -> Arc<Self> {
         let state = State::new(capacity, per_key, 0);
         Arc::new(Shared {
-            intake: Padded((Mutex::new(Intake::new()), state.used())),
+            front: Padded(Front {
+                intake: Mutex::new(Intake::new()),
+                used: state.used(),
+                room: Room::default(),
+            }),
             capacity: state.capacity(),
             state: Mutex::new(state),
             handles: AtomicUsize::new(1),
@@ -288,7 +298,24 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
     }
 
     fn intake(&self) -> &Mutex<Intake<K, T>> {
-        &self.intake.0 .0
+        &self.front.intake
+    }
+
+    /// Wakes producers waiting for room, if there is enough of it: a free
+    /// eighth of the capacity, or with `any` (the caller stops making room)
+    /// a free slot (see `state`'s [`Room`]).
+    fn wake_for_room(&self, any: bool, wakes: &mut Wakeups) {
+        let front = &*self.front;
+        if !front.room.wanted.load(Ordering::SeqCst) {
+            return;
+        }
+        let free = self
+            .capacity
+            .saturating_sub(front.used.load(Ordering::SeqCst));
+        if free == 0 || (!any && free < Room::margin(self.capacity)) {
+            return;
+        }
+        front.intake.lock().wake_room(free, &front.room.wanted, wakes);
     }
 
     /// Whether the current task runs one of this pool's handlers.
@@ -306,10 +333,11 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
     /// Admits an item to the intake, and wakes a worker if one parked with
     /// nothing to do (see `state`'s [Intake](state#intake)).
     fn push(&self, key: K, item: T, from_handler: bool) -> Result<(), (Refused, K, T)> {
-        let (intake, used) = &*self.intake;
-        let wake = intake
+        let front = &*self.front;
+        let wake = front
+            .intake
             .lock()
-            .push(key, item, from_handler, self.capacity, used)?;
+            .push(key, item, from_handler, self.capacity, &front.used)?;
         if wake {
             let mut wakes = Wakeups::default();
             self.state.lock().wake_for_intake(&mut wakes);
@@ -340,23 +368,30 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
                 Ok(()) => Ok(()),
                 Err((Refused::Stopped, key, item)) => Err(StoppedError { key, item }),
                 Err((Refused::Full, key, item)) => {
-                    // Workers make room under the state lock, and wake the
-                    // producers registered there: check again under it.
-                    let mut st = self.state.lock();
+                    // Register, then look at the count again (see `state`'s
+                    // `Room`).
                     slot = Some((key, item));
-                    if st.has_room() {
+                    let front = &*self.front;
+                    let mut intake = front.intake.lock();
+                    intake.room.register(&mut guard.id, cx.waker());
+                    front.room.wanted.store(true, Ordering::SeqCst);
+                    if front.used.load(Ordering::SeqCst) < self.capacity {
                         continue;
                     }
                     if !waited {
                         waited = true;
-                        st.add_waits += 1;
+                        intake.add_waits += 1;
                     }
-                    st.room.register(&mut guard.id, cx.waker());
                     return Poll::Pending;
                 }
             };
             if let Some(id) = guard.id.take() {
-                self.state.lock().room.remove(id);
+                let front = &*self.front;
+                let mut intake = front.intake.lock();
+                intake.room.remove(id);
+                if intake.room.is_empty() {
+                    front.room.wanted.store(false, Ordering::SeqCst);
+                }
             }
             return Poll::Ready(res);
         })
@@ -381,9 +416,11 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             if !dones.is_empty() {
                 st.finish(dones, left, &mut wakes);
             }
-            st.hand_back_rest(slot, rest, &mut wakes);
+            st.hand_back_rest(slot, rest);
             st.release(&mut wakes);
         }
+        // The handler waits: this worker makes no room meanwhile.
+        self.wake_for_room(true, &mut wakes);
         wakes.wake();
     }
 
@@ -396,6 +433,12 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             }
             st.close(how, self.intake(), &mut wakes);
         }
+        // Every producer waiting for room: they find intake closed.
+        let front = &*self.front;
+        front
+            .intake
+            .lock()
+            .wake_room(usize::MAX, &front.room.wanted, &mut wakes);
         wakes.wake();
     }
 
@@ -450,6 +493,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         let mut st = self.state.lock();
         // Items still in the intake count under their keys.
         st.drain(self.intake(), &mut wakes);
+        let add_waits = self.intake().lock().add_waits;
         let stats = Stats {
             pending: st.pending(),
             in_flight: st.in_flight(),
@@ -458,7 +502,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             handled: st.handled,
             panicked: st.panicked,
             workers: st.workers_live,
-            add_waits: st.add_waits,
+            add_waits,
             batches: st.batches,
             worker_waits: st.worker_waits,
         };
@@ -493,13 +537,19 @@ struct RoomWaiter<'a, K: Hash + Eq + Clone, T> {
 impl<K: Hash + Eq + Clone, T> Drop for RoomWaiter<'_, K, T> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            let mut st = self.shared.state.lock();
-            if !st.room.remove(id) && st.has_room() {
-                if let Some(w) = st.room.pop() {
-                    drop(st);
-                    w.wake();
-                }
+            let front = &*self.shared.front;
+            let mut wakes = Wakeups::default();
+            {
+                let mut intake = front.intake.lock();
+                let popped = !intake.room.remove(id);
+                let free = self
+                    .shared
+                    .capacity
+                    .saturating_sub(front.used.load(Ordering::SeqCst));
+                // Woken but gone: pass the wake-up on.
+                intake.wake_room(usize::from(popped).min(free), &front.room.wanted, &mut wakes);
             }
+            wakes.wake();
         }
     }
 }
@@ -630,7 +680,7 @@ where
                         Poll::Ready(Next::Spin)
                     }
                     Take::Wait => {
-                        if !st.worker_park(&mut waiter, cx.waker(), shared.intake(), &mut wakes) {
+                        if !st.worker_park(&mut waiter, cx.waker(), shared.intake()) {
                             // Adds came since the look: look again.
                             continue;
                         }
@@ -639,6 +689,9 @@ where
                 };
             };
             drop(st);
+            // Parking or exiting, the worker makes no more room.
+            let stops = !matches!(res, Poll::Ready(Next::Job));
+            shared.wake_for_room(stops, &mut wakes);
             wakes.wake();
             res
         })

@@ -44,7 +44,7 @@ use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 
 use super::wait::{WaitList, Wakeups};
-use crate::sync::{Arc, AtomicUsize, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
 
 /// The largest per-key queue buffer (in items) a free slot keeps for reuse.
 const SPARE_QUEUE_CAPACITY: usize = 16;
@@ -131,6 +131,37 @@ pub(crate) struct Intake<K, T> {
     /// A worker parked after it found the intake empty, and no add has woken
     /// one since: the next add must.
     parked: bool,
+    /// Producers waiting for room (see [`Room`]).
+    pub(crate) room: WaitList,
+    /// `add` calls that found the pool full (counted once per call).
+    pub(crate) add_waits: u64,
+}
+
+/// How producers wait for room without the state lock.
+///
+/// A producer that finds the pool full registers in the intake's `room`
+/// list, sets `wanted`, and only then reads the count of pending items
+/// again; a worker lowers the count and only then reads `wanted` (all
+/// `SeqCst`). So either the producer sees the room and tries again, or the
+/// worker sees the producer and wakes it, under the intake lock.
+///
+/// Workers wake waiting producers once an eighth of the capacity is free,
+/// so a producer that is woken adds a run of items instead of one per
+/// wake-up; and for any room at all when a worker stops making room (it
+/// parks, exits, or its handler has to wait), so a producer never waits on
+/// room that nobody will report (a handler waiting for that producer could
+/// otherwise deadlock against it).
+#[derive(Debug, Default)]
+pub(crate) struct Room {
+    pub(crate) wanted: AtomicBool,
+}
+
+impl Room {
+    /// The free slots at which workers wake waiting producers, unless they
+    /// stop making room.
+    pub(crate) fn margin(capacity: usize) -> usize {
+        (capacity / 8).max(1)
+    }
 }
 
 impl<K, T> Intake<K, T> {
@@ -140,6 +171,8 @@ impl<K, T> Intake<K, T> {
             seq: 0,
             closing: None,
             parked: false,
+            room: WaitList::default(),
+            add_waits: 0,
         }
     }
 
@@ -171,12 +204,31 @@ impl<K, T> Intake<K, T> {
         self.seq += 1;
         Ok(std::mem::take(&mut self.parked))
     }
+
+    /// Wakes up to `free` producers waiting for room; clears `wanted` once
+    /// none waits.
+    pub(crate) fn wake_room(&mut self, free: usize, wanted: &AtomicBool, wakes: &mut Wakeups) {
+        for _ in 0..free {
+            match self.room.pop() {
+                Some(w) => wakes.push(Some(w)),
+                None => break,
+            }
+        }
+        if self.room.is_empty() {
+            wanted.store(false, Ordering::SeqCst);
+        }
+    }
 }
 
 /// `n` pending items were started or left the pool.
+///
+/// `SeqCst`, as is the producers' registration for room: a worker that
+/// lowers the count and then finds no producer waiting, and a producer that
+/// registers and then finds the count still at the capacity, cannot both
+/// happen (see [`Room`]).
 fn unpend(used: &AtomicUsize, n: usize) {
     if n > 0 {
-        used.fetch_sub(n, Ordering::AcqRel);
+        used.fetch_sub(n, Ordering::SeqCst);
     }
 }
 
@@ -231,8 +283,6 @@ pub(crate) struct State<K, T> {
     per_key: usize,
     pub(crate) handled: u64,
     pub(crate) panicked: u64,
-    /// `add` calls that found the pool full (counted once per call).
-    pub(crate) add_waits: u64,
     /// Batches workers took.
     pub(crate) batches: u64,
     /// Times a worker found nothing to do and parked.
@@ -247,8 +297,6 @@ pub(crate) struct State<K, T> {
     /// Workers that found nothing to do and, instead of parking, yielded
     /// and will look again (see [`worker_spin`](Self::worker_spin)).
     spinning: usize,
-    /// Producers waiting for room.
-    pub(crate) room: WaitList,
     /// `stop` callers waiting for the workers to exit.
     pub(crate) done: WaitList,
 }
@@ -271,7 +319,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             per_key,
             handled: 0,
             panicked: 0,
-            add_waits: 0,
             batches: 0,
             worker_waits: 0,
             workers_target: workers,
@@ -280,7 +327,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             idle: WaitList::default(),
             woken: 0,
             spinning: 0,
-            room: WaitList::default(),
             done: WaitList::default(),
         }
     }
@@ -378,10 +424,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
         self.free.push(slot);
         drop(key);
-    }
-
-    pub(crate) fn has_room(&self) -> bool {
-        self.pending() < self.capacity
     }
 
     /// Moves every item of the intake into its key's queue, in add order.
@@ -493,7 +535,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             } else {
                 entry.in_ready = false;
             }
-            self.wake_producers(wakes);
             runs.push(Run { key, slot, len: n });
         }
         if items.len() > 1 {
@@ -520,8 +561,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// the items handed back. The key stays in flight until the worker
     /// reports the run (with the items that ran, `left` 0), so no other
     /// worker starts them before the waiting one finishes.
-    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>, wakes: &mut Wakeups) {
-        self.wake_producers_for_room(wakes);
+    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>) {
         if rest.is_empty() {
             return;
         }
@@ -593,7 +633,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         waiter: &mut Option<u64>,
         waker: &std::task::Waker,
         intake: &Mutex<Intake<K, T>>,
-        wakes: &mut Wakeups,
     ) -> bool {
         {
             let mut intake = intake.lock();
@@ -604,33 +643,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         }
         // Under the state lock still: an add that saw the mark wakes a
         // worker under it too, so after this registration.
-        self.wake_producers_for_room(wakes);
         self.worker_waits += 1;
         self.idle.register(waiter, waker);
         true
-    }
-
-    /// Wakes a producer waiting for room: one per slot freed. (Waking them
-    /// in batches was tried: it saves wake-ups, but a producer could then
-    /// wait while there is room, and deadlock against handlers that wait for
-    /// that producer.)
-    fn wake_producers(&mut self, wakes: &mut Wakeups) {
-        let margin = (self.capacity / 8).max(1);
-        if self.pending() + margin <= self.capacity {
-            wakes.push(self.room.pop());
-        }
-    }
-
-    /// Wakes a producer for each free slot: a worker is about to stop freeing
-    /// room (it parks, or its handler waits), so nobody else may.
-    fn wake_producers_for_room(&mut self, wakes: &mut Wakeups) {
-        let free = self.capacity.saturating_sub(self.pending());
-        for _ in 0..free {
-            match self.room.pop() {
-                Some(w) => wakes.push(Some(w)),
-                None => break,
-            }
-        }
     }
 
     fn exit(&mut self, wakes: &mut Wakeups) -> Take {
@@ -680,12 +695,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             let ran = (handled + panicked) as usize;
             debug_assert!(ran == 0 || untouched == 0, "untouched runs come last");
             if ran == 0 {
-                self.used.fetch_add(1, Ordering::AcqRel);
+                self.used.fetch_add(1, Ordering::SeqCst);
             } else {
                 unpend(&self.used, ran - 1);
-                for _ in 1..ran {
-                    self.wake_producers(wakes);
-                }
             }
             let entry = &mut self.slots[slot];
             debug_assert!(entry.key.is_some(), "an in-flight key has an entry");
@@ -820,7 +832,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 self.maybe_shrink();
             }
         }
-        wakes.extend(self.room.take_all());
         if self.pending() == 0 && self.in_flight == 0 {
             self.wake_all_workers(wakes);
         }
@@ -900,7 +911,7 @@ mod slab_tests {
             st.take(&mut runs, &mut items, true, &intake, &mut wakes),
             Take::Wait
         );
-        assert!(st.worker_park(&mut parked_id, &parked, &intake, &mut wakes));
+        assert!(st.worker_park(&mut parked_id, &parked, &intake));
         st.worker_polled(&mut spinner_id, &mut spun);
         assert_eq!(
             st.take(&mut runs, &mut items, true, &intake, &mut wakes),
@@ -941,7 +952,7 @@ mod slab_tests {
         );
         // An add between the look and the park: the worker must not park.
         add(&mut st, &intake, 1, 1);
-        assert!(!st.worker_park(&mut id, &waker, &intake, &mut wakes));
+        assert!(!st.worker_park(&mut id, &waker, &intake));
         assert_eq!(st.worker_waits, 0, "not parked");
         assert_eq!(
             st.take(&mut runs, &mut items, true, &intake, &mut wakes),
@@ -965,7 +976,7 @@ mod slab_tests {
             st.take(&mut runs, &mut items, true, &intake, &mut wakes),
             Take::Wait
         );
-        assert!(st.worker_park(&mut id, &waker, &intake, &mut wakes));
+        assert!(st.worker_park(&mut id, &waker, &intake));
         for i in 0..10 {
             add(&mut st, &intake, i, i);
         }
@@ -1277,7 +1288,7 @@ mod model_tests {
                             let started = 1 + r % items.len();
                             let rest_items = items.split_off(started);
                             let mut rest: Batch<u32> = rest_items.iter().copied().collect();
-                            st.hand_back_rest(*slot, &mut rest, &mut wakes);
+                            st.hand_back_rest(*slot, &mut rest);
                             prop_assert!(rest.is_empty(), "hand_back_rest takes everything");
                             if model.closing == Some(Closing::Abort) {
                                 model.returned.extend(rest_items.iter().map(|(_, i)| (*k, *i)));

@@ -42,6 +42,10 @@ impl WaitList {
         }
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// Pops the longest-waiting waiter.
     pub(crate) fn pop(&mut self) -> Option<Waker> {
         self.entries.pop_front().map(|(_, w)| w)
