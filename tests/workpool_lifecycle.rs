@@ -435,6 +435,69 @@ async fn blocked_add_is_woken_by_a_single_free_slot() {
 // must never change: abort hands back what did not start, a waiting handler
 // never holds other keys, and a long queue does not starve other keys.
 
+/// Regression: a batch's items after its first once left the pending count
+/// when the worker took them, and came back when it handed them back
+/// unstarted (a handler waited), so producers that filled the room meanwhile
+/// pushed the pool above its capacity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn items_handed_back_unstarted_never_push_the_pool_above_its_capacity() {
+    let (release, parked) = (
+        Arc::new(std::sync::Barrier::new(2)),
+        Arc::new(std::sync::Barrier::new(2)),
+    );
+    let gate = Arc::new(Semaphore::new(0));
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(4)
+        .build({
+            let (release, parked, gate) = (release.clone(), parked.clone(), gate.clone());
+            move |key: u32, _i: u32| {
+                let (release, parked, gate) = (release.clone(), parked.clone(), gate.clone());
+                async move {
+                    match key {
+                        // Holds the worker (and its thread) inside its batch
+                        // while the test adds.
+                        0 => {
+                            parked.wait();
+                            release.wait();
+                        }
+                        // Waits: the worker hands back the batch's rest.
+                        1 => gate.acquire().await.unwrap().forget(),
+                        _ => {}
+                    }
+                }
+            }
+        })
+        .unwrap();
+    for k in 0..4 {
+        pool.try_add(k, k).unwrap();
+    }
+    // The worker took keys 0..4 as one batch and is inside key 0's handler.
+    tokio::task::spawn_blocking({
+        let parked = parked.clone();
+        move || parked.wait()
+    })
+    .await
+    .unwrap();
+    let mut k = 10;
+    while pool.try_add(k, k).is_ok() {
+        k += 1;
+    }
+    assert!(pool.stats().pending <= 4, "{:?}", pool.stats());
+    tokio::task::spawn_blocking(move || release.wait())
+        .await
+        .unwrap();
+    // Key 1's handler waits; keys 2 and 3 went back unstarted.
+    while pool.stats().in_flight != 1 || pool.stats().handled != 1 {
+        tokio::task::yield_now().await;
+    }
+    let stats = pool.stats();
+    assert!(stats.pending <= 4, "pending above the capacity: {stats:?}");
+    gate.add_permits(1);
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 4 + (k - 10) as u64, "every item once");
+}
+
 #[tokio::test]
 async fn abort_hands_back_items_a_worker_took_but_did_not_start() {
     let (gate, mut started, handler) = gated();

@@ -24,15 +24,22 @@
 //! # Dispatch
 //!
 //! Each key has its own FIFO; a queue of *ready keys* (keys with pending items
-//! and a free concurrency slot) feeds the workers. Adding an item is O(1)
-//! under a single short lock; no journal is scanned, so a backlog of 100,000
-//! items on one hot key costs the other keys nothing: a cold key waits behind
-//! at most the other ready keys, never behind the hot key's backlog.
+//! and a free concurrency slot) feeds the workers. No journal is scanned, so
+//! a backlog of 100,000 items on one hot key costs the other keys nothing: a
+//! cold key waits behind at most the other ready keys, never behind the hot
+//! key's backlog.
+//!
+//! An add touches none of that: it hashes the key and pushes the item onto
+//! an *intake* vector behind a lock of its own, held for the push (O(1),
+//! amortised). Workers move the intake into the keys' queues in bulk when
+//! they look for work, under the lock of the queues, which producers never
+//! take (a producer waiting for room waits on the intake's lock too), so a
+//! fast producer and busy workers do not contend item by item.
 //!
 //! Workers take work in *batches*, one lock for many items: with the
 //! default per-key concurrency of 1 a worker takes the queued items of the
-//! next ready key (and, while its handlers finish without waiting, of a few
-//! more ready keys, leaving one for each other worker already woken), up to
+//! next ready key (and, while its handlers finish without waiting, of more
+//! ready keys, leaving one for each other worker already woken), up to
 //! 64 items, and runs them one after the other. Three rules keep batches from
 //! costing anything but locks:
 //!
@@ -65,11 +72,16 @@
 //! # Back-pressure
 //!
 //! At most [`capacity`](Builder::capacity) items are *pending* (accepted, not
-//! yet started). [`add`](KeyedPool::add) waits for room;
+//! yet started; the items of a worker's batch after its first count until
+//! the worker reports them, so items it hands back unstarted never leave the
+//! count). [`add`](KeyedPool::add) waits for room;
 //! [`try_add`](KeyedPool::try_add) returns the item in [`TryAddError::Full`].
-//! A producer blocked in `add` is woken for every slot that frees up (a newly
-//! arriving `add` may take the slot first: there is no FIFO among blocked
-//! producers).
+//! Producers blocked in `add` are woken once an eighth of the capacity is
+//! free, so a woken producer adds a run of items rather than one, and for
+//! any free slot when a worker stops making room (it parks, or its handler
+//! has to wait), so a producer never waits on room nobody will report. A
+//! newly arriving `add` may take the room first: there is no FIFO among
+//! blocked producers.
 //!
 //! # Re-entrant adds
 //!
@@ -146,7 +158,7 @@ mod tests;
 use std::any::Any;
 use std::fmt;
 use std::future::{poll_fn, Future};
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::task::Poll;
@@ -265,6 +277,8 @@ struct Front<K, T> {
 pub(crate) struct Shared<K, T> {
     front: Padded<Front<K, T>>,
     capacity: usize,
+    /// The state's key hasher (adds hash before they lock anything).
+    hasher: crate::FastHasher,
     state: Mutex<State<K, T>>,
     /// Live [`KeyedPool`] handles; the last one dropped starts a drain.
     handles: AtomicUsize,
@@ -289,6 +303,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
                 room: Room::default(),
             }),
             capacity: state.capacity(),
+            hasher: state.hasher(),
             state: Mutex::new(state),
             handles: AtomicUsize::new(1),
             aborting: AtomicBool::new(false),
@@ -315,7 +330,10 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         if free == 0 || (!any && free < Room::margin(self.capacity)) {
             return;
         }
-        front.intake.lock().wake_room(free, &front.room.wanted, wakes);
+        front
+            .intake
+            .lock()
+            .wake_room(free, &front.room.wanted, wakes);
     }
 
     /// Whether the current task runs one of this pool's handlers.
@@ -333,11 +351,13 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
     /// Admits an item to the intake, and wakes a worker if one parked with
     /// nothing to do (see `state`'s [Intake](state#intake)).
     fn push(&self, key: K, item: T, from_handler: bool) -> Result<(), (Refused, K, T)> {
+        let hash = self.hasher.hash_one(&key);
         let front = &*self.front;
-        let wake = front
-            .intake
-            .lock()
-            .push(key, item, from_handler, self.capacity, &front.used)?;
+        let wake =
+            front
+                .intake
+                .lock()
+                .push(hash, key, item, from_handler, self.capacity, &front.used)?;
         if wake {
             let mut wakes = Wakeups::default();
             self.state.lock().wake_for_intake(&mut wakes);
@@ -348,10 +368,11 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
 
     fn try_add(&self, key: K, item: T) -> Result<(), TryAddError<K, T>> {
         let from_handler = self.in_own_handler();
-        self.push(key, item, from_handler).map_err(|(why, k, t)| match why {
-            Refused::Full => TryAddError::Full(k, t),
-            Refused::Stopped => TryAddError::Stopped(k, t),
-        })
+        self.push(key, item, from_handler)
+            .map_err(|(why, k, t)| match why {
+                Refused::Full => TryAddError::Full(k, t),
+                Refused::Stopped => TryAddError::Stopped(k, t),
+            })
     }
 
     pub(crate) async fn add(&self, key: K, item: T) -> Result<(), StoppedError<K, T>> {
@@ -409,6 +430,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         left: &mut Batch<T>,
         slot: Slot,
         rest: &mut Batch<T>,
+        counted: bool,
     ) {
         let mut wakes = Wakeups::default();
         {
@@ -416,7 +438,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             if !dones.is_empty() {
                 st.finish(dones, left, &mut wakes);
             }
-            st.hand_back_rest(slot, rest);
+            st.hand_back_rest(slot, rest, counted);
             st.release(&mut wakes);
         }
         // The handler waits: this worker makes no room meanwhile.
@@ -547,7 +569,11 @@ impl<K: Hash + Eq + Clone, T> Drop for RoomWaiter<'_, K, T> {
                     .capacity
                     .saturating_sub(front.used.load(Ordering::SeqCst));
                 // Woken but gone: pass the wake-up on.
-                intake.wake_room(usize::from(popped).min(free), &front.room.wanted, &mut wakes);
+                intake.wake_room(
+                    usize::from(popped).min(free),
+                    &front.room.wanted,
+                    &mut wakes,
+                );
             }
             wakes.wake();
         }
@@ -712,7 +738,11 @@ where
         let (mut started, mut count) = (None::<std::time::Instant>, 0u32);
         let mut stop = false;
         let mut runs_iter = std::mem::take(&mut runs).into_iter();
+        // The batch's first item no longer counts as pending (see
+        // `State::take`); the first run always starts it.
+        let mut first = true;
         while let Some(Run { key, slot, mut len }) = runs_iter.next() {
+            let mut counted = std::mem::take(&mut first);
             let (mut handled, mut panicked) = (0, 0);
             let mut ran = 0;
             while ran < len && !stop {
@@ -744,10 +774,14 @@ where
                                                 handled: 0,
                                                 panicked: 0,
                                                 left: len,
+                                                counted: false,
                                             },
                                         ));
                                         // What is left in `items` is this run's rest.
-                                        shared.hand_back(&mut dones, &mut left, slot, &mut items);
+                                        shared.hand_back(
+                                            &mut dones, &mut left, slot, &mut items, counted,
+                                        );
+                                        counted = true;
                                         len = ran;
                                     }
                                     fut.await
@@ -791,6 +825,7 @@ where
                 handled,
                 panicked,
                 left: len - ran,
+                counted,
             });
         }
         runs = runs_iter.collect(); // empty: keeps the allocation

@@ -38,7 +38,7 @@
 //! keys: see the pool section of the README.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash};
+use std::hash::Hash;
 
 use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
@@ -118,14 +118,18 @@ pub(crate) struct Done<K> {
     pub(crate) panicked: u64,
     /// Items not started, handed back (they follow the ones that ran).
     pub(crate) left: usize,
+    /// Whether the run's first item no longer counts as pending: the
+    /// batch's first run (see [`State::take`]), or a run whose handler
+    /// waited (see [`State::hand_back_rest`]).
+    pub(crate) counted: bool,
 }
 
 /// Items added and not yet moved into their keys' queues (see
 /// [Intake](self#intake)), with the add order and whether intake is closed.
 #[derive(Debug)]
 pub(crate) struct Intake<K, T> {
-    /// `(add order, key, item)`, in add order.
-    items: Vec<(u64, K, T)>,
+    /// `(add order, key's hash, key, item)`, in add order.
+    items: Vec<(u64, u64, K, T)>,
     seq: u64,
     closing: Option<Closing>,
     /// A worker parked after it found the intake empty, and no add has woken
@@ -183,6 +187,7 @@ impl<K, T> Intake<K, T> {
     /// wake one ([`State::wake_for_intake`]).
     pub(crate) fn push(
         &mut self,
+        hash: u64,
         key: K,
         item: T,
         from_handler: bool,
@@ -200,7 +205,7 @@ impl<K, T> Intake<K, T> {
             return Err((Refused::Full, key, item));
         }
         used.fetch_add(1, Ordering::AcqRel);
-        self.items.push((self.seq, key, item));
+        self.items.push((self.seq, hash, key, item));
         self.seq += 1;
         Ok(std::mem::take(&mut self.parked))
     }
@@ -273,7 +278,7 @@ pub(crate) struct State<K, T> {
     used: Arc<AtomicUsize>,
     /// The intake's other vector: a look swaps it in and moves the items out
     /// of the one it took.
-    spare: Vec<(u64, K, T)>,
+    spare: Vec<(u64, u64, K, T)>,
     in_flight: usize,
     /// Workers holding items of their batch they have not started (a batch
     /// of more than one item, until the worker reports or hands the rest
@@ -344,7 +349,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         self.capacity
     }
 
-
     pub(crate) fn in_flight(&self) -> usize {
         self.in_flight
     }
@@ -370,13 +374,18 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         entry
     }
 
-    /// The slot of `key`'s entry, made if it has none (one hash either way).
-    fn slot_of(&mut self, key: K) -> Slot {
+    /// The hasher of the key index: adds hash their key with it before they
+    /// take any lock.
+    pub(crate) fn hasher(&self) -> IndexHasher {
+        self.hasher.clone()
+    }
+
+    /// The slot of `key`'s entry (whose hash is `hash`), made if it has none.
+    fn slot_of(&mut self, hash: u64, key: K) -> Slot {
         if self.index.len() * 4 > self.slots.len() {
             // Grown back: a later decline may shrink again.
             self.shrink_mark = usize::MAX;
         }
-        let hash = self.hasher.hash_one(&key);
         let slots = &self.slots;
         match self.index.entry(
             hash,
@@ -430,8 +439,8 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     pub(crate) fn drain(&mut self, intake: &Mutex<Intake<K, T>>, wakes: &mut Wakeups) {
         let mut items = std::mem::take(&mut self.spare);
         std::mem::swap(&mut items, &mut intake.lock().items);
-        for (seq, key, item) in items.drain(..) {
-            self.queue(seq, key, item, wakes);
+        for (seq, hash, key, item) in items.drain(..) {
+            self.queue(seq, hash, key, item, wakes);
         }
         if items.capacity() > 2 * self.capacity.max(SHRINK_ABOVE) {
             // Grown by a burst of adds from handlers (admitted above the bound).
@@ -452,9 +461,9 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     }
 
     /// Queues an item taken from the intake.
-    fn queue(&mut self, seq: u64, key: K, item: T, wakes: &mut Wakeups) {
+    fn queue(&mut self, seq: u64, hash: u64, key: K, item: T, wakes: &mut Wakeups) {
         let per_key = self.per_key;
-        let slot = self.slot_of(key);
+        let slot = self.slot_of(hash, key);
         let entry = self.entry(slot);
         entry.items.push_back((seq, item));
         if !entry.in_ready && entry.in_flight < per_key {
@@ -475,8 +484,10 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// above 1, a batch is a single item, so items of a key still start in
     /// order.
     ///
-    /// Each run counts as one item in flight; its other items stay *pending*
-    /// until the worker reports with [`finish`](Self::finish). A batch of
+    /// Each run counts as one item in flight. The batch's first item stops
+    /// counting as *pending* at once, the others once the worker reports them
+    /// with [`finish`](Self::finish) (or its handler waits, see
+    /// [`hand_back_rest`](Self::hand_back_rest)). A batch of
     /// more than one item counts as *holding* until the worker reports it
     /// [`released`](Self::release).
     pub(crate) fn take(
@@ -525,7 +536,6 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 items.extend(entry.items.drain(..n));
             }
             entry.in_flight += 1;
-            unpend(&self.used, 1);
             self.in_flight += 1;
             let key = entry.key.clone().expect("a ready key has an entry");
             if !entry.items.is_empty() && entry.in_flight < per_key {
@@ -537,6 +547,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             }
             runs.push(Run { key, slot, len: n });
         }
+        // The batch's first item leaves the pending count now: a worker
+        // always starts it. The others leave it when the worker reports them
+        // ([`finish`](Self::finish)), so items it hands back unstarted never
+        // left, and pending items never exceed the capacity.
+        unpend(&self.used, 1);
         if items.len() > 1 {
             self.holding += 1;
         }
@@ -561,7 +576,14 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// the items handed back. The key stays in flight until the worker
     /// reports the run (with the items that ran, `left` 0), so no other
     /// worker starts them before the waiting one finishes.
-    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>) {
+    ///
+    /// The waiting handler's item leaves the pending count now unless
+    /// `counted` (it is the batch's first); its run's report then comes with
+    /// `counted` set.
+    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>, counted: bool) {
+        if !counted {
+            unpend(&self.used, 1);
+        }
         if rest.is_empty() {
             return;
         }
@@ -680,32 +702,32 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         // Runs none of whose items ran come last (a worker runs its batch in
         // order and hands back the rest when it stops).
         let mut untouched = 0;
+        // Pending items that started, or left after an abort: one count at
+        // the end.
+        let mut gone = 0;
         for Done {
             key,
             slot,
             handled,
             panicked,
             left,
+            counted,
         } in dones.drain(..)
         {
             self.handled += handled;
             self.panicked += panicked;
             self.in_flight -= 1;
-            // `take` counted the run's first item as started.
             let ran = (handled + panicked) as usize;
             debug_assert!(ran == 0 || untouched == 0, "untouched runs come last");
-            if ran == 0 {
-                self.used.fetch_add(1, Ordering::SeqCst);
-            } else {
-                unpend(&self.used, ran - 1);
-            }
+            debug_assert!(ran > 0 || !counted, "a counted run started");
+            gone += ran - usize::from(counted);
             let entry = &mut self.slots[slot];
             debug_assert!(entry.key.is_some(), "an in-flight key has an entry");
             entry.in_flight -= 1;
             if left > 0 {
                 if self.closing == Some(Closing::Abort) {
                     // `close` already emptied the queues: hand these back too.
-                    unpend(&self.used, left);
+                    gone += left;
                     self.returned.extend(
                         items
                             .drain(..left)
@@ -732,6 +754,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             }
         }
         debug_assert!(items.is_empty(), "every item reported");
+        unpend(&self.used, gone);
         // Keys handed back untouched go back to the front, in their order.
         self.ready.rotate_right(untouched);
         if self.closing.is_some() && self.pending() == 0 && self.in_flight == 0 {
@@ -809,7 +832,12 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
                 {
                     let mut intake = intake.lock();
                     intake.closing = Some(Closing::Abort);
-                    taken.append(&mut intake.items);
+                    taken.extend(
+                        intake
+                            .items
+                            .drain(..)
+                            .map(|(seq, _, key, item)| (seq, key, item)),
+                    );
                 }
                 taken.reserve(self.used.load(Ordering::Acquire));
                 let mut idle = Vec::new();
@@ -860,6 +888,8 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
 
 #[cfg(all(test, not(loom)))]
 mod slab_tests {
+    use std::hash::BuildHasher;
+
     use super::*;
 
     /// A waker that counts its wake-ups.
@@ -884,9 +914,10 @@ mod slab_tests {
     /// worker parked with nothing to do.
     fn add(st: &mut State<u32, u32>, intake: &Mutex<Intake<u32, u32>>, key: u32, item: u32) {
         let used = st.used();
+        let hash = st.hasher().hash_one(key);
         let wake = intake
             .lock()
-            .push(key, item, false, st.capacity(), &used)
+            .push(hash, key, item, false, st.capacity(), &used)
             .unwrap();
         if wake {
             let mut wakes = Wakeups::default();
@@ -960,12 +991,14 @@ mod slab_tests {
         );
         let mut dones: Vec<Done<u32>> = runs
             .drain(..)
-            .map(|Run { key, slot, len }| Done {
+            .enumerate()
+            .map(|(i, Run { key, slot, len })| Done {
                 key,
                 slot,
                 handled: len as u64,
                 panicked: 0,
                 left: 0,
+                counted: i == 0,
             })
             .collect();
         items.clear();
@@ -997,12 +1030,14 @@ mod slab_tests {
             }
             let mut dones: Vec<Done<u32>> = runs
                 .into_iter()
-                .map(|Run { key, slot, len }| Done {
+                .enumerate()
+                .map(|(i, Run { key, slot, len })| Done {
                     key,
                     slot,
                     handled: len as u64,
                     panicked: 0,
                     left: 0,
+                    counted: i == 0,
                 })
                 .collect();
             items.clear();
@@ -1027,7 +1062,10 @@ mod slab_tests {
             st.ready.rotate_left(1);
         }
         st.ready.rotate_right(1);
-        assert_eq!(st.take(&mut runs, &mut items, false, &intake, &mut wakes), Take::Job);
+        assert_eq!(
+            st.take(&mut runs, &mut items, false, &intake, &mut wakes),
+            Take::Job
+        );
         assert_eq!(runs[0].key, 9_999);
         run_all(&mut st, &intake);
         assert_eq!(st.keys(), 1, "only the busy key has an entry");
@@ -1056,6 +1094,7 @@ mod slab_tests {
             handled: 1,
             panicked: 0,
             left: 0,
+            counted: true,
         }];
         items.clear();
         st.finish(&mut dones, &mut items, &mut wakes);
@@ -1085,6 +1124,8 @@ mod model_tests {
     //! and hand the rest back.
 
     use std::collections::{BTreeMap, VecDeque};
+
+    use std::hash::BuildHasher;
 
     use proptest::prelude::*;
 
@@ -1123,15 +1164,16 @@ mod model_tests {
     /// A taken run in the model: key, the slot `take` named for it, items
     /// with their add order (the first counts as started), and whether its
     /// handler waited.
-    type Job = (u8, Slot, Vec<(u64, u32)>, bool);
+    type Job = (u8, Slot, Vec<(u64, u32)>, bool, bool);
 
     #[derive(Default)]
     struct Model {
         queues: BTreeMap<u8, VecDeque<u32>>,
         in_flight: BTreeMap<u8, usize>,
-        /// Taken batches: key, items and their add order (the first one
-        /// counts as started), and whether a handler waited (so all of
-        /// them run).
+        /// Taken runs: key, slot, items and their add order, whether a
+        /// handler waited (so all of them run), and whether the first item
+        /// no longer counts as pending (the batch's first run, or one
+        /// whose handler waited).
         jobs: Vec<Job>,
         /// Items handed back after an abort, not yet collected.
         returned: Vec<(u8, u32)>,
@@ -1141,7 +1183,11 @@ mod model_tests {
     impl Model {
         fn pending(&self) -> usize {
             let queued: usize = self.queues.values().map(VecDeque::len).sum();
-            let reserved: usize = self.jobs.iter().map(|(_, _, b, _)| b.len() - 1).sum();
+            let reserved: usize = self
+                .jobs
+                .iter()
+                .map(|(_, _, b, _, counted)| b.len() - usize::from(*counted))
+                .sum();
             queued + reserved
         }
         fn keys(&self) -> usize {
@@ -1193,7 +1239,7 @@ mod model_tests {
                             Some(Closing::Abort) => true,
                         };
                         let full = !from_handler && model.pending() >= capacity;
-                        match intake.lock().push(k, next, from_handler, capacity, &used) {
+                        match intake.lock().push(st.hasher().hash_one(k), k, next, from_handler, capacity, &used) {
                             Ok(_) => {
                                 prop_assert!(!stopped && !full);
                                 model.queues.entry(k).or_default().push_back(next);
@@ -1218,7 +1264,7 @@ mod model_tests {
                                 prop_assert!(many || (runs.len() == 1 && batch.len() == 1));
                                 prop_assert!(batch.len() <= MAX_BATCH && runs.len() <= MAX_KEYS);
                                 prop_assert!(batch.iter().zip(batch.iter().skip(1)).all(|(a, b)| a.0 != b.0));
-                                for Run { key: k, slot, len } in runs {
+                                for (run_no, Run { key: k, slot, len }) in runs.into_iter().enumerate() {
                                     let taken: Vec<(u64, u32)> = batch.drain(..len).collect();
                                     let q = model.queues.get_mut(&k).expect("key has a queue");
                                     prop_assert!(len >= 1 && len <= q.len());
@@ -1236,7 +1282,7 @@ mod model_tests {
                                         model.jobs.iter().all(|j| j.0 == k || j.1 != slot),
                                         "a slot names one key at a time"
                                     );
-                                    model.jobs.push((k, slot, taken, false));
+                                    model.jobs.push((k, slot, taken, false, run_no == 0));
                                 }
                                 prop_assert!(batch.is_empty());
                             }
@@ -1253,9 +1299,16 @@ mod model_tests {
                         }
                     }
                     Op::Finish(i, r, first_panics) if !model.jobs.is_empty() => {
-                        let (k, slot, items, waited) = model.jobs.swap_remove(i % model.jobs.len());
-                        // 0..=len items ran; 0 hands the whole run back.
-                        let ran = if waited { items.len() } else { r % (items.len() + 1) };
+                        let (k, slot, items, waited, counted) = model.jobs.swap_remove(i % model.jobs.len());
+                        // 0..=len items ran; 0 hands the whole run back (never
+                        // the batch's first run: a worker always starts it).
+                        let ran = if waited {
+                            items.len()
+                        } else if counted {
+                            1 + r % items.len()
+                        } else {
+                            r % (items.len() + 1)
+                        };
                         let p = u64::from(first_panics && ran > 0);
                         let mut left: Batch<u32> = items[ran..].iter().copied().collect();
                         let mut dones = vec![Done {
@@ -1264,6 +1317,7 @@ mod model_tests {
                             handled: ran as u64 - p,
                             panicked: p,
                             left: items.len() - ran,
+                            counted,
                         }];
                         st.finish(&mut dones, &mut left, &mut wakes);
                         prop_assert!(left.is_empty() && dones.is_empty(), "finish takes everything");
@@ -1282,13 +1336,14 @@ mod model_tests {
                     Op::Finish(..) => {}
                     Op::Wait(i, r) if !model.jobs.is_empty() => {
                         let i = i % model.jobs.len();
-                        let (k, slot, items, waited) = &mut model.jobs[i];
+                        let (k, slot, items, waited, counted) = &mut model.jobs[i];
                         if !*waited {
                             *waited = true;
                             let started = 1 + r % items.len();
                             let rest_items = items.split_off(started);
                             let mut rest: Batch<u32> = rest_items.iter().copied().collect();
-                            st.hand_back_rest(*slot, &mut rest);
+                            st.hand_back_rest(*slot, &mut rest, *counted);
+                            *counted = true;
                             prop_assert!(rest.is_empty(), "hand_back_rest takes everything");
                             if model.closing == Some(Closing::Abort) {
                                 model.returned.extend(rest_items.iter().map(|(_, i)| (*k, *i)));
