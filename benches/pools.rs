@@ -587,7 +587,7 @@ async fn go_section(quick: bool) {
         println!("(quick mode: a correctness check at SCALE=1, one round; the figures and verdicts mean nothing)");
     }
     println!();
-    println!("| case | keys | events | Go median | snapstream median | median ratio (per round) | snapstream max/min | channel ceiling median (ratio to Go) | target | met |");
+    println!("| case | keys | events | Go median [rounds] | snapstream median [rounds] | median ratio (per round) | snapstream max/min | channel ceiling median (ratio to Go) | target | met |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
     // SNAPSTREAM_BENCH_CASE=uniform16|uniform10k|hot10k|hot16 runs one case.
     let only = std::env::var("SNAPSTREAM_BENCH_CASE").ok();
@@ -616,13 +616,14 @@ async fn go_section(quick: bool) {
         let spread =
             r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
         let runs: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
+        let go_runs: Vec<String> = g.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
         let (gm, rm, cm) = (median(g.clone()), median(r), median(c));
         if go {
             let ratio = median(ratios);
             let met = ratio >= case.target && spread <= MAX_SPREAD;
             println!(
-                "| {} | {} | {} | {:.2}M/s | {:.2}M/s [{}] | {:.2}x | {:.2} | {:.2}M/s ({:.2}x) | ratio >= {}x, max/min <= {MAX_SPREAD} | {} |",
-                case.label, case.keys, case.events * scale, gm / 1e6, rm / 1e6, runs.join(" "), ratio, spread,
+                "| {} | {} | {} | {:.2}M/s [{}] | {:.2}M/s [{}] | {:.2}x | {:.2} | {:.2}M/s ({:.2}x) | ratio >= {}x, max/min <= {MAX_SPREAD} | {} |",
+                case.label, case.keys, case.events * scale, gm / 1e6, go_runs.join(" "), rm / 1e6, runs.join(" "), ratio, spread,
                 cm / 1e6, median(ceilings), case.target,
                 if met { "yes" } else { "NO" }
             );

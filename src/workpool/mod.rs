@@ -168,7 +168,7 @@ use futures::{FutureExt, Stream, StreamExt};
 
 pub use error::{BuildError, StopTimeoutError, StoppedError, TryAddError};
 
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering, PoolMutex as Mutex};
 use state::{Batch, Closing, Done, Intake, Refused, Room, Run, Slot, State, Take};
 use wait::Wakeups;
 

@@ -44,7 +44,7 @@ use hashbrown::hash_table::Entry;
 use hashbrown::HashTable;
 
 use super::wait::{WaitList, Wakeups};
-use crate::sync::{Arc, AtomicBool, AtomicUsize, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicUsize, Ordering, PoolMutex as Mutex};
 
 /// The largest per-key queue buffer (in items) a free slot keeps for reuse.
 const SPARE_QUEUE_CAPACITY: usize = 16;
