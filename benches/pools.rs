@@ -591,10 +591,10 @@ async fn go_section(quick: bool) {
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|---|");
     // SNAPSTREAM_BENCH_CASE=uniform16|uniform10k|hot10k|hot16 (or several, comma-separated) runs only those.
     let only = std::env::var("SNAPSTREAM_BENCH_CASE").ok();
-    for case in GO_CASES
-        .iter()
-        .filter(|c| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == c.arg)))
-    {
+    for case in GO_CASES.iter().filter(|c| {
+        only.as_deref()
+            .is_none_or(|o| o.split(',').any(|x| x == c.arg))
+    }) {
         let (mut g, mut r, mut c, mut ratios, mut ceilings) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 0..rounds {
