@@ -926,6 +926,35 @@ mod slab_tests {
         }
     }
 
+    /// A worker's look with handlers that complete: take a batch of many.
+    fn look(
+        st: &mut State<u32, u32>,
+        intake: &Mutex<Intake<u32, u32>>,
+        runs: &mut Vec<Run<u32>>,
+        items: &mut Batch<u32>,
+        wakes: &mut Wakeups,
+    ) -> Take {
+        st.take(runs, items, true, intake, wakes)
+    }
+
+    /// Reports every run of a batch as run to the end.
+    fn report_all(st: &mut State<u32, u32>, runs: Vec<Run<u32>>, items: &mut Batch<u32>) {
+        let mut dones: Vec<Done<u32>> = runs
+            .into_iter()
+            .enumerate()
+            .map(|(i, Run { key, slot, len })| Done {
+                key,
+                slot,
+                handled: len as u64,
+                panicked: 0,
+                left: 0,
+                counted: i == 0,
+            })
+            .collect();
+        items.clear();
+        st.finish(&mut dones, items, &mut Wakeups::default());
+    }
+
     #[test]
     fn a_spinning_worker_saves_waking_a_parked_one() {
         let mut st: State<u32, u32> = State::new(100, 1, 2);
@@ -939,13 +968,13 @@ mod slab_tests {
         // Both workers find nothing: one parks, the other spins.
         st.worker_polled(&mut parked_id, &mut parked_spun);
         assert_eq!(
-            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
             Take::Wait
         );
         assert!(st.worker_park(&mut parked_id, &parked, &intake));
         st.worker_polled(&mut spinner_id, &mut spun);
         assert_eq!(
-            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
             Take::Wait
         );
         st.worker_spin(&mut spun);
@@ -959,7 +988,7 @@ mod slab_tests {
         assert!(!spun);
         assert_eq!(st.spinning, 0);
         assert_eq!(
-            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
             Take::Job
         );
         std::mem::take(&mut wakes).wake();
@@ -978,7 +1007,7 @@ mod slab_tests {
         let (mut runs, mut items) = (Vec::new(), Batch::new());
         st.worker_polled(&mut id, &mut spun);
         assert_eq!(
-            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
             Take::Wait
         );
         // An add between the look and the park: the worker must not park.
@@ -986,27 +1015,14 @@ mod slab_tests {
         assert!(!st.worker_park(&mut id, &waker, &intake));
         assert_eq!(st.worker_waits, 0, "not parked");
         assert_eq!(
-            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
             Take::Job
         );
-        let mut dones: Vec<Done<u32>> = runs
-            .drain(..)
-            .enumerate()
-            .map(|(i, Run { key, slot, len })| Done {
-                key,
-                slot,
-                handled: len as u64,
-                panicked: 0,
-                left: 0,
-                counted: i == 0,
-            })
-            .collect();
-        items.clear();
-        st.finish(&mut dones, &mut items, &mut wakes);
+        report_all(&mut st, std::mem::take(&mut runs), &mut items);
         // Nothing left: it parks; many adds wake it once.
         st.worker_polled(&mut id, &mut spun);
         assert_eq!(
-            st.take(&mut runs, &mut items, true, &intake, &mut wakes),
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
             Take::Wait
         );
         assert!(st.worker_park(&mut id, &waker, &intake));
@@ -1025,23 +1041,10 @@ mod slab_tests {
         let mut wakes = Wakeups::default();
         loop {
             let (mut runs, mut items) = (Vec::new(), Batch::new());
-            if st.take(&mut runs, &mut items, true, intake, &mut wakes) != Take::Job {
+            if look(st, intake, &mut runs, &mut items, &mut wakes) != Take::Job {
                 return;
             }
-            let mut dones: Vec<Done<u32>> = runs
-                .into_iter()
-                .enumerate()
-                .map(|(i, Run { key, slot, len })| Done {
-                    key,
-                    slot,
-                    handled: len as u64,
-                    panicked: 0,
-                    left: 0,
-                    counted: i == 0,
-                })
-                .collect();
-            items.clear();
-            st.finish(&mut dones, &mut items, &mut wakes);
+            report_all(st, runs, &mut items);
         }
     }
 
