@@ -53,6 +53,11 @@ mod imp {
         pub(crate) fn lock(&self) -> parking_lot::MutexGuard<'_, T> {
             self.0.lock()
         }
+
+        #[inline]
+        pub(crate) fn try_lock(&self) -> Option<parking_lot::MutexGuard<'_, T>> {
+            self.0.try_lock()
+        }
     }
 
     /// `std::cell::UnsafeCell` with loom's closure-based access API, so that
