@@ -428,6 +428,127 @@ async fn blocked_add_is_woken_by_a_single_free_slot() {
     assert_eq!(pool.stats().handled, 33);
 }
 
+/// Regression: a handler of a one-item batch (per-key concurrency 2 makes
+/// every batch one item) that waits for a producer blocked on room: the one
+/// slot its start freed is below the wake-up margin, so only the rule "a
+/// worker whose handler waits reports any free slot" lets the producer in.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_one_item_handler_lets_a_producer_blocked_on_room_in() {
+    let signal = Arc::new(tokio::sync::Notify::new());
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(16)
+        .per_key_concurrency(2)
+        .build({
+            let s = signal.clone();
+            move |key: u32, _i: u32| {
+                let s = s.clone();
+                async move {
+                    if key == 0 {
+                        s.notified().await; // waits for the producer's last add
+                    }
+                }
+            }
+        })
+        .unwrap();
+    let producer = tokio::spawn({
+        let (pool, signal) = (pool.clone(), signal.clone());
+        async move {
+            // 16 fill the pool; the 17th needs the slot key 0's start freed.
+            for k in 0..17 {
+                pool.add(k, k).await.unwrap();
+            }
+            signal.notify_one();
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(3600), producer)
+        .await
+        .expect("producer kept out while there was room")
+        .unwrap();
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 17);
+}
+
+/// Regression: a handler that waits in the middle of its key's run held the
+/// room of the run's items that had already run (only the batch's first
+/// item had left the pending count), so a producer it waits for stayed
+/// blocked at capacity 4 with two items really pending.
+#[tokio::test(start_paused = true)]
+async fn a_handler_waiting_mid_run_holds_no_room() {
+    let signal = Arc::new(tokio::sync::Notify::new());
+    let pool = KeyedPool::builder()
+        .workers(1)
+        .capacity(4)
+        .build({
+            let s = signal.clone();
+            move |_key: u32, i: u32| {
+                let s = s.clone();
+                async move {
+                    if i == 3 {
+                        s.notified().await; // waits for the producer's last add
+                    }
+                }
+            }
+        })
+        .unwrap();
+    // One key: the worker takes all four as one run; item 3 waits.
+    for i in 1..=4 {
+        pool.try_add(7, i).unwrap();
+    }
+    let producer = tokio::spawn({
+        let (pool, signal) = (pool.clone(), signal.clone());
+        async move {
+            for i in 5..=6 {
+                pool.add(7, i).await.unwrap();
+            }
+            signal.notify_one();
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(3600), producer)
+        .await
+        .expect("producer kept out while items 1-3 had started")
+        .unwrap();
+    pool.stop(StopMode::Drain).await;
+    assert_eq!(pool.stats().handled, 6);
+}
+
+/// Regression: an idle worker must be woken for an add even when the worker
+/// woken before it found its item already moved (here by `stats`, which
+/// drains the intake) and went on to run a handler that waits for that add.
+#[tokio::test(start_paused = true)]
+async fn an_add_reaches_an_idle_worker_while_the_other_waits_for_it() {
+    let done = Arc::new(tokio::sync::Notify::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let pool = KeyedPool::builder()
+        .workers(2)
+        .build({
+            let (done, started) = (done.clone(), started.clone());
+            move |key: u32, _i: u32| {
+                let (done, started) = (done.clone(), started.clone());
+                async move {
+                    if key == 0 {
+                        started.notify_one();
+                        done.notified().await; // key 1's item must run meanwhile
+                    } else {
+                        done.notify_one();
+                    }
+                }
+            }
+        })
+        .unwrap();
+    while pool.stats().worker_waits < 2 {
+        tokio::task::yield_now().await; // both workers park
+    }
+    pool.try_add(0, 0).unwrap(); // wakes one worker
+    let _ = pool.stats(); // moves the item before that worker looks
+    started.notified().await; // key 0's handler runs and waits
+    pool.try_add(1, 1).unwrap(); // only the other, parked worker can run it
+    tokio::time::timeout(Duration::from_secs(3600), pool.stop(StopMode::Drain))
+        .await
+        .expect("key 1's item never ran while key 0's handler waited for it");
+    assert_eq!(pool.stats().handled, 2);
+}
+
 // ------------------------------------------------------------------ batches
 //
 // A worker takes several queued items (of one key, or of several keys) under

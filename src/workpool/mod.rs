@@ -32,9 +32,10 @@
 //! An add touches none of that: it hashes the key and pushes the item onto
 //! an *intake* vector behind a lock of its own, held for the push (O(1),
 //! amortised). Workers move the intake into the keys' queues in bulk when
-//! they look for work, under the lock of the queues, which producers never
-//! take (a producer waiting for room waits on the intake's lock too), so a
-//! fast producer and busy workers do not contend item by item.
+//! they look for work, under the lock of the queues, which producers take
+//! only to wake a parked worker (a producer waiting for room waits on the
+//! intake's lock too), so a fast producer and busy workers do not contend
+//! item by item.
 //!
 //! Workers take work in *batches*, one lock for many items: with the
 //! default per-key concurrency of 1 a worker takes the queued items of the
@@ -396,7 +397,9 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
                     let mut intake = front.intake.lock();
                     intake.room.register(&mut guard.id, cx.waker());
                     front.room.wanted.store(true, Ordering::SeqCst);
-                    if front.used.load(Ordering::SeqCst) < self.capacity {
+                    // Room came meanwhile, or a `stop` closed intake (and
+                    // woke the room list before this registration): try again.
+                    if intake.is_closed() || front.used.load(Ordering::SeqCst) < self.capacity {
                         continue;
                     }
                     if !waited {
@@ -421,8 +424,9 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
 
     /// A worker's handler has to wait: takes the report of the runs done
     /// and not started (`dones`, with the latter's items in `left`) and the
-    /// items of the waiting handler's run after it (`rest`), and releases
-    /// the batch, all under one lock (see [`State::finish`],
+    /// items of the waiting handler's run after it (`rest`), lets the run's
+    /// `started` items that still count as pending leave the count, and
+    /// releases the batch, all under one lock (see [`State::finish`],
     /// [`State::hand_back_rest`], [`State::release`]).
     fn hand_back(
         &self,
@@ -430,7 +434,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
         left: &mut Batch<T>,
         slot: Slot,
         rest: &mut Batch<T>,
-        counted: bool,
+        started: usize,
     ) {
         let mut wakes = Wakeups::default();
         {
@@ -438,10 +442,18 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             if !dones.is_empty() {
                 st.finish(dones, left, &mut wakes);
             }
-            st.hand_back_rest(slot, rest, counted);
+            st.hand_back_rest(slot, rest, started);
             st.release(&mut wakes);
         }
         // The handler waits: this worker makes no room meanwhile.
+        self.wake_for_room(true, &mut wakes);
+        wakes.wake();
+    }
+
+    /// A handler of a one-item batch has to wait: the worker makes no room
+    /// meanwhile, so producers waiting for any free slot are woken now.
+    fn handler_waits(&self) {
+        let mut wakes = Wakeups::default();
         self.wake_for_room(true, &mut wakes);
         wakes.wake();
     }
@@ -776,7 +788,7 @@ where
         // `State::take`); the first run always starts it.
         let mut first = true;
         while let Some(Run { key, slot, mut len }) = runs_iter.next() {
-            let mut counted = std::mem::take(&mut first);
+            let mut counted = usize::from(std::mem::take(&mut first));
             let (mut handled, mut panicked) = (0, 0);
             let mut ran = 0;
             while ran < len && !stop {
@@ -808,15 +820,25 @@ where
                                                 handled: 0,
                                                 panicked: 0,
                                                 left: len,
-                                                counted: false,
+                                                counted: 0,
                                             },
                                         ));
                                         // What is left in `items` is this run's rest.
                                         shared.hand_back(
-                                            &mut dones, &mut left, slot, &mut items, counted,
+                                            &mut dones,
+                                            &mut left,
+                                            slot,
+                                            &mut items,
+                                            ran - counted,
                                         );
-                                        counted = true;
+                                        counted = ran;
                                         len = ran;
+                                    } else {
+                                        // A batch of one item, no longer
+                                        // pending: no room to hand back, but
+                                        // this worker makes none while it
+                                        // waits.
+                                        shared.handler_waits();
                                     }
                                     fut.await
                                 }

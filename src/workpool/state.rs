@@ -6,14 +6,19 @@
 //! held for a push. Workers move its items into their keys' queues in bulk,
 //! under the state lock, when they look for work ([`State::take`]), so
 //! producers never wait on the workers' bookkeeping (hashing keys, the ready
-//! queue, reports) and the state lock is the workers' alone. The bound on
-//! pending items is one atomic count (`used`) of the items in the intake and
-//! in the queues: producers raise it under the intake lock after checking
-//! it, so it never passes the capacity; workers lower it under the state
-//! lock, where producers waiting for room register, so no wake-up is lost.
-//! A worker that parks marks the intake (`parked`) while it holds both
-//! locks and has just seen it empty; the next add clears the mark and wakes
-//! a worker.
+//! queue, reports); an add takes the state lock only to wake a parked
+//! worker. The bound on pending items is one atomic count (`used`) of the
+//! items in the intake, in the queues and not yet started in workers'
+//! batches: outside producers raise it under the intake lock after checking
+//! it, so only adds from handlers (admitted above the bound) take it past
+//! the capacity; workers lower it under the state lock, and producers
+//! waiting for room register on the intake lock (see [`Room`]), so no
+//! wake-up is lost. A worker that parks marks the intake (`parked`) while it
+//! holds both locks and has just seen it empty, and every look re-marks it
+//! while a worker is idle; the next add clears the mark and wakes a worker
+//! unless one is on its way. So an add never waits in the intake while a
+//! worker idles, even when the worker that looked runs a handler that waits
+//! for that add.
 //!
 //! # Queues
 //!
@@ -118,10 +123,10 @@ pub(crate) struct Done<K> {
     pub(crate) panicked: u64,
     /// Items not started, handed back (they follow the ones that ran).
     pub(crate) left: usize,
-    /// Whether the run's first item no longer counts as pending: the
-    /// batch's first run (see [`State::take`]), or a run whose handler
-    /// waited (see [`State::hand_back_rest`]).
-    pub(crate) counted: bool,
+    /// How many of the run's items that ran no longer count as pending:
+    /// the batch's first item (see [`State::take`]), and every item up to a
+    /// handler that waited (see [`State::hand_back_rest`]).
+    pub(crate) counted: usize,
 }
 
 /// Items added and not yet moved into their keys' queues (see
@@ -208,6 +213,11 @@ impl<K, T> Intake<K, T> {
         self.items.push((self.seq, hash, key, item));
         self.seq += 1;
         Ok(std::mem::take(&mut self.parked))
+    }
+
+    /// Whether intake is closed (`push` refuses outside producers).
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closing.is_some()
     }
 
     /// Wakes up to `free` producers waiting for room; clears `wanted` once
@@ -302,6 +312,9 @@ pub(crate) struct State<K, T> {
     /// Workers that found nothing to do and, instead of parking, yielded
     /// and will look again (see [`worker_spin`](Self::worker_spin)).
     spinning: usize,
+    /// 1 while a worker's look drains the intake: it takes a ready key
+    /// itself, so the first one it queues wakes nobody.
+    looking: usize,
     /// `stop` callers waiting for the workers to exit.
     pub(crate) done: WaitList,
 }
@@ -332,6 +345,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             idle: WaitList::default(),
             woken: 0,
             spinning: 0,
+            looking: 0,
             done: WaitList::default(),
         }
     }
@@ -438,7 +452,13 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// Moves every item of the intake into its key's queue, in add order.
     pub(crate) fn drain(&mut self, intake: &Mutex<Intake<K, T>>, wakes: &mut Wakeups) {
         let mut items = std::mem::take(&mut self.spare);
-        std::mem::swap(&mut items, &mut intake.lock().items);
+        {
+            let mut intake = intake.lock();
+            std::mem::swap(&mut items, &mut intake.items);
+            // While a worker is idle, the next add wakes one, whoever looks
+            // now: the looker may run a handler that waits for that add.
+            intake.parked = !self.idle.is_empty();
+        }
         for (seq, hash, key, item) in items.drain(..) {
             self.queue(seq, hash, key, item, wakes);
         }
@@ -486,7 +506,8 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     ///
     /// Each run counts as one item in flight. The batch's first item stops
     /// counting as *pending* at once, the others once the worker reports them
-    /// with [`finish`](Self::finish) (or its handler waits, see
+    /// with [`finish`](Self::finish) (or, for a run whose handler waits,
+    /// every item up to the waiting one, see
     /// [`hand_back_rest`](Self::hand_back_rest)). A batch of
     /// more than one item counts as *holding* until the worker reports it
     /// [`released`](Self::release).
@@ -499,8 +520,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
         wakes: &mut Wakeups,
     ) -> Take {
         debug_assert!(runs.is_empty() && items.is_empty());
-        // First, so a worker that exits wakes another for what it found.
+        // First, so a worker that exits wakes another for what it found;
+        // this worker counts as on its way for what it drains.
+        self.looking = 1;
         self.drain(intake, wakes);
+        self.looking = 0;
         if self.workers_live > self.workers_target {
             return self.exit(wakes);
         }
@@ -577,13 +601,11 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// reports the run (with the items that ran, `left` 0), so no other
     /// worker starts them before the waiting one finishes.
     ///
-    /// The waiting handler's item leaves the pending count now unless
-    /// `counted` (it is the batch's first); its run's report then comes with
-    /// `counted` set.
-    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>, counted: bool) {
-        if !counted {
-            unpend(&self.used, 1);
-        }
+    /// The run's items that started (those that ran, and the waiting one)
+    /// and still count as pending, `started`, leave the count now, so a
+    /// waiting handler holds no room; its run's report then counts them.
+    pub(crate) fn hand_back_rest(&mut self, slot: Slot, rest: &mut Batch<T>, started: usize) {
+        unpend(&self.used, started);
         if rest.is_empty() {
             return;
         }
@@ -609,7 +631,7 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
     /// ready key when it runs), so a fast producer does not wake a worker
     /// per item.
     fn wake_worker(&mut self, wakes: &mut Wakeups) {
-        if self.ready.len() > self.woken + self.spinning {
+        if self.ready.len() > self.woken + self.spinning + self.looking {
             if let Some(w) = self.idle.pop() {
                 self.woken += 1;
                 wakes.push(Some(w));
@@ -719,8 +741,8 @@ impl<K: Hash + Eq + Clone, T> State<K, T> {
             self.in_flight -= 1;
             let ran = (handled + panicked) as usize;
             debug_assert!(ran == 0 || untouched == 0, "untouched runs come last");
-            debug_assert!(ran > 0 || !counted, "a counted run started");
-            gone += ran - usize::from(counted);
+            debug_assert!(ran >= counted, "only items that ran are counted");
+            gone += ran - counted;
             let entry = &mut self.slots[slot];
             debug_assert!(entry.key.is_some(), "an in-flight key has an entry");
             entry.in_flight -= 1;
@@ -948,7 +970,7 @@ mod slab_tests {
                 handled: len as u64,
                 panicked: 0,
                 left: 0,
-                counted: i == 0,
+                counted: usize::from(i == 0),
             })
             .collect();
         items.clear();
@@ -994,6 +1016,40 @@ mod slab_tests {
         std::mem::take(&mut wakes).wake();
         assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
         assert_eq!(runs.len(), 1, "one ready key left for the woken worker");
+    }
+
+    #[test]
+    fn a_spinning_worker_that_drains_one_key_wakes_nobody() {
+        let mut st: State<u32, u32> = State::new(100, 1, 2);
+        let intake = Mutex::new(Intake::new());
+        st.workers_live = 2;
+        let (parked_wakes, parked) = counting_waker();
+        let (mut parked_id, mut parked_spun) = (None, false);
+        let (mut spinner_id, mut spun) = (None, false);
+        let mut wakes = Wakeups::default();
+        let (mut runs, mut items) = (Vec::new(), Batch::new());
+        st.worker_polled(&mut parked_id, &mut parked_spun);
+        assert_eq!(
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
+            Take::Wait
+        );
+        assert!(st.worker_park(&mut parked_id, &parked, &intake));
+        st.worker_polled(&mut spinner_id, &mut spun);
+        assert_eq!(
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
+            Take::Wait
+        );
+        st.worker_spin(&mut spun);
+        add(&mut st, &intake, 1, 1);
+        // The spinner drains the key and takes it itself.
+        st.worker_polled(&mut spinner_id, &mut spun);
+        assert_eq!(
+            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
+            Take::Job
+        );
+        std::mem::take(&mut wakes).wake();
+        assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(runs.len(), 1);
     }
 
     #[test]
@@ -1097,7 +1153,7 @@ mod slab_tests {
             handled: 1,
             panicked: 0,
             left: 0,
-            counted: true,
+            counted: 1,
         }];
         items.clear();
         st.finish(&mut dones, &mut items, &mut wakes);
@@ -1167,16 +1223,16 @@ mod model_tests {
     /// A taken run in the model: key, the slot `take` named for it, items
     /// with their add order (the first counts as started), and whether its
     /// handler waited.
-    type Job = (u8, Slot, Vec<(u64, u32)>, bool, bool);
+    type Job = (u8, Slot, Vec<(u64, u32)>, bool, usize);
 
     #[derive(Default)]
     struct Model {
         queues: BTreeMap<u8, VecDeque<u32>>,
         in_flight: BTreeMap<u8, usize>,
         /// Taken runs: key, slot, items and their add order, whether a
-        /// handler waited (so all of them run), and whether the first item
-        /// no longer counts as pending (the batch's first run, or one
-        /// whose handler waited).
+        /// handler waited (so all of them run), and how many of the items
+        /// no longer count as pending (the batch's first item, and every
+        /// item up to a handler that waited).
         jobs: Vec<Job>,
         /// Items handed back after an abort, not yet collected.
         returned: Vec<(u8, u32)>,
@@ -1189,7 +1245,7 @@ mod model_tests {
             let reserved: usize = self
                 .jobs
                 .iter()
-                .map(|(_, _, b, _, counted)| b.len() - usize::from(*counted))
+                .map(|(_, _, b, _, counted)| b.len() - *counted)
                 .sum();
             queued + reserved
         }
@@ -1285,7 +1341,7 @@ mod model_tests {
                                         model.jobs.iter().all(|j| j.0 == k || j.1 != slot),
                                         "a slot names one key at a time"
                                     );
-                                    model.jobs.push((k, slot, taken, false, run_no == 0));
+                                    model.jobs.push((k, slot, taken, false, usize::from(run_no == 0)));
                                 }
                                 prop_assert!(batch.is_empty());
                             }
@@ -1307,7 +1363,7 @@ mod model_tests {
                         // the batch's first run: a worker always starts it).
                         let ran = if waited {
                             items.len()
-                        } else if counted {
+                        } else if counted > 0 {
                             1 + r % items.len()
                         } else {
                             r % (items.len() + 1)
@@ -1345,8 +1401,8 @@ mod model_tests {
                             let started = 1 + r % items.len();
                             let rest_items = items.split_off(started);
                             let mut rest: Batch<u32> = rest_items.iter().copied().collect();
-                            st.hand_back_rest(*slot, &mut rest, *counted);
-                            *counted = true;
+                            st.hand_back_rest(*slot, &mut rest, started - *counted);
+                            *counted = started;
                             prop_assert!(rest.is_empty(), "hand_back_rest takes everything");
                             if model.closing == Some(Closing::Abort) {
                                 model.returned.extend(rest_items.iter().map(|(_, i)| (*k, *i)));
