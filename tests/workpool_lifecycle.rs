@@ -5,7 +5,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use snapstream::workpool::{BuildError, KeyedPool, StopMode, StopTimeoutError, TryAddError};
+use snapstream::workpool::{
+    BuildError, Builder, KeyedPool, StopMode, StopTimeoutError, TryAddError,
+};
 use tokio::sync::{mpsc, Semaphore};
 
 type Started = mpsc::UnboundedReceiver<(u32, u32)>;
@@ -391,31 +393,40 @@ fn handles_and_futures_are_send_and_sync() {
     error::<StopTimeoutError<String, Vec<u8>>>();
 }
 
-/// Regression: waking blocked producers only in batches (once 1/16 of the
-/// capacity was free) let a producer wait while there was room; a handler
-/// waiting for that producer then deadlocked the pool.
-#[tokio::test(start_paused = true)]
-async fn blocked_add_is_woken_by_a_single_free_slot() {
+/// A pool built by `builder` whose handler, for the items `waits` picks,
+/// waits until the producer of [`produce_then_signal`] made its last add:
+/// the shape of a deadlock between a handler and a producer blocked on room.
+fn waiting_for_the_producer(
+    builder: Builder<u32, u32>,
+    waits: fn(u32, u32) -> bool,
+) -> (KeyedPool<u32, u32>, Arc<tokio::sync::Notify>) {
     let signal = Arc::new(tokio::sync::Notify::new());
     let s = signal.clone();
-    let pool = KeyedPool::builder()
-        .workers(1)
-        .capacity(32)
-        .build(move |key: u32, _i: u32| {
+    let pool = builder
+        .build(move |key: u32, i: u32| {
             let s = s.clone();
             async move {
-                if key == 0 {
-                    s.notified().await; // waits for the producer's next add
+                if waits(key, i) {
+                    s.notified().await;
                 }
             }
         })
         .unwrap();
+    (pool, signal)
+}
+
+/// Adds `items` in order from a task, then signals the waiting handler;
+/// fails if the producer stays blocked (the pool deadlocked), then drains.
+async fn produce_then_signal(
+    pool: KeyedPool<u32, u32>,
+    signal: Arc<tokio::sync::Notify>,
+    items: Vec<(u32, u32)>,
+) {
     let producer = tokio::spawn({
-        let (pool, signal) = (pool.clone(), signal.clone());
+        let pool = pool.clone();
         async move {
-            for k in 0..33 {
-                // Key 0 first: its handler holds the only worker; 32 more fill the pool.
-                pool.add(k, k).await.unwrap();
+            for (k, i) in items {
+                pool.add(k, i).await.unwrap();
             }
             signal.notify_one();
         }
@@ -425,6 +436,19 @@ async fn blocked_add_is_woken_by_a_single_free_slot() {
         .expect("producer kept out while there was room")
         .unwrap();
     pool.stop(StopMode::Drain).await;
+}
+
+/// Regression: waking blocked producers only in batches (once 1/16 of the
+/// capacity was free) let a producer wait while there was room; a handler
+/// waiting for that producer then deadlocked the pool.
+#[tokio::test(start_paused = true)]
+async fn blocked_add_is_woken_by_a_single_free_slot() {
+    let (pool, signal) =
+        waiting_for_the_producer(KeyedPool::builder().workers(1).capacity(32), |key, _| {
+            key == 0
+        });
+    // Key 0 first: its handler holds the only worker; 32 more fill the pool.
+    produce_then_signal(pool.clone(), signal, (0..33).map(|k| (k, k)).collect()).await;
     assert_eq!(pool.stats().handled, 33);
 }
 
@@ -434,38 +458,15 @@ async fn blocked_add_is_woken_by_a_single_free_slot() {
 /// worker whose handler waits reports any free slot" lets the producer in.
 #[tokio::test(start_paused = true)]
 async fn a_waiting_one_item_handler_lets_a_producer_blocked_on_room_in() {
-    let signal = Arc::new(tokio::sync::Notify::new());
-    let pool = KeyedPool::builder()
-        .workers(1)
-        .capacity(16)
-        .per_key_concurrency(2)
-        .build({
-            let s = signal.clone();
-            move |key: u32, _i: u32| {
-                let s = s.clone();
-                async move {
-                    if key == 0 {
-                        s.notified().await; // waits for the producer's last add
-                    }
-                }
-            }
-        })
-        .unwrap();
-    let producer = tokio::spawn({
-        let (pool, signal) = (pool.clone(), signal.clone());
-        async move {
-            // 16 fill the pool; the 17th needs the slot key 0's start freed.
-            for k in 0..17 {
-                pool.add(k, k).await.unwrap();
-            }
-            signal.notify_one();
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(3600), producer)
-        .await
-        .expect("producer kept out while there was room")
-        .unwrap();
-    pool.stop(StopMode::Drain).await;
+    let (pool, signal) = waiting_for_the_producer(
+        KeyedPool::builder()
+            .workers(1)
+            .capacity(16)
+            .per_key_concurrency(2),
+        |key, _| key == 0,
+    );
+    // 16 fill the pool; the 17th needs the slot key 0's start freed.
+    produce_then_signal(pool.clone(), signal, (0..17).map(|k| (k, k)).collect()).await;
     assert_eq!(pool.stats().handled, 17);
 }
 
@@ -475,40 +476,13 @@ async fn a_waiting_one_item_handler_lets_a_producer_blocked_on_room_in() {
 /// blocked at capacity 4 with two items really pending.
 #[tokio::test(start_paused = true)]
 async fn a_handler_waiting_mid_run_holds_no_room() {
-    let signal = Arc::new(tokio::sync::Notify::new());
-    let pool = KeyedPool::builder()
-        .workers(1)
-        .capacity(4)
-        .build({
-            let s = signal.clone();
-            move |_key: u32, i: u32| {
-                let s = s.clone();
-                async move {
-                    if i == 3 {
-                        s.notified().await; // waits for the producer's last add
-                    }
-                }
-            }
-        })
-        .unwrap();
+    let (pool, signal) =
+        waiting_for_the_producer(KeyedPool::builder().workers(1).capacity(4), |_, i| i == 3);
     // One key: the worker takes all four as one run; item 3 waits.
     for i in 1..=4 {
         pool.try_add(7, i).unwrap();
     }
-    let producer = tokio::spawn({
-        let (pool, signal) = (pool.clone(), signal.clone());
-        async move {
-            for i in 5..=6 {
-                pool.add(7, i).await.unwrap();
-            }
-            signal.notify_one();
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(3600), producer)
-        .await
-        .expect("producer kept out while items 1-3 had started")
-        .unwrap();
-    pool.stop(StopMode::Drain).await;
+    produce_then_signal(pool.clone(), signal, vec![(7, 5), (7, 6)]).await;
     assert_eq!(pool.stats().handled, 6);
 }
 
