@@ -977,8 +977,10 @@ mod slab_tests {
         st.finish(&mut dones, items, &mut Wakeups::default());
     }
 
-    #[test]
-    fn a_spinning_worker_saves_waking_a_parked_one() {
+    /// Two workers find nothing: one parks, the other spins. Then `keys`
+    /// adds of as many keys, and the spinner looks again. Returns the parked
+    /// worker's wake-ups and the runs the spinner took.
+    fn a_spinner_looks_after_adds(keys: u32) -> (usize, usize) {
         let mut st: State<u32, u32> = State::new(100, 1, 2);
         let intake = Mutex::new(Intake::new());
         st.workers_live = 2;
@@ -987,7 +989,6 @@ mod slab_tests {
         let (mut spinner_id, mut spun) = (None, false);
         let mut wakes = Wakeups::default();
         let (mut runs, mut items) = (Vec::new(), Batch::new());
-        // Both workers find nothing: one parks, the other spins.
         st.worker_polled(&mut parked_id, &mut parked_spun);
         assert_eq!(
             look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
@@ -1001,11 +1002,10 @@ mod slab_tests {
         );
         st.worker_spin(&mut spun);
         // Adds: the spinning worker will look at the intake, so nobody is woken.
-        add(&mut st, &intake, 1, 1);
-        add(&mut st, &intake, 2, 2);
+        for k in 0..keys {
+            add(&mut st, &intake, k, k);
+        }
         assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 0);
-        // The spinner looks again: two ready keys are more than it takes, so
-        // it wakes the parked worker for the other, and takes its share.
         st.worker_polled(&mut spinner_id, &mut spun);
         assert!(!spun);
         assert_eq!(st.spinning, 0);
@@ -1014,42 +1014,19 @@ mod slab_tests {
             Take::Job
         );
         std::mem::take(&mut wakes).wake();
-        assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert_eq!(runs.len(), 1, "one ready key left for the woken worker");
+        (
+            parked_wakes.load(std::sync::atomic::Ordering::SeqCst),
+            runs.len(),
+        )
     }
 
     #[test]
-    fn a_spinning_worker_that_drains_one_key_wakes_nobody() {
-        let mut st: State<u32, u32> = State::new(100, 1, 2);
-        let intake = Mutex::new(Intake::new());
-        st.workers_live = 2;
-        let (parked_wakes, parked) = counting_waker();
-        let (mut parked_id, mut parked_spun) = (None, false);
-        let (mut spinner_id, mut spun) = (None, false);
-        let mut wakes = Wakeups::default();
-        let (mut runs, mut items) = (Vec::new(), Batch::new());
-        st.worker_polled(&mut parked_id, &mut parked_spun);
-        assert_eq!(
-            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
-            Take::Wait
-        );
-        assert!(st.worker_park(&mut parked_id, &parked, &intake));
-        st.worker_polled(&mut spinner_id, &mut spun);
-        assert_eq!(
-            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
-            Take::Wait
-        );
-        st.worker_spin(&mut spun);
-        add(&mut st, &intake, 1, 1);
-        // The spinner drains the key and takes it itself.
-        st.worker_polled(&mut spinner_id, &mut spun);
-        assert_eq!(
-            look(&mut st, &intake, &mut runs, &mut items, &mut wakes),
-            Take::Job
-        );
-        std::mem::take(&mut wakes).wake();
-        assert_eq!(parked_wakes.load(std::sync::atomic::Ordering::SeqCst), 0);
-        assert_eq!(runs.len(), 1);
+    fn a_spinning_worker_saves_waking_a_parked_one() {
+        // One key: the spinner drains it and takes it itself.
+        assert_eq!(a_spinner_looks_after_adds(1), (0, 1));
+        // Two ready keys are more than it takes: it wakes the parked worker
+        // for the other, and leaves that one for it.
+        assert_eq!(a_spinner_looks_after_adds(2), (1, 1));
     }
 
     #[test]
