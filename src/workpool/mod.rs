@@ -267,17 +267,75 @@ impl<T> std::ops::Deref for Padded<T> {
     }
 }
 
-/// What adds touch (see `state`'s [Intake](state#intake)).
+/// What adds touch (see `state`'s [Intake](state#intake)), and the one
+/// place producers wait for room (see `state`'s [`Room`]).
 struct Front<K, T> {
     intake: Mutex<Intake<K, T>>,
     /// Pending items (the state's count).
     used: Arc<AtomicUsize>,
+    capacity: usize,
     room: Room,
+}
+
+impl<K, T> Front<K, T> {
+    fn free(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.used.load(Ordering::SeqCst))
+    }
+
+    /// Registers a producer that found the pool full, then looks again:
+    /// `true` when it must try again at once (room came, or a `stop` closed
+    /// intake and woke the list before this registration).
+    fn wait_for_room(&self, id: &mut Option<u64>, waker: &std::task::Waker, first: bool) -> bool {
+        let mut intake = self.intake.lock();
+        intake.room.register(id, waker);
+        self.room.wanted.store(true, Ordering::SeqCst);
+        if intake.is_closed() || self.free() > 0 {
+            return true;
+        }
+        if first {
+            intake.add_waits += 1;
+        }
+        false
+    }
+
+    /// A producer leaves the room list: done, or gone. One that is gone
+    /// passes on a wake-up it was given and did not use.
+    fn leave_room(&self, id: u64, gone: bool, wakes: &mut Wakeups) {
+        let mut intake = self.intake.lock();
+        let popped = !intake.room.remove(id);
+        let pass_on = if gone && popped {
+            self.free().min(1)
+        } else {
+            0
+        };
+        intake.wake_room(pass_on, &self.room.wanted, wakes);
+    }
+
+    /// Wakes producers waiting for room, if there is enough of it: a free
+    /// `Room::margin`, or with `any` (the caller stops making room) a free
+    /// slot.
+    fn wake_for_room(&self, any: bool, wakes: &mut Wakeups) {
+        if !self.room.wanted.load(Ordering::SeqCst) {
+            return;
+        }
+        let free = self.free();
+        if free == 0 || (!any && free < Room::margin(self.capacity)) {
+            return;
+        }
+        self.intake.lock().wake_room(free, &self.room.wanted, wakes);
+    }
+
+    /// Wakes every producer waiting for room (intake is closed).
+    fn wake_all_for_room(&self, wakes: &mut Wakeups) {
+        self.intake
+            .lock()
+            .wake_room(usize::MAX, &self.room.wanted, wakes);
+    }
 }
 
 pub(crate) struct Shared<K, T> {
     front: Padded<Front<K, T>>,
-    capacity: usize,
     /// The state's key hasher (adds hash before they lock anything).
     hasher: crate::FastHasher,
     state: Mutex<State<K, T>>,
@@ -301,9 +359,9 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             front: Padded(Front {
                 intake: Mutex::new(Intake::new()),
                 used: state.used(),
+                capacity: state.capacity(),
                 room: Room::default(),
             }),
-            capacity: state.capacity(),
             hasher: state.hasher(),
             state: Mutex::new(state),
             handles: AtomicUsize::new(1),
@@ -315,26 +373,6 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
 
     fn intake(&self) -> &Mutex<Intake<K, T>> {
         &self.front.intake
-    }
-
-    /// Wakes producers waiting for room, if there is enough of it: a free
-    /// eighth of the capacity, or with `any` (the caller stops making room)
-    /// a free slot (see `state`'s [`Room`]).
-    fn wake_for_room(&self, any: bool, wakes: &mut Wakeups) {
-        let front = &*self.front;
-        if !front.room.wanted.load(Ordering::SeqCst) {
-            return;
-        }
-        let free = self
-            .capacity
-            .saturating_sub(front.used.load(Ordering::SeqCst));
-        if free == 0 || (!any && free < Room::margin(self.capacity)) {
-            return;
-        }
-        front
-            .intake
-            .lock()
-            .wake_room(free, &front.room.wanted, wakes);
     }
 
     /// Whether the current task runs one of this pool's handlers.
@@ -358,7 +396,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             front
                 .intake
                 .lock()
-                .push(hash, key, item, from_handler, self.capacity, &front.used)?;
+                .push(hash, key, item, from_handler, front.capacity, &front.used)?;
         if wake {
             let mut wakes = Wakeups::default();
             self.state.lock().wake_for_intake(&mut wakes);
@@ -390,32 +428,16 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
                 Ok(()) => Ok(()),
                 Err((Refused::Stopped, key, item)) => Err(StoppedError { key, item }),
                 Err((Refused::Full, key, item)) => {
-                    // Register, then look at the count again (see `state`'s
-                    // `Room`).
                     slot = Some((key, item));
-                    let front = &*self.front;
-                    let mut intake = front.intake.lock();
-                    intake.room.register(&mut guard.id, cx.waker());
-                    front.room.wanted.store(true, Ordering::SeqCst);
-                    // Room came meanwhile, or a `stop` closed intake (and
-                    // woke the room list before this registration): try again.
-                    if intake.is_closed() || front.used.load(Ordering::SeqCst) < self.capacity {
+                    if self.front.wait_for_room(&mut guard.id, cx.waker(), !waited) {
                         continue;
                     }
-                    if !waited {
-                        waited = true;
-                        intake.add_waits += 1;
-                    }
+                    waited = true;
                     return Poll::Pending;
                 }
             };
             if let Some(id) = guard.id.take() {
-                let front = &*self.front;
-                let mut intake = front.intake.lock();
-                intake.room.remove(id);
-                if intake.room.is_empty() {
-                    front.room.wanted.store(false, Ordering::SeqCst);
-                }
+                self.front.leave_room(id, false, &mut Wakeups::default());
             }
             return Poll::Ready(res);
         })
@@ -446,7 +468,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             st.release(&mut wakes);
         }
         // The handler waits: this worker makes no room meanwhile.
-        self.wake_for_room(true, &mut wakes);
+        self.front.wake_for_room(true, &mut wakes);
         wakes.wake();
     }
 
@@ -454,7 +476,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
     /// meanwhile, so producers waiting for any free slot are woken now.
     fn handler_waits(&self) {
         let mut wakes = Wakeups::default();
-        self.wake_for_room(true, &mut wakes);
+        self.front.wake_for_room(true, &mut wakes);
         wakes.wake();
     }
 
@@ -468,11 +490,7 @@ impl<K: Hash + Eq + Clone, T> Shared<K, T> {
             st.close(how, self.intake(), &mut wakes);
         }
         // Every producer waiting for room: they find intake closed.
-        let front = &*self.front;
-        front
-            .intake
-            .lock()
-            .wake_room(usize::MAX, &front.room.wanted, &mut wakes);
+        self.front.wake_all_for_room(&mut wakes);
         wakes.wake();
     }
 
@@ -571,22 +589,8 @@ struct RoomWaiter<'a, K: Hash + Eq + Clone, T> {
 impl<K: Hash + Eq + Clone, T> Drop for RoomWaiter<'_, K, T> {
     fn drop(&mut self) {
         if let Some(id) = self.id.take() {
-            let front = &*self.shared.front;
             let mut wakes = Wakeups::default();
-            {
-                let mut intake = front.intake.lock();
-                let popped = !intake.room.remove(id);
-                let free = self
-                    .shared
-                    .capacity
-                    .saturating_sub(front.used.load(Ordering::SeqCst));
-                // Woken but gone: pass the wake-up on.
-                intake.wake_room(
-                    usize::from(popped).min(free),
-                    &front.room.wanted,
-                    &mut wakes,
-                );
-            }
+            self.shared.front.leave_room(id, true, &mut wakes);
             wakes.wake();
         }
     }
@@ -763,7 +767,7 @@ where
             drop(st);
             // Parking or exiting, the worker makes no more room.
             let stops = !matches!(res, Poll::Ready(Next::Job));
-            shared.wake_for_room(stops, &mut wakes);
+            shared.front.wake_for_room(stops, &mut wakes);
             wakes.wake();
             res
         })
