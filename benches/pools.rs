@@ -615,22 +615,27 @@ async fn go_section(quick: bool) {
         }
         let spread =
             r.iter().cloned().fold(f64::MIN, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min);
-        let runs: Vec<String> = r.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
-        let go_runs: Vec<String> = g.iter().map(|x| format!("{:.2}", x / 1e6)).collect();
+        let rounds_of = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{:.2}", x / 1e6))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let (runs, go_runs) = (rounds_of(&r), rounds_of(&g));
         let (gm, rm, cm) = (median(g.clone()), median(r), median(c));
         if go {
             let ratio = median(ratios);
             let met = ratio >= case.target && spread <= MAX_SPREAD;
             println!(
                 "| {} | {} | {} | {:.2}M/s [{}] | {:.2}M/s [{}] | {:.2}x | {:.2} | {:.2}M/s ({:.2}x) | ratio >= {}x, max/min <= {MAX_SPREAD} | {} |",
-                case.label, case.keys, case.events * scale, gm / 1e6, go_runs.join(" "), rm / 1e6, runs.join(" "), ratio, spread,
+                case.label, case.keys, case.events * scale, gm / 1e6, go_runs, rm / 1e6, runs, ratio, spread,
                 cm / 1e6, median(ceilings), case.target,
                 if met { "yes" } else { "NO" }
             );
         } else {
             println!(
                 "| {} | {} | {} | - | {:.2}M/s [{}] | - | {:.2} | {:.2}M/s | ratio >= {}x, max/min <= {MAX_SPREAD} | - |",
-                case.label, case.keys, case.events * scale, rm / 1e6, runs.join(" "), spread, cm / 1e6, case.target
+                case.label, case.keys, case.events * scale, rm / 1e6, runs, spread, cm / 1e6, case.target
             );
         }
     }
